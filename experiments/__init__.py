@@ -1,0 +1,1 @@
+"""The gem3d command, demo, evaluation, benchmarks and configs."""

@@ -1,0 +1,62 @@
+"""Train one GEM-3D stage into a run folder.
+
+Stages share the run folder: ``--stage volume`` starts from the slice stage's checkpoint found
+in ``--out`` (or ``--init``). The folder is then a valid ``--checkpoint`` for every later command.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tqdm import tqdm
+
+from experiments.commands.common import add_config_argument, load_cli_config
+from gem3d.data.dataset import load_volumes
+from gem3d.runs import STAGE_FILES, train_stage
+from gem3d.training import STAGES
+
+NAME = "train"
+HELP = "train the slice, volume or informed-slice stage"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_argument(parser)
+    parser.add_argument("--data", required=True, type=Path, help="dataset folder (nnU-Net v2 raw layout or prepared)")
+    parser.add_argument("--stage", required=True, choices=STAGES, help="slice (stage 1), volume (stage 2), informed")
+    parser.add_argument("--out", required=True, type=Path, help="run folder shared by the stages")
+    parser.add_argument("--steps", type=int, help="total steps for this stage (default: train.steps_<stage>)")
+    parser.add_argument("--resume", action="store_true", help="continue this stage's checkpoint up to --steps")
+    parser.add_argument("--init", type=Path, help="volume stage: start from this slice checkpoint instead")
+    parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
+    parser.add_argument("--seed", type=int, help="override train.seed")
+
+
+def run(args: argparse.Namespace) -> int:
+    extra = {}
+    if args.device:
+        extra["train.device"] = args.device
+    if args.seed is not None:
+        extra["train.seed"] = args.seed
+    cfg = load_cli_config(args, extra)
+    volumes = load_volumes(args.data, cfg.data)
+    total = args.steps if args.steps is not None else getattr(cfg.train, f"steps_{args.stage}")
+    bars: list[tqdm] = []
+
+    def on_step(metrics: dict[str, float]) -> None:
+        if not bars:  # opened on the first step, so input errors print without a bar
+            start = int(metrics["step"]) - 1
+            bars.append(tqdm(total=total, initial=start, desc=args.stage, unit="step", dynamic_ncols=True))
+        bars[0].set_postfix(loss=f"{metrics['loss']:.4f}")
+        bars[0].update(1)
+
+    try:
+        metrics = train_stage(cfg, volumes, args.stage, args.out, args.steps, args.resume, args.init, on_step)
+    finally:
+        for bar in bars:
+            bar.close()
+    print(
+        f"{args.stage}: step {int(metrics['step'])}, mean loss {metrics.get('loss', float('nan')):.4f} "
+        f"-> {args.out / STAGE_FILES[args.stage]}"
+    )
+    return 0

@@ -1,0 +1,1 @@
+"""Data: NIfTI I/O, dataset layouts, preprocessing, training windows, demo cohort and phantoms."""

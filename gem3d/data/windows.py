@@ -1,0 +1,128 @@
+"""Training samples drawn from preprocessed volumes: windows of W slices, or single slices.
+
+One draw per volume index: a privacy-accounting sampler (Poisson over volumes) can choose the
+indices, and each patient then contributes at most one window to a step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from gem3d.data.volume import Volume
+from gem3d.errors import DataError
+
+
+@dataclass(frozen=True)
+class WindowBatch:
+    """B windows of W consecutive slices with their informed slices.
+
+    Attributes:
+        image: ``[B, 1, W, H, W']`` clean intensities in [-1, 1].
+        mask: ``[B, W, H, W']`` label ids.
+        informed: ``[B, H, W']`` the informed slice.
+        informed_mask: ``[B, H, W']`` its label ids.
+        start: ``[B]`` first slice index of each window.
+        informed_index: ``[B]`` slice index of each informed slice.
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    informed: torch.Tensor
+    informed_mask: torch.Tensor
+    start: torch.Tensor
+    informed_index: torch.Tensor
+
+    def to(self, device: torch.device | str) -> WindowBatch:
+        return WindowBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+
+@dataclass(frozen=True)
+class SliceBatch:
+    """B single slices for the informed-slice generator.
+
+    Attributes:
+        image: ``[B, 1, H, W]``; mask: ``[B, H, W]``; position: ``[B]`` z / (D - 1) in [0, 1].
+    """
+
+    image: torch.Tensor
+    mask: torch.Tensor
+    position: torch.Tensor
+
+    def to(self, device: torch.device | str) -> SliceBatch:
+        return SliceBatch(self.image.to(device), self.mask.to(device), self.position.to(device))
+
+    def __len__(self) -> int:
+        return int(self.image.shape[0])
+
+
+class WindowSource:
+    """Draws windows and slices from a fixed list of volumes with an explicit generator."""
+
+    def __init__(
+        self, volumes: list[Volume], window: int, informed_from: Literal["window", "volume"] = "window"
+    ) -> None:
+        if not volumes:
+            raise DataError("no training volumes were given")
+        short = [v.case_id for v in volumes if v.depth < window]
+        if short:
+            raise DataError(
+                f"cases {', '.join(short[:5])} have fewer slices than the training window W={window}; "
+                "lower data.window or drop these cases"
+            )
+        self.window = window
+        self.informed_from = informed_from
+        self.images = [torch.from_numpy(v.image).float() for v in volumes]  # each [D, H, W]
+        self.labels = [torch.from_numpy(v.label).long() for v in volumes]
+        self.case_ids = [v.case_id for v in volumes]
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def _randint(self, high: int, generator: torch.Generator) -> int:
+        return int(torch.randint(high, (1,), generator=generator))
+
+    def windows(self, indices: list[int], generator: torch.Generator) -> WindowBatch:
+        """One random window (and informed slice) from each volume in ``indices``."""
+        images, masks, informed, informed_masks, starts, informed_ids = [], [], [], [], [], []
+        for index in indices:
+            image, label = self.images[index], self.labels[index]
+            start = self._randint(image.shape[0] - self.window + 1, generator)
+            if self.informed_from == "window":
+                z = start + self._randint(self.window, generator)
+            else:
+                z = self._randint(image.shape[0], generator)
+            images.append(image[start : start + self.window])
+            masks.append(label[start : start + self.window])
+            informed.append(image[z])
+            informed_masks.append(label[z])
+            starts.append(start)
+            informed_ids.append(z)
+        return WindowBatch(
+            image=torch.stack(images).unsqueeze(1),
+            mask=torch.stack(masks),
+            informed=torch.stack(informed),
+            informed_mask=torch.stack(informed_masks),
+            start=torch.tensor(starts),
+            informed_index=torch.tensor(informed_ids),
+        )
+
+    def slices(self, indices: list[int], generator: torch.Generator) -> SliceBatch:
+        """One random slice from each volume in ``indices``, with its normalised position."""
+        images, masks, positions = [], [], []
+        for index in indices:
+            depth = self.images[index].shape[0]
+            z = self._randint(depth, generator)
+            images.append(self.images[index][z])
+            masks.append(self.labels[index][z])
+            positions.append(z / max(depth - 1, 1))
+        return SliceBatch(
+            image=torch.stack(images).unsqueeze(1),
+            mask=torch.stack(masks),
+            position=torch.tensor(positions, dtype=torch.float32),
+        )

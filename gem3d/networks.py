@@ -1,0 +1,298 @@
+"""The GEM-3D networks, built from MONAI's ``DiffusionModelUNet``.
+
+* ``SliceDenoiser``: a 2D UNet applied to every slice of a window. Conditioning is by channel
+  concatenation of [noisy slice, mask slice, informed slice, (informed slice's mask)].
+  ``inflate()`` turns it into the stage-2 volumetric model by adding slice-axis layers after
+  each spatial residual block (1D conv) and each spatial attention block (1D self-attention),
+  initialised so the inflated network computes exactly what the 2D one did.
+* ``InformedSliceGenerator``: a 2D diffusion model for the informed slice, conditioned on the
+  normalised slice position (class embedding over position bins) and optionally the mask slice.
+
+Mask encoding (``ModelConfig.mask_encoding``), for label ids 0..L-1 with 0 the background:
+* ``onehot``: L-1 channels, channel k-1 is 1.0 where label == k, else 0.0.
+* ``scaled``: 1 channel, 2 * label / (L-1) - 1, in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from monai.networks.blocks import SpatialAttentionBlock
+from monai.networks.nets import DiffusionModelUNet
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
+from torch import nn
+
+from gem3d.config import InformedModelConfig, ModelConfig
+
+
+def mask_channels(num_labels: int, encoding: str) -> int:
+    """Channels ``encode_mask`` produces."""
+    if encoding == "onehot":
+        return num_labels - 1
+    if encoding == "scaled":
+        return 1
+    raise ValueError(f"unknown mask encoding '{encoding}' (known: onehot, scaled)")
+
+
+def encode_mask(label: torch.Tensor, num_labels: int, encoding: str) -> torch.Tensor:
+    """Encode an integer label map as network input channels.
+
+    Args:
+        label: ``[B, *S]`` integer label ids in 0..num_labels-1 (S = ``(H, W)`` or ``(D, H, W)``).
+    Returns:
+        ``[B, K, *S]`` float, K = ``mask_channels(num_labels, encoding)``.
+    """
+    if encoding == "onehot":
+        onehot = F.one_hot(label.long(), num_labels)[..., 1:]  # [B, *S, L-1]
+        return onehot.movedim(-1, 1).float()
+    if encoding == "scaled":
+        return (2.0 * label.float() / (num_labels - 1) - 1.0).unsqueeze(1)
+    raise ValueError(f"unknown mask encoding '{encoding}' (known: onehot, scaled)")
+
+
+def condition_channels(cfg: ModelConfig, num_labels: int) -> int:
+    """Channels of the denoiser's condition: mask + informed slice (+ informed mask)."""
+    per_mask = mask_channels(num_labels, cfg.mask_encoding)
+    return per_mask + 1 + (per_mask if cfg.informed_mask else 0)
+
+
+def build_condition(
+    mask: torch.Tensor,
+    informed: torch.Tensor,
+    informed_mask: torch.Tensor,
+    num_labels: int,
+    cfg: ModelConfig,
+) -> torch.Tensor:
+    """Stack the denoiser's condition for a window.
+
+    Args:
+        mask: ``[B, D, H, W]`` label ids of the window's slices.
+        informed: ``[B, H, W]`` the informed slice, intensities in [-1, 1].
+        informed_mask: ``[B, H, W]`` label ids of the informed slice.
+    Returns:
+        ``[B, Cc, D, H, W]``: encoded mask per slice, then the informed slice (and its encoded
+        mask) repeated along D.
+    """
+    depth = mask.shape[1]
+    parts = [
+        encode_mask(mask, num_labels, cfg.mask_encoding),
+        informed.unsqueeze(1).unsqueeze(2).expand(-1, -1, depth, -1, -1),
+    ]
+    if cfg.informed_mask:
+        encoded = encode_mask(informed_mask, num_labels, cfg.mask_encoding)  # [B, K, H, W]
+        parts.append(encoded.unsqueeze(2).expand(-1, -1, depth, -1, -1))
+    return torch.cat([part.to(informed.dtype) for part in parts], dim=1)
+
+
+def _to_sequences(h: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """``[B*D, C, *S]`` -> ``[B*prod(S), C, D]``: one sequence along the slice axis per pixel."""
+    channels = h.shape[1]
+    seq = h.reshape(-1, num_frames, *h.shape[1:]).movedim(1, -1)  # [B, C, *S, D]
+    return seq.movedim(1, -2).reshape(-1, channels, num_frames)
+
+
+def _from_sequences(seq: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Inverse of ``_to_sequences`` back to ``shape`` = ``[B*D, C, *S]``."""
+    channels, spatial, num_frames = shape[1], shape[2:], seq.shape[-1]
+    out = seq.reshape(-1, *spatial, channels, num_frames).movedim(-2, 1)  # [B, C, *S, D]
+    return out.movedim(-1, 1).reshape(shape)
+
+
+class SliceAxisConv(nn.Module):
+    """A 1D convolution across slices, initialised to the identity.
+
+    Input and output ``[B*D, C, H, W]``; ``num_frames`` (D) is set by the owning denoiser.
+    """
+
+    def __init__(self, channels: int, kernel_size: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
+        with torch.no_grad():
+            self.conv.weight.zero_()
+            self.conv.weight[:, :, kernel_size // 2] = torch.eye(channels)
+            self.conv.bias.zero_()
+        self.num_frames = 1
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _from_sequences(self.conv(_to_sequences(h, self.num_frames)), h.shape)
+
+
+class SliceAxisAttention(nn.Module):
+    """Self-attention across slices (MONAI ``SpatialAttentionBlock`` on 1D sequences).
+
+    Its output projection starts at zero, so with its residual it is the identity at
+    initialisation. Input and output ``[B*D, C, H, W]``.
+    """
+
+    def __init__(self, channels: int, num_head_channels: int, norm_num_groups: int) -> None:
+        super().__init__()
+        self.attention = SpatialAttentionBlock(
+            spatial_dims=1, num_channels=channels, num_head_channels=num_head_channels, norm_num_groups=norm_num_groups
+        )
+        out_proj = self.attention.attn.out_proj
+        assert isinstance(out_proj, nn.Linear)
+        nn.init.zeros_(out_proj.weight)
+        nn.init.zeros_(out_proj.bias)
+        self.num_frames = 1
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return _from_sequences(self.attention(_to_sequences(h, self.num_frames)), h.shape)
+
+
+class InflatedResnetBlock(nn.Module):
+    """A stage-1 spatial residual block followed by a slice-axis conv."""
+
+    def __init__(self, spatial: DiffusionUNetResnetBlock, kernel_size: int) -> None:
+        super().__init__()
+        self.spatial = spatial
+        self.slice_conv = SliceAxisConv(spatial.out_channels, kernel_size)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.slice_conv(self.spatial(x, emb))
+
+
+class InflatedAttentionBlock(nn.Module):
+    """A stage-1 spatial attention block followed by slice-axis attention."""
+
+    def __init__(self, spatial: SpatialAttentionBlock, num_head_channels: int, norm_num_groups: int) -> None:
+        super().__init__()
+        self.spatial = spatial
+        self.slice_attn = SliceAxisAttention(spatial.norm.num_channels, num_head_channels, norm_num_groups)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.slice_attn(self.spatial(x))
+
+
+def _unet(
+    in_channels: int,
+    channels: tuple[int, ...],
+    attention_levels: tuple[bool, ...],
+    num_res_blocks: int,
+    norm_num_groups: int,
+    num_head_channels: int,
+    num_class_embeds: int | None = None,
+) -> DiffusionModelUNet:
+    if len(channels) != len(attention_levels):
+        raise ValueError(
+            f"model.channels has {len(channels)} levels but model.attention_levels has {len(attention_levels)}"
+        )
+    return DiffusionModelUNet(
+        spatial_dims=2,
+        in_channels=in_channels,
+        out_channels=1,
+        channels=channels,
+        attention_levels=attention_levels,
+        num_res_blocks=num_res_blocks,
+        norm_num_groups=norm_num_groups,
+        num_head_channels=num_head_channels,
+        num_class_embeds=num_class_embeds,
+    )
+
+
+class SliceDenoiser(nn.Module):
+    """GEM-3D's conditional denoiser over a window of slices.
+
+    Stage 1 (``inflated = False``) treats each slice independently; stage 2 (after ``inflate()``)
+    mixes information along the slice axis. Both take the same tensors.
+    """
+
+    def __init__(self, cfg: ModelConfig, num_labels: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_labels = num_labels
+        self.unet = _unet(
+            1 + condition_channels(cfg, num_labels),
+            cfg.channels,
+            cfg.attention_levels,
+            cfg.num_res_blocks,
+            cfg.norm_num_groups,
+            cfg.num_head_channels,
+        )
+        self.inflated = False
+
+    def inflate(self) -> None:
+        """Add slice-axis layers (stage 2). Idempotent only in the sense that it refuses a second call."""
+        if self.inflated:
+            raise RuntimeError("SliceDenoiser is already inflated")
+        _inflate_children(self.unet, self.cfg)
+        self.inflated = True
+
+    def slice_axis_parameters(self) -> list[nn.Parameter]:
+        """Parameters of the layers ``inflate()`` added."""
+        return [p for name, p in self.named_parameters() if ".slice_conv." in name or ".slice_attn." in name]
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """Predict the diffusion target for every slice of a window.
+
+        Args:
+            x: ``[B, 1, D, H, W]`` noisy slices.
+            t: ``[B, D]`` per-slice timesteps, or ``[B]`` one per window.
+            cond: ``[B, Cc, D, H, W]`` from ``build_condition``.
+        Returns:
+            ``[B, 1, D, H, W]``.
+        """
+        batch, depth = x.shape[0], x.shape[2]
+        if t.dim() == 1:
+            t = t[:, None].expand(batch, depth)
+        for module in self.modules():
+            if isinstance(module, SliceAxisConv | SliceAxisAttention):
+                module.num_frames = depth
+        slices = torch.cat([x, cond], dim=1).movedim(2, 1)  # [B, D, C, H, W]
+        slices = slices.reshape(batch * depth, *slices.shape[2:])  # [B*D, C, H, W]
+        out = self.unet(slices, t.reshape(batch * depth))  # [B*D, 1, H, W]
+        return out.reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
+
+
+def _inflate_children(module: nn.Module, cfg: ModelConfig) -> None:
+    for name, child in module.named_children():
+        if isinstance(child, DiffusionUNetResnetBlock):
+            setattr(module, name, InflatedResnetBlock(child, cfg.temporal_kernel))
+        elif isinstance(child, SpatialAttentionBlock) and cfg.temporal_attention:
+            setattr(module, name, InflatedAttentionBlock(child, cfg.num_head_channels, cfg.norm_num_groups))
+        else:
+            _inflate_children(child, cfg)
+
+
+class InformedSliceGenerator(nn.Module):
+    """2D diffusion model of the informed slice at a normalised position, optionally given its mask."""
+
+    def __init__(self, cfg: InformedModelConfig, num_labels: int, mask_encoding: str) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_labels = num_labels
+        self.mask_encoding = mask_encoding
+        cond = mask_channels(num_labels, mask_encoding) if cfg.condition_on_mask else 0
+        self.unet = _unet(
+            1 + cond,
+            cfg.channels,
+            cfg.attention_levels,
+            cfg.num_res_blocks,
+            cfg.norm_num_groups,
+            cfg.num_head_channels,
+            num_class_embeds=cfg.position_bins,
+        )
+
+    def position_bin(self, position: torch.Tensor) -> torch.Tensor:
+        """``[B]`` positions in [0, 1] -> ``[B]`` class ids in 0..position_bins-1."""
+        bins = self.cfg.position_bins
+        return (position.clamp(0, 1) * (bins - 1)).round().long()
+
+    def forward(
+        self, x: torch.Tensor, t: torch.Tensor, position: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Predict the diffusion target of informed slices.
+
+        Args:
+            x: ``[B, 1, H, W]`` noisy slices.
+            t: ``[B]`` timesteps.
+            position: ``[B]`` slice index / (D - 1), in [0, 1].
+            mask: ``[B, H, W]`` label ids, required when ``condition_on_mask``.
+        Returns:
+            ``[B, 1, H, W]``.
+        """
+        inputs = x
+        if self.cfg.condition_on_mask:
+            if mask is None:
+                raise ValueError("this informed-slice generator is conditioned on the mask slice; pass mask")
+            inputs = torch.cat([x, encode_mask(mask, self.num_labels, self.mask_encoding).to(x.dtype)], dim=1)
+        return self.unet(inputs, t, class_labels=self.position_bin(position))

@@ -1,0 +1,226 @@
+"""The run folder: where the three stages of one model live, and how each is built and resumed.
+
+A run folder holds ``slice.safetensors``, ``volume.safetensors`` and ``informed.safetensors``
+(see ``gem3d.checkpoint``) and ``config.json``. It is what every later command accepts as
+``--checkpoint``; the federated server writes the same layout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gem3d.checkpoint import (
+    library_versions,
+    load_checkpoint,
+    load_optimizer_tensors,
+    optimizer_tensors,
+    prefixed,
+    read_metadata,
+    save_checkpoint,
+    subset,
+)
+from gem3d.config import Config, config_from_dict
+from gem3d.data.volume import Volume, fingerprint
+from gem3d.data.windows import WindowSource
+from gem3d.diffusion import train_scheduler
+from gem3d.errors import CheckpointError, ConfigError
+from gem3d.networks import InformedSliceGenerator, SliceDenoiser
+from gem3d.training import STAGES, OnStep, Stage, TrainState, freeze_for_stage, new_state, train
+
+STAGE_FILES: dict[Stage, str] = {stage: f"{stage}.safetensors" for stage in STAGES}
+# Sections whose change alters the network or what it was trained on; a resume must match them.
+_SHAPING_SECTIONS = ("data", "model", "informed", "diffusion")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device`` as a torch device; refuses CUDA where there is none."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"train.device: '{name}' is not a torch device") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: '{name}' requested but no CUDA device is available")
+    return device
+
+
+def stage_path(run: str | Path, stage: Stage) -> Path:
+    """The checkpoint of ``stage``: ``run`` itself if it is a file, else the stage file inside it."""
+    run = Path(run)
+    return run if run.is_file() else run / STAGE_FILES[stage]
+
+
+def build_model(stage: Stage, cfg: Config) -> nn.Module:
+    """A fresh network for ``stage`` on the CPU, initialised from ``cfg.train.seed``.
+
+    The volume model is the inflated slice denoiser. The global RNG is left untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        if stage == "informed":
+            return InformedSliceGenerator(cfg.informed, cfg.data.num_labels, cfg.model.mask_encoding)
+        model = SliceDenoiser(cfg.model, cfg.data.num_labels)
+    if stage == "volume":
+        model.inflate()
+    return model
+
+
+def _check_compatible(metadata: dict[str, Any], cfg: Config, path: Path) -> None:
+    saved = metadata["config"]
+    current = cfg.model_dump(mode="json")
+    for section in _SHAPING_SECTIONS:
+        if saved.get(section) != current[section]:
+            raise CheckpointError(
+                f"{path}: checkpoint was trained with a different [{section}] config; "
+                "use the run's own config.json or a new --out"
+            )
+
+
+def load_model(
+    path: str | Path, weights: str = "ema", device: str | torch.device = "cpu"
+) -> tuple[nn.Module, Config, dict[str, Any]]:
+    """Build the network stored in a checkpoint and load its ``ema`` (or ``model``) weights.
+
+    Returns:
+        ``(model in eval mode, the checkpoint's config, its metadata)``.
+    """
+    path = Path(path)
+    tensors, metadata = load_checkpoint(path)
+    cfg = config_from_dict(metadata["config"], f"{path} (embedded config)")
+    model = build_model(metadata["stage"], cfg)
+    try:
+        model.load_state_dict(subset(tensors, weights))
+    except RuntimeError as error:
+        raise CheckpointError(f"{path}: weights do not fit the network of its config ({error})") from None
+    return model.to(device).eval(), cfg, metadata
+
+
+def state_tensors(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Tensors and JSON fields that capture a ``TrainState`` completely."""
+    optim, param_groups = optimizer_tensors(state.optimizer)
+    tensors = {
+        **prefixed(state.model.state_dict(), "model"),
+        **prefixed(state.ema.module.state_dict(), "ema"),
+        **optim,
+        "ema_n_averaged": state.ema.n_averaged,
+        "rng.cpu": state.generator.get_state(),
+    }
+    return tensors, {"step": state.step, "optimizer": param_groups}
+
+
+def save_state(path: Path, state: TrainState, stage: Stage, cfg: Config, data_fingerprint: str, **extra: Any) -> Path:
+    tensors, fields = state_tensors(state)
+    metadata = {
+        **fields,
+        "stage": stage,
+        "config": cfg.model_dump(mode="json"),
+        "data_fingerprint": data_fingerprint,
+        "versions": library_versions(),
+        **extra,
+    }
+    return save_checkpoint(path, tensors, metadata)
+
+
+def restore_state(state: TrainState, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
+    """Load a saved ``TrainState`` in place (model, EMA, optimizer, generator, step)."""
+    device = next(state.model.parameters()).device
+    state.model.load_state_dict(subset(tensors, "model"))
+    state.ema.module.load_state_dict(subset(tensors, "ema"))
+    state.ema.n_averaged.copy_(tensors["ema_n_averaged"].to(device))
+    load_optimizer_tensors(state.optimizer, tensors, metadata["optimizer"])
+    state.generator.set_state(tensors["rng.cpu"])
+    state.step = int(metadata["step"])
+
+
+def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(payload, handle, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def _initial_model(stage: Stage, cfg: Config, run: Path, init: Path | None, device: torch.device) -> nn.Module:
+    """A new model for ``stage``; stage 2 starts from the slice stage's EMA weights, then inflates."""
+    if stage != "volume":
+        return build_model(stage, cfg).to(device)
+    source = init if init is not None else run / STAGE_FILES["slice"]
+    if not source.exists():
+        raise CheckpointError(
+            f"{source}: no slice-stage checkpoint to start the volume stage from; "
+            "run --stage slice with this --out first, or pass --init"
+        )
+    slice_model, _, metadata = load_model(source, "ema", device)
+    if metadata["stage"] != "slice":
+        raise CheckpointError(f"{source}: --init must be a slice-stage checkpoint, not '{metadata['stage']}'")
+    _check_compatible(metadata, cfg, source)
+    assert isinstance(slice_model, SliceDenoiser)
+    slice_model.inflate()
+    return slice_model
+
+
+def train_stage(
+    cfg: Config,
+    volumes: list[Volume],
+    stage: Stage,
+    run: str | Path,
+    steps: int | None = None,
+    resume: bool = False,
+    init: str | Path | None = None,
+    on_step: OnStep | None = None,
+) -> dict[str, float]:
+    """Train one stage into the run folder ``run`` and checkpoint it.
+
+    Args:
+        steps: total steps for this stage (default ``cfg.train.steps_<stage>``); with ``resume``
+            training continues from the saved step up to this total.
+        init: for the volume stage, a slice checkpoint to start from instead of ``run``'s.
+    Returns:
+        the metrics of ``gem3d.training.train`` plus ``step`` (the stage's total steps).
+    """
+    run = Path(run)
+    path = run / STAGE_FILES[stage]
+    total = steps if steps is not None else getattr(cfg.train, f"steps_{stage}")
+    if path.exists() and not resume:
+        raise CheckpointError(f"{path}: already exists; pass --resume to continue it, or choose another --out")
+    if resume and not path.exists():
+        raise CheckpointError(f"{path}: nothing to resume")
+    device = resolve_device(cfg.train.device)
+    run.mkdir(parents=True, exist_ok=True)
+
+    data_fingerprint = fingerprint(volumes)
+    if resume:
+        tensors, metadata = load_checkpoint(path)
+        _check_compatible(metadata, cfg, path)
+        if metadata["data_fingerprint"] != data_fingerprint:
+            raise CheckpointError(f"{path}: was trained on different data (fingerprint mismatch)")
+        model = build_model(stage, cfg).to(device)
+    else:
+        model = _initial_model(stage, cfg, run, Path(init) if init else None, device)
+    freeze_for_stage(model, stage, cfg.train.volume_train_all)
+    state = new_state(model, cfg.train)
+    if resume:
+        restore_state(state, tensors, metadata)
+
+    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
+    scheduler = train_scheduler(cfg.diffusion)
+    _write_json_atomic(run / "config.json", cfg.model_dump(mode="json"))
+    every = cfg.train.checkpoint_every
+    metrics: dict[str, float] = {}
+    while state.step < total:
+        until = min(total, state.step + every) if every else total
+        metrics = train(state, scheduler, source, stage, until, cfg.train, on_step)
+        save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes))
+    if not path.exists():  # zero steps asked: still leave a loadable checkpoint
+        save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes))
+    return {**metrics, "step": float(state.step)}
+
+
+def stage_metadata(run: str | Path, stage: Stage) -> dict[str, Any]:
+    """Metadata of a stage's checkpoint in a run folder (or of a checkpoint file)."""
+    return read_metadata(stage_path(run, stage))

@@ -1,0 +1,187 @@
+"""Training loops for the three GEM-3D stages: plain functions, no framework inside.
+
+* ``slice`` (stage 1): windows of W slices; every slice is its own sample with its own
+  timestep; the informed slice comes from the same window.
+* ``volume`` (stage 2): the inflated network on windows, one timestep per window drawn as
+  ``t = T * u**p`` (p > 1 favours small t); by default only the slice-axis layers train.
+* ``informed``: the informed-slice generator on single slices with their positions.
+
+The centralized CLI, the Flower client and the benchmarks all call ``train``. A DP wrapper
+reuses ``sample_loss`` (per-sample losses) and replaces only the batch sampling and backward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from monai.networks.schedulers import DDPMScheduler
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from gem3d.config import TrainConfig
+from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
+from gem3d.diffusion import training_target
+from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
+
+Stage = Literal["slice", "volume", "informed"]
+STAGES: tuple[Stage, ...] = ("slice", "volume", "informed")
+OnStep = Callable[[dict[str, float]], None]
+
+
+@dataclass
+class TrainState:
+    """Everything that changes during training; saved whole for a bit-exact resume."""
+
+    model: nn.Module
+    ema: AveragedModel
+    optimizer: torch.optim.Optimizer
+    generator: torch.Generator
+    step: int = 0
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None) -> TrainState:
+    """AdamW over the model's trainable parameters, an EMA copy and a seeded generator.
+
+    Which parameters train is the caller's choice (``requires_grad``), e.g. stage 2 freezes the base.
+    """
+    optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
+    return TrainState(model=model, ema=ema, optimizer=optimizer, generator=generator)
+
+
+def freeze_for_stage(model: nn.Module, stage: Stage, train_all: bool) -> None:
+    """Stage 2 trains only the slice-axis layers unless ``train_all``; other stages train everything."""
+    if stage == "volume" and not train_all:
+        assert isinstance(model, SliceDenoiser)
+        model.requires_grad_(False)
+        for parameter in model.slice_axis_parameters():
+            parameter.requires_grad_(True)
+    else:
+        model.requires_grad_(True)
+
+
+def draw_timesteps(
+    num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator, power: float = 1.0
+) -> torch.Tensor:
+    """Timesteps ``T * u**power`` for u ~ U[0, 1); power 1 is uniform over 0..T-1."""
+    u = torch.rand(shape, generator=generator)
+    return (num_train_timesteps * u**power).long().clamp(max=num_train_timesteps - 1)
+
+
+def window_loss(
+    model: SliceDenoiser,
+    scheduler: DDPMScheduler,
+    batch: WindowBatch,
+    generator: torch.Generator,
+    per_slice_t: bool,
+    t_power: float = 1.0,
+) -> torch.Tensor:
+    """Per-window denoising loss.
+
+    Args:
+        batch: windows with ``image`` ``[B, 1, D, H, W]``.
+        per_slice_t: stage 1 draws a timestep per slice ``[B, D]``; stage 2 one per window.
+    Returns:
+        ``[B]`` mean squared error of each window.
+    """
+    batch_size, depth = batch.image.shape[0], batch.image.shape[2]
+    device = batch.image.device
+    steps = scheduler.num_train_timesteps
+    if per_slice_t:
+        t = draw_timesteps(steps, (batch_size, depth), generator, t_power)
+    else:
+        t = draw_timesteps(steps, (batch_size,), generator, t_power)[:, None].expand(batch_size, depth)
+    noise = torch.randn(batch.image.shape, generator=generator).to(device)
+    t = t.to(device)
+    # [B, D, 1, H, W] so MONAI broadcasts the per-slice timesteps [B, D] over the leading dims.
+    x0_slices, noise_slices = batch.image.transpose(1, 2), noise.transpose(1, 2)
+    noisy = scheduler.add_noise(x0_slices, noise_slices, t).transpose(1, 2)
+    target = training_target(scheduler, x0_slices, noise_slices, t).transpose(1, 2)
+    cond = build_condition(batch.mask, batch.informed, batch.informed_mask, model.num_labels, model.cfg)
+    prediction = model(noisy, t, cond)
+    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+
+
+def informed_loss(
+    model: InformedSliceGenerator, scheduler: DDPMScheduler, batch: SliceBatch, generator: torch.Generator
+) -> torch.Tensor:
+    """Per-slice denoising loss of the informed-slice generator; ``[B]``."""
+    device = batch.image.device
+    t = draw_timesteps(scheduler.num_train_timesteps, (len(batch),), generator).to(device)
+    noise = torch.randn(batch.image.shape, generator=generator).to(device)
+    noisy = scheduler.add_noise(batch.image, noise, t)
+    target = training_target(scheduler, batch.image, noise, t)
+    prediction = model(noisy, t, batch.position, batch.mask if model.cfg.condition_on_mask else None)
+    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+
+
+def sample_loss(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    source: WindowSource,
+    indices: list[int],
+    stage: Stage,
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> torch.Tensor:
+    """Draw one sample per volume index for ``stage`` and return their losses ``[len(indices)]``."""
+    if stage == "informed":
+        assert isinstance(model, InformedSliceGenerator)
+        return informed_loss(model, scheduler, source.slices(indices, generator).to(device), generator)
+    assert isinstance(model, SliceDenoiser)
+    batch = source.windows(indices, generator).to(device)
+    if stage == "slice":
+        return window_loss(model, scheduler, batch, generator, per_slice_t=True)
+    return window_loss(model, scheduler, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power)
+
+
+def train(
+    state: TrainState,
+    scheduler: DDPMScheduler,
+    source: WindowSource,
+    stage: Stage,
+    until_step: int,
+    cfg: TrainConfig,
+    on_step: OnStep | None = None,
+) -> dict[str, float]:
+    """Train ``state`` for ``stage`` until ``state.step == until_step``.
+
+    Each step draws ``cfg.batch_size`` volume indices (uniform, with replacement), one sample
+    from each, takes an AdamW step with gradient clipping and updates the EMA.
+
+    Returns:
+        ``{"loss": mean loss over these steps, "steps": steps taken, "steps_per_s": ...}``.
+    """
+    device = next(state.model.parameters()).device
+    params = trainable_parameters(state.model)
+    state.model.train()
+    started, first_step, total = time.perf_counter(), state.step, 0.0
+    while state.step < until_step:
+        indices = torch.randint(len(source), (cfg.batch_size,), generator=state.generator).tolist()
+        loss = sample_loss(state.model, scheduler, source, indices, stage, state.generator, cfg, device).mean()
+        state.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        state.optimizer.step()
+        state.ema.update_parameters(state.model)
+        state.step += 1
+        total += loss.item()
+        if on_step is not None:
+            on_step({"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm)})
+    steps = state.step - first_step
+    elapsed = time.perf_counter() - started
+    return {
+        "loss": total / steps if steps else float("nan"),
+        "steps": float(steps),
+        "steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
+    }
