@@ -32,7 +32,7 @@ from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.errors import CheckpointError, ConfigError
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser
-from gem3d.training import STAGES, OnStep, Stage, TrainState, freeze_for_stage, new_state, train
+from gem3d.training import STAGES, OnStep, Stage, TrainFn, TrainState, freeze_for_stage, new_state, train
 
 STAGE_FILES: dict[Stage, str] = {stage: f"{stage}.safetensors" for stage in STAGES}
 # Sections whose change alters the network or what it was trained on; a resume must match them.
@@ -173,6 +173,7 @@ def train_stage(
     resume: bool = False,
     init: str | Path | None = None,
     on_step: OnStep | None = None,
+    train_fn: TrainFn = train,
 ) -> dict[str, float]:
     """Train one stage into the run folder ``run`` and checkpoint it.
 
@@ -180,6 +181,7 @@ def train_stage(
         steps: total steps for this stage (default ``cfg.train.steps_<stage>``); with ``resume``
             training continues from the saved step up to this total.
         init: for the volume stage, a slice checkpoint to start from instead of ``run``'s.
+        train_fn: the step loop, ``gem3d.training.train`` or a drop-in (e.g. DP-SGD from ``privacy/``).
     Returns:
         the metrics of ``gem3d.training.train`` plus ``step`` (the stage's total steps).
     """
@@ -214,7 +216,7 @@ def train_stage(
     metrics: dict[str, float] = {}
     while state.step < total:
         until = min(total, state.step + every) if every else total
-        metrics = train(state, scheduler, source, stage, until, cfg.train, on_step)
+        metrics = train_fn(state, scheduler, source, stage, until, cfg.train, on_step)
         save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes))
     if not path.exists():  # zero steps asked: still leave a loadable checkpoint
         save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes))

@@ -7,7 +7,7 @@
 * ``informed``: the informed-slice generator on single slices with their positions.
 
 The centralized CLI, the Flower client and the benchmarks all call ``train``. A DP wrapper
-reuses ``sample_loss`` (per-sample losses) and replaces only the batch sampling and backward.
+reuses ``draw_inputs`` and ``per_sample_loss`` and replaces only the batch sampling and backward.
 """
 
 from __future__ import annotations
@@ -77,21 +77,40 @@ def draw_timesteps(
     return (num_train_timesteps * u**power).long().clamp(max=num_train_timesteps - 1)
 
 
-def window_loss(
+@dataclass(frozen=True)
+class DenoisingInputs:
+    """One noised batch: the network's inputs and what it must predict.
+
+    Attributes:
+        noisy: ``[B, 1, D, H, W]`` (windows) or ``[B, 1, H, W]`` (slices).
+        t: ``[B, D]`` or ``[B]`` timesteps.
+        cond: ``[B, Cc, D, H, W]`` for windows; ``None`` for slices (see ``position``/``mask``).
+        target: same shape as ``noisy``.
+        position: ``[B]`` slice positions (informed generator only).
+        mask: ``[B, H, W]`` mask slices (informed generator conditioned on the mask).
+    """
+
+    noisy: torch.Tensor
+    t: torch.Tensor
+    cond: torch.Tensor | None
+    target: torch.Tensor
+    position: torch.Tensor | None = None
+    mask: torch.Tensor | None = None
+
+
+def window_inputs(
     model: SliceDenoiser,
     scheduler: DDPMScheduler,
     batch: WindowBatch,
     generator: torch.Generator,
     per_slice_t: bool,
     t_power: float = 1.0,
-) -> torch.Tensor:
-    """Per-window denoising loss.
+) -> DenoisingInputs:
+    """Noise a batch of windows.
 
     Args:
         batch: windows with ``image`` ``[B, 1, D, H, W]``.
         per_slice_t: stage 1 draws a timestep per slice ``[B, D]``; stage 2 one per window.
-    Returns:
-        ``[B]`` mean squared error of each window.
     """
     batch_size, depth = batch.image.shape[0], batch.image.shape[2]
     device = batch.image.device
@@ -107,24 +126,27 @@ def window_loss(
     noisy = scheduler.add_noise(x0_slices, noise_slices, t).transpose(1, 2)
     target = training_target(scheduler, x0_slices, noise_slices, t).transpose(1, 2)
     cond = build_condition(batch.mask, batch.informed, batch.informed_mask, model.num_labels, model.cfg)
-    prediction = model(noisy, t, cond)
-    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+    return DenoisingInputs(noisy=noisy, t=t, cond=cond, target=target)
 
 
-def informed_loss(
+def slice_inputs(
     model: InformedSliceGenerator, scheduler: DDPMScheduler, batch: SliceBatch, generator: torch.Generator
-) -> torch.Tensor:
-    """Per-slice denoising loss of the informed-slice generator; ``[B]``."""
+) -> DenoisingInputs:
+    """Noise a batch of single slices for the informed-slice generator."""
     device = batch.image.device
     t = draw_timesteps(scheduler.num_train_timesteps, (len(batch),), generator).to(device)
     noise = torch.randn(batch.image.shape, generator=generator).to(device)
-    noisy = scheduler.add_noise(batch.image, noise, t)
-    target = training_target(scheduler, batch.image, noise, t)
-    prediction = model(noisy, t, batch.position, batch.mask if model.cfg.condition_on_mask else None)
-    return ((prediction - target) ** 2).flatten(1).mean(dim=1)
+    return DenoisingInputs(
+        noisy=scheduler.add_noise(batch.image, noise, t),
+        t=t,
+        cond=None,
+        target=training_target(scheduler, batch.image, noise, t),
+        position=batch.position,
+        mask=batch.mask if model.cfg.condition_on_mask else None,
+    )
 
 
-def sample_loss(
+def draw_inputs(
     model: nn.Module,
     scheduler: DDPMScheduler,
     source: WindowSource,
@@ -133,16 +155,30 @@ def sample_loss(
     generator: torch.Generator,
     cfg: TrainConfig,
     device: torch.device,
-) -> torch.Tensor:
-    """Draw one sample per volume index for ``stage`` and return their losses ``[len(indices)]``."""
+) -> DenoisingInputs:
+    """Draw one sample per volume index for ``stage`` and noise it."""
     if stage == "informed":
         assert isinstance(model, InformedSliceGenerator)
-        return informed_loss(model, scheduler, source.slices(indices, generator).to(device), generator)
+        return slice_inputs(model, scheduler, source.slices(indices, generator).to(device), generator)
     assert isinstance(model, SliceDenoiser)
     batch = source.windows(indices, generator).to(device)
     if stage == "slice":
-        return window_loss(model, scheduler, batch, generator, per_slice_t=True)
-    return window_loss(model, scheduler, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power)
+        return window_inputs(model, scheduler, batch, generator, per_slice_t=True)
+    return window_inputs(model, scheduler, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power)
+
+
+def predict(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
+    """The network's prediction for ``inputs`` (either model type)."""
+    if isinstance(model, InformedSliceGenerator):
+        assert inputs.position is not None
+        return model(inputs.noisy, inputs.t, inputs.position, inputs.mask)
+    assert inputs.cond is not None
+    return model(inputs.noisy, inputs.t, inputs.cond)
+
+
+def per_sample_loss(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
+    """``[B]`` mean squared error of each sample (window or slice)."""
+    return ((predict(model, inputs) - inputs.target) ** 2).flatten(1).mean(dim=1)
 
 
 def train(
@@ -168,7 +204,8 @@ def train(
     started, first_step, total = time.perf_counter(), state.step, 0.0
     while state.step < until_step:
         indices = torch.randint(len(source), (cfg.batch_size,), generator=state.generator).tolist()
-        loss = sample_loss(state.model, scheduler, source, indices, stage, state.generator, cfg, device).mean()
+        inputs = draw_inputs(state.model, scheduler, source, indices, stage, state.generator, cfg, device)
+        loss = per_sample_loss(state.model, inputs).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -185,3 +222,6 @@ def train(
         "steps": float(steps),
         "steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
     }
+
+
+TrainFn = Callable[[TrainState, DDPMScheduler, WindowSource, Stage, int, TrainConfig, OnStep | None], dict[str, float]]
