@@ -1,0 +1,44 @@
+"""Shared fixtures: a very small config and a phantom dataset, so every test runs in seconds on CPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gem3d.config import Config, config_from_dict
+
+MICRO = {
+    "data": {"image_size": 16, "window": 4, "num_labels": 4},
+    "model": {
+        "channels": [8, 16],
+        "attention_levels": [False, True],
+        "num_res_blocks": 1,
+        "norm_num_groups": 4,
+        "num_head_channels": 8,
+    },
+    "informed": {
+        "channels": [8, 16],
+        "attention_levels": [False, True],
+        "num_res_blocks": 1,
+        "norm_num_groups": 4,
+        "num_head_channels": 8,
+        "position_bins": 8,
+    },
+    "diffusion": {"inference_steps": 5},
+    "train": {"batch_size": 2, "lr": 2e-3, "ema_decay": 0.9, "steps_slice": 4, "steps_volume": 3, "steps_informed": 3},
+}
+
+
+@pytest.fixture
+def micro_cfg() -> Config:
+    """A config whose networks have a few thousand parameters: 16x16 slices, window 4."""
+    return config_from_dict(MICRO, "micro")
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Four phantom cases, 16x16x12, in nnU-Net v2 raw layout (read-only: copy before changing)."""
+    from gem3d.data.phantoms import write_phantom_dataset
+
+    return write_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "data", num_cases=4, shape=(16, 16, 12))
