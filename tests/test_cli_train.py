@@ -1,0 +1,68 @@
+"""The gem3d command: help on every subcommand, train end to end, one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.cli import COMMANDS, main
+from gem3d.runs import load_model
+
+
+@pytest.mark.parametrize("name", [module.NAME for module in COMMANDS])
+def test_every_subcommand_has_help(name: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main([name, "--help"])
+
+    assert exit_info.value.code == 0
+    assert "usage: gem3d" in capsys.readouterr().out
+
+
+def test_train_three_stages_into_one_run_folder(phantom_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    micro = ["--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels='8,16'"]
+    micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
+    micro += ["--set", "model.num_head_channels=8", "--set", "informed.channels='8,16'"]
+    micro += ["--set", "informed.attention_levels='false,true'", "--set", "informed.norm_num_groups=4"]
+    micro += ["--set", "informed.num_head_channels=8"]
+
+    for stage in ("slice", "volume", "informed"):
+        code = main(["train", *micro, "--data", str(phantom_dir), "--stage", stage, "--out", str(run), "--steps", "2"])
+        assert code == 0
+
+    model, cfg, _ = load_model(run / "volume.safetensors")
+    assert getattr(model, "inflated", False)
+    assert cfg.data.image_size == 16
+    assert (run / "informed.safetensors").exists() and (run / "config.json").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--config", "nope"], "nope: no such config file"),
+        (["--set", "train.lr=-1"], "field 'train.lr'"),
+        (["--data", "/nonexistent/data"], "/nonexistent/data"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(
+    phantom_dir: Path, tmp_path: Path, args: list[str], fragment: str
+) -> None:
+    base = {"--data": str(phantom_dir), "--stage": "slice", "--out": str(tmp_path / "run"), "--steps": "1"}
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = [arg for pair in base.items() for arg in pair]
+    if "--set" in args:
+        argv = [*argv[: argv.index("--set")], *argv[argv.index("--set") + 2 :], "--set", args[1]]
+
+    result = subprocess.run(
+        [sys.executable, "-m", "experiments.cli", "train", *argv], capture_output=True, text=True, check=False
+    )
+
+    assert result.returncode == 2
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
