@@ -1,0 +1,80 @@
+"""The gem3d ClientApp: one hospital in the federation (Flower Message API).
+
+Thin on purpose: it unpacks messages and calls ``client/task.py``. A site whose data or
+instructions are invalid replies with an error message naming the problem; the server logs it
+and the round goes on with the other sites.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from client.task import Job, evaluate_round, install_base, locate_site, train_round
+from gem3d.errors import Gem3dError
+
+app = ClientApp()
+logger = logging.getLogger("flwr").getChild("gem3d.client")
+
+
+def _answer(msg: Message, context: Context, work: Callable[[], RecordDict]) -> Message:
+    """Reply with ``work()``'s records, or with an error reply for a ``Gem3dError``."""
+    try:
+        return Message(content=work(), reply_to=msg)
+    except Gem3dError as error:
+        logger.error("gem3d site on node %s: %s", context.node_id, error)
+        return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=msg)
+
+
+def _job(msg: Message) -> tuple[dict[str, Any], Job]:
+    record = dict(msg.content["config"])
+    return record, Job.from_record(record)
+
+
+def _arrays(msg: Message) -> dict[str, torch.Tensor]:
+    return msg.content["arrays"].to_torch_state_dict()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local steps of the current stage on the global weights; reply with trainable weights + metrics."""
+
+    def work() -> RecordDict:
+        record, job = _job(msg)
+        torch.set_num_threads(max(int(record.get("torch-threads", torch.get_num_threads())), 1))
+        site = locate_site(dict(context.node_config), record)
+        weights, metrics = train_round(site, job, _arrays(msg))
+        return RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+
+    return _answer(msg, context, work)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Validation loss of the global weights on this site's held-out cases."""
+
+    def work() -> RecordDict:
+        record, job = _job(msg)
+        site = locate_site(dict(context.node_config), record)
+        return RecordDict({"metrics": MetricRecord(evaluate_round(site, job, _arrays(msg)))})
+
+    return _answer(msg, context, work)
+
+
+@app.query("install_base")
+def install(msg: Message, context: Context) -> Message:
+    """Store the frozen stage-2 base (the global slice model) once, so stage-2 rounds send only slice-axis weights."""
+
+    def work() -> RecordDict:
+        record = dict(msg.content["config"])
+        site = locate_site(dict(context.node_config), record)
+        path = install_base(site, str(record.get("base-id", "")), msg.content["base"].to_torch_state_dict())
+        return RecordDict({"result": ConfigRecord({"path": str(path)})})
+
+    return _answer(msg, context, work)

@@ -1,0 +1,254 @@
+"""The federated GEM-3D schedule: R1 rounds of stage 1, inflate, R2 rounds of stage 2, R3 of the informed generator.
+
+Each stage is one ``strategy.start`` over the rounds it still needs; its ``evaluate_fn`` runs
+after every round and is where the server evaluates, checkpoints and reports. A frozen stage 2
+first installs the global slice model at every site (a query message), so its rounds carry only
+the slice-axis weights.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from torch import nn
+
+from gem3d.checkpoint import file_sha256
+from gem3d.data.dataset import load_volumes
+from gem3d.data.volume import Volume
+from gem3d.errors import CheckpointError, DataError
+from gem3d.networks import SliceDenoiser
+from gem3d.runs import STAGE_FILES, build_model
+from gem3d.training import STAGES, Stage, freeze_for_stage
+from server.evaluation import validation_loss
+from server.settings import ServerSettings
+from server.store import RunStore, global_tensors
+from server.strategy import ObservedStrategy, RoundFailed, build_strategy
+
+logger = logging.getLogger("flwr").getChild("gem3d.server")
+OnRound = Callable[[dict[str, Any]], None]
+"""Called with each round's metrics; the hook for experiment tracking (MLflow lives in experiments/tracking.py)."""
+
+_STAGE_SEED_STRIDE = 1_000_000
+_ROUND_SEED_STRIDE = 1_000
+
+
+def rounds_for(settings: ServerSettings, stage: Stage) -> int:
+    return int(getattr(settings.cfg.federation, f"rounds_{stage}"))
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    """State-dict names of the trainable parameters: exactly what travels in a round."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return [name for name in model.state_dict() if name in trainable]
+
+
+def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done: int) -> nn.Module:
+    """The global model a stage starts (or resumes) from; stage 2 inflates the final global slice model."""
+    cfg = settings.cfg
+    if done > 0:
+        model = build_model(stage, cfg)
+        store.load_global(model, stage)
+        return model
+    if stage != "volume":
+        return build_model(stage, cfg)
+    model = build_model("slice", cfg)
+    slice_path = store.out_dir / STAGE_FILES["slice"]
+    if slice_path.exists():
+        store.load_global(model, "slice")
+    else:
+        logger.warning("no global slice model in %s: stage 2 inflates an untrained slice denoiser", store.out_dir)
+    assert isinstance(model, SliceDenoiser)
+    model.inflate()
+    return model
+
+
+def job_config(settings: ServerSettings, stage: Stage) -> dict[str, Any]:
+    """What every site needs to run a round of ``stage`` (sent in each message's config record)."""
+    cfg, options = settings.cfg, settings.options
+    record: dict[str, Any] = {
+        "stage": stage,
+        "gem3d-config": json.dumps(cfg.model_dump(mode="json"), sort_keys=True),
+        "local-steps": cfg.federation.local_steps,
+        "val-cases": int(options["val-cases"]),
+        "eval-batches": int(options["eval-batches"]),
+        "torch-threads": int(options["torch-threads"]),
+        "proximal-mu": cfg.federation.proximal_mu if cfg.federation.strategy == "fedprox" else 0.0,
+    }
+    # Simulation only: the sites find their partition under the data root the server was given.
+    if settings.data_root is not None:
+        record["data-root"] = str(settings.data_root)
+    if settings.state_root is not None:
+        record["state-root"] = str(settings.state_root)
+    return record
+
+
+def install_base(grid: Grid, settings: ServerSettings, store: RunStore, timeout: float) -> str:
+    """Send the frozen base (the global slice weights) to every node once; return its id.
+
+    A node that cannot store it is logged; it will then fail its stage-2 rounds with a clear error.
+    """
+    slice_path = store.out_dir / STAGE_FILES["slice"]
+    base_id = file_sha256(slice_path)[:16] if slice_path.exists() else "untrained"
+    base = build_model("slice", settings.cfg)
+    if slice_path.exists():
+        store.load_global(base, "slice")
+    content = RecordDict(
+        {
+            "base": ArrayRecord(global_tensors(base, list(base.state_dict()))),
+            "config": ConfigRecord({**job_config(settings, "volume"), "base-id": base_id}),
+        }
+    )
+    messages = [
+        Message(content=content, dst_node_id=node, message_type=f"{MessageType.QUERY}.install_base")
+        for node in grid.get_node_ids()
+    ]
+    for reply in grid.send_and_receive(messages, timeout=timeout):
+        if reply.has_error():
+            logger.error(
+                "node %d could not install the stage-2 base: %s", reply.metadata.src_node_id, reply.error.reason
+            )
+    logger.info("stage-2 base %s installed at %d node(s)", base_id, len(messages))
+    return base_id
+
+
+def _server_volumes(settings: ServerSettings) -> list[Volume]:
+    if settings.server_data is None:
+        return []
+    if not settings.server_data.is_dir():
+        raise DataError(f"run config 'server-data': {settings.server_data} does not exist")
+    return load_volumes(settings.server_data, settings.cfg.data)
+
+
+def run_federation(grid: Grid, settings: ServerSettings, on_round: OnRound | None = None) -> dict[str, Any]:
+    """Run (or resume) all stages; return a summary with the final run folder.
+
+    Args:
+        grid: Flower's grid of connected SuperNodes.
+        on_round: called with each completed round's metrics (e.g. to log to MLflow).
+    """
+    store = RunStore(settings.out_dir, settings.cfg)
+    completed = store.prepare(settings.resume)
+    server_volumes = _server_volumes(settings)
+    logger.info("federated run folder: %s (resume from %s)", settings.out_dir, completed)
+    _warn_missing_sites(grid, settings)
+
+    for stage_index, stage in enumerate(STAGES):
+        total, done = rounds_for(settings, stage), completed[stage]
+        if done >= total:
+            if total:
+                logger.info("stage %s: %d/%d rounds already completed", stage, done, total)
+            continue
+        _run_stage(grid, settings, store, stage, stage_index, completed, server_volumes, on_round)
+    final = {"run": str(settings.out_dir), "completed": completed}
+    missing = [s for s in STAGES if rounds_for(settings, s) and not (settings.out_dir / STAGE_FILES[s]).exists()]
+    if missing:
+        raise CheckpointError(f"{settings.out_dir}: stages {missing} have no checkpoint after the run")
+    return final
+
+
+def _run_stage(
+    grid: Grid,
+    settings: ServerSettings,
+    store: RunStore,
+    stage: Stage,
+    stage_index: int,
+    completed: dict[str, int],
+    server_volumes: list[Volume],
+    on_round: OnRound | None,
+) -> None:
+    """The remaining rounds of one stage: one ``strategy.start``, checkpointing after every round."""
+    cfg, options = settings.cfg, settings.options
+    total, done = rounds_for(settings, stage), completed[stage]
+    timeout = float(options["round-timeout"])
+    wait_for_nodes(grid, cfg.federation.min_clients, timeout)
+    model = initial_global(settings, store, stage, done)
+    freeze_for_stage(model, stage, cfg.train.volume_train_all)
+    names = trainable_names(model)
+    record = job_config(settings, stage)
+    if stage == "volume" and not cfg.train.volume_train_all:
+        record["base-id"] = install_base(grid, settings, store, timeout)
+    label = f"stage {stage}"
+    nodes = len(list(grid.get_node_ids()))
+    observed = ObservedStrategy(build_strategy(cfg, options, nodes), cfg.federation.min_clients, label)
+    seed_base = cfg.train.seed + _STAGE_SEED_STRIDE * stage_index
+    train_config = ConfigRecord({**record, "seed": seed_base + _ROUND_SEED_STRIDE * done})
+    started = [time.perf_counter()]
+
+    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's evaluate_fn: evaluate, checkpoint and report the new global model."""
+        if server_round == 0:  # the initial arrays: nothing trained yet
+            return MetricRecord({})
+        stage_round = done + server_round
+        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        metrics: dict[str, Any] = {"stage": stage, "round": stage_round, **observed.round}
+        if server_volumes:
+            batches = int(options["eval-batches"])
+            metrics["server-eval-loss"] = validation_loss(model, stage, server_volumes, cfg, batches)
+        steps = stage_round * cfg.federation.local_steps
+        path = store.save_round(model, stage, stage_round, completed, steps, int(metrics.get("sites-ok", 0)))
+        completed[stage] = stage_round
+        metrics["round-seconds"] = time.perf_counter() - started[0]
+        metrics["checkpoint"] = str(path)
+        store.append_metrics(metrics)
+        logger.info(
+            "%s round %d/%d: train loss %.4f, eval loss %s, %d site(s) ok, %d failed -> %s",
+            stage,
+            stage_round,
+            total,
+            metrics.get("train", {}).get("loss", float("nan")),
+            metrics.get("evaluate", {}).get("eval-loss", "n/a"),
+            metrics.get("sites-ok", 0),
+            metrics.get("sites-failed", 0),
+            path,
+        )
+        if on_round is not None:
+            on_round(metrics)
+        started[0] = time.perf_counter()
+        # Round numbers restart with every strategy.start: tell the sites the next round's seed.
+        train_config["seed"] = seed_base + _ROUND_SEED_STRIDE * stage_round
+        return MetricRecord(
+            {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        )
+
+    observed.start(
+        grid=grid,
+        initial_arrays=ArrayRecord(global_tensors(model, names)),
+        num_rounds=total - done,
+        timeout=timeout,
+        train_config=train_config,
+        evaluate_config=ConfigRecord(record),
+        evaluate_fn=after_round,
+    )
+
+
+def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:
+    """Block until ``count`` SuperNodes are connected (sites may still be starting)."""
+    deadline = time.monotonic() + timeout
+    while len(list(grid.get_node_ids())) < count:
+        if time.monotonic() > deadline:
+            raise RoundFailed(f"fewer than federation.min_clients={count} SuperNodes connected within {timeout:.0f} s")
+        time.sleep(1.0)
+
+
+def _warn_missing_sites(grid: Grid, settings: ServerSettings) -> None:
+    """In simulation, say so when the data root has more sites than there are SuperNodes."""
+    if settings.data_root is None or not settings.data_root.is_dir():
+        return
+    sites = sorted(p.name for p in settings.data_root.glob("site_*") if p.is_dir())
+    nodes = len(list(grid.get_node_ids()))
+    if nodes < len(sites):
+        logger.warning(
+            "%s has %d sites but only %d SuperNodes run; sites %s take no part. "
+            "Run with --federation-config 'num-supernodes=%d'",
+            settings.data_root,
+            len(sites),
+            nodes,
+            sites[nodes:],
+            len(sites),
+        )

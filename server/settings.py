@@ -1,0 +1,109 @@
+"""The server's settings, from Flower's flat ``run_config`` (``[tool.flwr.app.config]`` + ``--run-config``).
+
+Flower run configs are flat scalars, so the gem3d config is named by ``config`` (a bundled name
+such as ``tiny`` or a TOML path) and changed by ``set`` (``"federation.local_steps=2 train.lr=1e-3"``,
+space separated, values parsed as TOML) or by dotted keys (``train.lr``) where the app declares them.
+The server sends the resolved config to the sites with every message, so there is one source of truth.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gem3d.config import Config, load_config
+from gem3d.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
+
+# Keys the app itself understands; any other key containing a dot is a gem3d config override.
+APP_KEYS = {
+    "config": "tiny",
+    "set": "",
+    "data-root": "demo_out/data",
+    "state-root": "",
+    "out-dir": "runs/federated",
+    "server-data": "",
+    "resume": True,
+    "val-cases": 1,
+    "eval-batches": 2,
+    "fraction-evaluate": 1.0,
+    "round-timeout": 3600.0,
+    "fedadam-eta": 1e-3,
+    "fedadam-eta-l": 1e-3,
+    "fedadam-tau": 1e-6,
+    "krum-malicious": 0,
+    "server-dp-noise": 0.0,
+    "server-dp-clip": 1.0,
+    "torch-threads": 1,
+}
+
+
+def resolve_config_path(name: str) -> Path:
+    """A TOML path as given, or ``experiments/configs/<name>.toml`` for a bundled name."""
+    path = Path(name).expanduser()
+    if path.suffix == ".toml" or path.exists():
+        return path
+    bundled = CONFIG_DIR / f"{name}.toml"
+    if bundled.exists():
+        return bundled
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
+    raise ConfigError(f"run config 'config': {name} is neither a TOML file nor a bundled config ({known})")
+
+
+def parse_set(text: str) -> dict[str, Any]:
+    """``"train.lr=1e-3 model.channels=16,32"`` -> ``{"train.lr": 0.001, "model.channels": "16,32"}``."""
+    overrides: dict[str, Any] = {}
+    for item in text.split():
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"run config 'set': '{item}' is not SECTION.FIELD=VALUE")
+        try:
+            overrides[key] = tomllib.loads(f"v = {value}")["v"]
+        except tomllib.TOMLDecodeError:
+            overrides[key] = value  # bare strings (cuda, fedprox) and "1,2,4" lists
+    return overrides
+
+
+def _path(value: Any) -> Path | None:
+    text = str(value).strip()
+    return Path(text).expanduser().resolve() if text else None
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Everything the ServerApp needs, with paths made absolute (the app may run in another cwd)."""
+
+    cfg: Config
+    out_dir: Path
+    data_root: Path | None
+    state_root: Path | None
+    server_data: Path | None
+    resume: bool
+    options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_config(cls, run_config: dict[str, Any]) -> ServerSettings:
+        """Merge ``run_config`` over the app defaults and load the gem3d config it names."""
+        merged = {**APP_KEYS, **run_config}
+        overrides = {key: value for key, value in merged.items() if "." in key}
+        overrides.update(parse_set(str(merged["set"])))
+        cfg = load_config(resolve_config_path(str(merged["config"])), overrides)
+        out_dir = _path(merged["out-dir"])
+        if out_dir is None:
+            raise ConfigError("run config 'out-dir' is empty")
+        data_root = _path(merged["data-root"])
+        state_root = _path(merged["state-root"])
+        if state_root is None and data_root is not None:
+            state_root = out_dir / "sites"  # simulation: the sites' private state next to the run
+        return cls(
+            cfg=cfg,
+            out_dir=out_dir,
+            data_root=data_root,
+            state_root=state_root,
+            server_data=_path(merged["server-data"]),
+            resume=bool(merged["resume"]),
+            options={key: merged[key] for key in APP_KEYS if key not in ("config", "set")},
+        )

@@ -1,0 +1,133 @@
+"""The server's run folder: the global model per stage, the progress file and the round metrics.
+
+The folder has the layout of ``gem3d train`` (``slice.safetensors``, ``volume.safetensors``,
+``informed.safetensors``, ``config.json``; see ``gem3d.runs``), so it is a valid ``--checkpoint``
+for ``gem3d sample`` after any completed round. ``ema.*`` and ``model.*`` both hold the global
+weights, because samplers load the EMA weights. ``server_state.json`` records the last completed
+(stage, round); a restarted server resumes after it. ``metrics.jsonl`` has one line per round.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from gem3d.checkpoint import load_checkpoint, subset
+from gem3d.config import Config
+from gem3d.errors import CheckpointError
+from gem3d.runs import STAGE_FILES, save_state
+from gem3d.training import STAGES, Stage, new_state
+
+STATE_FILE = "server_state.json"
+METRICS_FILE = "metrics.jsonl"
+CONFIG_FILE = "config.json"
+
+
+def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
+    """Write JSON to a temp file in the same folder, then rename over ``path``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(payload, handle, indent=2, sort_keys=True)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class RunStore:
+    """Reads and writes one federated run folder."""
+
+    def __init__(self, out_dir: Path, cfg: Config) -> None:
+        self.out_dir = out_dir
+        self.cfg = cfg
+
+    @property
+    def state_path(self) -> Path:
+        return self.out_dir / STATE_FILE
+
+    def prepare(self, resume: bool) -> dict[str, int]:
+        """Create the folder (or check it for a resume) and return rounds completed per stage.
+
+        Raises:
+            CheckpointError: the folder holds a run and ``resume`` is off, or its config differs.
+        """
+        config_path = self.out_dir / CONFIG_FILE
+        current = self.cfg.model_dump(mode="json")
+        if self.state_path.exists():
+            if not resume:
+                raise CheckpointError(
+                    f"{self.state_path}: a federated run already exists here; "
+                    "set resume=true to continue it, or choose another out-dir"
+                )
+            saved = json.loads(config_path.read_text()) if config_path.exists() else None
+            if saved != current:
+                raise CheckpointError(
+                    f"{config_path}: the run in this folder used a different gem3d config; "
+                    "resume it with the same config, or choose another out-dir"
+                )
+            progress = json.loads(self.state_path.read_text())
+            return {stage: int(progress.get("completed", {}).get(stage, 0)) for stage in STAGES}
+        if any(self.out_dir.glob("*.safetensors")):
+            raise CheckpointError(f"{self.out_dir}: holds checkpoints but no {STATE_FILE}; choose another out-dir")
+        write_json_atomic(config_path, current)
+        return dict.fromkeys(STAGES, 0)
+
+    def load_global(self, model: nn.Module, stage: Stage) -> None:
+        """Load the stage's last global weights (``model.*``) into ``model``."""
+        path = self.out_dir / STAGE_FILES[stage]
+        if not path.exists():
+            raise CheckpointError(f"{path}: {STATE_FILE} says rounds of '{stage}' completed, but the file is missing")
+        tensors, _ = load_checkpoint(path)
+        model.load_state_dict(subset(tensors, "model"))
+
+    def save_round(
+        self,
+        model: nn.Module,
+        stage: Stage,
+        stage_round: int,
+        completed: dict[str, int],
+        steps: int,
+        sites: int,
+    ) -> Path:
+        """Checkpoint the global model of ``stage`` after ``stage_round``, then record the progress.
+
+        The checkpoint goes first: a crash between the two writes repeats a round, never skips one.
+        """
+        state = new_state(model, self.cfg.train)  # its EMA starts as a copy: ema.* == model.* == global
+        state.step = steps
+        path = save_state(
+            self.out_dir / STAGE_FILES[stage],
+            state,
+            stage,
+            self.cfg,
+            "federated",
+            federated=True,
+            rounds=stage_round,
+            sites=sites,
+        )
+        write_json_atomic(
+            self.state_path,
+            {"stage": stage, "round": stage_round, "completed": {**completed, stage: stage_round}},
+        )
+        return path
+
+    def append_metrics(self, record: dict[str, Any]) -> None:
+        """One JSON line per round (appended and flushed; a torn last line is the only possible damage)."""
+        with open(self.out_dir / METRICS_FILE, "a") as handle:
+            handle.write(json.dumps(record, sort_keys=True) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+
+def global_tensors(model: nn.Module, names: list[str]) -> dict[str, torch.Tensor]:
+    """The named entries of ``model``'s state dict, detached on the CPU (what is sent to the sites)."""
+    state = model.state_dict()
+    return {name: state[name].detach().cpu() for name in names}
