@@ -18,8 +18,10 @@ _CANONICAL_VIEW = {0: "sagittal", 1: "coronal", 2: "axial"}
 
 def as_volume(array: Any, name: str = "volume") -> torch.Tensor:
     """``[D, H, W]`` numpy/torch -> float32 CPU tensor ``[D, H, W]``; raises on any other rank."""
-    tensor = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array)
-    tensor = tensor.detach().to("cpu", torch.float32)
+    if isinstance(array, torch.Tensor):
+        tensor = array.detach().to("cpu", torch.float32)
+    else:  # a copy: read-only or strided numpy views (broadcasts, flips) must not alias
+        tensor = torch.from_numpy(np.array(array, dtype=np.float32))
     if tensor.ndim != 3:
         raise ValueError(f"{name}: expected a [D, H, W] volume, got shape {tuple(tensor.shape)}")
     return tensor
@@ -35,7 +37,10 @@ def as_pair(prediction: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
 
 def as_label(array: Any, shape: torch.Size) -> torch.Tensor:
     """A ``[D, H, W]`` integer label map (int64) of the given shape."""
-    label = torch.as_tensor(np.asarray(array) if not isinstance(array, torch.Tensor) else array).detach().cpu()
+    if isinstance(array, torch.Tensor):
+        label = array.detach().cpu()
+    else:
+        label = torch.from_numpy(np.array(array, dtype=np.int64))
     if label.shape != shape:
         raise ValueError(f"label shape {tuple(label.shape)} differs from volume shape {tuple(shape)}")
     return label.to(torch.int64)
