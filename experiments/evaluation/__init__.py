@@ -12,10 +12,10 @@ from experiments.evaluation.arrays import anatomical_views, foreground_box, view
 from experiments.evaluation.consistency import adjacent_slice_differences, seam_ratio, view_check
 from experiments.evaluation.distribution import (
     RANDOM_FEATURES_LABEL,
+    ExportedFeatures,
     FeatureExtractor,
     ResNetFeatures,
     SeededRandomFeatures,
-    TorchScriptFeatures,
     distribution_distance,
     fid,
     load_feature_extractor,
@@ -36,10 +36,10 @@ from experiments.evaluation.report import json_ready, write_report
 __all__ = [
     "DATA_RANGE",
     "RANDOM_FEATURES_LABEL",
+    "ExportedFeatures",
     "FeatureExtractor",
     "ResNetFeatures",
     "SeededRandomFeatures",
-    "TorchScriptFeatures",
     "adjacent_slice_differences",
     "anatomical_views",
     "distribution_distance",

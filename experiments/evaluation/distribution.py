@@ -8,8 +8,8 @@ mean, so its ``name`` goes into every report:
 - ``SeededRandomFeatures``: the offline default, a fixed conv network with seeded random weights.
   It needs no download and is the same on every machine, so numbers are comparable between runs
   of this toolkit, but NOT with published FIDs (those use RadImageNet/Inception features).
-- ``TorchScriptFeatures``: any network the user exported with ``torch.jit.save`` (e.g. a
-  RadImageNet ResNet-50), loaded from a local file.
+- ``ExportedFeatures``: any network the user saved with ``torch.export.save`` (``.pt2``) or as
+  TorchScript (e.g. a RadImageNet ResNet-50), loaded from a local file.
 - ``ResNetFeatures``: a 2D ResNet state dict in torchvision's key layout (e.g. a PyTorch port of
   RadImageNet's ResNet-50) loaded with ``weights_only=True`` into MONAI's ``ResNet``; nothing is
   downloaded. MedicalNet's weights are 3D and do not fit the per-view (2D) protocol.
@@ -98,14 +98,18 @@ def _pool(features: torch.Tensor) -> torch.Tensor:
     return features.flatten(2).mean(dim=2) if features.ndim > 2 else features
 
 
-class TorchScriptFeatures:
-    """A user-supplied TorchScript feature network from a local file (``torch.jit.load``).
+class ExportedFeatures:
+    """A user-supplied feature network from a local file: ``torch.export`` (``.pt2``) or TorchScript.
 
-    The module receives ``[N, channels, size, size]`` slices in [-1, 1]; bake any normalisation
-    the weights expect into the script. Spatial outputs are globally average-pooled.
+    ``.pt2`` files (``torch.export.save``; export with a dynamic batch dimension, since slices come
+    in chunks of up to 64) load through ``torch.export.load``; any other suffix through
+    ``torch.jit.load`` (TorchScript, deprecated since torch 2.13 but still read). Neither format
+    unpickles arbitrary objects. The network receives ``[N, channels, size, size]`` slices in
+    [-1, 1]: bake any normalisation its weights expect into it. Spatial outputs are globally
+    average-pooled.
 
     Args:
-        path: the ``.pt`` file written by ``torch.jit.save``.
+        path: the network file.
         channels: input channels the network expects (3 for ImageNet-style networks).
         size: resize slices to ``size x size`` first; None keeps them as they are.
     """
@@ -115,11 +119,15 @@ class TorchScriptFeatures:
         if not path.is_file():
             raise FileNotFoundError(f"{path}: feature network file not found")
         try:
-            self.module = torch.jit.load(str(path), map_location="cpu").eval()
-        except RuntimeError as error:
-            raise ValueError(f"{path}: not a TorchScript file ({error})") from error
+            if path.suffix == ".pt2":
+                self.module: Any = torch.export.load(str(path)).module()
+            else:
+                self.module = torch.jit.load(str(path), map_location="cpu").eval()
+        except Exception as error:  # both loaders raise assorted types for a foreign file
+            raise ValueError(f"{path}: not a torch.export (.pt2) or TorchScript file ({error})") from error
         self.channels, self.size = channels, size
-        self.name = f"torchscript:{_file_tag(path)}"
+        kind = "export" if path.suffix == ".pt2" else "torchscript"
+        self.name = f"{kind}:{_file_tag(path)}"
 
     @torch.no_grad()
     def __call__(self, slices: torch.Tensor) -> torch.Tensor:
@@ -204,17 +212,19 @@ def load_feature_extractor(spec: str = "random") -> FeatureExtractor:
     """Build an extractor from a CLI-style spec.
 
     ``random`` or ``random:SEED`` -> ``SeededRandomFeatures``;
-    ``torchscript:PATH`` -> ``TorchScriptFeatures(PATH, channels=3, size=224)``;
+    ``export:PATH`` (or ``torchscript:PATH``) -> ``ExportedFeatures(PATH, channels=3, size=224)``;
     ``resnet50:PATH`` (also 18/34) -> ``ResNetFeatures(PATH, depth, channels=3, size=224)``.
     """
     kind, _, rest = spec.partition(":")
     if kind == "random":
         return SeededRandomFeatures(seed=int(rest) if rest else 0)
-    if kind == "torchscript" and rest:
-        return TorchScriptFeatures(rest, channels=3, size=224)
+    if kind in ("export", "torchscript") and rest:
+        return ExportedFeatures(rest, channels=3, size=224)
     if kind.startswith("resnet") and kind[6:].isdigit() and rest:
         return ResNetFeatures(rest, depth=int(kind[6:]), channels=3, size=224)
-    raise ValueError(f"feature extractor '{spec}': use random[:SEED], torchscript:PATH or resnet{{18,34,50}}:PATH")
+    raise ValueError(
+        f"feature extractor '{spec}': use random[:SEED], export:PATH, torchscript:PATH or resnet{{18,34,50}}:PATH"
+    )
 
 
 def view_features(volumes: Sequence[Any], axis: int, extractor: FeatureExtractor) -> torch.Tensor:
@@ -332,10 +342,10 @@ def distribution_distance(
 
 __all__ = [
     "RANDOM_FEATURES_LABEL",
+    "ExportedFeatures",
     "FeatureExtractor",
     "ResNetFeatures",
     "SeededRandomFeatures",
-    "TorchScriptFeatures",
     "distribution_distance",
     "fid",
     "load_feature_extractor",
