@@ -7,6 +7,7 @@ in ``--out`` (or ``--init``). The folder is then a valid ``--checkpoint`` for ev
 from __future__ import annotations
 
 import argparse
+import functools
 from pathlib import Path
 
 from tqdm import tqdm
@@ -14,7 +15,9 @@ from tqdm import tqdm
 from experiments.commands.common import add_config_argument, load_cli_config
 from gem3d.data.dataset import load_volumes
 from gem3d.runs import STAGE_FILES, train_stage
-from gem3d.training import STAGES
+from gem3d.training import STAGES, train
+from privacy.dp_sgd import train_private
+from privacy.ledger import PrivacyLedger
 
 NAME = "train"
 HELP = "train the slice, volume or informed-slice stage"
@@ -50,8 +53,14 @@ def run(args: argparse.Namespace) -> int:
         bars[0].set_postfix(loss=f"{metrics['loss']:.4f}")
         bars[0].update(1)
 
+    train_fn = train
+    if cfg.privacy.enabled:  # DP-SGD; the site's ledger lives in the run folder, shared by its stages
+        ledger = PrivacyLedger.open(args.out / "privacy_ledger.json", cfg.privacy)
+        train_fn = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger, planned_steps=total)
     try:
-        metrics = train_stage(cfg, volumes, args.stage, args.out, args.steps, args.resume, args.init, on_step)
+        metrics = train_stage(
+            cfg, volumes, args.stage, args.out, args.steps, args.resume, args.init, on_step, train_fn=train_fn
+        )
     finally:
         for bar in bars:
             bar.close()
@@ -59,4 +68,6 @@ def run(args: argparse.Namespace) -> int:
         f"{args.stage}: step {int(metrics['step'])}, mean loss {metrics.get('loss', float('nan')):.4f} "
         f"-> {args.out / STAGE_FILES[args.stage]}"
     )
+    if cfg.privacy.enabled:
+        print(f"privacy: site total ε = {ledger.epsilon:.3f} at δ = {ledger.delta:g} ({ledger.accountant_name})")
     return 0
