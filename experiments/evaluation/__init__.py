@@ -31,11 +31,22 @@ from experiments.evaluation.downstream import (
     train_segmenter,
 )
 from experiments.evaluation.fidelity import DATA_RANGE, fidelity, ms_ssim, ms_ssim_settings, psnr, ssim
+from experiments.evaluation.protocol import (
+    FIDELITY_KEYS,
+    PROTOCOL_VERSION,
+    CaseResult,
+    informed_slice_index,
+    method_report,
+    split_cases,
+)
 from experiments.evaluation.report import json_ready, write_report
 
 __all__ = [
     "DATA_RANGE",
+    "FIDELITY_KEYS",
+    "PROTOCOL_VERSION",
     "RANDOM_FEATURES_LABEL",
+    "CaseResult",
     "ExportedFeatures",
     "FeatureExtractor",
     "ResNetFeatures",
@@ -48,9 +59,11 @@ __all__ = [
     "fid",
     "fidelity",
     "foreground_box",
+    "informed_slice_index",
     "json_ready",
     "label_intensity_error",
     "load_feature_extractor",
+    "method_report",
     "mmd",
     "ms_ssim",
     "ms_ssim_settings",
@@ -58,6 +71,7 @@ __all__ = [
     "psnr",
     "seam_ratio",
     "segmentation_dice",
+    "split_cases",
     "ssim",
     "t_interval",
     "train_segmenter",

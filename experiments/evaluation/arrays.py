@@ -35,13 +35,15 @@ def as_pair(prediction: Any, target: Any) -> tuple[torch.Tensor, torch.Tensor]:
     return pred, real
 
 
-def as_label(array: Any, shape: torch.Size) -> torch.Tensor:
-    """A ``[D, H, W]`` integer label map (int64) of the given shape."""
+def as_label(array: Any, shape: torch.Size | tuple[int, ...] | None = None) -> torch.Tensor:
+    """A ``[D, H, W]`` integer label map (int64), checked against ``shape`` when given."""
     if isinstance(array, torch.Tensor):
         label = array.detach().cpu()
     else:
         label = torch.from_numpy(np.array(array, dtype=np.int64))
-    if label.shape != shape:
+    if label.ndim != 3:
+        raise ValueError(f"label: expected a [D, H, W] label map, got shape {tuple(label.shape)}")
+    if shape is not None and tuple(label.shape) != tuple(shape):
         raise ValueError(f"label shape {tuple(label.shape)} differs from volume shape {tuple(shape)}")
     return label.to(torch.int64)
 

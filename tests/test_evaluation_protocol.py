@@ -1,0 +1,86 @@
+"""The protocol's fixed choices and the per-method report section."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from experiments.evaluation import (
+    FIDELITY_KEYS,
+    CaseResult,
+    anatomical_views,
+    informed_slice_index,
+    method_report,
+    split_cases,
+    write_report,
+)
+from gem3d.data.phantoms import make_phantom
+
+
+def test_informed_slice_is_the_middle_of_the_foreground_extent() -> None:
+    # prepare
+    label = np.zeros((20, 8, 8), np.uint8)
+    label[5:12, 3:5, 3:5] = 2
+
+    # execute / assert
+    assert informed_slice_index(label) == (5 + 11) // 2
+    assert informed_slice_index(np.zeros((20, 8, 8), np.uint8)) == 10
+
+
+@pytest.mark.parametrize(
+    ("ids", "train", "test"),
+    [(["c3", "c1", "c2"], ["c1", "c2"], ["c3"]), (["b", "a"], ["a"], ["b"]), (list("dcba"), ["a", "b"], ["c", "d"])],
+)
+def test_split_cases_is_sorted_first_half_trains(ids: list[str], train: list[str], test: list[str]) -> None:
+    # execute / assert
+    assert split_cases(ids) == (train, test)
+
+
+def test_split_cases_needs_two_cases() -> None:
+    # execute / assert
+    with pytest.raises(ValueError, match="at least 2"):
+        split_cases(["only"])
+
+
+def test_method_report_covers_every_metric_and_writes_as_json(tmp_path: Path) -> None:
+    # prepare: "generated" = the real volume plus per-window offsets (seams) and noise
+    generator = np.random.default_rng(0)
+    cases = []
+    for seed in range(2):
+        image, label = make_phantom((16, 16, 16), 4, seed)
+        image = (image / np.abs(image).max()).astype(np.float32)
+        generated = image + 0.05 * generator.standard_normal(image.shape).astype(np.float32)
+        generated[8:] += 0.3
+        samples = [generated + 0.1 * generator.standard_normal(image.shape).astype(np.float32)]
+        cases.append(CaseResult(f"case{seed}", image, label, generated, boundaries=[8], samples=samples))
+
+    # execute
+    report = method_report(cases, views=anatomical_views(2))
+    path = write_report(tmp_path / "report.json", report)
+
+    # assert
+    assert set(report["fidelity"]) == set(FIDELITY_KEYS)
+    assert 0 < report["fidelity"]["ssim"] < 1
+    assert report["seam_ratio"]["mean"] > 2 * report["seam_ratio"]["real_mean"]
+    assert 0.1 < report["appearance"]["foreground_mean"] < 0.3  # half of each label is 0.3 off
+    assert set(report["view_check"]) == {"axial", "sagittal", "coronal"}
+    assert report["distribution"]["feature_extractor"].startswith("seeded-random-features (not RadImageNet)")
+    assert report["diversity"]["pairs"] == 2
+    assert set(report["per_case"]) == {"case0", "case1"}
+    assert json.loads(path.read_text())["per_case"]["case0"]["fidelity"]["psnr"] > 0
+
+
+def test_a_method_without_windows_has_no_seam_ratio() -> None:
+    # prepare
+    image, label = make_phantom((16, 16, 16), 4, 0)
+    image = image / np.abs(image).max()
+
+    # execute
+    report = method_report([CaseResult("c", image, label, image * 0.9)], views={"axial": 0})
+
+    # assert
+    assert report["seam_ratio"] is None
+    assert report["diversity"] is None
