@@ -27,6 +27,8 @@ from gem3d.training import STAGES, Stage, new_state
 STATE_FILE = "server_state.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+# A resumed run may change these (more rounds, another strategy or minimum of sites); not the model or data.
+_RESUMABLE_SECTIONS = ("federation",)
 
 
 def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
@@ -67,12 +69,14 @@ class RunStore:
                     f"{self.state_path}: a federated run already exists here; "
                     "set resume=true to continue it, or choose another out-dir"
                 )
-            saved = json.loads(config_path.read_text()) if config_path.exists() else None
-            if saved != current:
+            saved = json.loads(config_path.read_text()) if config_path.exists() else {}
+            changed = sorted(s for s in current if s not in _RESUMABLE_SECTIONS and saved.get(s) != current[s])
+            if changed:
                 raise CheckpointError(
-                    f"{config_path}: the run in this folder used a different gem3d config; "
-                    "resume it with the same config, or choose another out-dir"
+                    f"{config_path}: the run in this folder used a different [{', '.join(changed)}] config; "
+                    "resume it with the same config (only [federation] may change), or choose another out-dir"
                 )
+            write_json_atomic(config_path, current)
             progress = json.loads(self.state_path.read_text())
             return {stage: int(progress.get("completed", {}).get(stage, 0)) for stage in STAGES}
         if any(self.out_dir.glob("*.safetensors")):
