@@ -12,22 +12,28 @@ from experiments.evaluation import (
     FIDELITY_KEYS,
     CaseResult,
     anatomical_views,
-    informed_slice_index,
     method_report,
+    seam_boundaries,
     split_cases,
     write_report,
 )
 from gem3d.data.phantoms import make_phantom
+from gem3d.sampler import Window, plan_windows
 
 
-def test_informed_slice_is_the_middle_of_the_foreground_extent() -> None:
-    # prepare
-    label = np.zeros((20, 8, 8), np.uint8)
-    label[5:12, 3:5, 3:5] = 2
+def test_seam_boundaries_follow_the_sampler_plan() -> None:
+    # prepare: D = 20, W = 8, h = 2, start 6 -> first window 6..13, up 12..19 (carries 12, 13),
+    # down 0..7 (carries 6, 7): fresh blocks 6..13, 14..19, 0..5
+    rounds = plan_windows(20, 6, 8, 2)
+    independent = [Window(0, 8), Window(8, 8), Window(16, 4)]
 
-    # execute / assert
-    assert informed_slice_index(label) == (5 + 11) // 2
-    assert informed_slice_index(np.zeros((20, 8, 8), np.uint8)) == 10
+    # execute
+    overlapped = seam_boundaries([w for round_ in rounds for w in round_], 20)
+    plain = seam_boundaries(independent, 20)
+
+    # assert
+    assert overlapped == [6, 14]
+    assert plain == [8, 16]
 
 
 @pytest.mark.parametrize(

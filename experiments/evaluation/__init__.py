@@ -35,8 +35,8 @@ from experiments.evaluation.protocol import (
     FIDELITY_KEYS,
     PROTOCOL_VERSION,
     CaseResult,
-    informed_slice_index,
     method_report,
+    seam_boundaries,
     split_cases,
 )
 from experiments.evaluation.report import json_ready, write_report
@@ -59,7 +59,6 @@ __all__ = [
     "fid",
     "fidelity",
     "foreground_box",
-    "informed_slice_index",
     "json_ready",
     "label_intensity_error",
     "load_feature_extractor",
@@ -69,6 +68,7 @@ __all__ = [
     "ms_ssim_settings",
     "pairwise_similarity",
     "psnr",
+    "seam_boundaries",
     "seam_ratio",
     "segmentation_dice",
     "split_cases",

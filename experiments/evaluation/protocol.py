@@ -8,14 +8,14 @@ case split and the informed-slice position are functions too, so every caller us
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from experiments.evaluation.appearance import label_intensity_error
-from experiments.evaluation.arrays import as_label, as_volume
+from experiments.evaluation.arrays import as_volume
 from experiments.evaluation.consistency import seam_ratio, view_check
 from experiments.evaluation.distribution import FeatureExtractor, SeededRandomFeatures, distribution_distance
 from experiments.evaluation.diversity import pairwise_similarity
@@ -47,20 +47,25 @@ class CaseResult:
     samples: Sequence[Any] = field(default_factory=tuple)
 
 
-def informed_slice_index(label: Any) -> int:
-    """The protocol's informed-slice position: the middle of the foreground's extent along axis 0.
+def seam_boundaries(windows: Iterable[Any], depth: int) -> list[int]:
+    """Where ``seam_ratio`` looks for seams: the edges of each window's freshly generated block.
 
     Args:
-        label: ``[D, H, W]`` label map.
+        windows: the sampler's windows (``gem3d.sampler.plan_windows`` rounds, flattened, or any
+            objects with ``start``, ``stop`` and ``carried``: absolute indices already generated).
+        depth: D.
 
     Returns:
-        ``(z_min + z_max) // 2`` over slices with any label > 0; ``D // 2`` if there is no foreground.
+        Sorted slice indices b (0 < b < D) where slices b - 1 and b were generated in different
+        windows: each window's fresh range ``[start, stop) - carried`` contributes its two ends.
+        Works alike for overlapped windows and for independent ones (no carried slices).
     """
-    labels = as_label(label)
-    slices = np.nonzero((labels > 0).flatten(1).any(dim=1).numpy())[0]
-    if slices.size == 0:
-        return int(labels.shape[0]) // 2
-    return int(slices.min() + slices.max()) // 2
+    edges: set[int] = set()
+    for window in windows:
+        fresh = sorted(set(range(window.start, window.stop)) - set(window.carried))
+        if fresh:
+            edges.update((fresh[0], fresh[-1] + 1))
+    return sorted(b for b in edges if 0 < b < depth)
 
 
 def split_cases(case_ids: Sequence[str]) -> tuple[list[str], list[str]]:
