@@ -367,7 +367,7 @@ def elastic(label: np.ndarray, magnitude: float, rng: np.random.Generator) -> tu
     )[0]
     largest = float(field.norm(dim=0).max())
     field = field * (magnitude / largest if largest > 0.0 else 0.0)
-    grid = create_grid(spatial_size=label.shape, backend="torch", dtype=torch.float64)
+    grid = torch.as_tensor(create_grid(spatial_size=label.shape, backend="torch", dtype=torch.float64))
     grid[:3] += field
     resample = Resample(mode="nearest", padding_mode="zeros")
     out = _warp(label, lambda image: resample(image, grid))
@@ -459,7 +459,7 @@ def transplant(
         raise DataError("mask edit transplant: the mask has no foreground to place a lesion in")
     # Offsets where the number of lesion voxels on background is zero: a cross-correlation of
     # the background indicator with the lesion (FFT, so large masks stay fast).
-    background = (~foreground).astype(np.float32)
+    background = (~foreground).astype(np.float64)
     tried: list[str] = []
     for donor_index in rng.permutation(len(donors)):
         donor = np.asarray(donors[int(donor_index)])
@@ -472,7 +472,7 @@ def transplant(
         if any(p > s for p, s in zip(piece.shape, label.shape, strict=True)):
             tried.append(f"donor {donor_index}'s lesion {piece.shape} is larger than the mask")
             continue
-        misses = signal.correlate(background, piece.astype(np.float32), mode="valid", method="auto")
+        misses = signal.correlate(background, piece.astype(np.float64), mode="valid", method="auto")
         valid = np.argwhere(misses < 0.5)
         if len(valid) == 0:
             tried.append(f"donor {donor_index}'s lesion fits nowhere inside the foreground")
