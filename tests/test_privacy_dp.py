@@ -1,0 +1,218 @@
+"""DP-SGD: per-window gradients, clipping through Opacus, DP training of every stage, the ledger."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from opacus.optimizers import DPOptimizer
+from opacus.validators import ModuleValidator
+
+from gem3d.config import Config
+from gem3d.data.dataset import load_volumes
+from gem3d.data.windows import WindowSource
+from gem3d.diffusion import train_scheduler
+from gem3d.runs import build_model, load_model, train_stage
+from gem3d.training import DenoisingInputs, draw_inputs, freeze_for_stage, new_state, per_sample_loss
+from privacy.dp_sgd import per_sample_gradients, sample_rate, train_private
+from privacy.ledger import PrivacyBudgetError, PrivacyLedger
+
+
+def _dp_cfg(cfg: Config, **privacy: object) -> Config:
+    values = {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1e4, **privacy}
+    return cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update=values)})
+
+
+def _one(inputs: DenoisingInputs, index: int) -> DenoisingInputs:
+    def take(value: torch.Tensor | None) -> torch.Tensor | None:
+        return None if value is None else value[index : index + 1]
+
+    return DenoisingInputs(*(take(getattr(inputs, f)) for f in inputs.__dataclass_fields__))
+
+
+def _manual_window_grads(model: torch.nn.Module, inputs: DenoisingInputs) -> list[list[torch.Tensor]]:
+    """Reference: one ordinary backward per window (the privacy unit)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = []
+    for index in range(inputs.noisy.shape[0]):
+        model.zero_grad(set_to_none=True)
+        per_sample_loss(model, _one(inputs, index)).sum().backward()
+        grads.append([p.grad.detach().clone() for p in params])
+    return grads
+
+
+@pytest.mark.parametrize("stage", ["slice", "volume", "informed"])
+def test_models_pass_opacus_validator(micro_cfg: Config, stage: str) -> None:
+    model = build_model(stage, micro_cfg)  # type: ignore[arg-type]
+
+    errors = ModuleValidator.validate(model, strict=False)
+
+    assert errors == []
+
+
+@pytest.mark.parametrize("stage", ["slice", "volume"])
+def test_per_sample_gradients_are_per_window(micro_cfg: Config, phantom_dir: Path, stage: str) -> None:
+    volumes = load_volumes(phantom_dir, micro_cfg.data)
+    model = build_model(stage, micro_cfg)  # type: ignore[arg-type]
+    freeze_for_stage(model, stage, False)  # type: ignore[arg-type]
+    inputs = draw_inputs(
+        model,
+        train_scheduler(micro_cfg.diffusion),
+        WindowSource(volumes, micro_cfg.data.window),
+        [0, 3],
+        stage,  # type: ignore[arg-type]
+        torch.Generator().manual_seed(0),
+        micro_cfg.train,
+        torch.device("cpu"),
+    )
+
+    grads, losses = per_sample_gradients(model, inputs)
+
+    expected = _manual_window_grads(model, inputs)
+    names = [name for name, p in model.named_parameters() if p.requires_grad]
+    assert set(grads) == set(names)
+    for index in range(2):
+        for name, reference in zip(names, expected[index], strict=True):
+            assert grads[name].shape == (2, *reference.shape)
+            torch.testing.assert_close(grads[name][index], reference, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(losses, per_sample_loss(model, inputs).detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_each_window_gradient_is_clipped(micro_cfg: Config, phantom_dir: Path) -> None:
+    volumes = load_volumes(phantom_dir, micro_cfg.data)
+    model = build_model("slice", micro_cfg)
+    params = list(model.parameters())
+    inputs = draw_inputs(
+        model,
+        train_scheduler(micro_cfg.diffusion),
+        WindowSource(volumes, micro_cfg.data.window),
+        [0, 1, 2, 3],
+        "slice",
+        torch.Generator().manual_seed(1),
+        micro_cfg.train,
+        torch.device("cpu"),
+    )
+    clip = 0.05
+    expected_batch = 4
+    manual = _manual_window_grads(model, inputs)
+    norms = [torch.sqrt(sum((g**2).sum() for g in sample)) for sample in manual]
+    assert min(norms) > clip  # every window is clipped, so the check below can fail
+    expected_update = [
+        -sum(sample[k] * (clip / (norm + 1e-6)) for sample, norm in zip(manual, norms, strict=True)) / expected_batch
+        for k in range(len(params))
+    ]
+    before = [p.detach().clone() for p in params]
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=expected_batch,
+    )
+
+    grads, _ = per_sample_gradients(model, inputs)
+    for name, p in model.named_parameters():
+        p.grad_sample = grads[name]
+    optimizer.step()
+
+    for p, old, update in zip(params, before, expected_update, strict=True):
+        torch.testing.assert_close(p.detach() - old, update, rtol=1e-3, atol=1e-7)
+
+
+def test_dp_training_of_slice_and_volume_stages_is_accounted(
+    micro_cfg: Config, phantom_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _dp_cfg(micro_cfg)
+    volumes = load_volumes(phantom_dir, cfg.data)
+    run = tmp_path / "run"
+    ledger = PrivacyLedger.open(run / "privacy_ledger.json", cfg.privacy)
+    dp_train = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger)
+    before = build_model("slice", cfg).state_dict()
+
+    slice_metrics = train_stage(cfg, volumes, "slice", run, steps=2, train_fn=dp_train)
+    volume_metrics = train_stage(cfg, volumes, "volume", run, steps=2, train_fn=dp_train)
+
+    q = sample_rate(cfg.train.batch_size, len(volumes))
+    reference = RDPAccountant()
+    reference.history = [(1.0, q, 4)]
+    assert ledger.history == [(1.0, q, 4)]
+    assert volume_metrics["epsilon"] == pytest.approx(reference.get_epsilon(delta=cfg.privacy.delta))
+    assert slice_metrics["epsilon"] < volume_metrics["epsilon"]
+    reopened = PrivacyLedger.open(run / "privacy_ledger.json", cfg.privacy)
+    assert reopened.epsilon == pytest.approx(volume_metrics["epsilon"])
+    slice_model, _, _ = load_model(run / "slice.safetensors", "model")
+    sent = slice_model.state_dict()
+    assert not any("_module" in name for name in sent)
+    assert set(sent) == set(before)
+    assert any(not torch.equal(sent[name], before[name]) for name in before)
+    for p in slice_model.parameters():
+        assert not hasattr(p, "grad_sample")
+
+
+def test_dp_training_of_the_informed_generator(micro_cfg: Config, phantom_dir: Path, tmp_path: Path) -> None:
+    cfg = _dp_cfg(micro_cfg, target_epsilon=5.0)
+    volumes = load_volumes(phantom_dir, cfg.data)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", cfg.privacy)
+
+    metrics = train_stage(
+        cfg,
+        volumes,
+        "informed",
+        tmp_path / "run",
+        steps=2,
+        train_fn=functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger),
+    )
+
+    assert metrics["steps"] == 2
+    assert metrics["noise_multiplier"] > 0
+    assert metrics["epsilon"] == pytest.approx(5.0, abs=0.05)  # σ chosen for 2 planned steps
+
+
+def test_over_budget_training_is_refused_before_any_step(micro_cfg: Config, phantom_dir: Path, tmp_path: Path) -> None:
+    cfg = _dp_cfg(micro_cfg, budget_epsilon=1.0)
+    volumes = load_volumes(phantom_dir, cfg.data)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", cfg.privacy)
+    model = build_model("slice", cfg)
+    state = new_state(model, cfg.train)
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    with pytest.raises(PrivacyBudgetError, match="over the budget"):
+        train_private(
+            state,
+            train_scheduler(cfg.diffusion),
+            WindowSource(volumes, cfg.data.window),
+            "slice",
+            50,
+            cfg.train,
+            privacy_cfg=cfg.privacy,
+            ledger=ledger,
+        )
+
+    assert state.step == 0 and ledger.steps == 0
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+def test_gem3d_train_with_dp_writes_a_ledger(phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from experiments.cli import main
+
+    run = tmp_path / "run"
+    micro = ["--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels='8,16'"]
+    micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
+    micro += ["--set", "model.num_head_channels=8", "--set", "privacy.enabled=true"]
+
+    code = main(["train", *micro, "--data", str(phantom_dir), "--stage", "slice", "--out", str(run), "--steps", "2"])
+
+    assert code == 0
+    ledger = PrivacyLedger.open(run / "privacy_ledger.json", _dp_cfg(build_cfg_from_run(run)).privacy)
+    assert ledger.steps == 2 and ledger.epsilon > 0
+    assert f"ε = {ledger.epsilon:.3f}" in capsys.readouterr().out
+
+
+def build_cfg_from_run(run: Path) -> Config:
+    import json
+
+    from gem3d.config import config_from_dict
+
+    return config_from_dict(json.loads((run / "config.json").read_text()))
