@@ -32,8 +32,15 @@ from experiments.evaluation.downstream import (
 )
 from experiments.evaluation.fidelity import DATA_RANGE, fidelity, ms_ssim, ms_ssim_settings, psnr, ssim
 from experiments.evaluation.protocol import (
+    DIVERSITY_SAMPLES,
+    DOWNSTREAM_SEEDS,
+    DOWNSTREAM_STEPS,
     FIDELITY_KEYS,
+    MAIN_SEED,
+    METHODS,
     PROTOCOL_VERSION,
+    SYNTHETIC_PER_CASE,
+    SYNTHETIC_SEED_BASE,
     CaseResult,
     method_report,
     seam_boundaries,
@@ -43,9 +50,16 @@ from experiments.evaluation.report import json_ready, write_report
 
 __all__ = [
     "DATA_RANGE",
+    "DIVERSITY_SAMPLES",
+    "DOWNSTREAM_SEEDS",
+    "DOWNSTREAM_STEPS",
     "FIDELITY_KEYS",
+    "MAIN_SEED",
+    "METHODS",
     "PROTOCOL_VERSION",
     "RANDOM_FEATURES_LABEL",
+    "SYNTHETIC_PER_CASE",
+    "SYNTHETIC_SEED_BASE",
     "CaseResult",
     "ExportedFeatures",
     "FeatureExtractor",

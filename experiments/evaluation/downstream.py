@@ -202,9 +202,14 @@ def downstream_utility(
     steps: int = 200,
     device: str | torch.device = "cpu",
     num_labels: int | None = None,
+    real_only: dict[str, Any] | None = None,
     **train_options: Any,
 ) -> dict[str, Any]:
     """Dice of real-only vs real + synthetic training, same seeds, and their paired difference.
+
+    Args:
+        real_only: a ``segmentation_dice`` result for ``real_train`` with the same seeds, steps and
+            test pairs, to reuse across methods instead of training the real-only arm again.
 
     Returns:
         ``{"real_only": segmentation_dice(...), "real_plus_synthetic": segmentation_dice(...),
@@ -214,7 +219,10 @@ def downstream_utility(
     if num_labels is None:
         everything = [*real_train, *synthetic, *test_pairs]
         num_labels = 1 + max(int(as_label(label, as_volume(image).shape).max()) for image, label in everything)
-    real_only = segmentation_dice(real_train, test_pairs, seeds, steps, device, num_labels, **train_options)
+    if real_only is None:
+        real_only = segmentation_dice(real_train, test_pairs, seeds, steps, device, num_labels, **train_options)
+    elif list(real_only["seeds"]) != list(seeds) or real_only["steps"] != steps:
+        raise ValueError("real_only was computed with other seeds or steps; the gain must be paired")
     mixed = segmentation_dice([*real_train, *synthetic], test_pairs, seeds, steps, device, num_labels, **train_options)
     gain = [b - a for a, b in zip(real_only["per_seed"], mixed["per_seed"], strict=True)]
     return {"real_only": real_only, "real_plus_synthetic": mixed, "gain": _summary(gain)}
