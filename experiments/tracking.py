@@ -4,11 +4,13 @@ The embedded default is a SQLite store in a folder the caller names (the run or 
 ``sqlite:///<store_dir>/mlflow.db`` with artifacts under ``<store_dir>/mlartifacts``. MLflow 3.17
 refuses the old ``file:`` store unless ``MLFLOW_ALLOW_FILE_STORE`` is set, so SQLite is the local
 store that works without opt-outs. ``MLFLOW_TRACKING_URI`` in the environment sends everything to
-that server instead; the server then decides where artifacts go.
+that server instead; the server then decides where artifacts go. For a server, unless they are
+set already, ``MLFLOW_HTTP_REQUEST_MAX_RETRIES=3`` and ``MLFLOW_HTTP_REQUEST_TIMEOUT=30`` replace
+MLflow's minutes-long retry defaults.
 
 Tracking never breaks training (issue 7): the first failing MLflow call, or a server that cannot
 be reached, logs one warning and turns the tracker, its parent and all its nested runs into
-no-ops for the rest of the process. Browse a local store with
+no-ops for the rest of the run (a new top-level ``Tracker`` tries again). Browse a local store with
 ``mlflow ui --backend-store-uri sqlite:///<store_dir>/mlflow.db``.
 
 The API is explicit (an ``MlflowClient`` per tracker, run ids passed around), not MLflow's
@@ -41,7 +43,12 @@ TRACKING_URI_ENV = "MLFLOW_TRACKING_URI"
 PARENT_TAG = "mlflow.parentRunId"  # the tag MLflow's UI uses to nest runs
 _PARAM_BATCH = 100  # MLflow's log_batch limit on params per request
 _METRIC_BATCH = 1000  # MLflow's log_batch limit on metrics per request
+_PARAM_MAX_CHARS = 6000  # MLflow rejects longer param values, which would switch tracking off
 _PROBE_TIMEOUT_S = 3.0
+# MLflow's HTTP defaults (7 retries with exponential backoff, 120 s timeout) ride out a rate-limited
+# server but would stall training for many minutes if the server dies mid-run. Ours, used unless
+# the user set these variables: a dead server costs at most ~2 minutes, once, then tracking is off.
+_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "3", "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
 
 
 def tracking_uri(store_dir: str | Path) -> str:
@@ -103,10 +110,12 @@ class _Shared:
 
 def _param_value(value: Any) -> str:
     if isinstance(value, str):
-        return value
-    if isinstance(value, list | tuple | dict):
-        return json.dumps(value)
-    return str(value)
+        text = value
+    elif isinstance(value, list | tuple | dict):
+        text = json.dumps(value)
+    else:
+        text = str(value)
+    return text if len(text) <= _PARAM_MAX_CHARS else text[: _PARAM_MAX_CHARS - 1] + "…"
 
 
 class Tracker:
@@ -185,6 +194,9 @@ class Tracker:
             unreachable = _probe(shared.uri)
             if unreachable is not None:
                 raise ConnectionError(f"cannot reach the tracking server: {unreachable}")
+            if shared.uri.startswith(("http://", "https://")):
+                for name, value in _HTTP_DEFAULTS.items():
+                    os.environ.setdefault(name, value)
             if shared.uri.startswith("sqlite:"):
                 self.store_dir.mkdir(parents=True, exist_ok=True)
                 # Table creation logs two INFO lines per new store; not the user's business.
