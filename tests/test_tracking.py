@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import http.server
 import logging
+import threading
 from pathlib import Path
 
 import mlflow
@@ -28,7 +30,7 @@ def test_params_metrics_and_artifacts_are_read_back(store: Path, tmp_path: Path)
     # prepare
     report = tmp_path / "report.json"
     report.write_text('{"psnr": 20.0}')
-    params = {"data.image_size": 32, "model.channels": [32, 64], "train.lr": 1e-4}
+    params = {"data.image_size": 32, "model.channels": [32, 64], "train.lr": 1e-4, "long": "x" * 7000}
 
     # execute
     with Tracker(store, "train", "slice-stage") as tracker:
@@ -45,6 +47,7 @@ def test_params_metrics_and_artifacts_are_read_back(store: Path, tmp_path: Path)
     assert row["status"] == "FINISHED"
     assert row["params.data.image_size"] == "32"
     assert row["params.model.channels"] == "[32, 64]"
+    assert len(row["params.long"]) == 6000
     assert row["metrics.loss"] == pytest.approx(1.0 / 3)
     assert "metrics.note" not in frame.columns
     client = MlflowClient(tracking_uri=tracking_uri(store))
@@ -150,3 +153,38 @@ def test_unreachable_server_warns_once_and_never_raises(tmp_path: Path, monkeypa
     assert len([r for r in caplog.records if r.levelno == logging.WARNING]) == 1
     assert "127.0.0.1:9" in caplog.records[0].getMessage()
     assert not (tmp_path / "mlflow.db").exists()
+
+
+class _NotMlflow(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        self.send_error(404)
+
+    do_POST = do_GET
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_a_server_that_is_not_mlflow_warns_once(tmp_path: Path, monkeypatch, caplog) -> None:
+    # prepare: a loopback HTTP server that answers 404 to everything
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _NotMlflow)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{server.server_address[1]}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # set here so it is restored afterwards
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+
+    # execute
+    try:
+        with caplog.at_level(logging.WARNING, logger="experiments.tracking"), Tracker(tmp_path, "e", "r") as tracker:
+            tracker.log_metrics({"loss": 1.0}, step=0)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+    # assert
+    assert not tracker.enabled
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1
+    assert "start run failed" in warnings[0]
