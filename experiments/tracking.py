@@ -147,11 +147,10 @@ class Tracker:
         self.experiment_id: str | None = None
         self._shared = parent._shared if parent is not None else _Shared(tracking_uri(store_dir))
         self._ended = False
+        if not self._shared.enabled or (parent is not None and parent.run_id is None):
+            return  # tracking is already off for this run tree: stay silent
         all_tags = dict(tags or {})
         if parent is not None:
-            if parent.run_id is None:
-                self._shared.enabled = False
-                return
             all_tags[PARENT_TAG] = parent.run_id
         with self._guard("start run"):
             client = self._client()

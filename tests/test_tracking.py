@@ -123,12 +123,16 @@ def test_a_failing_call_warns_once_and_turns_into_no_ops(store: Path, tmp_path: 
         tracker.log_artifact(missing)
         tracker.log_metrics({"loss": 1.0}, step=0)
         tracker.log_artifact(missing)
+        child = tracker.nested("after-failure")
         run_id = tracker.run_id
 
     # assert
     assert not tracker.enabled
+    assert not child.enabled and child.run_id is None
     assert len(caplog.records) == 1
-    run = next(run for run in read_runs(store, "train") if run["run_id"] == run_id)
+    runs = read_runs(store, "train")
+    assert "after-failure" not in {run["run_name"] for run in runs}
+    run = next(run for run in runs if run["run_id"] == run_id)
     assert run["metrics"] == {}
     assert run["status"] == "RUNNING"  # disabled trackers stop talking to the store altogether
 
