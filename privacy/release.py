@@ -1,0 +1,340 @@
+"""The release gate: generated cases leave a site only under the privacy policy.
+
+Given already-generated cases (image, label, affine, provenance), ``release_cohort``:
+1. enforces the policy: every informed slice is *generated* (``real``, ``copy`` and ``file``
+   carry a real patient's pixels into the "synthetic" volume and are refused), optionally also
+   by pixels (an informed slice that matches a real training slice is refused whatever its
+   declared source), and every mask is edited by at least ``min_mask_edits`` edits that changed
+   it (or is itself generated);
+2. checks the site's privacy ledger (present, non-empty, within its budget) unless the policy
+   explicitly allows a non-DP model;
+3. writes the cohort to a private temporary folder with scrubbed NIfTI headers (fresh headers
+   carrying only geometry; descrip, aux_file, db_name and intent_name empty; no extensions)
+   and pseudonymous case ids (random, unrelated to source ids or order);
+4. runs the memorization audit on exactly those files against the training set (and a
+   holdout, if given) and refuses if any copy is found;
+5. only then moves the folder into place, with ``privacy_report.json`` (ε, δ, accountant,
+   audit figures without case ids, the policy applied) and per-case provenance that names no
+   source case, site, path or date.
+
+A refusal raises ``ReleasePolicyError`` or ``ReleaseRefusedError`` and leaves nothing at ``out``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from gem3d.config import DataConfig
+from gem3d.data.dataset import load_volumes
+from gem3d.data.volume import Volume
+from gem3d.errors import DataError
+from privacy.audit import AuditSettings, memorization_audit
+from privacy.errors import ReleasePolicyError, ReleaseRefusedError
+from privacy.ledger import PrivacyLedger
+
+REPORT_FORMAT = "gem3d-privacy-report/1"
+SCRUBBED_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
+INFORMED_KINDS = ("real", "copy", "file", "generate")
+
+
+@dataclass(frozen=True)
+class ReleasePolicy:
+    """What a privacy release demands.
+
+    Attributes:
+        min_mask_edits: edits that actually changed each mask (ignored for generated masks).
+        informed_copy_rms: an informed slice whose RMS difference to any real training slice
+            (intensities in [-1, 1]) is below this counts as copied, whatever its declared source.
+        require_dp: refuse a model without a DP-SGD ledger.
+    """
+
+    min_mask_edits: int = 1
+    informed_copy_rms: float = 0.02
+    require_dp: bool = True
+
+
+@dataclass(frozen=True)
+class GeneratedCase:
+    """One generated case, as the enhancement application produced it.
+
+    Attributes:
+        image: ``[X, Y, Z]`` intensities in the voxel order ``affine`` describes.
+        label: ``[X, Y, Z]`` integer label ids.
+        affine: ``[4, 4]`` voxel-to-world (RAS mm).
+        provenance: must say the informed source, as ``{"informed": {"kind": ...}}`` or
+            ``{"informed_source": ...}``, and the mask edits, as ``{"mask_edits": [{"name": ...,
+            "changed": bool}, ...]}`` or ``{"mask_source": "generated"}``.
+        informed_slice: ``[H, W]`` the informed slice on the model grid (in [-1, 1]), if known,
+            for the pixel check.
+    """
+
+    image: np.ndarray
+    label: np.ndarray
+    affine: np.ndarray
+    provenance: dict[str, Any]
+    informed_slice: np.ndarray | None = None
+
+
+def informed_kind(provenance: dict[str, Any]) -> str | None:
+    """The declared informed-slice source of a provenance record (``None`` if it says nothing)."""
+    informed = provenance.get("informed")
+    if isinstance(informed, dict) and "kind" in informed:
+        return str(informed["kind"])
+    if "informed_source" in provenance:
+        return str(provenance["informed_source"])
+    return None
+
+
+def effective_mask_edits(provenance: dict[str, Any]) -> list[str]:
+    """Names of the mask edits that changed the mask (records without ``changed`` count as changing)."""
+    edits = provenance.get("mask_edits") or []
+    return [str(e.get("name", "?")) for e in edits if isinstance(e, dict) and e.get("changed", True)]
+
+
+def check_policy(cases: Sequence[GeneratedCase], policy: ReleasePolicy) -> None:
+    """Refuse cases whose informed slice is not generated or whose mask is not edited enough.
+
+    Cases are named by their position only: error messages must not carry source ids either.
+    """
+    if not cases:
+        raise ReleasePolicyError("release: no generated cases to release")
+    for index, case in enumerate(cases):
+        kind = informed_kind(case.provenance)
+        if kind != "generate":
+            reason = (
+                "carries a real patient's pixels into the synthetic volume"
+                if kind in ("real", "copy", "file")
+                else "is not recorded in the provenance"
+            )
+            raise ReleasePolicyError(
+                f"generated case {index}: informed slice source {kind!r} {reason}; "
+                "a privacy release allows only generated informed slices (--informed generate)"
+            )
+        if case.provenance.get("mask_source") == "generated":
+            continue
+        edits = effective_mask_edits(case.provenance)
+        if len(edits) < policy.min_mask_edits:
+            raise ReleasePolicyError(
+                f"generated case {index}: its mask was changed by {len(edits)} edit(s) "
+                f"({', '.join(edits) or 'none'}); the policy requires at least {policy.min_mask_edits}"
+            )
+
+
+def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume], policy: ReleasePolicy) -> None:
+    """Refuse any informed slice that (nearly) equals a real slice of the training volumes.
+
+    Args:
+        real: training volumes on the model grid, ``image`` ``[D, H, W]`` in [-1, 1].
+    """
+    slices = [v.image for v in real]
+    for index, case in enumerate(cases):
+        if case.informed_slice is None:
+            continue
+        informed = np.asarray(case.informed_slice, dtype=np.float64)
+        best = np.inf
+        for volume in slices:
+            if volume.shape[1:] != informed.shape:
+                raise DataError(
+                    f"generated case {index}: informed slice shape {informed.shape} differs from the "
+                    f"training slices' {volume.shape[1:]}"
+                )
+            rms = np.sqrt(((volume.astype(np.float64) - informed[None]) ** 2).mean(axis=(1, 2)))
+            best = min(best, float(rms.min()))
+        if best < policy.informed_copy_rms:
+            raise ReleasePolicyError(
+                f"generated case {index}: its informed slice matches a real training slice "
+                f"(RMS difference {best:.4f} < {policy.informed_copy_rms:g}); copied informed slices are refused"
+            )
+
+
+def check_ledger(ledger: PrivacyLedger | None, policy: ReleasePolicy) -> dict[str, Any]:
+    """The DP summary for the report; refuses a missing/empty ledger (unless allowed) or one over budget."""
+    if ledger is None or ledger.steps == 0:
+        if policy.require_dp:
+            where = f" ({ledger.path} is empty)" if ledger is not None else ""
+            raise ReleaseRefusedError(
+                f"release: the model has no DP-SGD privacy ledger{where}; train with privacy.enabled=true, "
+                "or pass --allow-non-dp to release without a formal guarantee"
+            )
+        return {"level": "none", "epsilon": None, "delta": None, "accountant": None}
+    if ledger.epsilon > ledger.budget_epsilon:
+        raise ReleaseRefusedError(
+            f"{ledger.path}: site ε = {ledger.epsilon:.3f} exceeds privacy.budget_epsilon = {ledger.budget_epsilon:g}"
+        )
+    return epsilon_report(ledger)
+
+
+def epsilon_report(ledger: PrivacyLedger) -> dict[str, Any]:
+    """What a site's ε means, for reports: example-level DP-SGD whose unit is one patient volume."""
+    return {
+        "level": "example-level DP-SGD at one site; the unit is one patient (one volume)",
+        "epsilon": ledger.epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant_name,
+        "steps": ledger.steps,
+        "budget_epsilon": ledger.budget_epsilon,
+    }
+
+
+def pseudonymous_ids(count: int, seed: int | None = None, prefix: str = "gem3d_syn_") -> list[str]:
+    """``count`` distinct random ids, unrelated to any source id or order.
+
+    ``seed=None`` draws from the OS (the default for releases); a seed makes ids reproducible,
+    so only use one that is not published next to the cohort.
+    """
+    rng = np.random.default_rng(seed if seed is not None else secrets.randbits(128))
+    ids: set[str] = set()
+    while len(ids) < count:
+        ids.add(prefix + rng.bytes(6).hex())
+    return sorted(ids)  # sorted random ids: the file order reveals nothing about the sources
+
+
+def scrubbed_image(data: np.ndarray, affine: np.ndarray) -> nib.Nifti1Image:
+    """A NIfTI image with a fresh header: geometry only, free-text fields empty, no extensions."""
+    affine = np.asarray(affine, dtype=np.float64)
+    image = nib.Nifti1Image(np.asarray(data), affine)
+    image.set_sform(affine, code=1)
+    image.set_qform(affine, code=1)
+    header = image.header
+    for name in SCRUBBED_FIELDS:
+        header[name] = b""
+    header.extensions.clear()
+    header.set_xyzt_units("mm", "sec")
+    return image
+
+
+def scrub_nifti(image: nib.Nifti1Image) -> nib.Nifti1Image:
+    """``image`` with its header replaced by a scrubbed one (same voxels, same affine)."""
+    return scrubbed_image(np.asanyarray(image.dataobj), image.affine)
+
+
+def _case_provenance(case: GeneratedCase, generator: dict[str, Any]) -> dict[str, Any]:
+    """An allow-listed provenance record: no source case, site, path or date can slip through."""
+    record: dict[str, Any] = {
+        "informed_source": informed_kind(case.provenance),
+        "mask_source": "generated" if case.provenance.get("mask_source") == "generated" else "edited",
+        "mask_edits": effective_mask_edits(case.provenance),
+    }
+    if generator:
+        record["generator"] = generator
+    return record
+
+
+def _write_json(path: Path, payload: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
+
+
+def release_cohort(
+    cases: Sequence[GeneratedCase],
+    out: str | Path,
+    *,
+    train: Sequence[Volume],
+    data_cfg: DataConfig,
+    ledger: PrivacyLedger | None,
+    holdout: Sequence[Volume] | None = None,
+    policy: ReleasePolicy = ReleasePolicy(),
+    audit_settings: AuditSettings | None = None,
+    generator: dict[str, Any] | None = None,
+    seed: int | None = None,
+    label_names: dict[int, str] | None = None,
+) -> Path:
+    """Check, write, audit and publish a synthetic cohort in nnU-Net v2 raw layout at ``out``.
+
+    Args:
+        train: the model's training volumes (``gem3d.data.dataset.load_volumes``) for the audit
+            and the informed-pixel check.
+        data_cfg: how the released files are read back for the audit (the model's data config).
+        ledger: the site's ledger; ``None`` only with ``policy.require_dp = False``.
+        holdout: real cases the model never saw; default: leave-one-out training distances.
+        generator: non-identifying facts about the generator (checkpoint sha256, versions).
+        seed: for reproducible pseudonymous ids (tests); default random.
+    Returns:
+        ``out``, holding ``imagesTr/``, ``labelsTr/``, ``provenance/``, ``dataset.json`` and
+        ``privacy_report.json``.
+    Raises:
+        ReleasePolicyError, ReleaseRefusedError: nothing is written.
+    """
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
+    check_policy(cases, policy)
+    check_informed_pixels(cases, train, policy)
+    dp = check_ledger(ledger, policy)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".release.", dir=out.parent))
+    try:
+        ids = pseudonymous_ids(len(cases), seed)
+        (tmp / "imagesTr").mkdir()
+        (tmp / "labelsTr").mkdir()
+        for case_id, case in zip(ids, cases, strict=True):
+            image = scrubbed_image(np.asarray(case.image, dtype=np.float32), case.affine)
+            nib.save(image, tmp / "imagesTr" / f"{case_id}_0000.nii.gz")
+            label = scrubbed_image(np.asarray(case.label, dtype=np.uint8), case.affine)
+            nib.save(label, tmp / "labelsTr" / f"{case_id}.nii.gz")
+            _write_json(tmp / "provenance" / f"{case_id}.json", _case_provenance(case, generator or {}))
+        names = label_names or {}
+        _write_json(
+            tmp / "dataset.json",
+            {
+                "channel_names": {"0": "CT" if data_cfg.modality == "ct" else "MRI"},
+                "labels": {
+                    names.get(i, "background" if i == 0 else f"label_{i}"): i for i in range(data_cfg.num_labels)
+                },
+                "numTraining": len(cases),
+                "file_ending": ".nii.gz",
+            },
+        )
+        audit = memorization_audit(load_volumes(tmp, data_cfg), train, holdout, audit_settings or AuditSettings())
+        if not audit.passed:
+            raise ReleaseRefusedError(
+                f"release: the memorization audit found {len(audit.copies)} of {len(cases)} generated volumes "
+                "closer to a training volume than the copy threshold; nothing was written"
+            )
+        _write_json(
+            tmp / "privacy_report.json",
+            {
+                "format": REPORT_FORMAT,
+                "cases": len(cases),
+                "differential_privacy": dp,
+                "audit": audit.report(include_ids=False),
+                "policy": {
+                    **asdict(policy),
+                    "informed_source": "generate only",
+                    "nifti_fields_scrubbed": list(SCRUBBED_FIELDS),
+                    "case_ids": "random pseudonyms, unrelated to source ids or order",
+                },
+                "generator": generator or {},
+            },
+        )
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+__all__ = [
+    "GeneratedCase",
+    "ReleasePolicy",
+    "check_informed_pixels",
+    "check_ledger",
+    "check_policy",
+    "epsilon_report",
+    "pseudonymous_ids",
+    "release_cohort",
+    "scrub_nifti",
+    "scrubbed_image",
+]

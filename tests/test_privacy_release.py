@@ -1,0 +1,189 @@
+"""The release gate: policy, header scrubbing, pseudonyms, ledger and audit checks, nothing partial."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from gem3d.config import Config, PrivacyConfig
+from gem3d.data.dataset import load_volumes
+from gem3d.data.phantoms import write_phantom_dataset
+from privacy.errors import ReleasePolicyError, ReleaseRefusedError
+from privacy.ledger import PrivacyLedger
+from privacy.release import (
+    SCRUBBED_FIELDS,
+    GeneratedCase,
+    ReleasePolicy,
+    check_policy,
+    pseudonymous_ids,
+    release_cohort,
+    scrub_nifti,
+)
+
+SHAPE = (16, 16, 12)
+EDITED = [{"name": "rotate", "changed": True}]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("release")
+    return {
+        "train": write_phantom_dataset(root / "site_hospital_a", num_cases=6, shape=SHAPE, seed=21),
+        "generated": write_phantom_dataset(root / "donor_cohort", num_cases=3, shape=SHAPE, seed=22),
+    }
+
+
+def _cases(folder: Path, informed: str = "generate", edits: list | None = None) -> list[GeneratedCase]:
+    """Stand-ins for generated cases, with provenance that names its sources (which must not leak)."""
+    cases = []
+    for image_path in sorted((folder / "imagesTr").glob("*.nii.gz")):
+        case_id = image_path.name.removesuffix("_0000.nii.gz")
+        image = nib.load(image_path)
+        label = nib.load(folder / "labelsTr" / f"{case_id}.nii.gz")
+        provenance = {
+            "source_case": case_id,
+            "site": "site_hospital_a",
+            "path": str(image_path),
+            "date": "2024-05-06",
+            "informed": {"kind": informed, "case": case_id},
+            "mask_edits": EDITED if edits is None else edits,
+        }
+        cases.append(GeneratedCase(np.asarray(image.dataobj), np.asarray(label.dataobj), image.affine, provenance))
+    return cases
+
+
+def _ledger(tmp_path: Path, steps: int = 10) -> PrivacyLedger:
+    ledger = PrivacyLedger.open(tmp_path / "privacy_ledger.json", PrivacyConfig(enabled=True))
+    if steps:
+        ledger.record(steps, 1.0, 0.25, label="slice")
+    return ledger
+
+
+def _all_text(folder: Path) -> str:
+    """Every byte of every file in ``folder`` (gz files decompressed too), as latin-1 text."""
+    chunks = []
+    for path in folder.rglob("*"):
+        if path.is_file():
+            raw = path.read_bytes()
+            chunks.append(raw.decode("latin-1"))
+            if path.suffix == ".gz":
+                chunks.append(gzip.decompress(raw).decode("latin-1"))
+            chunks.append(str(path.relative_to(folder)))
+    return "\n".join(chunks)
+
+
+def test_headers_are_scrubbed(tmp_path: Path) -> None:
+    affine = np.diag([1.5, 1.5, 2.0, 1.0])
+    original = nib.Nifti1Image(np.arange(24, dtype=np.float32).reshape(2, 3, 4), affine)
+    original.header["descrip"] = b"Doe^John 1970-01-01 scanned 2023-02-03"
+    original.header["aux_file"] = b"MRN123456"
+    original.header["db_name"] = b"hospital_pacs"
+    original.header["intent_name"] = b"patient42"
+    original.header.extensions.append(nib.nifti1.Nifti1Extension("comment", b"AccessionNumber=999"))
+    nib.save(original, tmp_path / "in.nii.gz")
+
+    nib.save(scrub_nifti(nib.load(tmp_path / "in.nii.gz")), tmp_path / "out.nii.gz")
+
+    scrubbed = nib.load(tmp_path / "out.nii.gz")
+    for name in SCRUBBED_FIELDS:
+        assert scrubbed.header[name].item() == b""
+    assert len(scrubbed.header.extensions) == 0
+    np.testing.assert_array_equal(np.asarray(scrubbed.dataobj), np.asarray(original.dataobj))
+    np.testing.assert_allclose(scrubbed.affine, affine)
+    text = gzip.decompress((tmp_path / "out.nii.gz").read_bytes())
+    assert b"MRN123456" not in text and b"Doe^John" not in text and b"AccessionNumber" not in text
+
+
+@pytest.mark.parametrize("kind", ["real", "copy", "file"])
+def test_copied_informed_slices_are_refused(site: dict[str, Path], kind: str) -> None:
+    cases = _cases(site["generated"], informed=kind)
+
+    with pytest.raises(ReleasePolicyError, match=f"informed slice source '{kind}'"):
+        check_policy(cases, ReleasePolicy())
+
+
+def test_unedited_masks_are_refused(site: dict[str, Path]) -> None:
+    cases = _cases(site["generated"], edits=[{"name": "flip", "changed": False}])
+
+    with pytest.raises(ReleasePolicyError, match="changed by 0 edit"):
+        check_policy(cases, ReleasePolicy(min_mask_edits=1))
+
+
+def test_informed_slice_equal_to_a_real_slice_is_refused_whatever_its_label(
+    site: dict[str, Path], micro_cfg: Config, tmp_path: Path
+) -> None:
+    train = load_volumes(site["train"], micro_cfg.data)
+    cases = _cases(site["generated"])
+    cases[1] = GeneratedCase(**{**cases[1].__dict__, "informed_slice": train[4].image[5].copy()})
+
+    with pytest.raises(ReleasePolicyError, match="generated case 1: its informed slice matches a real training slice"):
+        release_cohort(cases, tmp_path / "out", train=train, data_cfg=micro_cfg.data, ledger=_ledger(tmp_path))
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_release_writes_a_scrubbed_pseudonymous_cohort(
+    site: dict[str, Path], micro_cfg: Config, tmp_path: Path
+) -> None:
+    train = load_volumes(site["train"], micro_cfg.data)
+    ledger = _ledger(tmp_path / "site")
+    out = tmp_path / "release"
+
+    release_cohort(
+        _cases(site["generated"]),
+        out,
+        train=train,
+        data_cfg=micro_cfg.data,
+        ledger=ledger,
+        generator={"checkpoint_sha256": "ab" * 32},
+    )
+
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["differential_privacy"]["epsilon"] == pytest.approx(ledger.epsilon)
+    assert report["differential_privacy"]["accountant"] == "rdp"
+    assert report["audit"]["passed"] is True and report["audit"]["copies"] == 0
+    assert report["policy"]["min_mask_edits"] == 1
+    released = load_volumes(out, micro_cfg.data)
+    assert len(released) == 3 and all(v.case_id.startswith("gem3d_syn_") for v in released)
+    text = _all_text(out)
+    for source_id in [f"phantom_{i:03d}" for i in range(6)] + ["site_hospital_a", "donor_cohort", str(tmp_path)]:
+        assert source_id not in text
+    assert re.search(r"(19|20)\d\d-\d\d-\d\d", text) is None
+    for path in out.rglob("*.nii.gz"):
+        header = nib.load(path).header
+        assert all(header[name].item() == b"" for name in SCRUBBED_FIELDS)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["release", "site"]
+
+
+def test_release_refuses_a_planted_copy_and_writes_nothing(
+    site: dict[str, Path], micro_cfg: Config, tmp_path: Path
+) -> None:
+    train = load_volumes(site["train"], micro_cfg.data)
+    cases = _cases(site["generated"])
+    cases += [c for c in _cases(site["train"]) if "phantom_002" in c.provenance["source_case"]]
+
+    with pytest.raises(ReleaseRefusedError, match="audit found 1 of 4"):
+        release_cohort(cases, tmp_path / "out", train=train, data_cfg=micro_cfg.data, ledger=_ledger(tmp_path))
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["privacy_ledger.json"]
+
+
+def test_release_refuses_without_a_dp_ledger(site: dict[str, Path], micro_cfg: Config, tmp_path: Path) -> None:
+    train = load_volumes(site["train"], micro_cfg.data)
+
+    with pytest.raises(ReleaseRefusedError, match="no DP-SGD privacy ledger"):
+        release_cohort(_cases(site["generated"]), tmp_path / "out", train=train, data_cfg=micro_cfg.data, ledger=None)
+
+    assert not (tmp_path / "out").exists()
+
+
+def test_pseudonymous_ids_are_distinct_and_seedable() -> None:
+    assert pseudonymous_ids(50, seed=1) == pseudonymous_ids(50, seed=1)
+    assert len(set(pseudonymous_ids(50))) == 50
+    assert pseudonymous_ids(5) != pseudonymous_ids(5)
