@@ -187,7 +187,8 @@ def discover_nnunet(root: Path, channel: int) -> Listing:
         label = label_paths[0] if label_paths else None
         problem = None
         if len(image_paths) > 1 or len(label_paths) > 1:
-            problem = f"{(image_paths + label_paths)[0]}: duplicate case id '{case_id}' (several files)"
+            dupes = image_paths if len(image_paths) > 1 else label_paths
+            problem = f"{dupes[1]}: duplicate case id '{case_id}' (also {dupes[0].name})"
         elif label is None:
             problem = f"{labels_dir / (case_id + suffix)}: missing label for image {image.name if image else case_id}"
         elif image is None:
@@ -299,7 +300,8 @@ def discover_abdomenct1k(root: Path) -> Listing:
         image_paths, mask_paths = images.get(case_id, []), masks.get(case_id, [])
         problem = None
         if len(image_paths) > 1 or len(mask_paths) > 1:
-            problem = f"{(image_paths + mask_paths)[1]}: duplicate case id '{case_id}'"
+            dupes = image_paths if len(image_paths) > 1 else mask_paths
+            problem = f"{dupes[1]}: duplicate case id '{case_id}' (also {dupes[0]})"
         elif not mask_paths:
             problem = f"{image_paths[0]}: missing mask {case_id}.nii.gz"
         elif not image_paths:

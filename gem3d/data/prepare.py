@@ -144,6 +144,8 @@ def prepare_dataset(
         if on_case:
             on_case(files.case_id, problem)
 
+    missing = [folder for folder in output.parents if not folder.exists()]
+    created = missing[-1] if missing else None  # the top-most folder this call creates
     output.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
     try:
@@ -177,6 +179,8 @@ def prepare_dataset(
         os.replace(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if created is not None:  # folders made only to hold the output go too: nothing is left behind
+            shutil.rmtree(created, ignore_errors=True)
         raise
     return report
 
