@@ -86,16 +86,13 @@ class RandomFeatures(nn.Module):
         super().__init__()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            self.convs = nn.ModuleList(
-                [
-                    nn.Conv3d(1, 16, 3, stride=2, padding=1),
-                    nn.Conv3d(16, 32, 3, stride=2, padding=1),
-                    nn.Conv3d(32, 64, 3, stride=2, padding=1),
-                ]
-            )
-            for conv in self.convs:
+            convs = [nn.Conv3d(1, 16, 3, stride=2, padding=1)]
+            convs += [nn.Conv3d(16, 32, 3, stride=2, padding=1), nn.Conv3d(32, 64, 3, stride=2, padding=1)]
+            for conv in convs:
                 nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
-                nn.init.zeros_(conv.bias)
+                if conv.bias is not None:
+                    nn.init.zeros_(conv.bias)
+            self.convs = nn.ModuleList(convs)
         self.requires_grad_(False)
 
     @torch.no_grad()
@@ -260,7 +257,7 @@ def memorization_audit(
     )
 
 
-def rank_auc(positive: Sequence[float], negative: Sequence[float]) -> float:
+def rank_auc(positive: Sequence[float] | np.ndarray, negative: Sequence[float] | np.ndarray) -> float:
     """Mann-Whitney AUC: P(positive score > negative score), ties counting one half."""
     pos, neg = np.asarray(positive, dtype=np.float64), np.asarray(negative, dtype=np.float64)
     if not len(pos) or not len(neg):

@@ -230,11 +230,11 @@ def train_private(
                 inputs = draw_inputs(state.model, scheduler, source, indices, stage, state.generator, train_cfg, device)
                 grads, losses = per_sample_gradients(state.model, inputs, mode)
                 for p in params:
-                    p.grad_sample = grads[names[id(p)]]
+                    p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]
                 norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
             else:  # an empty Poisson batch is still a step: the update is pure noise
                 for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
                 losses = norms = torch.zeros(0)
             optimizer.step()
             state.ema.update_parameters(state.model)
