@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from experiments.evaluation import downstream_utility, json_ready, t_interval, write_report
 from gem3d.data.phantoms import make_phantom
@@ -37,6 +38,7 @@ def test_t_interval_matches_the_textbook_value() -> None:
 def test_downstream_utility_trains_per_seed_and_reports_dice_with_intervals() -> None:
     # prepare
     real, synthetic, test = _pairs(range(2)), _pairs(range(10, 12)), _pairs(range(20, 22))
+    rng_before = torch.random.get_rng_state()
 
     # execute
     report = downstream_utility(real, synthetic, test, seeds=(0, 1), steps=3, patch=16)
@@ -52,6 +54,17 @@ def test_downstream_utility_trains_per_seed_and_reports_dice_with_intervals() ->
         b - a for a, b in zip(report["real_only"]["per_seed"], report["real_plus_synthetic"]["per_seed"], strict=True)
     ]
     assert report["gain"]["per_seed"] == pytest.approx(gains)
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # seeded locally, caller's RNG untouched
+
+
+def test_a_reused_real_only_arm_must_be_paired() -> None:
+    # prepare
+    pairs = _pairs(range(3))
+    unpaired = {"seeds": [5], "steps": 3, "per_seed": [0.5]}
+
+    # execute / assert
+    with pytest.raises(ValueError, match="paired"):
+        downstream_utility(pairs[:1], pairs[1:2], pairs[2:], seeds=(0,), steps=3, real_only=unpaired)
 
 
 def test_reports_are_strict_json_with_named_non_finite_values(tmp_path: Path) -> None:

@@ -148,3 +148,16 @@ def test_diversity_of_copies_is_one_and_of_independent_samples_lower() -> None:
     assert copies["mean"] == pytest.approx(1.0, abs=1e-5)
     assert different["mean"] < copies["mean"]
     assert different["nan_pairs"] == 0
+
+
+def test_volumes_too_thin_for_ms_ssim_report_nan_and_no_settings() -> None:
+    # prepare: 8 slices, fewer than MS-SSIM's minimum of 10
+    image, label = _phantom((8, 32, 32))
+
+    # execute
+    report = fidelity(image, image * 0.9, label)
+
+    # assert
+    assert math.isnan(report["ms_ssim"]) and math.isnan(report["ms_ssim_foreground"])
+    assert report["ms_ssim_scales"] is None
+    assert 0 < report["ssim"] < 1

@@ -109,16 +109,17 @@ def train_segmenter(
     """
     cases = _tensors(train_pairs, "train_pairs")
     shape = _patch_shape(cases, patch)
-    torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    net = UNet(
-        spatial_dims=3,
-        in_channels=1,
-        out_channels=num_labels,
-        channels=channels,
-        strides=(2,) * (len(channels) - 1),
-        num_res_units=1,
-    ).to(device)
+    with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
+        torch.manual_seed(seed)
+        net = UNet(
+            spatial_dims=3,
+            in_channels=1,
+            out_channels=num_labels,
+            channels=channels,
+            strides=(2,) * (len(channels) - 1),
+            num_res_units=1,
+        ).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
     net.train()

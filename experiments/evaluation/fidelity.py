@@ -143,16 +143,27 @@ def fidelity(prediction: Any, target: Any, label: Any, data_range: float = DATA_
     Returns:
         ``{"psnr", "ssim", "ms_ssim", "psnr_foreground", "ssim_foreground", "ms_ssim_foreground",
         "ms_ssim_kernel", "ms_ssim_scales"}`` (floats; kernel/scales of the whole-volume MS-SSIM).
+        A volume with a side under 10 voxels has no MS-SSIM: nan, with kernel/scales None.
     """
     pred, real = as_pair(prediction, target)
-    kernel, weights = ms_ssim_settings(tuple(real.shape))
-    return {
+    report: dict[str, Any] = {
         "psnr": psnr(pred, real, data_range=data_range),
         "ssim": ssim(pred, real, data_range=data_range),
-        "ms_ssim": ms_ssim(pred, real, data_range=data_range),
+        "ms_ssim": math.nan,
         "psnr_foreground": psnr(pred, real, label, data_range),
         "ssim_foreground": ssim(pred, real, label, data_range),
-        "ms_ssim_foreground": ms_ssim(pred, real, label, data_range),
-        "ms_ssim_kernel": kernel,
-        "ms_ssim_scales": len(weights),
+        "ms_ssim_foreground": math.nan,
+        "ms_ssim_kernel": None,
+        "ms_ssim_scales": None,
     }
+    try:
+        kernel, weights = ms_ssim_settings(tuple(real.shape))
+    except ValueError:
+        return report  # a side under 10 voxels: MS-SSIM undefined, reported as nan with no settings
+    report.update(
+        ms_ssim=ms_ssim(pred, real, data_range=data_range),
+        ms_ssim_foreground=ms_ssim(pred, real, label, data_range),
+        ms_ssim_kernel=kernel,
+        ms_ssim_scales=len(weights),
+    )
+    return report
