@@ -98,7 +98,7 @@ def load_template(block: int = 3) -> tuple[np.ndarray, float]:
         a RAS grid, and its spacing in mm.
     """
     folder = template_dir()
-    raw = [np.asarray(nib.load(folder / TEMPLATE_FILES[k]).dataobj) for k in ("t1", "gm", "wm")]
+    raw = [np.asarray(nib.Nifti1Image.from_filename(folder / TEMPLATE_FILES[k]).dataobj) for k in ("t1", "gm", "wm")]
     hits = np.argwhere(raw[0] > 0)
     lo, hi = hits.min(axis=0), hits.max(axis=0) + 1
     # Grow the box to a multiple of the block (padding past the edge) so averaging keeps the whole brain.
@@ -126,6 +126,7 @@ def site_characters(num_sites: int, seed: int) -> list[SiteCharacter]:
     sites = []
     for k in range(num_sites):
         direction = rng.normal(size=3)
+        unit = direction / np.linalg.norm(direction)
         sites.append(
             SiteCharacter(
                 name=f"site_{k}",
@@ -133,7 +134,7 @@ def site_characters(num_sites: int, seed: int) -> list[SiteCharacter]:
                 scale=round(float(scales[k]), 1),
                 noise=round(float(noises[k]), 4),
                 bias=round(float(biases[k]), 3),
-                bias_direction=tuple(round(float(v), 3) for v in direction / np.linalg.norm(direction)),  # type: ignore[arg-type]
+                bias_direction=(round(float(unit[0]), 3), round(float(unit[1]), 3), round(float(unit[2]), 3)),
                 slice_factor=round(float(slices[k]), 3),
                 blur=round(float(blurs[k]), 3),
                 orientation=ORIENTATIONS[k % len(ORIENTATIONS)],
@@ -180,8 +181,9 @@ def make_case(
     extent = np.array(template.shape[1:]) * template_spacing  # mm along x, y, z
     spacing = float(max(extent[0], extent[1]) / size)
     spacings = np.array([spacing, spacing, spacing * site.slice_factor])
-    shape = tuple(max(4, round(e / s)) for e, s in zip(extent, spacings, strict=True))
-    grid = _deformation_grid(shape, rng, strength=0.04)  # type: ignore[arg-type]
+    nx, ny, nz = (max(4, round(e / s)) for e, s in zip(extent, spacings, strict=True))
+    shape = (nx, ny, nz)
+    grid = _deformation_grid(shape, rng, strength=0.04)
     source = torch.from_numpy(template)[None]  # [1, 5, X, Y, Z]
     warped = F.grid_sample(source, grid, mode="bilinear", padding_mode="zeros", align_corners=True)[0].numpy()
     t1, csf, gm, wm, brain = warped
@@ -256,15 +258,15 @@ def write_demo_cohort(
         raise DataError(f"{out}: output folder not writable ({error.strerror})") from None
     num_labels = 5 if lesion else 4
     characters = site_characters(sites, seed)
+    cases: list[dict[str, str]] = []
     record: dict[str, object] = {
         "what": "one template's anatomy (nilearn MNI152 2009a T1 + GM/WM maps), randomly deformed per case",
         "seed": seed,
         "size": size,
         "labels": list(LABEL_NAMES[:num_labels]),
         "sites": [asdict(c) for c in characters],
-        "cases": [],
+        "cases": cases,
     }
-    cases: list[dict[str, str]] = record["cases"]  # type: ignore[assignment]
     try:
         jobs = [(c.name, c, cases_per_site, False) for c in characters]
         jobs += [("test", c, test_per_site, True) for c in characters]

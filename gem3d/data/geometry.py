@@ -114,7 +114,8 @@ class ModelGridCase:
 
 def model_axes(slice_axis: int) -> tuple[int, int, int]:
     """Canonical axes in model order: the slice axis, then the other two in order."""
-    return (slice_axis, *(a for a in range(3) if a != slice_axis))  # type: ignore[return-value]
+    first, second = (a for a in range(3) if a != slice_axis)
+    return (slice_axis, first, second)
 
 
 def to_canonical(data: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -275,19 +276,21 @@ def to_model_grid(
         model_label = _resize(np.ascontiguousarray(np.transpose(box, axes)), model_shape, label=True)
         if values:
             model_label = map_labels(model_label, values, source)
-    geometry = CaseGeometry(
-        affine=tuple(tuple(float(v) for v in row) for row in affine),  # type: ignore[arg-type]
-        shape=shape,  # type: ignore[arg-type]
-        spacing=spacing_of(affine),
-        box_lo=tuple(lo),  # type: ignore[arg-type]
-        box_hi=tuple(hi),  # type: ignore[arg-type]
-        slice_axis=axis,
-        model_shape=model_shape,
-        modality=cfg.modality,
-        intensity_low=low,
-        intensity_high=high,
-        background=background,
-        label_values=values,
+    geometry = CaseGeometry.model_validate(
+        {
+            "affine": affine.tolist(),
+            "shape": shape,
+            "spacing": spacing_of(affine),
+            "box_lo": lo,
+            "box_hi": hi,
+            "slice_axis": axis,
+            "model_shape": model_shape,
+            "modality": cfg.modality,
+            "intensity_low": low,
+            "intensity_high": high,
+            "background": background,
+            "label_values": values,
+        }
     )
     return ModelGridCase(image=model_image, label=model_label, geometry=geometry)
 

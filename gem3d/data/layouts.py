@@ -156,7 +156,8 @@ def discover_nnunet(root: Path, channel: int) -> Listing:
             raise DataError(f"{root}: not an nnU-Net raw dataset (no {folder.name}/ folder)")
     meta_path = root / "dataset.json"
     meta = _read_dataset_json(meta_path) if meta_path.exists() else {}
-    declared, names = (None, {})
+    declared: tuple[int, ...] | None = None
+    names: dict[int, str] = {}
     if "labels" in meta:
         declared, names = _declared_labels(meta_path, meta["labels"], msd=False)
     num_channels = len(meta.get("channel_names", {})) or None

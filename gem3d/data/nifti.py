@@ -30,7 +30,8 @@ def strip_suffix(name: str) -> str | None:
 
 def spacing_of(affine: np.ndarray) -> tuple[float, float, float]:
     """Voxel sizes in mm: the column norms of the affine's 3x3 part."""
-    return tuple(float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))  # type: ignore[return-value]
+    x, y, z = (float(v) for v in np.linalg.norm(np.asarray(affine)[:3, :3], axis=0))
+    return (x, y, z)
 
 
 @dataclass(frozen=True)

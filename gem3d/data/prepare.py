@@ -195,7 +195,7 @@ def _process_cases(
     on_case: Callable[[str, str | None], None] | None,
 ) -> list[dict[str, Any]]:
     """Read, check and cache each case with its original label values (mapped once all are known)."""
-    records = []
+    records: list[dict[str, Any]] = []
     for files in valid:
         try:
             case = read_case(files, listing.declared_labels)
