@@ -293,9 +293,12 @@ class Tracker:
         with self._guard("log_dict"):
             client.log_dict(self.run_id, dict(payload), artifact_file)
 
-    def nested(self, run_name: str, tags: Mapping[str, str] | None = None) -> Tracker:
-        """A child run under this one (a site under the federated server), in the same experiment."""
-        return Tracker(self.store_dir, self.experiment, run_name, tags=tags, parent=self)
+    def nested(self, run_name: str, tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Tracker:
+        """A child run under this one (a site under the federated server), in the same experiment.
+
+        ``run_id`` reopens an existing child (a resumed server keeps one run per site).
+        """
+        return Tracker(self.store_dir, self.experiment, run_name, tags=tags, parent=self, run_id=run_id)
 
     def register_model(self, path: str | Path, name: str, alias: str, artifact_path: str = "model") -> str | None:
         """Log ``path`` (a run folder of safetensors, or one file) and register it under ``name@alias``.

@@ -192,3 +192,21 @@ def test_a_server_that_is_not_mlflow_warns_once(tmp_path: Path, monkeypatch, cap
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1
     assert "start run failed" in warnings[0]
+
+
+def test_a_resumed_server_reopens_its_runs(store: Path) -> None:
+    # prepare: a first process logs round 0 and stops
+    with Tracker(store, "resume", "server") as server, server.nested("site-0") as site:
+        site.log_metrics({"loss": 1.0}, step=0)
+    server_id, site_id = server.run_id, site.run_id
+
+    # execute: the restarted server reopens both runs and logs round 1
+    with Tracker(store, "resume", "server", run_id=server_id) as again, again.nested("site-0", run_id=site_id) as site:
+        site.log_metrics({"loss": 0.5}, step=1)
+
+    # assert
+    runs = read_runs(store, "resume")
+    assert len(runs) == 2
+    client = MlflowClient(tracking_uri=tracking_uri(store))
+    assert sorted((m.step, m.value) for m in client.get_metric_history(site_id, "loss")) == [(0, 1.0), (1, 0.5)]
+    assert next(run for run in runs if run["run_id"] == site_id)["parent_run_id"] == server_id
