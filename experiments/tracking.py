@@ -145,12 +145,14 @@ class Tracker:
         self.run_name = run_name
         self.run_id: str | None = None
         self.experiment_id: str | None = None
-        self._shared = parent._shared if parent is not None else _Shared(tracking_uri(store_dir))
+        self._shared: _Shared = parent._shared if parent is not None else _Shared(tracking_uri(store_dir))
         self._ended = False
-        if not self._shared.enabled or (parent is not None and parent.run_id is None):
+        if not self._shared.enabled:
             return  # tracking is already off for this run tree: stay silent
-        all_tags = dict(tags or {})
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent is not None:
+            if parent.run_id is None:
+                return
             all_tags[PARENT_TAG] = parent.run_id
         with self._guard("start run"):
             client = self._client()
@@ -223,22 +225,24 @@ class Tracker:
                 raise
             return found.experiment_id
 
-    def _active(self) -> MlflowClient | None:
-        if not self.enabled or self._ended:
+    def _active(self) -> tuple[MlflowClient, str] | None:
+        """(client, run id) while this run can log; None once disabled or ended."""
+        if not self.enabled or self._ended or self._shared.client is None or self.run_id is None:
             return None
-        return self._shared.client
+        return self._shared.client, self.run_id
 
     # -- the API --------------------------------------------------------------------------------
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         """Log flat params, e.g. ``gem3d.config.flatten_config(cfg)``; lists become JSON strings."""
-        client = self._active()
-        if client is None or not params:
+        active = self._active()
+        if active is None or not params:
             return
+        client, run_id = active
         items = [Param(str(k), _param_value(v)) for k, v in params.items()]
         with self._guard("log_params"):
             for start in range(0, len(items), _PARAM_BATCH):
-                client.log_batch(self.run_id, params=items[start : start + _PARAM_BATCH])
+                client.log_batch(run_id, params=items[start : start + _PARAM_BATCH])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int | None = None) -> None:
         """Log numeric metrics at ``step`` (a training step or a federated round).
@@ -246,9 +250,10 @@ class Tracker:
         Values that are not real numbers (strings, None, tensors of more than one element) are
         skipped, so a caller can pass a whole metrics dict from ``on_step``.
         """
-        client = self._active()
-        if client is None:
+        active = self._active()
+        if active is None:
             return
+        client, run_id = active
         now = int(time.time() * 1000)
         items = []
         for key, value in metrics.items():
@@ -263,35 +268,38 @@ class Tracker:
             return
         with self._guard("log_metrics"):
             for start in range(0, len(items), _METRIC_BATCH):
-                client.log_batch(self.run_id, metrics=items[start : start + _METRIC_BATCH])
+                client.log_batch(run_id, metrics=items[start : start + _METRIC_BATCH])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """Set string tags on the run."""
-        client = self._active()
-        if client is None or not tags:
+        active = self._active()
+        if active is None or not tags:
             return
+        client, run_id = active
         with self._guard("set_tags"):
-            client.log_batch(self.run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
+            client.log_batch(run_id, tags=[RunTag(str(k), str(v)) for k, v in tags.items()])
 
     def log_artifact(self, path: str | Path, artifact_path: str | None = None) -> None:
         """Copy a file, or a folder's contents, into the run's artifacts (under ``artifact_path``)."""
-        client = self._active()
-        if client is None:
+        active = self._active()
+        if active is None:
             return
+        client, run_id = active
         path = Path(path)
         with self._guard("log_artifact"):
             if path.is_dir():
-                client.log_artifacts(self.run_id, str(path), artifact_path)
+                client.log_artifacts(run_id, str(path), artifact_path)
             else:
-                client.log_artifact(self.run_id, str(path), artifact_path)
+                client.log_artifact(run_id, str(path), artifact_path)
 
     def log_dict(self, payload: Mapping[str, Any], artifact_file: str) -> None:
         """Write a JSON (or YAML, by extension) report straight into the run's artifacts."""
-        client = self._active()
-        if client is None:
+        active = self._active()
+        if active is None:
             return
+        client, run_id = active
         with self._guard("log_dict"):
-            client.log_dict(self.run_id, dict(payload), artifact_file)
+            client.log_dict(run_id, dict(payload), artifact_file)
 
     def nested(self, run_name: str, tags: Mapping[str, str] | None = None, run_id: str | None = None) -> Tracker:
         """A child run under this one (a site under the federated server), in the same experiment.
@@ -311,34 +319,35 @@ class Tracker:
         Returns:
             The new model version (a string), or None when tracking is disabled.
         """
-        client = self._active()
-        if client is None:
+        if self._active() is None:
             return None
         self.log_artifact(path, artifact_path)
-        client = self._active()
-        if client is None:
+        active = self._active()
+        if active is None:
             return None
+        client, run_id = active
         version: str | None = None
         with self._guard("register_model"):
-            run = client.get_run(self.run_id)
+            run = client.get_run(run_id)
             source = f"{run.info.artifact_uri.rstrip('/')}/{artifact_path}"
             try:
                 client.get_registered_model(name)
             except MlflowException:
                 client.create_registered_model(name)
-            model_version = client.create_model_version(name, source=source, run_id=self.run_id)
+            model_version = client.create_model_version(name, source=source, run_id=run_id)
             client.set_registered_model_alias(name, alias, model_version.version)
             version = str(model_version.version)
         return version
 
     def end(self, status: str = "FINISHED") -> None:
         """End the run (FINISHED, FAILED or KILLED). Called by ``__exit__``; idempotent."""
-        client = self._active()
+        active = self._active()
         self._ended = True
-        if client is None:
+        if active is None:
             return
+        client, run_id = active
         with self._guard("end run"):
-            client.set_terminated(self.run_id, status=status)
+            client.set_terminated(run_id, status=status)
 
     def __enter__(self) -> Tracker:
         return self

@@ -180,6 +180,7 @@ class ResNetFeatures:
 
 
 def _read_state_dict(path: Path, expected: set[str]) -> dict[str, torch.Tensor]:
+    raw: Any
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 

@@ -146,12 +146,14 @@ def evaluate_dice(net: torch.nn.Module, test_pairs: Sequence[Pair], num_labels: 
     scores = []
     for image, label in cases:
         roi = tuple(max(_DIVISOR, min(patch, int(s)) - min(patch, int(s)) % _DIVISOR) for s in image.shape)
-        logits = sliding_window_inference(image[None, None].to(device), roi, 4, net, overlap=0.25, mode="gaussian")
+        logits = torch.as_tensor(
+            sliding_window_inference(image[None, None].to(device), roi, 4, net, overlap=0.25, mode="gaussian")
+        )
         prediction = logits.argmax(dim=1, keepdim=True).cpu()
         onehot = torch.nn.functional.one_hot
         pred = onehot(prediction[:, 0], num_labels).movedim(-1, 1).float()
         true = onehot(label[None].clamp(0, num_labels - 1), num_labels).movedim(-1, 1).float()
-        per_label = metric(pred, true)[0]
+        per_label = torch.as_tensor(metric(pred, true))[0]
         present = per_label[~per_label.isnan()]
         scores.append(float(present.mean()) if present.numel() else float("nan"))
     finite = [s for s in scores if not math.isnan(s)]

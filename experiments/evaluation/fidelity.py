@@ -32,6 +32,11 @@ _KERNELS = (11, 9, 7, 5)
 _SSIM_WINDOW = 11
 
 
+def _scalar(result: Any) -> float:
+    """A MONAI metric's ``[1, 1]`` result as a float (MONAI types it as tensor-or-sequence)."""
+    return float(torch.as_tensor(result).item())
+
+
 def _batch(volume: torch.Tensor) -> torch.Tensor:
     return volume[None, None]  # [D, H, W] -> [1, 1, D, H, W]
 
@@ -55,7 +60,7 @@ def psnr(prediction: Any, target: Any, mask: Any | None = None, data_range: floa
         pred, real = pred[keep], real[keep]
     metric = PSNRMetric(max_val=data_range)
     # [1, 1, N]: MONAI averages the squared error over all non-batch dimensions.
-    return float(metric(pred.reshape(1, 1, -1), real.reshape(1, 1, -1)).item())
+    return _scalar(metric(pred.reshape(1, 1, -1), real.reshape(1, 1, -1)))
 
 
 def _crop(pred: torch.Tensor, real: torch.Tensor, mask: Any | None, min_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -87,7 +92,7 @@ def ssim(prediction: Any, target: Any, mask: Any | None = None, data_range: floa
     if window < 3:
         raise ValueError(f"SSIM needs every side >= 3 voxels, got {tuple(real.shape)}")
     metric = SSIMMetric(spatial_dims=3, data_range=data_range, win_size=window)
-    return float(metric(_batch(pred), _batch(real)).item())
+    return _scalar(metric(_batch(pred), _batch(real)))
 
 
 def ms_ssim_settings(shape: tuple[int, ...]) -> tuple[int, tuple[float, ...]]:
@@ -130,7 +135,7 @@ def ms_ssim(prediction: Any, target: Any, mask: Any | None = None, data_range: f
         return math.nan
     kernel, weights = ms_ssim_settings(tuple(real.shape))
     metric = MultiScaleSSIMMetric(spatial_dims=3, data_range=data_range, kernel_size=kernel, weights=weights)
-    return float(metric(_batch(pred), _batch(real)).item())
+    return _scalar(metric(_batch(pred), _batch(real)))
 
 
 def fidelity(prediction: Any, target: Any, label: Any, data_range: float = DATA_RANGE) -> dict[str, Any]:
