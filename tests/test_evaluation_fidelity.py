@@ -135,7 +135,7 @@ def test_per_label_mean_intensity_error_is_exact() -> None:
 
 def test_diversity_of_copies_is_one_and_of_independent_samples_lower() -> None:
     # prepare
-    image, _ = _phantom()
+    image, _ = _phantom((16, 24, 24))
     generator = np.random.default_rng(1)
     samples = [image + 0.3 * generator.standard_normal(image.shape).astype(np.float32) for _ in range(3)]
 
