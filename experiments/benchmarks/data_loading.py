@@ -1,0 +1,126 @@
+"""Does data loading starve training? Windows/s drawn from the prepared cache against the step rate.
+
+One run, side by side: build a demo cohort, prepare it with the config, then measure
+
+* windows/s drawn by ``WindowSource.windows`` from the memory-mapped cache (the training path),
+* the same from volumes held in RAM (the upper bound),
+* the time to open the cache (``load_volumes`` on ``manifest.json``) and to read the raw folder,
+* training steps/s of ``gem3d.training.train`` (slice stage) on the same data,
+
+and prints the headroom: windows/s divided by the windows/s training consumes (steps/s x batch).
+
+    .venv/bin/python experiments/benchmarks/data_loading.py [--config tiny] [--steps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.commands.common import resolve_config_path
+from gem3d.config import load_config
+from gem3d.data.dataset import load_raw, load_volumes
+from gem3d.data.demo_cohort import write_demo_cohort
+from gem3d.data.prepare import PrepareOptions, prepare_dataset
+from gem3d.data.volume import Volume
+from gem3d.data.windows import WindowSource
+from gem3d.diffusion import train_scheduler
+from gem3d.runs import build_model, resolve_device
+from gem3d.training import freeze_for_stage, new_state, train
+
+
+def windows_per_second(volumes: list[Volume], window: int, batch: int, seconds: float) -> float:
+    """Windows drawn per second by ``WindowSource.windows`` (batches of ``batch``, random volumes)."""
+    source = WindowSource(volumes, window)
+    generator = torch.Generator().manual_seed(0)
+    drawn, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        indices = torch.randint(len(source), (batch,), generator=generator).tolist()
+        # .sum() forces the copy out of the memory map, as moving the batch to a device would
+        float(source.windows(indices, generator).image.sum())
+        drawn += batch
+    return drawn / (time.perf_counter() - started)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--cases", type=int, default=12, help="cases in the benchmark cohort")
+    parser.add_argument("--size", type=int, default=None, help="cohort in-plane size (default: data.image_size)")
+    parser.add_argument("--steps", type=int, default=20, help="training steps timed")
+    parser.add_argument("--seconds", type=float, default=3.0, help="time spent drawing windows per measurement")
+    parser.add_argument("--device", default=None, help="override train.device")
+    parser.add_argument("--no-train", action="store_true", help="measure loading only (paper-scale configs on CPU)")
+    args = parser.parse_args()
+    overrides = {"train.device": args.device} if args.device else {}
+    cfg = load_config(resolve_config_path(args.config), overrides)
+    device = resolve_device(cfg.train.device)
+    size = args.size or cfg.data.image_size
+
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        write_demo_cohort(root / "cohort", sites=1, cases_per_site=args.cases, size=size, test_per_site=0)
+        started = time.perf_counter()
+        prepare_dataset(root / "cohort" / "site_0", root / "prepared", cfg.data, PrepareOptions())
+        prepare_s = time.perf_counter() - started
+        started = time.perf_counter()
+        cached = load_volumes(root / "prepared", cfg.data)
+        open_s = time.perf_counter() - started
+        started = time.perf_counter()
+        in_ram = load_raw(root / "cohort" / "site_0", cfg.data)
+        raw_s = time.perf_counter() - started
+
+        batch = cfg.train.batch_size
+        in_ram = [Volume(v.case_id, np.array(v.image), np.array(v.label)) for v in in_ram]
+        # Interleaved, best of two: the machine may be shared, and a slow burst should not pick the winner.
+        cache_rate = ram_rate = 0.0
+        for _ in range(2):
+            cache_rate = max(cache_rate, windows_per_second(cached, cfg.data.window, batch, args.seconds / 2))
+            ram_rate = max(ram_rate, windows_per_second(in_ram, cfg.data.window, batch, args.seconds / 2))
+
+        steps_per_s = float("nan")
+        if not args.no_train:
+            model = build_model("slice", cfg).to(device)
+            freeze_for_stage(model, "slice", cfg.train.volume_train_all)
+            state = new_state(model, cfg.train)
+            source = WindowSource(cached, cfg.data.window, cfg.train.informed_from)
+            train(state, train_scheduler(cfg.diffusion), source, "slice", 2, cfg.train)  # warm-up
+            steps_per_s = train(state, train_scheduler(cfg.diffusion), source, "slice", 2 + args.steps, cfg.train)[
+                "steps_per_s"
+            ]
+
+    consumed = steps_per_s * batch
+    depth = int(np.mean([v.depth for v in cached]))
+    gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
+    print(
+        f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
+        f"{os.cpu_count()} CPUs, torch {torch.__version__}, {torch.get_num_threads()} threads, device {device}{gpu}"
+    )
+    print(
+        f"config {args.config}: {args.cases} demo cases (--size {size}) -> model grid "
+        f"[D~{depth}, {cfg.data.image_size}, {cfg.data.image_size}], window {cfg.data.window}, batch {batch}"
+    )
+    print(f"prepare (validate + cache):   {prepare_s:8.2f} s  ({args.cases / prepare_s:.1f} cases/s)")
+    print(f"open cache (mmap):            {open_s * 1e3:8.1f} ms")
+    print(f"read raw folder in memory:    {raw_s:8.2f} s")
+    print(f"windows/s from cache (mmap):  {cache_rate:10.0f}")
+    print(f"windows/s from RAM:           {ram_rate:10.0f}")
+    if not args.no_train:
+        print(f"training steps/s (slice):     {steps_per_s:10.2f}  -> consumes {consumed:.1f} windows/s")
+        print(f"headroom (cache / consumed):  {cache_rate / consumed:10.0f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
