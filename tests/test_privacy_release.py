@@ -187,3 +187,21 @@ def test_pseudonymous_ids_are_distinct_and_seedable() -> None:
     assert pseudonymous_ids(50, seed=1) == pseudonymous_ids(50, seed=1)
     assert len(set(pseudonymous_ids(50))) == 50
     assert pseudonymous_ids(5) != pseudonymous_ids(5)
+
+
+def test_gem3d_release_refuses_a_model_without_ledger(
+    site: dict[str, Path], micro_cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from experiments.cli import main
+    from gem3d.runs import train_stage
+
+    volumes = load_volumes(site["train"], micro_cfg.data)
+    run = tmp_path / "run"
+    train_stage(micro_cfg, volumes, "slice", run, steps=0)
+    train_stage(micro_cfg, volumes, "volume", run, steps=0)
+
+    code = main(["release", "--checkpoint", str(run), "--data", str(site["train"]), "--out", str(tmp_path / "out")])
+
+    assert code == 2
+    assert "no DP-SGD privacy ledger" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
