@@ -147,3 +147,17 @@ def test_to_original_grid_rejects_arrays_of_the_wrong_shape() -> None:
 
     with pytest.raises(DataError, match="does not match the model grid"):
         to_original_grid(grid.geometry, image=np.zeros((3, 16, 16), dtype=np.float32))
+
+
+def test_ct_crop_keeps_the_body_not_the_air_or_scan_padding() -> None:
+    # prepare: air (-1024 HU) and scan padding (-3024 HU) around a body of soft tissue
+    image = np.full((40, 40, 20), -1024.0, dtype=np.float32)
+    image[:2] = -3024.0
+    image[10:30, 12:28, 5:15] = 40.0
+    label = np.zeros(image.shape, dtype=np.uint8)
+    label[15:20, 15:20, 8:10] = 1
+    cfg = DataConfig(modality="ct", image_size=16, num_labels=2)
+    # execute
+    geometry = to_model_grid(image, label, np.eye(4), cfg, label_values=(0, 1), square=False).geometry
+    # assert: the body's box plus the 2-voxel margin
+    assert geometry.box_lo == (8, 10, 3) and geometry.box_hi == (32, 30, 17)

@@ -3,9 +3,9 @@
 Forward (``to_model_grid``), for a volume ``[X, Y, Z]`` with affine ``A``:
 
 1. reorient to the closest canonical (RAS+) voxel order (nibabel ``io_orientation``);
-2. take a box: the foreground (image signal or labels) plus a margin, grown in-plane to a square
-   field of view in mm (so anatomy keeps its aspect ratio); the box may reach past the volume,
-   which is then padded with the background value;
+2. take a box: the foreground (image signal: above the minimum for MRI, above -500 HU for CT; or
+   labels) plus a margin, grown in-plane to a square field of view in mm (so anatomy keeps its
+   aspect ratio); the box may reach past the volume, which is then padded with the background value;
 3. move ``slice_axis`` first and resize the box to ``[D, image_size, image_size]`` (MONAI
    ``Resize``: trilinear with anti-aliasing for images, nearest for labels). D is the box's depth,
    or its depth resampled to ``target_spacing[slice_axis]`` when a target spacing is set; in-plane
@@ -37,6 +37,7 @@ from gem3d.data.nifti import read_label, spacing_of
 from gem3d.errors import DataError
 
 Triple = tuple[int, int, int]
+CT_BODY_HU = -500.0
 
 
 class CaseGeometry(BaseModel):
@@ -149,13 +150,19 @@ def _paste(box: np.ndarray, lo: Sequence[int], shape: Sequence[int], fill: float
     return out
 
 
-def foreground_box(image: np.ndarray | None, label: np.ndarray | None, margin: int) -> tuple[list[int], list[int]]:
-    """``[lo, hi)`` of voxels with image signal (above the image minimum) or a label, plus ``margin``."""
+def foreground_box(
+    image: np.ndarray | None, label: np.ndarray | None, margin: int, threshold: float | None = None
+) -> tuple[list[int], list[int]]:
+    """``[lo, hi)`` of voxels with image signal or a label, plus ``margin``.
+
+    Signal is ``image > threshold``, or above the image minimum when ``threshold`` is None (MRI:
+    zero background, as nnU-Net's non-zero crop).
+    """
     reference = image if image is not None else label
     assert reference is not None
     mask = np.zeros(reference.shape, dtype=bool)
     if image is not None:
-        mask |= image > image.min()
+        mask |= image > (image.min() if threshold is None else threshold)
     if label is not None:
         mask |= label > 0
     if not mask.any():
@@ -249,7 +256,9 @@ def to_model_grid(
     axis = cfg.slice_axis
 
     if cfg.crop_foreground:
-        lo, hi = foreground_box(canon_image, canon_label, margin)
+        # CT air is about -1000 HU and the scan's padding lower still: the body is what lies above -500 HU.
+        threshold = CT_BODY_HU if cfg.modality == "ct" else None
+        lo, hi = foreground_box(canon_image, canon_label, margin, threshold)
     else:
         lo, hi = [0, 0, 0], [int(n) for n in canon_reference.shape]
     if square:
