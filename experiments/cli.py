@@ -6,10 +6,10 @@ import argparse
 import sys
 from types import ModuleType
 
-from experiments.commands import audit, demo_data, prepare, train
+from experiments.commands import audit, counterfactual, deenhance, demo_data, enhance, prepare, sample, train
 from gem3d.errors import Gem3dError
 
-COMMANDS: list[ModuleType] = [demo_data, prepare, train, audit]
+COMMANDS: list[ModuleType] = [demo_data, prepare, train, sample, enhance, counterfactual, deenhance, audit]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,44 @@
+"""Dataset enhancement: N new image/label pairs per case.
+
+Each pair has a random start position, an informed slice copied from another case at the
+proportional position (``copy``) or generated (``generate``), and optional mask edits. The output
+is an nnU-Net v2 raw dataset with a provenance JSON per case, in each source case's geometry.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from gem3d.apps import enhance
+
+NAME = "enhance"
+HELP = "generate new image/label pairs for every case of a dataset"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_sampling_arguments(parser)
+    parser.add_argument(
+        "--data", required=True, type=Path, help="nnU-Net v2 raw dataset (or a folder of site datasets)"
+    )
+    parser.add_argument("--per-case", type=int, default=1, help="new pairs per case (default 1)")
+    parser.add_argument("--informed", choices=("copy", "generate"), default="copy", help="informed-slice source")
+    parser.add_argument("--mask-edit", help="mask edits, e.g. 'rotate:10,flip,elastic:2,shift-lesion:0.5'")
+    parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")
+
+
+def run(args: argparse.Namespace) -> int:
+    synth = open_synthesiser(args)
+    edits = []
+    if args.mask_edit:
+        from gem3d.masks import parse_edits
+
+        edits = parse_edits(args.mask_edit)
+    bars = ProgressBars([])
+    try:
+        out = enhance(synth, args.data, args.out, args.per_case, args.informed, edits, args.seed, bars)
+    finally:
+        bars.close()
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,61 @@
+"""Shared pieces of the sampling commands: options, progress bars, mask edits."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from gem3d.apps import Synthesiser, load_synthesiser
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or a volume checkpoint file)")
+    parser.add_argument("--seed", type=int, default=0, help="seeds all sampling noise (default 0)")
+    parser.add_argument("--steps", type=int, help="sampler steps (default: diffusion.inference_steps of the run)")
+    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the run's train.device)")
+
+
+def open_synthesiser(args: argparse.Namespace) -> Synthesiser:
+    return load_synthesiser(args.checkpoint, args.device, args.steps)
+
+
+class ProgressBars:
+    """One tqdm bar per volume, with its ETA; used as the sampler's ``on_progress``."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.bars: dict[int, tqdm] = {}
+
+    def __call__(self, index: int, done: int, total: int) -> None:
+        if index not in self.bars:
+            name = self.names[index] if index < len(self.names) else f"volume {index}"
+            self.bars[index] = tqdm(total=total, desc=name, unit="window", leave=False, dynamic_ncols=True)
+        bar = self.bars[index]
+        bar.update(done - bar.n)
+        if done == total:
+            bar.close()
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
+def mask_editor(
+    spec: str | None, num_labels: int, seed: int
+) -> Callable[[np.ndarray], tuple[np.ndarray, list[dict[str, Any]]]] | None:
+    """A function applying ``--mask-edit`` edits to a model-grid mask, or None without edits."""
+    if not spec:
+        return None
+    from gem3d.masks import apply_edits, parse_edits
+
+    edits = parse_edits(spec)
+
+    def edit(label: np.ndarray) -> tuple[np.ndarray, list[dict[str, Any]]]:
+        return apply_edits(label, edits, num_labels, np.random.default_rng(seed))
+
+    return edit

@@ -1,0 +1,136 @@
+"""Informed-slice sources: where a synthetic volume's appearance comes from.
+
+* ``real:IMAGE.nii.gz[@Z]``: slice Z of a real volume (Z is the voxel index along the slice axis
+  of the canonical, RAS+ volume; default: the middle of its foreground).
+* ``copy``: another case's slice at the proportional position (dataset commands).
+* ``file:PATH``: a user's 2D image (NIfTI, or PNG/JPEG read as greyscale).
+* ``generate``: the informed-slice generator at the start position, given the mask slice.
+
+Only ``generate`` carries no real patient's pixels, so only it is allowed in a privacy release.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.schedulers import DDIMScheduler
+
+from gem3d.config import DataConfig
+from gem3d.data.geometry import CaseGeometry, ModelGridCase, intensity_range
+from gem3d.errors import DataError
+from gem3d.networks import InformedSliceGenerator
+from gem3d.sampler import InformedSlice, generate_informed_slices
+
+SourceKind = Literal["real", "copy", "file", "generate"]
+SOURCE_KINDS: tuple[SourceKind, ...] = ("real", "copy", "file", "generate")
+
+
+@dataclass(frozen=True)
+class SourceSpec:
+    """A parsed ``--informed`` argument."""
+
+    kind: SourceKind
+    path: Path | None = None
+    index: int | None = None
+
+
+def parse_source(spec: str, allowed: tuple[SourceKind, ...] = SOURCE_KINDS) -> SourceSpec:
+    """Parse ``real:IMAGE[@Z]``, ``file:PATH``, ``generate`` or ``copy``; raise ``DataError`` otherwise."""
+    kind, _, rest = spec.partition(":")
+    if kind not in allowed:
+        raise DataError(f"--informed {spec}: unknown source '{kind}' (allowed: {', '.join(allowed)})")
+    if kind in ("generate", "copy"):
+        if rest:
+            raise DataError(f"--informed {spec}: '{kind}' takes no argument")
+        return SourceSpec(kind)  # type: ignore[arg-type]
+    if not rest:
+        raise DataError(f"--informed {spec}: '{kind}' needs a path, e.g. {kind}:IMAGE.nii.gz")
+    index = None
+    if kind == "real" and "@" in rest:
+        rest, _, z = rest.rpartition("@")
+        try:
+            index = int(z)
+        except ValueError:
+            raise DataError(f"--informed {spec}: slice index '{z}' is not an integer") from None
+    path = Path(rest)
+    if not path.is_file():
+        raise DataError(f"{path}: informed-slice file not found")
+    return SourceSpec(kind, path, index)  # type: ignore[arg-type]
+
+
+def model_slice_index(z: int, geometry: CaseGeometry) -> int:
+    """A canonical voxel index along the slice axis -> the model-grid slice that covers it."""
+    axis = geometry.slice_axis
+    lo, hi = geometry.box_lo[axis], geometry.box_hi[axis]
+    if not lo <= z < hi:
+        raise DataError(f"slice {z} is outside the volume's field of view along the slice axis ({lo}..{hi - 1})")
+    return min(int((z - lo) * geometry.model_shape[0] / (hi - lo)), geometry.model_shape[0] - 1)
+
+
+def proportional_index(z: int, depth_from: int, depth_to: int) -> int:
+    """Slice ``z`` of a ``depth_from`` volume -> the slice at the same relative position of ``depth_to``."""
+    if depth_from <= 1 or depth_to <= 1:
+        return 0 if depth_to <= 1 else depth_to // 2
+    return round(z / (depth_from - 1) * (depth_to - 1))
+
+
+def real_slice(case: ModelGridCase, z: int, provenance: dict[str, object]) -> InformedSlice:
+    """Slice ``z`` (model grid) of a real case, with its mask slice when the case has labels."""
+    if case.image is None:
+        raise ValueError("a real informed slice needs the case's image")
+    mask = case.label[z] if case.label is not None else None
+    return InformedSlice(image=case.image[z], mask=mask, source="real", provenance={**provenance, "model_index": z})
+
+
+def read_slice_file(path: Path, cfg: DataConfig) -> tuple[InformedSlice, tuple[float, float]]:
+    """A user's 2D image as an informed slice, resized to the model's slice size.
+
+    Returns:
+        the slice (``[H, W]`` in [-1, 1], no mask), and the (low, high) intensities that map to -1, 1.
+    """
+    name = path.name.lower()
+    try:
+        if name.endswith((".nii", ".nii.gz")):
+            import nibabel as nib
+
+            data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+            data = data.reshape([n for n in data.shape if n > 1] or [1])
+        else:
+            from PIL import Image
+
+            data = np.asarray(Image.open(path).convert("F"), dtype=np.float32)
+    except Exception as error:  # PIL and nibabel raise many types for broken files
+        raise DataError(f"{path}: cannot read the informed slice ({type(error).__name__}: {error})") from None
+    if data.ndim != 2:
+        raise DataError(f"{path}: an informed slice must be 2D, got shape {data.shape}")
+    if not np.isfinite(data).all():
+        raise DataError(f"{path}: contains NaN or Inf pixels")
+    low, high = intensity_range(data, cfg)
+    scaled = np.clip((data - low) / (high - low), 0.0, 1.0) * 2.0 - 1.0
+    resized = F.interpolate(
+        torch.from_numpy(scaled)[None, None], size=(cfg.image_size, cfg.image_size), mode="bilinear", antialias=True
+    )[0, 0].numpy()
+    return InformedSlice(resized.astype(np.float32), None, "file", {"file": path.name}), (low, high)
+
+
+def generated_slices(
+    model: InformedSliceGenerator,
+    scheduler: DDIMScheduler,
+    masks: list[np.ndarray],
+    starts: list[int],
+    seeds: list[int],
+) -> list[InformedSlice]:
+    """Informed slices from the generator, one per (mask volume ``[D, H, W]``, start, seed)."""
+    positions = [start / max(mask.shape[0] - 1, 1) for mask, start in zip(masks, starts, strict=True)]
+    mask_slices = [mask[start] for mask, start in zip(masks, starts, strict=True)]
+    size = (int(masks[0].shape[1]), int(masks[0].shape[2]))
+    images = generate_informed_slices(model, scheduler, positions, mask_slices, seeds, size)
+    return [
+        InformedSlice(image, mask_slice, "generate", {"position": round(position, 4), "seed": seed})
+        for image, mask_slice, position, seed in zip(images, mask_slices, positions, seeds, strict=True)
+    ]
