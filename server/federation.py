@@ -108,12 +108,14 @@ def install_base(grid: Grid, settings: ServerSettings, store: RunStore, timeout:
         Message(content=content, dst_node_id=node, message_type=f"{MessageType.QUERY}.install_base")
         for node in grid.get_node_ids()
     ]
+    installed = 0
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
-            logger.error(
-                "node %d could not install the stage-2 base: %s", reply.metadata.src_node_id, reply.error.reason
-            )
-    logger.info("stage-2 base %s installed at %d node(s)", base_id, len(messages))
+            node, reason = reply.metadata.src_node_id, reply.error.reason
+            logger.error("node %d could not install the stage-2 base: %s", node, reason)
+        else:
+            installed += 1
+    logger.info("stage-2 base %s installed at %d of %d node(s)", base_id, installed, len(messages))
     return base_id
 
 
