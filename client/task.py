@@ -213,7 +213,9 @@ def train_fn_for(site: Site, job: Job) -> TrainFn:
     from privacy.ledger import PrivacyLedger
 
     ledger = PrivacyLedger.open(site.state_dir / "privacy_ledger.json", job.cfg.privacy)
-    return functools.partial(train_private, privacy_cfg=job.cfg.privacy, ledger=ledger)
+    # A target epsilon is spread over all of the stage's federated steps, not one round's.
+    planned = job.local_steps * max(int(getattr(job.cfg.federation, f"rounds_{job.stage}")), 1)
+    return functools.partial(train_private, privacy_cfg=job.cfg.privacy, ledger=ledger, planned_steps=planned)
 
 
 def train_round(
