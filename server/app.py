@@ -34,9 +34,10 @@ def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | Non
             settings = ServerSettings.from_run_config({**dict(context.run_config), **(run_config or {})})
             summary = run_federation(grid, settings, on_round)
         except Gem3dError as error:
-            # One clear line in the run's log instead of a traceback; the run still ends as failed.
+            # One clear line in the run's log; re-raised as an ordinary exception so that Flower
+            # marks the run failed with this reason (`flwr list` shows it).
             logger.error("gem3d federated run stopped: %s", error)
-            raise SystemExit(2) from None
+            raise RuntimeError(f"gem3d federated run stopped: {error}") from None
         message = f"final model: {summary['run']} (use it as: gem3d sample --checkpoint {summary['run']} ...)"
         logger.info(message)
         print(message, flush=True)
