@@ -99,9 +99,12 @@ def load_template(block: int = 3) -> tuple[np.ndarray, float]:
     """
     folder = template_dir()
     raw = [np.asarray(nib.Nifti1Image.from_filename(folder / TEMPLATE_FILES[k]).dataobj) for k in ("t1", "gm", "wm")]
+    # A margin of background around the brain, so deformed cases are not cut at the field of view.
+    margin = 4 * block
+    raw = [np.pad(a, margin) for a in raw]
     hits = np.argwhere(raw[0] > 0)
-    lo, hi = hits.min(axis=0), hits.max(axis=0) + 1
-    # Grow the box to a multiple of the block (padding past the edge) so averaging keeps the whole brain.
+    lo, hi = hits.min(axis=0) - margin, hits.max(axis=0) + 1 + margin
+    # Grow the box to a multiple of the block so averaging keeps the whole brain.
     hi = lo + -(-(hi - lo) // block) * block
     pad = [(0, max(0, int(h) - n)) for h, n in zip(hi, raw[0].shape, strict=True)]
     t1, gm, wm = (np.pad(a, pad)[lo[0] : hi[0], lo[1] : hi[1], lo[2] : hi[2]].astype(np.float32) / 255.0 for a in raw)
