@@ -11,14 +11,14 @@ from opacus.accountants import RDPAccountant
 from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 
-from gem3d.config import Config
+from gem3d.config import Config, PrivacyConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.runs import build_model, load_model, train_stage
 from gem3d.training import DenoisingInputs, draw_inputs, freeze_for_stage, new_state, per_sample_loss
-from privacy.dp_sgd import per_sample_gradients, sample_rate, train_private
-from privacy.ledger import PrivacyBudgetError, PrivacyLedger
+from privacy.dp_sgd import per_sample_gradients, resolve_noise_multiplier, sample_rate, train_private
+from privacy.ledger import PrivacyBudgetError, PrivacyLedger, epsilon_for_history
 
 
 def _dp_cfg(cfg: Config, **privacy: object) -> Config:
@@ -152,9 +152,10 @@ def test_dp_training_of_slice_and_volume_stages_is_accounted(
 
 
 def test_dp_training_of_the_informed_generator(micro_cfg: Config, phantom_dir: Path, tmp_path: Path) -> None:
-    cfg = _dp_cfg(micro_cfg, target_epsilon=5.0)
+    cfg = _dp_cfg(micro_cfg, noise_multiplier=1.5)
     volumes = load_volumes(phantom_dir, cfg.data)
     ledger = PrivacyLedger.open(tmp_path / "ledger.json", cfg.privacy)
+    before = build_model("informed", cfg).state_dict()
 
     metrics = train_stage(
         cfg,
@@ -165,9 +166,19 @@ def test_dp_training_of_the_informed_generator(micro_cfg: Config, phantom_dir: P
         train_fn=functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger),
     )
 
-    assert metrics["steps"] == 2
-    assert metrics["noise_multiplier"] > 0
-    assert metrics["epsilon"] == pytest.approx(5.0, abs=0.05)  # σ chosen for 2 planned steps
+    assert metrics["steps"] == 2 and metrics["noise_multiplier"] == 1.5
+    assert ledger.history == [(1.5, sample_rate(cfg.train.batch_size, len(volumes)), 2)]
+    trained, _, _ = load_model(tmp_path / "run" / "informed.safetensors", "model")
+    assert any(not torch.equal(trained.state_dict()[name], before[name]) for name in before)
+
+
+def test_target_epsilon_sets_the_noise_for_the_planned_steps() -> None:
+    cfg = PrivacyConfig(enabled=True, target_epsilon=4.0, delta=1e-5)
+
+    sigma = resolve_noise_multiplier(cfg, 0.1, 100)
+
+    assert 3.9 <= epsilon_for_history([(sigma, 0.1, 100)], 1e-5) <= 4.0
+    assert resolve_noise_multiplier(cfg.model_copy(update={"target_epsilon": None}), 0.1, 100) == 1.0
 
 
 def test_over_budget_training_is_refused_before_any_step(micro_cfg: Config, phantom_dir: Path, tmp_path: Path) -> None:
