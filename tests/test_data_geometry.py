@@ -161,3 +161,16 @@ def test_ct_crop_keeps_the_body_not_the_air_or_scan_padding() -> None:
     geometry = to_model_grid(image, label, np.eye(4), cfg, label_values=(0, 1), square=False).geometry
     # assert: the body's box plus the 2-voxel margin
     assert geometry.box_lo == (8, 10, 3) and geometry.box_hi == (32, 30, 17)
+
+
+def test_a_lone_mask_is_cropped_like_its_noisy_mri_case() -> None:
+    # prepare: MRI with a Rician-like noise floor around the anatomy the labels outline
+    image, label = _case()
+    image = image + np.abs(np.random.default_rng(1).normal(0.0, 12.0, image.shape)).astype(np.float32)
+    cfg = DataConfig(image_size=16, num_labels=4)
+    # execute
+    with_image = to_model_grid(image, label, AFFINE, cfg, label_values=(0, 1, 3)).geometry
+    mask_only = to_model_grid(None, label, AFFINE, cfg, label_values=(0, 1, 3)).geometry
+    # assert: the noise is not anatomy, so both boxes outline the same anatomy (to a voxel)
+    np.testing.assert_allclose(with_image.box_lo, mask_only.box_lo, atol=1)
+    np.testing.assert_allclose(with_image.box_hi, mask_only.box_hi, atol=1)

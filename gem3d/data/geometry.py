@@ -3,9 +3,9 @@
 Forward (``to_model_grid``), for a volume ``[X, Y, Z]`` with affine ``A``:
 
 1. reorient to the closest canonical (RAS+) voxel order (nibabel ``io_orientation``);
-2. take a box: the foreground (image signal: above the minimum for MRI, above -500 HU for CT; or
-   labels) plus a margin, grown in-plane to a square field of view in mm (so anatomy keeps its
-   aspect ratio); the box may reach past the volume, which is then padded with the background value;
+2. take a box: the foreground (image signal, see ``signal_threshold``, or labels) plus a margin,
+   grown in-plane to a square field of view in mm (so anatomy keeps its aspect ratio); the box may
+   reach past the volume, which is then padded with the background value;
 3. move ``slice_axis`` first and resize the box to ``[D, image_size, image_size]`` (MONAI
    ``Resize``: trilinear with anti-aliasing for images, nearest for labels). D is the box's depth,
    or its depth resampled to ``target_spacing[slice_axis]`` when a target spacing is set; in-plane
@@ -38,6 +38,7 @@ from gem3d.errors import DataError
 
 Triple = tuple[int, int, int]
 CT_BODY_HU = -500.0
+MRI_SIGNAL_FRACTION = 0.1
 
 
 class CaseGeometry(BaseModel):
@@ -171,6 +172,21 @@ def foreground_box(
     return [int(v) for v in lo], [int(v) for v in hi]
 
 
+def signal_threshold(image: np.ndarray | None, cfg: DataConfig) -> float | None:
+    """Intensity above which a voxel is signal, for the foreground crop.
+
+    CT: -500 HU (air is about -1000 HU and scan padding lower still). MRI: 10 % of the way from the
+    minimum to the 99th percentile, so a noise floor is not taken for anatomy; a mask on its own
+    (the sampler's input) is then cropped like the training case whose anatomy it outlines.
+    """
+    if image is None:
+        return None
+    if cfg.modality == "ct":
+        return CT_BODY_HU
+    low = float(image.min())
+    return low + MRI_SIGNAL_FRACTION * (float(np.percentile(image, 99)) - low)
+
+
 def square_box(lo: list[int], hi: list[int], spacing: Sequence[float], slice_axis: int) -> tuple[list[int], list[int]]:
     """Grow the in-plane axes of a box, centred, so both span the same extent in mm."""
     lo, hi = list(lo), list(hi)
@@ -256,9 +272,7 @@ def to_model_grid(
     axis = cfg.slice_axis
 
     if cfg.crop_foreground:
-        # CT air is about -1000 HU and the scan's padding lower still: the body is what lies above -500 HU.
-        threshold = CT_BODY_HU if cfg.modality == "ct" else None
-        lo, hi = foreground_box(canon_image, canon_label, margin, threshold)
+        lo, hi = foreground_box(canon_image, canon_label, margin, signal_threshold(canon_image, cfg))
     else:
         lo, hi = [0, 0, 0], [int(n) for n in canon_reference.shape]
     if square:
