@@ -429,7 +429,7 @@ def enhance(
             source = cases[donor].grid
             assert source.image is not None
             z = proportional_index(start, label.shape[0], source.image.shape[0])
-            informed.append(real_slice(source, z, {"kind": "copy", "case": cases[donor].case_id}))
+            informed.append(real_slice(source, z, {"case": cases[donor].case_id}, source="copy"))
     jobs = []
     for (case, n, start, applied, _), label, slice_, job_seed in zip(plans, labels, informed, seeds, strict=True):
         geometry = case.grid.geometry

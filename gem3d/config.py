@@ -63,6 +63,9 @@ class ModelConfig(_Frozen):
         "onehot",
         description="onehot: one channel per foreground label; scaled: one channel, label / (L-1) in [-1, 1]",
     )
+    informed_slice: bool = Field(
+        True, description="condition on the informed slice; false gives the mask-only baseline of the evaluation"
+    )
     informed_mask: bool = Field(
         True, description="also feed the informed slice's own mask, so the net knows which pixels are which label"
     )
@@ -120,7 +123,9 @@ class TrainConfig(_Frozen):
 class SamplerConfig(_Frozen):
     """Bi-directional overlapped volume sampling."""
 
-    overlap: int = Field(2, ge=1, description="h, slices carried between consecutive windows")
+    overlap: int = Field(
+        2, ge=0, description="h, slices carried between consecutive windows; 0 gives independent windows (a baseline)"
+    )
     batch_volumes: int = Field(4, ge=1, description="volumes whose windows are denoised in one batch")
 
 

@@ -79,12 +79,17 @@ def proportional_index(z: int, depth_from: int, depth_to: int) -> int:
     return round(z / (depth_from - 1) * (depth_to - 1))
 
 
-def real_slice(case: ModelGridCase, z: int, provenance: dict[str, object]) -> InformedSlice:
-    """Slice ``z`` (model grid) of a real case, with its mask slice when the case has labels."""
+def real_slice(
+    case: ModelGridCase, z: int, provenance: dict[str, object], source: SourceKind = "real"
+) -> InformedSlice:
+    """Slice ``z`` (model grid) of a real case, with its mask slice when the case has labels.
+
+    ``source`` is ``real`` (the same patient or a chosen image) or ``copy`` (another case of a dataset).
+    """
     if case.image is None:
         raise ValueError("a real informed slice needs the case's image")
     mask = case.label[z] if case.label is not None else None
-    return InformedSlice(image=case.image[z], mask=mask, source="real", provenance={**provenance, "model_index": z})
+    return InformedSlice(image=case.image[z], mask=mask, source=source, provenance={**provenance, "model_index": z})
 
 
 def read_slice_file(path: Path, cfg: DataConfig) -> tuple[InformedSlice, tuple[float, float]]:

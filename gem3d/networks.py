@@ -51,8 +51,10 @@ def encode_mask(label: torch.Tensor, num_labels: int, encoding: str) -> torch.Te
 
 
 def condition_channels(cfg: ModelConfig, num_labels: int) -> int:
-    """Channels of the denoiser's condition: mask + informed slice (+ informed mask)."""
+    """Channels of the denoiser's condition: mask (+ informed slice (+ its mask))."""
     per_mask = mask_channels(num_labels, cfg.mask_encoding)
+    if not cfg.informed_slice:
+        return per_mask
     return per_mask + 1 + (per_mask if cfg.informed_mask else 0)
 
 
@@ -71,13 +73,13 @@ def build_condition(
         informed_mask: ``[B, H, W]`` label ids of the informed slice.
     Returns:
         ``[B, Cc, D, H, W]``: encoded mask per slice, then the informed slice (and its encoded
-        mask) repeated along D.
+        mask) repeated along D; only the encoded mask when ``cfg.informed_slice`` is off.
     """
     depth = mask.shape[1]
-    parts = [
-        encode_mask(mask, num_labels, cfg.mask_encoding),
-        informed.unsqueeze(1).unsqueeze(2).expand(-1, -1, depth, -1, -1),
-    ]
+    encoded_mask = encode_mask(mask, num_labels, cfg.mask_encoding).to(informed.dtype)
+    if not cfg.informed_slice:  # the mask-only baseline
+        return encoded_mask
+    parts = [encoded_mask, informed.unsqueeze(1).unsqueeze(2).expand(-1, -1, depth, -1, -1)]
     if cfg.informed_mask:
         encoded = encode_mask(informed_mask, num_labels, cfg.mask_encoding)  # [B, K, H, W]
         parts.append(encoded.unsqueeze(2).expand(-1, -1, depth, -1, -1))

@@ -5,8 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from gem3d.config import Config, config_from_dict
+
+# The test models are tiny: one intra-op thread is as fast, and it does not collapse when the two
+# cores are shared with other processes (OpenMP barriers under oversubscription took 35x longer).
+torch.set_num_threads(1)
 
 MICRO = {
     "data": {"image_size": 16, "window": 4, "num_labels": 4},

@@ -1,0 +1,205 @@
+"""The applications end to end on a micro run: sample, counterfactual, enhance, deenhance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from experiments.cli import main
+from gem3d.config import Config
+from gem3d.data.dataset import load_volumes
+from gem3d.runs import train_stage
+
+
+@pytest.fixture(scope="module")
+def run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from gem3d.config import config_from_dict
+    from tests.conftest import MICRO
+
+    cfg: Config = config_from_dict(MICRO, "micro")
+    volumes = load_volumes(phantom_dir, cfg.data)
+    folder = tmp_path_factory.mktemp("run") / "run"
+    for stage, steps in (("slice", 3), ("volume", 2), ("informed", 2)):
+        train_stage(cfg, volumes, stage, folder, steps=steps)  # type: ignore[arg-type]
+    return folder
+
+
+def _gem3d(*args: object) -> int:
+    return main([str(a) for a in args])
+
+
+def test_sample_keeps_the_masks_geometry_and_seeds_give_identical_bytes(
+    run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    mask = phantom_dir / "labelsTr" / "phantom_001.nii.gz"
+    image = phantom_dir / "imagesTr" / "phantom_001_0000.nii.gz"
+
+    for name, seed in (("a", 1), ("b", 1), ("c", 2)):
+        assert (
+            _gem3d(
+                "sample",
+                "--checkpoint",
+                run,
+                "--mask",
+                mask,
+                "--informed",
+                f"real:{image}@6",
+                "--seed",
+                seed,
+                "--out",
+                tmp_path / f"{name}.nii.gz",
+            )
+            == 0
+        )
+
+    out, reference = nib.load(tmp_path / "a.nii.gz"), nib.load(mask)
+    assert out.shape == reference.shape
+    np.testing.assert_allclose(out.affine, reference.affine)
+    assert out.header.get_zooms() == reference.header.get_zooms()
+    assert (tmp_path / "a.nii.gz").read_bytes() == (tmp_path / "b.nii.gz").read_bytes()
+    assert (tmp_path / "a.nii.gz").read_bytes() != (tmp_path / "c.nii.gz").read_bytes()
+    provenance = json.loads((tmp_path / "a.provenance.json").read_text())
+    assert provenance["seed"] == 1 and provenance["informed"]["kind"] == "real"
+    assert len(provenance["checkpoints"]["volume"]) == 64
+    assert np.isfinite(out.get_fdata()).all()
+
+
+@pytest.mark.parametrize("source", ["generate", "file"])
+def test_sample_from_generated_or_file_informed_slice(
+    run: Path, phantom_dir: Path, tmp_path: Path, source: str
+) -> None:
+    mask = phantom_dir / "labelsTr" / "phantom_002.nii.gz"
+    spec = source
+    if source == "file":
+        slice_ = nib.load(phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz").get_fdata()[:, :, 6]
+        nib.save(nib.Nifti1Image(slice_.astype(np.float32), np.eye(4)), tmp_path / "slice.nii.gz")
+        spec = f"file:{tmp_path / 'slice.nii.gz'}"
+
+    code = _gem3d("sample", "--checkpoint", run, "--mask", mask, "--informed", spec, "--out", tmp_path / "s.nii.gz")
+
+    assert code == 0
+    assert nib.load(tmp_path / "s.nii.gz").shape == nib.load(mask).shape
+    assert json.loads((tmp_path / "s.provenance.json").read_text())["informed"]["kind"] == source
+
+
+def test_counterfactual_removes_a_label(run: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    mask = phantom_dir / "labelsTr" / "phantom_001.nii.gz"
+    other = phantom_dir / "imagesTr" / "phantom_003_0000.nii.gz"
+
+    code = _gem3d(
+        "counterfactual",
+        "--checkpoint",
+        run,
+        "--mask",
+        mask,
+        "--informed",
+        f"real:{other}",
+        "--remove-label",
+        3,
+        "--out",
+        tmp_path / "cf.nii.gz",
+    )
+
+    assert code == 0
+    edited = np.asarray(nib.load(tmp_path / "cf_mask.nii.gz").dataobj)
+    assert 3 in np.asarray(nib.load(mask).dataobj) and 3 not in edited
+    assert json.loads((tmp_path / "cf.provenance.json").read_text())["mask_edits"][0]["name"] == "remove"
+
+
+@pytest.mark.parametrize(("informed", "edits"), [("copy", "flip"), ("generate", "rotate:10")])
+def test_enhance_writes_a_dataset_with_provenance(
+    run: Path, phantom_dir: Path, tmp_path: Path, informed: str, edits: str
+) -> None:
+    out = tmp_path / "enhanced"
+
+    code = _gem3d(
+        "enhance",
+        "--checkpoint",
+        run,
+        "--data",
+        phantom_dir,
+        "--per-case",
+        2,
+        "--informed",
+        informed,
+        "--mask-edit",
+        edits,
+        "--out",
+        out,
+    )
+
+    assert code == 0
+    assert len(list((out / "imagesTr").glob("*_0000.nii.gz"))) == 8
+    assert len(list((out / "labelsTr").glob("*.nii.gz"))) == 8
+    assert json.loads((out / "dataset.json").read_text())["numTraining"] == 8
+    record = json.loads((out / "provenance" / "phantom_000_syn001.json").read_text())
+    assert record["source_case"] == "phantom_000" and record["informed"]["kind"] == informed
+    assert record["mask_edits"][0]["name"] == edits.split(":")[0]
+    source = nib.load(phantom_dir / "labelsTr" / "phantom_000.nii.gz")
+    synthetic = nib.load(out / "imagesTr" / "phantom_000_syn001_0000.nii.gz")
+    assert synthetic.shape == source.shape
+    np.testing.assert_allclose(synthetic.affine, source.affine)
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
+
+
+def test_deenhance_reports_site_spread(run: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    sites = tmp_path / "sites"
+    for site, cases in (("site_0", ("000", "001")), ("site_1", ("002", "003"))):
+        (sites / site / "imagesTr").mkdir(parents=True)
+        (sites / site / "labelsTr").mkdir()
+        for case in cases:
+            shutil.copy(phantom_dir / "imagesTr" / f"phantom_{case}_0000.nii.gz", sites / site / "imagesTr")
+            shutil.copy(phantom_dir / "labelsTr" / f"phantom_{case}.nii.gz", sites / site / "labelsTr")
+    reference = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
+
+    code = _gem3d(
+        "deenhance", "--checkpoint", run, "--data", sites, "--reference", f"{reference}@6", "--out", tmp_path / "de"
+    )
+
+    assert code == 0
+    report = json.loads((tmp_path / "de" / "deenhance_report.json").read_text())
+    assert report["site_spread_before"]["sites"] == ["site_0", "site_1"]
+    assert len(report["cases"]) == 4
+    assert np.isfinite(report["site_spread_after"]["mean"]) and np.isfinite(report["spread_reduction"])
+    assert len(list((tmp_path / "de" / "imagesTr").glob("*.nii.gz"))) == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["--informed", "copy"], "unknown source 'copy'"),
+        (["--informed", "real:/nonexistent.nii.gz"], "/nonexistent.nii.gz: informed-slice file not found"),
+        (["--informed", "generate", "--mask", "/nonexistent_mask.nii.gz"], "/nonexistent_mask.nii.gz"),
+    ],
+)
+def test_sample_bad_input_is_one_clear_error(
+    run: Path, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
+) -> None:
+    argv = {
+        "--checkpoint": str(run),
+        "--mask": str(phantom_dir / "labelsTr" / "phantom_000.nii.gz"),
+        "--out": str(tmp_path / "x.nii.gz"),
+    }
+    argv.update(dict(zip(args[::2], args[1::2], strict=True)))
+
+    code = main(["sample", *[a for pair in argv.items() for a in pair]])
+
+    assert code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "x.nii.gz").exists()
+
+
+def test_existing_output_is_never_overwritten(run: Path, phantom_dir: Path, tmp_path: Path) -> None:
+    out = tmp_path / "kept"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+
+    code = _gem3d("enhance", "--checkpoint", run, "--data", phantom_dir, "--out", out)
+
+    assert code == 2
+    assert (out / "precious.txt").read_text() == "keep me"
