@@ -227,3 +227,33 @@ def build_cfg_from_run(run: Path) -> Config:
     from gem3d.config import config_from_dict
 
     return config_from_dict(json.loads((run / "config.json").read_text()))
+
+
+def test_empty_poisson_batches_are_noise_steps_and_accounted(
+    micro_cfg: Config, phantom_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _dp_cfg(micro_cfg)
+    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"batch_size": 1})})  # q = 1/4
+    volumes = load_volumes(phantom_dir, cfg.data)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", cfg.privacy)
+    model = build_model("volume", cfg)
+    freeze_for_stage(model, "volume", False)
+    state = new_state(model, cfg.train)
+    sizes: list[float] = []
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    train_private(
+        state,
+        train_scheduler(cfg.diffusion),
+        WindowSource(volumes, cfg.data.window),
+        "volume",
+        6,
+        cfg.train,
+        lambda metrics: sizes.append(metrics["batch_size"]),
+        privacy_cfg=cfg.privacy,
+        ledger=ledger,
+    )
+
+    assert 0.0 in sizes and len(sizes) == 6  # seeded: at least one empty batch among the six
+    assert ledger.history == [(1.0, 0.25, 6)]
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if p.requires_grad)
