@@ -201,6 +201,22 @@ class PrivacyLedger:
         self.save()
         return epsilon
 
+    def report(self) -> dict[str, Any]:
+        """ε, δ and what they mean, for reports and federated replies.
+
+        The level is *example-level* DP-SGD at this site, the example being one patient's volume
+        (see ``privacy.dp_sgd``); client-level DP on the server is a different guarantee with its
+        own ε, and reports must say which one they carry.
+        """
+        return {
+            "level": "example-level DP-SGD at one site; the unit is one patient (one volume)",
+            "epsilon": self.epsilon,
+            "delta": self.delta,
+            "accountant": self.accountant_name,
+            "steps": self.steps,
+            "budget_epsilon": self.budget_epsilon,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "format": LEDGER_FORMAT,

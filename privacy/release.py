@@ -172,19 +172,7 @@ def check_ledger(ledger: PrivacyLedger | None, policy: ReleasePolicy) -> dict[st
         raise ReleaseRefusedError(
             f"{ledger.path}: site ε = {ledger.epsilon:.3f} exceeds privacy.budget_epsilon = {ledger.budget_epsilon:g}"
         )
-    return epsilon_report(ledger)
-
-
-def epsilon_report(ledger: PrivacyLedger) -> dict[str, Any]:
-    """What a site's ε means, for reports: example-level DP-SGD whose unit is one patient volume."""
-    return {
-        "level": "example-level DP-SGD at one site; the unit is one patient (one volume)",
-        "epsilon": ledger.epsilon,
-        "delta": ledger.delta,
-        "accountant": ledger.accountant_name,
-        "steps": ledger.steps,
-        "budget_epsilon": ledger.budget_epsilon,
-    }
+    return ledger.report()
 
 
 def pseudonymous_ids(count: int, seed: int | None = None, prefix: str = "gem3d_syn_") -> list[str]:
@@ -332,7 +320,6 @@ __all__ = [
     "check_informed_pixels",
     "check_ledger",
     "check_policy",
-    "epsilon_report",
     "pseudonymous_ids",
     "release_cohort",
     "scrub_nifti",
