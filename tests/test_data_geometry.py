@@ -13,7 +13,8 @@ from experiments.cli import main
 from gem3d.config import DataConfig
 from gem3d.data.geometry import CaseGeometry, mask_to_model_grid, to_model_grid, to_original_grid
 from gem3d.data.nifti import save_nifti
-from gem3d.data.prepare import case_geometry, load_prepared, read_manifest
+from gem3d.data.prepare import case_geometry, load_prepared, read_manifest, typical_intensity
+from gem3d.errors import DataError
 
 # An oblique-free but awkward affine: axes permuted (file x is world -y), flipped, anisotropic.
 AFFINE = np.array([[0.0, 0.0, -2.0, 40.0], [-1.25, 0.0, 0.0, 25.0], [0.0, 1.5, 0.0, -30.0], [0.0, 0.0, 0.0, 1.0]])
@@ -63,6 +64,7 @@ def test_prepare_then_invert_restores_affine_spacing_shape_and_labels(tmp_path: 
     assert code == 0
     cfg = DataConfig(image_size=16, window=4, num_labels=3, modality="ct", ct_window=(0.0, 600.0))
     geometry = case_geometry(read_manifest(tmp_path / "p"), "body")
+    assert typical_intensity(read_manifest(tmp_path / "p")) == (0.0, 600.0)  # the CT window
     volume = load_prepared(tmp_path / "p", cfg)[0]
     # execute
     back_image, back_label = to_original_grid(geometry, image=np.asarray(volume.image), label=np.asarray(volume.label))
@@ -115,14 +117,14 @@ def test_geometry_is_json_serialisable_and_model_affine_places_voxels(tmp_path: 
 
 
 def test_lone_mask_goes_to_the_model_grid_and_back_into_its_exact_geometry(tmp_path: Path) -> None:
-    # prepare: a user's mask with its own affine
+    # prepare: a user's mask with its own affine, in original BraTS-like values 0, 1, 4
     _, label = _case((20, 18, 12))
-    label[label == 3] = 2
+    label[label == 3] = 4
     affine = np.array([[1.2, 0.0, 0.0, -11.0], [0.0, -0.9, 0.0, 8.0], [0.0, 0.0, 2.5, 3.0], [0.0, 0.0, 0.0, 1.0]])
     save_nifti(tmp_path / "mask.nii.gz", label, affine)
     cfg = DataConfig(image_size=16, window=4, num_labels=3)
     # execute: the sampler's path: mask -> model grid -> a synthetic image -> the mask's grid
-    grid = mask_to_model_grid(tmp_path / "mask.nii.gz", cfg)
+    grid = mask_to_model_grid(tmp_path / "mask.nii.gz", cfg, label_values=(0, 1, 4), intensity=(0.0, 800.0))
     assert grid.label is not None and grid.image is None
     synthetic = np.where(grid.label > 0, 0.5, -1.0).astype(np.float32)
     back, _ = to_original_grid(grid.geometry, image=synthetic)
@@ -130,12 +132,15 @@ def test_lone_mask_goes_to_the_model_grid_and_back_into_its_exact_geometry(tmp_p
     save_nifti(tmp_path / "synthetic.nii.gz", back, grid.geometry.affine_array)
     # assert
     mask, written = nib.load(tmp_path / "mask.nii.gz"), nib.load(tmp_path / "synthetic.nii.gz")
-    assert grid.label.shape[1:] == (16, 16)
+    assert grid.label.shape[1:] == (16, 16) and set(np.unique(grid.label)) == {0, 1, 2}
     assert written.shape == mask.shape
     np.testing.assert_allclose(written.affine, mask.affine, atol=1e-6)
     np.testing.assert_allclose(written.header.get_zooms(), mask.header.get_zooms(), atol=1e-6)
-    inside = np.asarray(written.dataobj) > 0.5 * (grid.geometry.intensity_high + grid.geometry.intensity_low)
-    assert (inside == (label > 0)).mean() > 0.95
+    values = np.asarray(written.dataobj)
+    assert values.min() >= 0.0 and values.max() == pytest.approx(600.0, abs=1.0)  # 0.5 in [-1, 1] -> 600
+    assert ((values > 300.0) == (label > 0)).mean() > 0.95
+    with pytest.raises(DataError, match=r"unexpected label values \[4\]"):
+        mask_to_model_grid(tmp_path / "mask.nii.gz", cfg)
 
 
 def test_to_original_grid_rejects_arrays_of_the_wrong_shape() -> None:
@@ -143,8 +148,6 @@ def test_to_original_grid_rejects_arrays_of_the_wrong_shape() -> None:
     image, label = _case((16, 16, 9))
     grid = to_model_grid(image, label, np.eye(4), DataConfig(image_size=16, num_labels=4), label_values=(0, 1, 3))
     # execute / assert
-    from gem3d.errors import DataError
-
     with pytest.raises(DataError, match="does not match the model grid"):
         to_original_grid(grid.geometry, image=np.zeros((3, 16, 16), dtype=np.float32))
 

@@ -24,7 +24,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import torch
 from monai.transforms import Resize, ScaleIntensityRange
@@ -245,6 +244,7 @@ def to_model_grid(
     margin: int = 2,
     square: bool = True,
     source: str = "<case>",
+    intensity: tuple[float, float] | None = None,
 ) -> ModelGridCase:
     """Bring a case (or a lone mask) from its original grid to the model grid.
 
@@ -256,6 +256,8 @@ def to_model_grid(
             ``0..cfg.num_labels-1``. Pass ``()`` to keep original values (int64) for a table built later.
         margin: voxels added around the foreground box.
         square: grow the box in-plane to a square field of view in mm.
+        intensity: without an image, the original (low, high) that [-1, 1] maps back to; default
+            the CT window for CT, and (0, 1) arbitrary units for MRI.
     Returns:
         image ``[D, H, W]`` float32 in [-1, 1] (or None), label ``[D, H, W]`` uint8 ids (or None),
         and the ``CaseGeometry`` that ``to_original_grid`` inverts.
@@ -283,7 +285,8 @@ def to_model_grid(
     model_shape = (depth, cfg.image_size, cfg.image_size)
     axes = model_axes(axis)
 
-    background, low, high = 0.0, 0.0, 1.0
+    low, high = intensity or (cfg.ct_window if cfg.modality == "ct" else (0.0, 1.0))
+    background = low
     model_image = None
     if canon_image is not None:
         background = float(canon_image.min())
@@ -363,26 +366,34 @@ def to_original_grid(
 
 
 def mask_to_model_grid(
-    path: str | Path, cfg: DataConfig, label_values: Sequence[int] | None = None, margin: int = 2
+    path: str | Path,
+    cfg: DataConfig,
+    label_values: Sequence[int] | None = None,
+    margin: int = 2,
+    intensity: tuple[float, float] | None = None,
 ) -> ModelGridCase:
     """A user's mask NIfTI on the model grid, remembering its geometry.
 
-    The sampler brings ``MASK.nii.gz`` here, generates ``[D, H, W]`` on ``result.label``'s grid, and
-    writes ``to_original_grid(result.geometry, image=synthetic)[0]`` with ``result.geometry.affine``,
-    which gives the mask's exact shape, affine and spacing.
+    The sampler brings ``MASK.nii.gz`` here, generates an image ``[D, H, W]`` in [-1, 1] on
+    ``result.label``'s grid, and writes ``to_original_grid(result.geometry, image=synthetic)[0]``
+    with ``save_nifti(out, array, result.geometry.affine_array)``: the mask's exact shape, affine and
+    spacing. The crop matches a training case's (see ``signal_threshold``).
 
+    Args:
+        label_values: the training data's label table (``read_manifest(cache)["label_values"]``),
+            so a mask in original values (e.g. BraTS 0, 1, 2, 4) maps to the same ids; None means
+            the mask already holds ids 0..num_labels-1.
+        intensity: the original (low, high) that [-1, 1] maps back to, e.g. the informed slice's
+            source case's range or ``typical_intensity(manifest)``; default the CT window for CT
+            and (0, 1) for MRI.
     Returns:
         ``ModelGridCase`` with ``image=None`` and ``label`` ``[D, H, W]`` uint8 ids.
+    Raises:
+        DataError: unreadable or invalid mask, empty, or values outside the label table.
     """
     label, header = read_label(path)
     if not (label > 0).any():
         raise DataError(f"{path}: empty label map (no foreground voxels)")
-    return to_model_grid(None, label, header.affine, cfg, label_values, margin=margin, source=str(path))
-
-
-def nifti_like(data: np.ndarray, geometry: CaseGeometry) -> nib.Nifti1Image:
-    """A NIfTI image of an original-grid array with the case's affine (sform and qform set)."""
-    image = nib.Nifti1Image(data, geometry.affine_array)
-    image.set_qform(geometry.affine_array, code=1)
-    image.set_sform(geometry.affine_array, code=1)
-    return image
+    return to_model_grid(
+        None, label, header.affine, cfg, label_values, margin=margin, source=str(path), intensity=intensity
+    )

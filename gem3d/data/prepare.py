@@ -288,6 +288,14 @@ def case_geometry(manifest: dict[str, Any], case_id: str) -> CaseGeometry:
     raise DataError(f"manifest: no case '{case_id}'")
 
 
+def typical_intensity(manifest: dict[str, Any]) -> tuple[float, float]:
+    """The median (low, high) original intensity range over a prepared dataset's cases: what a
+    synthetic image with no source case of its own is mapped back to."""
+    ranges = np.array([[c["geometry"]["intensity_low"], c["geometry"]["intensity_high"]] for c in manifest["cases"]])
+    low, high = np.median(ranges, axis=0)
+    return float(low), float(high)
+
+
 def check_compatible(manifest: dict[str, Any], cfg: DataConfig, where: Path) -> None:
     """A cache serves a config only if the grid-defining fields agree and the labels fit."""
     prepared = manifest.get("data", {})
@@ -344,4 +352,5 @@ __all__ = [
     "load_prepared",
     "prepare_dataset",
     "read_manifest",
+    "typical_intensity",
 ]
