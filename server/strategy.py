@@ -95,6 +95,7 @@ class ObservedStrategy(Strategy):
         self.min_replies = min_replies
         self.label = label
         self.round: dict[str, Any] = {}
+        self.sampled: set[int] = set()
 
     def summary(self) -> None:
         self.inner.summary()
@@ -104,6 +105,7 @@ class ObservedStrategy(Strategy):
     ) -> Iterable[Message]:
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         sent = messages[0].content["arrays"] if messages else arrays
+        self.sampled = {message.metadata.dst_node_id for message in messages}
         self.round = {
             "sent-arrays": len(sent),
             "sent-bytes": sent.count_bytes(),
@@ -118,17 +120,17 @@ class ObservedStrategy(Strategy):
         replies = list(replies)
         valid = [reply for reply in replies if not reply.has_error()]
         failed = [reply for reply in replies if reply.has_error()]
+        # The SuperLink answers for a dead node (Node Unavailable) under its own id: name the silent nodes.
+        silent = sorted(self.sampled - {reply.metadata.src_node_id for reply in valid})
+        failures = []
         for reply in failed:
-            logger.error(
-                "%s round %d: site on node %d failed and is left out: %s",
-                self.label,
-                server_round,
-                reply.metadata.src_node_id,
-                reply.error.reason,
-            )
+            source = reply.metadata.src_node_id
+            who = f"node {source}" if source in self.sampled else f"node(s) {', '.join(map(str, silent))}"
+            failures.append(f"{who}: {reply.error.reason}")
+            logger.error("%s round %d: %s failed and is left out", self.label, server_round, failures[-1])
         self.round["sites-ok"] = len(valid)
         self.round["sites-failed"] = len(failed)
-        self.round["failures"] = [f"node {r.metadata.src_node_id}: {r.error.reason}" for r in failed]
+        self.round["failures"] = failures
         self.round["received-bytes"] = sum(r.content["arrays"].count_bytes() for r in valid)
         self.round["per-site"] = {
             str(r.metadata.src_node_id): dict(next(iter(r.content.metric_records.values()))) for r in valid
