@@ -6,10 +6,20 @@ import argparse
 import sys
 from types import ModuleType
 
-from experiments.commands import audit, counterfactual, deenhance, demo_data, enhance, prepare, sample, train
+from experiments.commands import (
+    audit,
+    counterfactual,
+    deenhance,
+    demo_data,
+    enhance,
+    prepare,
+    release,
+    sample,
+    train,
+)
 from gem3d.errors import Gem3dError
 
-COMMANDS: list[ModuleType] = [demo_data, prepare, train, sample, enhance, counterfactual, deenhance, audit]
+COMMANDS: list[ModuleType] = [demo_data, prepare, train, sample, enhance, counterfactual, deenhance, audit, release]
 
 
 def build_parser() -> argparse.ArgumentParser:
