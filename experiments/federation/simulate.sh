@@ -38,9 +38,13 @@ stop_superlink() {
 }
 trap stop_superlink EXIT
 
+# `gem3d demo-data` also writes a test/ split: the server scores the global model on it every round.
+SERVER_DATA=""
+[[ -d "$DATA_ROOT/test/labelsTr" ]] && SERVER_DATA="server-data='$DATA_ROOT/test'"
+
 cd "$REPO"
 submitted=$(flwr run . --format json --federation-config "num-supernodes=$SITES" \
-    --run-config "data-root='$DATA_ROOT' out-dir='$OUT_DIR' $EXTRA")
+    --run-config "data-root='$DATA_ROOT' out-dir='$OUT_DIR' $SERVER_DATA $EXTRA")
 RUN_ID=$(python -c 'import json, sys; print(json.load(sys.stdin)["run-id"])' <<<"$submitted")
 echo "run $RUN_ID: $SITES site(s) from $DATA_ROOT -> $OUT_DIR"
 while :; do
