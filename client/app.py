@@ -34,6 +34,8 @@ def _answer(msg: Message, context: Context, work: Callable[[], RecordDict]) -> M
 
 def _job(msg: Message) -> tuple[dict[str, Any], Job]:
     record = dict(msg.content["config"])
+    # Sites often share a machine (simulation, small hospitals): the server sets the thread budget.
+    torch.set_num_threads(max(int(record.get("torch-threads", torch.get_num_threads())), 1))
     return record, Job.from_record(record)
 
 
@@ -47,7 +49,6 @@ def train(msg: Message, context: Context) -> Message:
 
     def work() -> RecordDict:
         record, job = _job(msg)
-        torch.set_num_threads(max(int(record.get("torch-threads", torch.get_num_threads())), 1))
         site = locate_site(dict(context.node_config), record)
         weights, metrics = train_round(site, job, _arrays(msg))
         return RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
