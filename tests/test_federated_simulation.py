@@ -81,6 +81,8 @@ def scenario(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
         start_new_session=True,
         timeout=300,
     )
+    if not (out / "server_state.json").exists():
+        pytest.fail(f"the first run checkpointed no round (exit {first.returncode}):\n{first.stderr[-3000:]}")
     killed_state = json.loads((out / "server_state.json").read_text())
     shutil.copy(out / "slice.safetensors", out.parent / "slice_after_kill.safetensors")
     # execute 2: resume, now with three SuperNodes and at least two answers required per round
@@ -100,8 +102,12 @@ def test_one_site_one_round_of_fedavg_equals_local_training(scenario: dict[str, 
     cfg = load_config(REPO / "experiments" / "configs" / "tiny.toml", parse_set(MICRO_SET))
     site = scenario["root"] / "site_0"
     # execute: `gem3d train` of the same steps from the same seed
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the site trained with one thread: same float reduction order
-    train_stage(cfg, load_volumes(site, cfg.data), "slice", tmp_path / "local", steps=cfg.federation.local_steps)
+    try:
+        train_stage(cfg, load_volumes(site, cfg.data), "slice", tmp_path / "local", steps=cfg.federation.local_steps)
+    finally:
+        torch.set_num_threads(threads)
     # assert
     federated = subset(load_checkpoint(scenario["slice_after_kill"])[0], "model")
     local = subset(load_checkpoint(tmp_path / "local" / "slice.safetensors")[0], "model")
