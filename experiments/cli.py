@@ -12,6 +12,7 @@ from experiments.commands import (
     deenhance,
     demo_data,
     enhance,
+    evaluate,
     prepare,
     release,
     sample,
@@ -19,7 +20,18 @@ from experiments.commands import (
 )
 from gem3d.errors import Gem3dError
 
-COMMANDS: list[ModuleType] = [demo_data, prepare, train, sample, enhance, counterfactual, deenhance, audit, release]
+COMMANDS: list[ModuleType] = [
+    demo_data,
+    prepare,
+    train,
+    sample,
+    enhance,
+    counterfactual,
+    deenhance,
+    audit,
+    release,
+    evaluate,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,196 @@
+"""Score a run with the fixed evaluation protocol (experiments/evaluation/PROTOCOL.md).
+
+On held-out cases (DATA: an nnU-Net raw dataset, a prepared cache, or a cohort root with test/)
+each case's real informed slice at the protocol's position conditions the run's sampler. The report
+holds fidelity (PSNR, SSIM, MS-SSIM, whole and foreground), appearance transfer with and without
+the informed slice, the seam ratio and view check, FID/MMD per view (with the named feature
+extractor), diversity, and downstream segmentation Dice with 95% intervals over seeds, for GEM-3D
+and the baselines:
+
+  mask-only    a run trained with model.informed_slice=false (--baseline-checkpoint
+               mask-only=RUN, or trained here from --train-data at the run's steps)
+  no-overlap   the same run, sampled on independent windows with no overlap
+  full-3d      a MONAI 3D DiffusionModelUNet (--baseline-checkpoint full-3d=FILE, or trained
+               here from --train-data for the run's slice + volume steps)
+
+Baselines trained here go to REPORT's folder, <stem>.baselines/, for reuse. --quick reduces
+steps, seeds and samples for a CPU smoke run; every reduction is listed under "deviations".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from experiments.evaluation.distribution import load_feature_extractor
+from experiments.evaluation.report import write_report
+from experiments.evaluation.run import BASELINE_NAMES, BASELINES, Settings, evaluate, montage, quick_settings
+from gem3d.errors import ConfigError, DataError
+
+NAME = "evaluate"
+HELP = "score a run against held-out cases and baselines (PROTOCOL.md)"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--checkpoint", required=True, type=Path, help="the run folder to evaluate")
+    parser.add_argument("--data", required=True, type=Path, help="held-out cases (dataset, or cohort root with test/)")
+    parser.add_argument("--out", required=True, type=Path, help="REPORT.json (a montage PNG is written beside it)")
+    parser.add_argument(
+        "--baselines",
+        default="mask-only,no-overlap,full-3d",
+        help="comma-separated: mask-only, no-overlap, full-3d, or 'none' (default: all three)",
+    )
+    parser.add_argument(
+        "--baseline-checkpoint",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a trained baseline: mask-only=RUN_FOLDER or full-3d=FILE.safetensors (repeatable)",
+    )
+    parser.add_argument(
+        "--train-data", type=Path, help="the run's training data: trains the baselines not given as checkpoints"
+    )
+    parser.add_argument(
+        "--feature-extractor",
+        "--features",
+        default="random",
+        help="FID/MMD features: random[:SEED] (offline, labelled), export:PATH, torchscript:PATH, resnet50:PATH",
+    )
+    parser.add_argument(
+        "--seeds", help="downstream segmentation seeds, comma-separated (default: the protocol's 0,1,2)"
+    )
+    parser.add_argument("--quick", action="store_true", help="CPU smoke setting (reported as deviations)")
+    parser.add_argument("--no-downstream", action="store_true", help="skip the segmentation task (a deviation)")
+    parser.add_argument("--device", help="override train.device for sampling (cpu, cuda)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest on a shared small CPU)")
+    parser.add_argument("--track", type=Path, help="also log the report to this MLflow store folder")
+
+
+def _parse_baselines(text: str) -> list[str]:
+    if text.strip().lower() == "none":
+        return []
+    chosen = []
+    for name in filter(None, (part.strip() for part in text.split(","))):
+        if name not in BASELINE_NAMES:
+            raise ConfigError(f"--baselines: unknown baseline '{name}' (use mask-only, no-overlap, full-3d or none)")
+        chosen.append(BASELINE_NAMES[name])
+    return chosen
+
+
+def _parse_checkpoints(items: list[str]) -> dict[str, Path]:
+    out = {}
+    for item in items:
+        name, sep, path = item.partition("=")
+        key = BASELINE_NAMES.get(name.strip())
+        if not sep or key not in ("mask_only", "full_3d"):
+            raise ConfigError(f"--baseline-checkpoint {item}: expected mask-only=RUN_FOLDER or full-3d=FILE")
+        if not Path(path).exists():
+            raise DataError(f"{path}: baseline checkpoint not found")
+        out[key] = Path(path)
+    return out
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    seeds = None
+    if args.seeds:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(","))
+        except ValueError:
+            raise ConfigError(f"--seeds {args.seeds}: expected comma-separated integers") from None
+    if args.quick:
+        return quick_settings(seeds)
+    if seeds is None:
+        return Settings()
+    return Settings(downstream_seeds=seeds, deviations=(f"--seeds: downstream seeds {list(seeds)}",))
+
+
+def _check_inputs(args: argparse.Namespace) -> None:
+    if not args.checkpoint.exists():
+        raise DataError(f"{args.checkpoint}: checkpoint not found")
+    if not args.data.is_dir():
+        raise DataError(f"{args.data}: evaluation data folder not found")
+    if args.out.suffix != ".json":
+        raise DataError(f"{args.out}: the report must be a .json file")
+    if args.train_data is not None and not args.train_data.is_dir():
+        raise DataError(f"{args.train_data}: training data folder not found")
+    if args.threads is not None and args.threads < 1:
+        raise ConfigError(f"--threads {args.threads}: must be at least 1")
+
+
+def _track(store: Path, report_path: Path, picture: Path | None, report: dict) -> None:
+    from experiments.tracking import Tracker
+
+    with Tracker(store, "gem3d-evaluate", report_path.stem, tags={"protocol": report["protocol"]}) as tracker:
+        gem3d = report["methods"]["gem3d"]
+        metrics = {f"gem3d.{k}": v for k, v in gem3d["fidelity"].items()}
+        for key in BASELINES:
+            if "fidelity" in report["methods"][key]:
+                metrics.update({f"{key}.{k}": v for k, v in report["methods"][key]["fidelity"].items()})
+        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
+        tracker.log_artifact(report_path, "evaluation")
+        if picture is not None:
+            tracker.log_artifact(picture, "evaluation")
+
+
+def run(args: argparse.Namespace) -> int:
+    _check_inputs(args)
+    methods = ["gem3d", *_parse_baselines(args.baselines)]
+    checkpoints = _parse_checkpoints(args.baseline_checkpoint)
+    settings = _settings(args)
+    try:
+        extractor = load_feature_extractor(args.feature_extractor)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"--feature-extractor: {error}") from None
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    report, scored = evaluate(
+        args.checkpoint,
+        args.data,
+        methods=methods,
+        baseline_checkpoints=checkpoints,
+        train_data=args.train_data,
+        baselines_dir=args.out.parent / f"{args.out.stem}.baselines",
+        extractor=extractor,
+        settings=settings,
+        device=args.device,
+        downstream=not args.no_downstream,
+    )
+    write_report(args.out, report)
+    picture = montage(scored, args.out.with_suffix(".png"))
+    if args.track is not None:
+        _track(args.track, args.out, picture, report)
+    _summary(report, args.out, picture)
+    return 0
+
+
+def _number(value: object) -> str:
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def _summary(report: dict, out: Path, picture: Path) -> None:
+    print(f"protocol {report['protocol']}, features: {report['settings']['feature_extractor']}")
+    print(f"{'method':<20} {'psnr':>7} {'psnr_fg':>7} {'ssim':>6} {'app_err':>7} {'seam':>6} {'fid_mean':>9}")
+    for key, section in report["methods"].items():
+        if "skipped" in section:
+            print(f"{key:<20} skipped: {section['skipped']}")
+            continue
+        fid, seam = section["fidelity"], section["seam_ratio"]
+        print(
+            f"{key:<20} {_number(fid['psnr']):>7} {_number(fid['psnr_foreground']):>7} {_number(fid['ssim']):>6} "
+            f"{_number(section['appearance']['foreground_mean']):>7} "
+            f"{_number(seam['mean']) if seam else '-':>6} {_number(section['distribution']['fid_mean']):>9}"
+        )
+    downstream = report["downstream"]
+    if "real_only" in downstream:
+        print(f"downstream Dice real-only {_number(downstream['real_only']['mean'])}", end="")
+        for key in report["methods"]:
+            if key in downstream:
+                print(f", {key} gain {_number(downstream[key]['gain']['mean'])}", end="")
+        print()
+    if report["deviations"]:
+        print("deviations: " + json.dumps(report["deviations"]), file=sys.stderr)
+    print(f"wrote {out} and {picture}")

@@ -1,0 +1,183 @@
+"""Baseline models of the evaluation protocol (``PROTOCOL.md`` section 2, ``METHODS``).
+
+* ``train_mask_only``: the ``mask_only`` baseline, a GEM-3D run trained exactly like the main run
+  (config, data, steps, seed) but with ``model.informed_slice = false``, so the network's
+  informed-slice inputs are zero in training and in sampling.
+* ``Full3D``: the ``full_3d`` baseline, a MONAI ``DiffusionModelUNet(spatial_dims=3)`` that denoises
+  whole volumes, conditioned on the one-hot mask by channel concatenation. It uses the run's noise
+  schedule (DDPM for training, DDIM for sampling) and prediction type.
+
+Nothing here downloads anything; every model is trained on the data it is given.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from monai.networks.nets import DiffusionModelUNet
+
+from gem3d.checkpoint import load_checkpoint, save_checkpoint
+from gem3d.config import Config, config_from_dict
+from gem3d.data.volume import Volume, fingerprint
+from gem3d.diffusion import sample_scheduler, train_scheduler
+from gem3d.errors import CheckpointError
+from gem3d.runs import train_stage
+
+FULL3D_CHANNELS = (16, 32, 32)  # the largest width that trains 32^3 volumes in minutes on 2 CPU cores
+FULL3D_FILE = "full_3d.safetensors"
+_DIVISOR = 4  # two downsamplings in the 3-level UNet
+
+OnStep = Callable[[int, float], None]
+
+
+def train_mask_only(cfg: Config, volumes: list[Volume], run: str | Path, steps: dict[str, int]) -> Path:
+    """Train the ``mask_only`` baseline: the main run's config with ``model.informed_slice = false``.
+
+    Args:
+        cfg: the main run's config (its seed, batch size, learning rate, ... are kept).
+        volumes: the main run's training volumes.
+        run: a new run folder.
+        steps: stage -> steps, the main run's (``slice`` and ``volume``).
+    Returns:
+        the run folder, with slice and volume checkpoints.
+    """
+    payload = cfg.model_dump(mode="json")
+    payload["model"]["informed_slice"] = False
+    baseline_cfg = config_from_dict(payload, "mask-only baseline")
+    for stage in ("slice", "volume"):
+        train_stage(baseline_cfg, volumes, stage, run, steps=steps[stage])
+    return Path(run)
+
+
+def _padded_shape(shape: Sequence[int]) -> tuple[int, int, int]:
+    """``[D, H, W]`` rounded up to multiples of the UNet's divisor."""
+    d, h, w = (int(math.ceil(s / _DIVISOR) * _DIVISOR) for s in shape)
+    return d, h, w
+
+
+def _pad(volume: torch.Tensor, shape: tuple[int, int, int], value: float) -> torch.Tensor:
+    """Pad the last three dims of ``volume`` at their far ends up to ``shape``."""
+    d, h, w = volume.shape[-3:]
+    return F.pad(volume, (0, shape[2] - w, 0, shape[1] - h, 0, shape[0] - d), value=value)
+
+
+def _one_hot(label: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """``[B, D, H, W]`` ids -> ``[B, L, D, H, W]`` float one-hot, scaled to [-1, 1] like the images."""
+    return F.one_hot(label.long(), num_labels).permute(0, 4, 1, 2, 3).float() * 2.0 - 1.0
+
+
+class Full3D:
+    """A whole-volume conditional diffusion model (the ``full_3d`` baseline).
+
+    Attributes:
+        net: ``DiffusionModelUNet(spatial_dims=3)``; input ``[B, 1 + L, D', H', W']`` (noisy image
+            then one-hot mask), output ``[B, 1, D', H', W']`` (the prediction type of the run).
+        cfg: the main run's config (schedule, labels, seed).
+    """
+
+    def __init__(self, cfg: Config, channels: Sequence[int] = FULL3D_CHANNELS) -> None:
+        self.cfg = cfg
+        self.channels = tuple(channels)
+        torch.manual_seed(cfg.train.seed)
+        self.net = DiffusionModelUNet(
+            spatial_dims=3,
+            in_channels=1 + cfg.data.num_labels,
+            out_channels=1,
+            channels=self.channels,
+            attention_levels=(False,) * len(self.channels),
+            num_res_blocks=1,
+            norm_num_groups=8,
+        )
+        self.step = 0
+
+    def train(self, volumes: Sequence[Volume], steps: int, on_step: OnStep | None = None) -> float:
+        """Train for ``steps`` AdamW steps on random volumes of ``volumes``; returns the last loss.
+
+        Each step draws ``train.batch_size`` volumes (with replacement, seeded), one timestep each,
+        and regresses the run's prediction target (epsilon, v or sample) with MSE.
+        """
+        cfg = self.cfg
+        scheduler = train_scheduler(cfg.diffusion)
+        shape = _padded_shape(np.max([v.image.shape for v in volumes], axis=0))
+        images = torch.stack([_pad(torch.from_numpy(v.image), shape, -1.0) for v in volumes]).unsqueeze(1)
+        labels = torch.stack([_pad(torch.from_numpy(v.label.astype(np.int64)), shape, 0) for v in volumes])
+        generator = torch.Generator().manual_seed(cfg.train.seed)
+        optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr)
+        self.net.train()
+        loss_value = float("nan")
+        for _ in range(steps):
+            index = torch.randint(len(volumes), (cfg.train.batch_size,), generator=generator)
+            clean, cond = images[index], _one_hot(labels[index], cfg.data.num_labels)
+            noise = torch.randn(clean.shape, generator=generator)
+            t = torch.randint(cfg.diffusion.num_train_timesteps, (len(index),), generator=generator)
+            noisy = scheduler.add_noise(clean, noise, t)
+            if cfg.diffusion.prediction_type == "epsilon":
+                target = noise
+            elif cfg.diffusion.prediction_type == "v_prediction":
+                target = scheduler.get_velocity(clean, noise, t)
+            else:
+                target = clean
+            prediction = self.net(torch.cat([noisy, cond], dim=1), t)
+            loss = F.mse_loss(prediction, target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
+            optimizer.step()
+            self.step += 1
+            loss_value = float(loss.detach())
+            if on_step is not None:
+                on_step(self.step, loss_value)
+        self.net.eval()
+        return loss_value
+
+    @torch.no_grad()
+    def sample(self, masks: Sequence[np.ndarray], seeds: Sequence[int], steps: int | None = None) -> list[np.ndarray]:
+        """One volume per ``[D, H, W]`` mask, each from its own seeded noise, with DDIM.
+
+        Returns:
+            ``[D, H, W]`` float32 volumes in [-1, 1], cropped back to each mask's shape.
+        """
+        scheduler = sample_scheduler(self.cfg.diffusion, steps)
+        self.net.eval()
+        outputs = []
+        for mask, seed in zip(masks, seeds, strict=True):
+            shape = _padded_shape(mask.shape)
+            cond = _one_hot(_pad(torch.from_numpy(mask.astype(np.int64)), shape, 0)[None], self.cfg.data.num_labels)
+            generator = torch.Generator().manual_seed(int(seed))
+            x = torch.randn((1, 1, *shape), generator=generator)
+            for t in scheduler.timesteps:
+                prediction = self.net(torch.cat([x, cond], dim=1), torch.full((1,), int(t), dtype=torch.long))
+                x, _ = scheduler.step(prediction, int(t), x, generator=generator)
+            d, h, w = mask.shape
+            outputs.append(x[0, 0, :d, :h, :w].clamp(-1, 1).numpy().astype(np.float32))
+        return outputs
+
+    def save(self, path: str | Path, volumes: Sequence[Volume]) -> Path:
+        """Checkpoint the network (safetensors + JSON metadata: config, steps, channels, data fingerprint)."""
+        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        metadata: dict[str, Any] = {
+            "stage": "full_3d",
+            "step": self.step,
+            "channels": list(self.channels),
+            "config": self.cfg.model_dump(mode="json"),
+            "data_fingerprint": fingerprint(list(volumes)),
+        }
+        return save_checkpoint(path, tensors, metadata)
+
+    @classmethod
+    def load(cls, path: str | Path) -> Full3D:
+        """A model saved by ``save``; a clear ``CheckpointError`` for anything else."""
+        tensors, metadata = load_checkpoint(path)
+        if metadata.get("stage") != "full_3d":
+            raise CheckpointError(f"{path}: is not a full-3D baseline checkpoint")
+        model = cls(config_from_dict(metadata["config"], f"{path} (embedded config)"), metadata["channels"])
+        model.net.load_state_dict(tensors)
+        model.step = int(metadata["step"])
+        model.net.eval()
+        return model
