@@ -138,25 +138,36 @@ class Full3D:
 
     @torch.no_grad()
     def sample(self, masks: Sequence[np.ndarray], seeds: Sequence[int], steps: int | None = None) -> list[np.ndarray]:
-        """One volume per ``[D, H, W]`` mask, each from its own seeded noise, with DDIM.
+        """One volume per ``[D, H, W]`` mask, each from its own seeded initial noise, with DDIM.
+
+        Masks of one padded shape are denoised in one batch. With ``diffusion.eta > 0`` the DDIM
+        noise of a batch comes from the first seed's generator, so the same masks and seeds, in
+        the same order, give the same bytes.
 
         Returns:
             ``[D, H, W]`` float32 volumes in [-1, 1], cropped back to each mask's shape.
         """
         scheduler = sample_scheduler(self.cfg.diffusion, steps)
         self.net.eval()
-        outputs = []
-        for mask, seed in zip(masks, seeds, strict=True):
-            shape = _padded_shape(mask.shape)
-            cond = _one_hot(_pad(torch.from_numpy(mask.astype(np.int64)), shape, 0)[None], self.cfg.data.num_labels)
-            generator = torch.Generator().manual_seed(int(seed))
-            x = torch.randn((1, 1, *shape), generator=generator)
+        outputs: list[np.ndarray | None] = [None] * len(masks)
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for index, mask in enumerate(masks):
+            groups.setdefault(_padded_shape(mask.shape), []).append(index)
+        for shape, members in groups.items():
+            cond = _one_hot(
+                torch.stack([_pad(torch.from_numpy(masks[i].astype(np.int64)), shape, 0) for i in members]),
+                self.cfg.data.num_labels,
+            )
+            generators = [torch.Generator().manual_seed(int(seeds[i])) for i in members]
+            x = torch.stack([torch.randn((1, *shape), generator=g) for g in generators])
             for t in scheduler.timesteps:
-                prediction = self.net(torch.cat([x, cond], dim=1), torch.full((1,), int(t), dtype=torch.long))
-                x, _ = scheduler.step(prediction, int(t), x, generator=generator)
-            d, h, w = mask.shape
-            outputs.append(x[0, 0, :d, :h, :w].clamp(-1, 1).numpy().astype(np.float32))
-        return outputs
+                timesteps = torch.full((len(members),), int(t), dtype=torch.long)
+                prediction = self.net(torch.cat([x, cond], dim=1), timesteps)
+                x, _ = scheduler.step(prediction, int(t), x, generator=generators[0])
+            for row, i in enumerate(members):
+                d, h, w = masks[i].shape
+                outputs[i] = x[row, 0, :d, :h, :w].clamp(-1, 1).numpy().astype(np.float32)
+        return [volume for volume in outputs if volume is not None]
 
     def save(self, path: str | Path, volumes: Sequence[Volume]) -> Path:
         """Checkpoint the network (safetensors + JSON metadata: config, steps, channels, data fingerprint)."""

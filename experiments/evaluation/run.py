@@ -8,6 +8,7 @@ the protocol's volumes, and hands them to the metrics library (``method_report``
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import sys
@@ -42,6 +43,7 @@ from gem3d.checkpoint import read_metadata
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume, fingerprint
+from gem3d.diffusion import sample_scheduler
 from gem3d.errors import CheckpointError, DataError
 from gem3d.runs import STAGE_FILES
 from gem3d.sampler import InformedSlice, SampleRequest, Window, default_start, plan_windows, sample_volumes
@@ -67,7 +69,7 @@ class Settings:
     """What the protocol fixes, and what ``--quick`` may reduce (every change is a deviation).
 
     Attributes:
-        sampler_steps: DDIM steps; None = the run's ``diffusion.inference_steps``.
+        sampler_steps: caps the DDIM steps; None = the run's ``diffusion.inference_steps``.
         diversity_samples: samples per mask (seeds 0..K-1); 1 turns diversity off.
         downstream_seeds / downstream_steps: the segmentation task's seeds and steps.
         synthetic_per_case: synthetic volumes per real downstream training case.
@@ -95,7 +97,7 @@ def quick_settings(seeds: Sequence[int] | None = None) -> Settings:
         synthetic_per_case=1,
         baseline_step_cap=50,
         deviations=(
-            "--quick: DDIM steps capped at 10",
+            "--quick: DDIM steps capped at 10 (fewer if the run's config has fewer)",
             "--quick: 2 diversity samples per mask instead of 4",
             f"--quick: downstream seeds {list(chosen)} and 20 steps instead of {list(DOWNSTREAM_SEEDS)} and 200",
             "--quick: 1 synthetic volume per downstream training case instead of 2",
@@ -290,8 +292,11 @@ def evaluate(
     settings = settings or Settings()
     baseline_checkpoints = dict(baseline_checkpoints or {})
     checkpoint = Path(checkpoint)
-    synth = load_synthesiser(checkpoint, device, settings.sampler_steps)
+    synth = load_synthesiser(checkpoint, device)
     cfg = synth.cfg
+    sampler_steps = min(cfg.diffusion.inference_steps, settings.sampler_steps or cfg.diffusion.inference_steps)
+    if sampler_steps != cfg.diffusion.inference_steps:
+        synth = dataclasses.replace(synth, scheduler=sample_scheduler(cfg.diffusion, sampler_steps))
     folder = eval_data_folder(Path(data))
     cases = sorted(load_volumes(folder, cfg.data), key=lambda v: v.case_id)
     if not cases:
@@ -333,10 +338,10 @@ def evaluate(
         elif key not in baseline_checkpoints:
             skipped[key] = f"no {key} model: pass --baseline-checkpoint {key}=PATH or --train-data DIR"
         elif key == "mask_only":
-            baseline = _load_baseline_run(Path(baseline_checkpoints[key]), device, settings.sampler_steps, cfg)
+            baseline = _load_baseline_run(Path(baseline_checkpoints[key]), device, sampler_steps, cfg)
             runnable[key] = _overlapped(baseline, key, baseline.cfg.sampler.overlap)
         else:
-            runnable[key] = _full_3d(Full3D.load(baseline_checkpoints[key]), settings.sampler_steps)
+            runnable[key] = _full_3d(Full3D.load(baseline_checkpoints[key]), sampler_steps)
 
     # -- generation and per-method metrics -----------------------------------------------------
     views = anatomical_views(cfg.data.slice_axis)
