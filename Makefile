@@ -27,5 +27,11 @@ lint: $(STAMP)
 benchmark: $(STAMP)
 	$(PY) experiments/benchmarks/train_throughput.py
 
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) experiments/benchmarks/train_throughput.py
+	$(PY) experiments/benchmarks/sampling.py
+	$(PY) experiments/benchmarks/data_loading.py
+
 clean:
 	rm -rf $(VENV) demo_out

@@ -1,0 +1,257 @@
+"""Sampling cost per volume: our windowed sampler against full-3D diffusion (issue 4, item 7).
+
+One run measures, each configuration in a fresh subprocess (so its peak memory is its own):
+
+* **ours**: ``gem3d.sampler.sample_volumes`` with the inflated ``SliceDenoiser`` built from the
+  config's model section (untrained: time and memory do not depend on the weights), W and h from
+  the config, one volume at a time, ``--steps`` DDIM steps, for depths ``--depths`` at in-plane
+  ``--size``, and at 96^3. Network calls, window evaluations and slice evaluations are counted by
+  a hook on the network.
+* **full-3D baseline**: MONAI ``DiffusionModelUNet(spatial_dims=3)`` with the same channels,
+  attention levels, res blocks and conditioning channels, one denoising step per sampler step over
+  the whole volume. It runs ``--baseline-steps`` steps (every step is the same work, so seconds
+  per volume at ``--steps`` are scaled linearly from them) and is stopped above ``--memory-cap``
+  GiB or ``--timeout`` seconds: those depths are reported as not fitting.
+* **evaluations per volume** from ``plan_windows`` for the bundled configs' recipes
+  (``diffusion.inference_steps``, ``data.window``, ``sampler.overlap``) against the reference
+  recipe (DDIM 200 steps, W=16, h=1): window evaluations = windows x steps, slice evaluations =
+  windows x W x steps (the compute that matters).
+
+Peak memory (CPU) is the RSS high-water mark above the RSS with the network and inputs built.
+
+    .venv/bin/python experiments/benchmarks/sampling.py [--config tiny] [--size 64] [--steps 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.networks.nets import DiffusionModelUNet
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.commands.common import resolve_config_path
+from gem3d.config import Config, load_config
+from gem3d.data.phantoms import make_phantom
+from gem3d.diffusion import sample_scheduler
+from gem3d.networks import SliceDenoiser, condition_channels
+from gem3d.sampler import InformedSlice, SampleRequest, plan_windows, sample_volumes
+
+REFERENCE = {"steps": 200, "window": 16, "overlap": 1}
+RECIPE_CONFIGS = ("tiny", "brats", "abdomenct1k")
+
+
+def phantom_mask(depth: int, size: int, num_labels: int) -> np.ndarray:
+    """``[D, H, W]`` label ids of a phantom (slice axis first, as in the model grid)."""
+    _, label = make_phantom((size, size, depth), num_labels, seed=0)
+    return np.ascontiguousarray(np.moveaxis(label, 2, 0))
+
+
+def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Sample one volume with the windowed sampler; count network calls and evaluations."""
+    model = SliceDenoiser(cfg.model, cfg.data.num_labels)
+    model.inflate()
+    model = model.to(device).eval()
+    counts = {"calls": 0, "window_evals": 0, "slice_evals": 0}
+
+    def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
+        x = inputs[0]  # [N, 1, L, H, W]: N windows of L slices
+        counts["calls"] += 1
+        counts["window_evals"] += x.shape[0]
+        counts["slice_evals"] += x.shape[0] * x.shape[2]
+
+    model.register_forward_pre_hook(count)
+    mask = phantom_mask(depth, size, cfg.data.num_labels)
+    start = depth // 2
+    informed = InformedSlice(np.zeros((size, size), np.float32), mask[start], "real")
+    request = SampleRequest(mask=mask, informed=informed, start=start, seed=0)
+    scheduler = sample_scheduler(cfg.diffusion, steps)
+    baseline = reset_peak(device)
+    started = time.perf_counter()
+    sample_volumes(model, scheduler, [request], cfg.data.window, cfg.sampler.overlap, batch_volumes=1)
+    seconds = time.perf_counter() - started
+    peak = peak_bytes(device)
+    windows = sum(len(round_) for round_ in plan_windows(depth, start, cfg.data.window, cfg.sampler.overlap))
+    return {"seconds": seconds, "steps": steps, "peak": peak, "baseline": baseline, "windows": windows, **counts}
+
+
+def full3d(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Denoise one whole volume ``[1, 1, D, H, W]`` with a 3D U-Net of the same width."""
+    m = cfg.model
+    in_channels = 1 + condition_channels(m, cfg.data.num_labels)
+    torch.manual_seed(0)
+    net = DiffusionModelUNet(
+        spatial_dims=3,
+        in_channels=in_channels,
+        out_channels=1,
+        channels=m.channels,
+        attention_levels=m.attention_levels,
+        num_res_blocks=m.num_res_blocks,
+        norm_num_groups=m.norm_num_groups,
+        num_head_channels=m.num_head_channels,
+    )
+    net = net.to(device).eval()
+    x = torch.randn(1, 1, depth, size, size, device=device)
+    cond = torch.randn(1, in_channels - 1, depth, size, size, device=device)
+    scheduler = sample_scheduler(cfg.diffusion, steps)
+    baseline = reset_peak(device)
+    started = time.perf_counter()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            output = net(torch.cat([x, cond], dim=1), torch.full((1,), int(t), dtype=torch.long, device=device))
+            x, _ = scheduler.step(output, int(t), x)
+    seconds = time.perf_counter() - started
+    peak = peak_bytes(device)
+    return {"seconds": seconds, "steps": steps, "peak": peak, "baseline": baseline, "calls": steps}
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    torch.set_num_threads(spec["threads"])
+    cfg = load_config(resolve_config_path(spec["config"]), {"train.device": spec["device"]})
+    device = torch.device(spec["device"])
+    measure = ours if spec["kind"] == "ours" else full3d
+    result = measure(cfg, spec["depth"], spec["size"], spec["steps"], device)
+    above = result["peak"] - result["baseline"] if device.type == "cpu" else result["peak"]
+    return {**result, "peak_mib": above / 2**20, "threads": torch.get_num_threads()}
+
+
+def evaluations(depth: int, steps: int, window: int, overlap: int) -> tuple[int, int, int]:
+    """``(windows, window evaluations, slice evaluations)`` of one volume of ``depth`` slices."""
+    plan = plan_windows(depth, depth // 2, window, overlap)
+    windows = sum(len(round_) for round_ in plan)
+    length = min(window, depth)
+    return windows, windows * steps, windows * length * steps
+
+
+def evaluation_table(depths: list[int]) -> tuple[str, list[dict[str, Any]]]:
+    """Evaluations per volume of each bundled config's recipe against the reference recipe."""
+    rows, records = [], []
+    for name in RECIPE_CONFIGS:
+        cfg = load_config(resolve_config_path(name))
+        steps, window, overlap = cfg.diffusion.inference_steps, cfg.data.window, cfg.sampler.overlap
+        for depth in depths:
+            ours_counts = evaluations(depth, steps, window, overlap)
+            ref = evaluations(depth, REFERENCE["steps"], REFERENCE["window"], REFERENCE["overlap"])
+            window_ratio, slice_ratio = ref[1] / ours_counts[1], ref[2] / ours_counts[2]
+            met = "met" if slice_ratio >= 8 else "not met"
+            rows.append(
+                [
+                    name,
+                    f"DDIM {steps}, W={window}, h={overlap}",
+                    depth,
+                    f"{ours_counts[0]} / {ref[0]}",
+                    f"{ours_counts[1]} / {ref[1]}",
+                    f"{window_ratio:.2f}x",
+                    f"{ours_counts[2]} / {ref[2]}",
+                    f"{slice_ratio:.2f}x",
+                    met,
+                ]
+            )
+            records.append({"config": name, "depth": depth, "ours": ours_counts, "reference": ref})
+    headers = ["config", "our recipe", "depth", "windows ours / ref", "window evals ours / ref"]
+    headers += ["fewer window evals", "slice evals ours / ref", "fewer slice evals", "target >= 8x"]
+    return markdown_table(headers, rows), records
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="config whose model, W and h are measured (default tiny)")
+    parser.add_argument("--size", type=int, default=64, help="in-plane size H = W of the depth sweep (default 64)")
+    parser.add_argument("--depths", default="32,64,128,256", help="depths of the sweep")
+    parser.add_argument("--steps", type=int, default=2, help="DDIM steps per volume (default 2)")
+    parser.add_argument("--baseline-steps", type=int, default=1, help="DDIM steps actually run by the 3D baseline")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--memory-cap", type=float, default=8.0, help="GiB; a baseline above it is stopped")
+    parser.add_argument("--timeout", type=float, default=240.0, help="seconds allowed per measurement")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the full-3D baseline")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+        return 0
+
+    depths = [int(d) for d in args.depths.split(",")]
+    cap = int(args.memory_cap * 2**30)
+    points = [(depth, args.size) for depth in depths] + [(96, 96)]
+    base = {"config": args.config, "device": args.device, "threads": args.threads}
+    results: list[dict[str, Any]] = []
+    rows = []
+    for depth, size in points:
+        row: dict[str, Any] = {"depth": depth, "size": size}
+        spec = {**base, "kind": "ours", "depth": depth, "size": size, "steps": args.steps}
+        row["ours"] = run_worker(Path(__file__), spec, args.timeout, cap)
+        if not args.no_baseline:
+            spec = {**base, "kind": "full3d", "depth": depth, "size": size, "steps": args.baseline_steps}
+            row["full3d"] = run_worker(Path(__file__), spec, args.timeout, cap)
+        print(f"  depth {depth} at {size}x{size}: done", file=sys.stderr, flush=True)
+        results.append(row)
+
+        def cells(result: dict[str, Any] | None) -> list[str]:
+            if result is None:
+                return ["-", "-", "-"]
+            if "error" in result:
+                return [f"did not fit: {result['error']}", "-", "-"]
+            per_step = result["seconds"] / result["steps"]
+            return [f"{per_step * args.steps:.1f}", f"{per_step:.2f}", f"{result['peak_mib']:.0f}"]
+
+        ours_r, full_r = row["ours"], row.get("full3d")
+        nfe = "-" if "error" in ours_r else f"{ours_r['calls']} / {ours_r['window_evals']} / {ours_r['slice_evals']}"
+        ratio = "-"
+        if full_r is not None and "error" not in full_r and "error" not in ours_r:
+            ratio = f"{full_r['peak_mib'] / max(ours_r['peak_mib'], 1e-9):.1f}x"
+        rows.append([f"{depth}x{size}x{size}", *cells(ours_r), nfe, *cells(full_r), ratio])
+
+    info = machine(args.threads)
+    cfg = load_config(resolve_config_path(args.config))
+    print(f"# sampling: {json.dumps(info)}")
+    print(
+        f"# ours: {args.config} model (channels {list(cfg.model.channels)}), W={cfg.data.window}, "
+        f"h={cfg.sampler.overlap}, one volume at a time; {args.steps} DDIM steps per volume "
+        f"(full-3D: {args.baseline_steps} steps run, seconds scaled to {args.steps})"
+    )
+    headers = [
+        "volume D x H x W",
+        f"ours s/volume ({args.steps} steps)",
+        "ours s/step",
+        "ours peak MiB",
+        "ours calls / window evals / slice evals",
+        f"full-3D s/volume ({args.steps} steps)",
+        "full-3D s/step",
+        "full-3D peak MiB",
+        "full-3D / ours peak memory",
+    ]
+    print(markdown_table(headers, rows))
+
+    by_point = {(r["depth"], r["size"]): r["ours"] for r in results}
+    low, high = by_point.get((64, args.size)), by_point.get((256, args.size))
+    if low and high and "error" not in low and "error" not in high:
+        flat = high["peak_mib"] / low["peak_mib"]
+        verdict = "met" if flat <= 1.1 else "not met"
+        print(f"\nours peak memory 256 vs 64 slices: {flat:.2f}x (target <= 1.1x: {verdict})")
+    cube = next(r for r in results if (r["depth"], r["size"]) == (96, 96))
+    if "full3d" in cube and "error" not in cube["full3d"] and "error" not in cube["ours"]:
+        ratio = cube["full3d"]["peak_mib"] / cube["ours"]["peak_mib"]
+        verdict = "met" if ratio >= 10 else "not met"
+        print(f"full-3D / ours peak memory at 96^3: {ratio:.1f}x (target >= 10x: {verdict})")
+
+    table, records = evaluation_table([*depths, 96])
+    print(f"\n# evaluations per volume, start at D/2, against the reference recipe {REFERENCE}")
+    print(table)
+    if args.json:
+        payload = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results}
+        args.json.write_text(json.dumps({**payload, "evaluations": records}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

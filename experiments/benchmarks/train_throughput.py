@@ -1,0 +1,187 @@
+"""Training throughput: slices/s, peak memory and achieved FLOP/s of stages 1 and 2 (issue 2, item 6).
+
+For each configuration (the tiny config, and with ``--mid`` the tiny network at 96x96 slices and
+window 16) and each stage (``slice``, ``volume``), one fresh subprocess:
+
+1. writes phantoms (``write_phantom_dataset``) and loads them with ``load_volumes``;
+2. times ``gem3d.training.train`` for ``--steps`` steps after one warm-up step, and records the
+   peak memory of all these steps (CPU: RSS high-water mark above the RSS with model, optimizer
+   and data loaded; CUDA: ``torch.cuda.max_memory_allocated``);
+3. counts the FLOPs of one training step (forward + backward) with ``FlopCounterMode``, which
+   counts matmuls and convolutions, not elementwise ops;
+4. times a float32 matmul (``--matmul`` square) with the same threads, before and after the
+   training steps, as the machine's attainable FLOP/s under the same load.
+
+slices/s = steps/s x batch x window. The ratio achieved FLOP/s / matmul FLOP/s is printed.
+
+    .venv/bin/python experiments/benchmarks/train_throughput.py [--config tiny] [--mid] [--device cpu|cuda] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.commands.common import resolve_config_path
+from gem3d.config import load_config
+from gem3d.data.dataset import load_volumes
+from gem3d.data.phantoms import write_phantom_dataset
+from gem3d.data.windows import WindowSource
+from gem3d.diffusion import train_scheduler
+from gem3d.runs import build_model, resolve_device
+from gem3d.training import draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
+
+MID = {"data.image_size": 96, "data.window": 16}
+
+
+def matmul_flops_per_s(size: int, device: torch.device, repeats: int = 5) -> float:
+    """Median FLOP/s of ``[size, size] @ [size, size]`` in float32 (2 size^3 FLOPs each)."""
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    a @ b  # warm-up: first-call dispatch and allocation
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        started = time.perf_counter()
+        a @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - started)
+    return 2 * size**3 / statistics.median(times)
+
+
+def worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One (configuration, stage) measurement; run in its own process."""
+    torch.set_num_threads(spec["threads"])
+    cfg = load_config(resolve_config_path(spec["config"]), spec["overrides"])
+    device = resolve_device(cfg.train.device)
+    stage = spec["stage"]
+    size, window, batch = cfg.data.image_size, cfg.data.window, cfg.train.batch_size
+    with tempfile.TemporaryDirectory() as tmp:
+        # depth 2W + 8 so foreground cropping still leaves whole windows
+        shape = (size, size, 2 * window + 8)
+        data = write_phantom_dataset(Path(tmp) / "phantoms", 4, shape, cfg.data.num_labels, seed=0)
+        volumes = load_volumes(data, cfg.data)
+    model = build_model(stage, cfg).to(device)
+    freeze_for_stage(model, stage, cfg.train.volume_train_all)
+    state = new_state(model, cfg.train)
+    source = WindowSource(volumes, window, cfg.train.informed_from)
+    scheduler = train_scheduler(cfg.diffusion)
+
+    # Peak memory covers the warm-up step too: its first backward and the AdamW state allocate
+    # what later steps reuse, so a reset after it would hide them. The matmul runs outside.
+    matmul = [matmul_flops_per_s(spec["matmul"], device)]
+    baseline = reset_peak(device)
+    train(state, scheduler, source, stage, 1, cfg.train)  # warm-up step, not timed
+    started = time.perf_counter()
+    train(state, scheduler, source, stage, 1 + spec["steps"], cfg.train)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds_per_step = (time.perf_counter() - started) / spec["steps"]
+    peak = peak_bytes(device)
+    matmul.append(matmul_flops_per_s(spec["matmul"], device))
+
+    generator = torch.Generator().manual_seed(1)
+    indices = [i % len(source) for i in range(batch)]
+    inputs = draw_inputs(model, scheduler, source, indices, stage, generator, cfg.train, device)
+    with FlopCounterMode(display=False) as counter:
+        per_sample_loss(model, inputs).mean().backward()
+    flops_per_step = counter.get_total_flops()
+    achieved = flops_per_step / seconds_per_step
+    matmul_mean = sum(matmul) / len(matmul)
+    return {
+        "stage": stage,
+        "size": size,
+        "window": window,
+        "batch": batch,
+        "steps": spec["steps"],
+        "seconds_per_step": seconds_per_step,
+        "slices_per_s": batch * window / seconds_per_step,
+        "peak_mib": (peak - baseline) / 2**20 if device.type == "cpu" else peak / 2**20,
+        "gflop_per_step": flops_per_step / 1e9,
+        "achieved_gflops": achieved / 1e9,
+        "matmul_gflops": matmul_mean / 1e9,
+        "matmul_gflops_before_after": [m / 1e9 for m in matmul],
+        "fraction_of_matmul": achieved / matmul_mean,
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny", help="bundled config name or TOML path (default tiny)")
+    parser.add_argument("--mid", action="store_true", help="also the mid configuration: 96x96 slices, window 16")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    parser.add_argument("--steps", type=int, default=4, help="timed training steps per measurement (default 4)")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
+    parser.add_argument("--matmul", type=int, default=2048, help="size of the square matmul baseline (default 2048)")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per measurement")
+    parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+        return 0
+
+    configs = [("tiny", {})] + ([("mid (96x96, W=16)", MID)] if args.mid else [])
+    rows, results = [], []
+    for label, overrides in configs:
+        for stage in ("slice", "volume"):
+            spec = {
+                "config": args.config,
+                "overrides": {**overrides, "train.device": args.device},
+                "stage": stage,
+                "steps": args.steps,
+                "threads": args.threads,
+                "matmul": args.matmul,
+            }
+            result = run_worker(Path(__file__), spec, args.timeout, rss_cap_bytes=None)
+            results.append({"config": label, **spec, **result})
+            if "error" in result:
+                rows.append([label, stage, *["-"] * 9, result["error"]])
+                continue
+            rows.append(
+                [
+                    label,
+                    stage,
+                    f"{result['size']}x{result['size']}",
+                    f"{result['batch']}x{result['window']}",
+                    f"{result['seconds_per_step']:.3f}",
+                    f"{result['slices_per_s']:.1f}",
+                    f"{result['peak_mib']:.0f}",
+                    f"{result['gflop_per_step']:.2f}",
+                    f"{result['achieved_gflops']:.1f}",
+                    f"{result['matmul_gflops']:.1f}",
+                    f"{100 * result['fraction_of_matmul']:.1f}%",
+                    "",
+                ]
+            )
+            print(f"  {label} {stage}: done", file=sys.stderr, flush=True)
+    info = machine(args.threads)
+    print(f"# train_throughput: {json.dumps(info)}")
+    print(f"# device {args.device}, {args.steps} timed steps after 1 warm-up, matmul {args.matmul}^2 float32")
+    memory = "peak MiB (CUDA max allocated)" if args.device.startswith("cuda") else "peak RSS delta MiB"
+    headers = ["config", "stage", "slice", "batch x W", "s/step", "slices/s", memory]
+    headers += ["GFLOP/step (fwd+bwd)", "achieved GFLOP/s", "matmul GFLOP/s", "fraction of matmul", "note"]
+    print(markdown_table(headers, rows))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
