@@ -245,6 +245,7 @@ def train_round(
         "num-examples": float(len(volumes)),
         "loss": float(metrics["loss"]),
         "steps": float(metrics["steps"]),
+        "site-index": float(site.index),  # the server names the site's nested MLflow run by it
     }
     for key in ("epsilon", "delta"):
         if key in metrics:

@@ -10,6 +10,7 @@ from experiments.commands import (
     audit,
     counterfactual,
     deenhance,
+    demo,
     demo_data,
     enhance,
     evaluate,
@@ -21,6 +22,7 @@ from experiments.commands import (
 from gem3d.errors import Gem3dError
 
 COMMANDS: list[ModuleType] = [
+    demo,
     demo_data,
     prepare,
     train,

@@ -301,12 +301,14 @@ class GridCase:
 
 
 def dataset_folders(data: Path) -> list[tuple[str, Path]]:
-    """``[(site, folder)]``: the folder itself, or its ``site_*`` / ``test`` sub-datasets."""
+    """``[(site, folder)]``: the folder itself, or its ``site_*`` sub-datasets (any sub-datasets if none)."""
     if not data.is_dir():
         raise DataError(f"{data}: dataset folder not found")
     if (data / "labelsTr").is_dir() or (data / "dataset.json").is_file():
         return [(data.name, data)]
-    sites = sorted(p for p in data.iterdir() if p.is_dir() and (p / "labelsTr").is_dir())
+    datasets = sorted(p for p in data.iterdir() if p.is_dir() and (p / "labelsTr").is_dir())
+    # a cohort root (gem3d demo-data) also holds test/: the sites are its site_* folders
+    sites = [p for p in datasets if p.name.startswith("site_")] or datasets
     if not sites:
         raise DataError(f"{data}: neither an nnU-Net raw dataset (labelsTr/) nor a folder of site datasets")
     return [(p.name, p) for p in sites]

@@ -8,13 +8,16 @@ in-process simulations (``flwr.simulation.run_simulation`` passes no run config)
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from experiments.tracking import Tracker
 from gem3d.errors import Gem3dError
 from server.federation import OnRound, run_federation
+from server.round_log import RoundLogger
 from server.settings import ServerSettings
 
 logger = logging.getLogger("flwr").getChild("gem3d.server")
@@ -32,7 +35,7 @@ def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | Non
     def main(grid: Grid, context: Context) -> None:
         try:
             settings = ServerSettings.from_run_config({**dict(context.run_config), **(run_config or {})})
-            summary = run_federation(grid, settings, on_round)
+            summary = _tracked_federation(grid, settings, on_round)
         except Gem3dError as error:
             # One clear line in the run's log; re-raised as an ordinary exception so that Flower
             # marks the run failed with this reason (`flwr list` shows it).
@@ -43,6 +46,25 @@ def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | Non
         print(message, flush=True)
 
     return app
+
+
+def _tracked_federation(grid: Grid, settings: ServerSettings, on_round: OnRound | None) -> dict[str, Any]:
+    """Run the federation inside an MLflow parent run (unless ``tracking-dir = "off"``)."""
+    where = str(settings.options.get("tracking-dir", ""))
+    if where == "off":
+        return run_federation(grid, settings, on_round)
+    store = Path(where) if where else settings.out_dir / "mlflow"
+    with Tracker(store, "gem3d-federated", settings.out_dir.name, tags={"gem3d.kind": "federated"}) as tracker:
+        rounds = RoundLogger(tracker, settings.cfg)
+
+        def log_round(metrics: dict[str, Any]) -> None:
+            rounds(metrics)
+            if on_round is not None:
+                on_round(metrics)
+
+        summary = run_federation(grid, settings, log_round)
+        rounds.finish(settings.out_dir)
+    return summary
 
 
 app = create_app()

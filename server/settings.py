@@ -38,6 +38,7 @@ APP_KEYS = {
     "server-dp-noise": 0.0,
     "server-dp-clip": 1.0,
     "torch-threads": 1,
+    "tracking-dir": "",
 }
 
 

@@ -38,7 +38,7 @@ def test_overrides_accept_flower_style_keys_and_list_strings(tmp_path: Path) -> 
         ("[model]\nchannels = 'a,b'\n", "model.channels"),
         ("[train]\nlr = -1.0\n", "train.lr"),
         ("[train]\nlearning_rate = 0.1\n", "train.learning_rate"),
-        ("[sampler]\noverlap = 0\n", "sampler.overlap"),
+        ("[sampler]\noverlap = -1\n", "sampler.overlap"),
         ("[nonsense]\nx = 1\n", "nonsense"),
         ("[diffusion]\nprediction_type = 'noise'\n", "diffusion.prediction_type"),
     ],
