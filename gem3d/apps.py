@@ -291,6 +291,10 @@ def _json_default(value: Any) -> Any:
 # Datasets in, datasets out (nnU-Net v2 raw layout).
 
 
+Preview = Callable[[Path, np.ndarray, np.ndarray, CaseGeometry, "np.ndarray | None"], Any]
+"""``preview(png_path, image, label, geometry, real)``: draws one written case (the CLI passes a plotter)."""
+
+
 @dataclass(frozen=True)
 class GridCase:
     """A dataset case on the model grid, with the site it came from (for multi-site folders)."""
@@ -337,7 +341,7 @@ def read_grid_cases(data: Path, synth_cfg: Config) -> list[GridCase]:
 class DatasetWriter:
     """Writes an nnU-Net v2 raw dataset into a temporary folder and renames it into place at the end."""
 
-    def __init__(self, out: Path, label_names: dict[int, str] | None = None) -> None:
+    def __init__(self, out: Path, label_names: dict[int, str] | None = None, preview: Preview | None = None) -> None:
         if out.exists():
             raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -346,14 +350,24 @@ class DatasetWriter:
         self.out = out
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
         self.label_names = label_names or {}
+        self.preview = preview
         self.count = 0
 
     def add(
-        self, case_id: str, image: np.ndarray, label: np.ndarray, geometry: CaseGeometry, provenance: dict[str, Any]
+        self,
+        case_id: str,
+        image: np.ndarray,
+        label: np.ndarray,
+        geometry: CaseGeometry,
+        provenance: dict[str, Any],
+        real: np.ndarray | None = None,
     ) -> None:
+        """Write one case (``[X, Y, Z]`` arrays in ``geometry``); ``real`` is shown beside it in the preview."""
         save_nifti(self.tmp / "imagesTr" / f"{case_id}_0000.nii.gz", image, geometry.affine_array)
         save_nifti(self.tmp / "labelsTr" / f"{case_id}.nii.gz", label.astype(np.int16), geometry.affine_array)
         write_json(self.tmp / "provenance" / f"{case_id}.json", provenance)
+        if self.preview is not None:
+            self.preview(self.tmp / "previews" / f"{case_id}.png", image, label, geometry, real)
         self.count += 1
 
     def add_file(self, name: str, payload: dict[str, Any]) -> None:
@@ -388,6 +402,7 @@ def enhance(
     edits: Sequence[Any] = (),
     seed: int = 0,
     on_progress: OnProgress | None = None,
+    preview: Preview | None = None,
 ) -> Path:
     """N new image/label pairs per case: edited masks, random starts, copied or generated informed slices.
 
@@ -445,17 +460,29 @@ def enhance(
             seed=job_seed,
             mask_edits=applied,
         )
-        jobs.append(Job(new_id, ModelGridCase(None, label, geometry), slice_, start, job_seed, intensity, provenance))
-    return _write_jobs(synth, jobs, out, on_progress)
+        # the source case's real image rides along for the preview; the sampler reads only the mask
+        target = ModelGridCase(case.grid.image, label, geometry)
+        jobs.append(Job(new_id, target, slice_, start, job_seed, intensity, provenance))
+    return _write_jobs(synth, jobs, out, on_progress, preview)
 
 
-def _write_jobs(synth: Synthesiser, jobs: Sequence[Job], out: Path, on_progress: OnProgress | None) -> Path:
-    writer = DatasetWriter(out)
+def real_original(job: Job) -> np.ndarray | None:
+    """The real image of a job's target in its original grid, if the job has one."""
+    if job.target.image is None:
+        return None
+    return to_original_grid(job.target.geometry, image=job.target.image)[0]
+
+
+def _write_jobs(
+    synth: Synthesiser, jobs: Sequence[Job], out: Path, on_progress: OnProgress | None, preview: Preview | None
+) -> Path:
+    writer = DatasetWriter(out, preview=preview)
     try:
         volumes = run_jobs(synth, jobs, on_progress)
         for job, volume in zip(jobs, volumes, strict=True):
             image, label, geometry = to_original(volume, job)
-            writer.add(job.case_id, image, label, geometry, job.provenance)
+            real = real_original(job) if preview is not None else None
+            writer.add(job.case_id, image, label, geometry, job.provenance, real)
         return writer.finish(synth.cfg.data.num_labels, _channel_name(synth.cfg))
     except BaseException:
         writer.abort()
@@ -488,6 +515,7 @@ def deenhance(
     reference: SourceSpec,
     seed: int = 0,
     on_progress: OnProgress | None = None,
+    preview: Preview | None = None,
 ) -> dict[str, Any]:
     """Regenerate every case from its own mask with one reference informed slice.
 
@@ -525,7 +553,7 @@ def deenhance(
             mask_edits=[],
         )
         jobs.append(Job(case.case_id, case.grid, base, start, job_seed, intensity, provenance))
-    writer = DatasetWriter(out)
+    writer = DatasetWriter(out, preview=preview)
     try:
         volumes = run_jobs(synth, jobs, on_progress)
         per_case = []
@@ -540,7 +568,8 @@ def deenhance(
                 }
             )
             image_out, label_out, geometry = to_original(volume, job)
-            writer.add(job.case_id, image_out, label_out, geometry, job.provenance)
+            real = real_original(job) if preview is not None else None
+            writer.add(job.case_id, image_out, label_out, geometry, job.provenance, real)
         before = site_spread(per_case, "before", cfg.data.num_labels)
         after = site_spread(per_case, "after", cfg.data.num_labels)
         report = {

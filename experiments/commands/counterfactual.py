@@ -11,7 +11,8 @@ from pathlib import Path
 
 from experiments.commands.sample import check_output
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, mask_editor, open_synthesiser
-from gem3d.apps import mask_job, run_jobs, to_original, write_volume
+from experiments.previews import case_preview
+from gem3d.apps import mask_job, real_original, run_jobs, to_original, write_volume
 from gem3d.informed import parse_source
 
 NAME = "counterfactual"
@@ -46,6 +47,9 @@ def run(args: argparse.Namespace) -> int:
         bars.close()
     image, label, geometry = to_original(volume, job)
     write_volume(args.out, image, geometry, job.provenance)
+    real = real_original(job)
+    png = args.out.with_name(args.out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+    case_preview(png, image, label, geometry, real)
     if edit is not None:
         from gem3d.data.nifti import save_nifti
 

@@ -10,6 +10,7 @@ import argparse
 from pathlib import Path
 
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from experiments.previews import case_preview
 from gem3d.apps import deenhance
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
@@ -32,7 +33,7 @@ def run(args: argparse.Namespace) -> int:
     synth = open_synthesiser(args)
     bars = ProgressBars([])
     try:
-        report = deenhance(synth, args.data, args.out, reference, args.seed, bars)
+        report = deenhance(synth, args.data, args.out, reference, args.seed, bars, case_preview)
     finally:
         bars.close()
     before, after = report["site_spread_before"], report["site_spread_after"]

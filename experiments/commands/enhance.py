@@ -11,6 +11,7 @@ import argparse
 from pathlib import Path
 
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from experiments.previews import case_preview
 from gem3d.apps import enhance
 
 NAME = "enhance"
@@ -37,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         edits = parse_edits(args.mask_edit)
     bars = ProgressBars([])
     try:
-        out = enhance(synth, args.data, args.out, args.per_case, args.informed, edits, args.seed, bars)
+        out = enhance(synth, args.data, args.out, args.per_case, args.informed, edits, args.seed, bars, case_preview)
     finally:
         bars.close()
     print(f"wrote {out}")

@@ -12,7 +12,8 @@ import argparse
 from pathlib import Path
 
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
-from gem3d.apps import mask_job, run_jobs, to_original, write_volume
+from experiments.previews import case_preview
+from gem3d.apps import mask_job, real_original, run_jobs, to_original, write_volume
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
 
@@ -47,7 +48,10 @@ def run(args: argparse.Namespace) -> int:
         (volume,) = run_jobs(synth, [job], bars)
     finally:
         bars.close()
-    image, _, geometry = to_original(volume, job)
+    image, label, geometry = to_original(volume, job)
     write_volume(args.out, image, geometry, job.provenance)
+    real = real_original(job)
+    png = args.out.with_name(args.out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+    case_preview(png, image, label, geometry, real)
     print(f"wrote {args.out} ({'x'.join(map(str, image.shape))}, spacing {geometry.spacing})")
     return 0

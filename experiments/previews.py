@@ -1,0 +1,85 @@
+"""Tri-planar PNG previews: a synthetic volume, its mask overlay, and the real case where there is one."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from gem3d.data.geometry import CaseGeometry
+
+
+def _centre(label: np.ndarray) -> tuple[int, int, int]:
+    """The voxel at the centre of the labelled region (the volume's centre if it is empty)."""
+    points = np.argwhere(label > 0)
+    if points.size == 0:
+        return tuple(int(n // 2) for n in label.shape)  # type: ignore[return-value]
+    return tuple(int(v) for v in np.round(points.mean(axis=0)))  # type: ignore[return-value]
+
+
+def _views(volume: np.ndarray, centre: tuple[int, int, int]) -> list[np.ndarray]:
+    """Slices through ``centre`` across each axis of a ``[X, Y, Z]`` volume, shown with the first axis across."""
+    x, y, z = centre
+    return [volume[:, :, z].T, volume[:, y, :].T, volume[x, :, :].T]
+
+
+def triplanar_png(
+    path: Path,
+    image: np.ndarray,
+    label: np.ndarray,
+    spacing: tuple[float, float, float],
+    real: np.ndarray | None = None,
+    title: str = "",
+) -> Path:
+    """Write ``path``: rows synthetic, synthetic with label overlay, (real); columns the three planes.
+
+    Args:
+        image, label, real: ``[X, Y, Z]`` arrays in one voxel grid (the mask's).
+        spacing: voxel sizes, so each plane is drawn with its true aspect ratio.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centre = _centre(label)
+    rows = [("synthetic", image, None), ("synthetic + mask", image, label)]
+    if real is not None:
+        rows.append(("real", real, None))
+    low, high = np.percentile(image, (1, 99))
+    aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
+    figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
+    for row, (name, volume, overlay) in enumerate(rows):
+        masks = _views(overlay, centre) if overlay is not None else [None] * 3
+        for col, (plane, mask, aspect) in enumerate(zip(_views(volume, centre), masks, aspects, strict=True)):
+            ax = axes[row][col]
+            ax.imshow(plane, cmap="gray", vmin=low, vmax=high, origin="lower", aspect=aspect)
+            if mask is not None:
+                ax.imshow(
+                    np.ma.masked_equal(mask, 0), cmap="tab10", alpha=0.4, origin="lower", aspect=aspect, vmin=0, vmax=9
+                )
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if col == 0:
+                ax.set_ylabel(name)
+    figure.suptitle(title or path.stem)
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(handle)
+    try:
+        figure.savefig(tmp, dpi=80)
+        os.replace(tmp, path)
+    finally:
+        plt.close(figure)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def case_preview(
+    path: Path, image: np.ndarray, label: np.ndarray, geometry: CaseGeometry, real: np.ndarray | None
+) -> None:
+    """The ``gem3d.apps.Preview`` hook: one PNG per written case."""
+    triplanar_png(path, image, label, geometry.spacing, real)
