@@ -35,7 +35,8 @@ from gem3d.diffusion import train_scheduler
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import build_model
-from gem3d.training import STAGES, Stage, TrainFn, draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
+from gem3d.training import STAGES, Stage, TrainFn, freeze_for_stage, new_state, train
+from gem3d.training import validation_loss as fixed_draw_loss
 
 # Offsets that keep the generators of different sites and of evaluation apart.
 _SITE_SEED_STRIDE = 7919
@@ -253,22 +254,12 @@ def train_round(
     return weights, reply
 
 
-@torch.no_grad()
 def validation_loss(
     model: nn.Module, stage: Stage, volumes: list[Volume], cfg: Config, batches: int, seed: int
 ) -> float:
     """Mean denoising loss of ``model`` on fixed draws from ``volumes`` (same seed, same draws)."""
     source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    generator = torch.Generator().manual_seed(seed)
-    scheduler = train_scheduler(cfg.diffusion)
-    device = next(model.parameters()).device
-    model.eval()
-    total = 0.0
-    for _ in range(max(batches, 1)):
-        indices = torch.randint(len(source), (cfg.train.batch_size,), generator=generator).tolist()
-        inputs = draw_inputs(model, scheduler, source, indices, stage, generator, cfg.train, device)
-        total += float(per_sample_loss(model, inputs).mean())
-    return total / max(batches, 1)
+    return fixed_draw_loss(model, train_scheduler(cfg.diffusion), source, stage, cfg.train, batches, seed)
 
 
 def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dict[str, float]:

@@ -225,3 +225,31 @@ def train(
 
 
 TrainFn = Callable[[TrainState, DDPMScheduler, WindowSource, Stage, int, TrainConfig, OnStep | None], dict[str, float]]
+
+
+@torch.no_grad()
+def validation_loss(
+    model: nn.Module,
+    scheduler: DDPMScheduler,
+    source: WindowSource,
+    stage: Stage,
+    cfg: TrainConfig,
+    batches: int,
+    seed: int,
+) -> float:
+    """Mean denoising loss on ``batches`` fixed draws of ``cfg.batch_size`` samples (same seed, same draws).
+
+    Used by the sites (held-out cases) and the server (its own split) to score global models.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    total = 0.0
+    for _ in range(max(batches, 1)):
+        indices = torch.randint(len(source), (cfg.batch_size,), generator=generator).tolist()
+        total += float(
+            per_sample_loss(model, draw_inputs(model, scheduler, source, indices, stage, generator, cfg, device)).mean()
+        )
+    model.train(was_training)
+    return total / max(batches, 1)

@@ -10,9 +10,8 @@ import argparse
 from pathlib import Path
 
 from experiments.commands.sample import check_output
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, mask_editor, open_synthesiser
-from experiments.previews import case_preview
-from gem3d.apps import mask_job, real_original, run_jobs, to_original, write_volume
+from experiments.commands.sampling import add_sampling_arguments, mask_editor, open_synthesiser, write_single
+from gem3d.apps import mask_job
 from gem3d.informed import parse_source
 
 NAME = "counterfactual"
@@ -40,16 +39,7 @@ def run(args: argparse.Namespace) -> int:
     )
     edit = mask_editor(spec, synth.cfg.data.num_labels, args.seed)
     job = mask_job(synth, args.mask, source, args.start, args.seed, edit)
-    bars = ProgressBars([args.out.name])
-    try:
-        (volume,) = run_jobs(synth, [job], bars)
-    finally:
-        bars.close()
-    image, label, geometry = to_original(volume, job)
-    write_volume(args.out, image, geometry, job.provenance)
-    real = real_original(job)
-    png = args.out.with_name(args.out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
-    case_preview(png, image, label, geometry, real)
+    label, geometry = write_single(synth, job, args.out)
     if edit is not None:
         from gem3d.data.nifti import save_nifti
 

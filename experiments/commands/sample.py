@@ -11,9 +11,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
-from experiments.previews import case_preview
-from gem3d.apps import mask_job, real_original, run_jobs, to_original, write_volume
+from experiments.commands.sampling import add_sampling_arguments, open_synthesiser, write_single
+from gem3d.apps import mask_job
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
 
@@ -43,15 +42,6 @@ def run(args: argparse.Namespace) -> int:
     source = parse_source(args.informed, ("real", "file", "generate"))
     synth = open_synthesiser(args)
     job = mask_job(synth, args.mask, source, args.start, args.seed)
-    bars = ProgressBars([args.out.name])
-    try:
-        (volume,) = run_jobs(synth, [job], bars)
-    finally:
-        bars.close()
-    image, label, geometry = to_original(volume, job)
-    write_volume(args.out, image, geometry, job.provenance)
-    real = real_original(job)
-    png = args.out.with_name(args.out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
-    case_preview(png, image, label, geometry, real)
-    print(f"wrote {args.out} ({'x'.join(map(str, image.shape))}, spacing {geometry.spacing})")
+    label, geometry = write_single(synth, job, args.out)
+    print(f"wrote {args.out} ({'x'.join(map(str, label.shape))}, spacing {geometry.spacing})")
     return 0

@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gem3d.apps import Synthesiser, load_synthesiser
+from experiments.previews import case_preview
+from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
+from gem3d.data.geometry import CaseGeometry
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
@@ -59,3 +61,21 @@ def mask_editor(
         return apply_edits(label, edits, num_labels, np.random.default_rng(seed))
 
     return edit
+
+
+def write_single(synth: Synthesiser, job: Job, out: Path) -> tuple[np.ndarray, CaseGeometry]:
+    """Sample one job with a progress bar, write ``out`` + provenance + a PNG preview.
+
+    Returns:
+        the written label map ``[X, Y, Z]`` (the job's mask in its original grid) and its geometry.
+    """
+    bars = ProgressBars([out.name])
+    try:
+        (volume,) = run_jobs(synth, [job], bars)
+    finally:
+        bars.close()
+    image, label, geometry = to_original(volume, job)
+    write_volume(out, image, geometry, job.provenance)
+    png = out.with_name(out.name.removesuffix(".gz").removesuffix(".nii") + ".png")
+    case_preview(png, image, label, geometry, real_original(job))
+    return label, geometry
