@@ -237,7 +237,7 @@ def main() -> int:
     if low and high and "error" not in low and "error" not in high:
         flat = high["peak_mib"] / low["peak_mib"]
         verdict = "met" if flat <= 1.1 else "not met"
-        print(f"\nours peak memory 256 vs 64 slices: {flat:.2f}x (target <= 1.1x: {verdict})")
+        print(f"\nours peak memory 256 vs 64 slices: {flat:.3f}x (target <= 1.1x: {verdict})")
     cube = next(r for r in results if (r["depth"], r["size"]) == (96, 96))
     if "full3d" in cube and "error" not in cube["full3d"] and "error" not in cube["ours"]:
         ratio = cube["full3d"]["peak_mib"] / cube["ours"]["peak_mib"]
