@@ -137,7 +137,9 @@ def main() -> int:
         emit(worker(json.loads(args.worker)))
         return 0
 
-    configs = [("tiny", {})] + ([("mid (96x96, W=16)", MID)] if args.mid else [])
+    configs: list[tuple[str, dict[str, Any]]] = [("tiny", {})]
+    if args.mid:
+        configs.append(("mid (96x96, W=16)", MID))
     rows, results = [], []
     for label, overrides in configs:
         for stage in ("slice", "volume"):
