@@ -6,13 +6,15 @@ touch betas (STYLE.md, convention 2).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from gem3d.config import DiffusionConfig
 
 
-def _schedule_args(cfg: DiffusionConfig) -> dict[str, float]:
+def _schedule_args(cfg: DiffusionConfig) -> dict[str, Any]:
     # MONAI's cosine schedule takes no beta range.
     if cfg.schedule == "cosine":
         return {}

@@ -11,6 +11,7 @@ Only ``generate`` carries no real patient's pixels, so only it is allowed in a p
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -80,7 +81,7 @@ def proportional_index(z: int, depth_from: int, depth_to: int) -> int:
 
 
 def real_slice(
-    case: ModelGridCase, z: int, provenance: dict[str, object], source: SourceKind = "real"
+    case: ModelGridCase, z: int, provenance: Mapping[str, object], source: SourceKind = "real"
 ) -> InformedSlice:
     """Slice ``z`` (model grid) of a real case, with its mask slice when the case has labels.
 
@@ -103,7 +104,7 @@ def read_slice_file(path: Path, cfg: DataConfig) -> tuple[InformedSlice, tuple[f
         if name.endswith((".nii", ".nii.gz")):
             import nibabel as nib
 
-            data = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+            data = np.asarray(nib.Nifti1Image.from_filename(str(path)).get_fdata(dtype=np.float32))
             data = data.reshape([n for n in data.shape if n > 1] or [1])
         else:
             from PIL import Image

@@ -108,11 +108,11 @@ class SliceAxisConv(nn.Module):
 
     def __init__(self, channels: int, kernel_size: int) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2)
-        with torch.no_grad():
-            self.conv.weight.zero_()
-            self.conv.weight[:, :, kernel_size // 2] = torch.eye(channels)
-            self.conv.bias.zero_()
+        self.conv = nn.Conv1d(channels, channels, kernel_size, padding=kernel_size // 2, bias=True)
+        identity = torch.zeros_like(self.conv.weight)
+        identity[:, :, kernel_size // 2] = torch.eye(channels)
+        self.conv.weight = nn.Parameter(identity)
+        self.conv.bias = nn.Parameter(torch.zeros(channels))
         self.num_frames = 1
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
