@@ -168,7 +168,8 @@ def _sample_chunk(
     done = [0] * len(requests)
     generators = [torch.Generator().manual_seed(r.seed) for r in requests]
     volumes = [torch.zeros(r.mask.shape, dtype=torch.float32) for r in requests]  # each [D, H, W]
-    masks = [torch.from_numpy(r.mask.astype(np.int64)) for r in requests]
+    # Masks stay uint8 and become int64 one window at a time: peak memory stays flat in depth.
+    masks = [torch.from_numpy(np.ascontiguousarray(r.mask, dtype=np.uint8)) for r in requests]
     informed = [torch.from_numpy(r.informed.image.astype(np.float32)) for r in requests]
     informed_masks = [
         torch.from_numpy((r.informed.mask if r.informed.mask is not None else r.mask[r.start]).astype(np.int64))
@@ -183,7 +184,7 @@ def _sample_chunk(
                 scheduler,
                 known=torch.stack([volumes[i][w.start : w.stop] for i, w in group]).unsqueeze(1),
                 carried=[[z - w.start for z in w.carried] for _, w in group],
-                mask=torch.stack([masks[i][w.start : w.stop] for i, w in group]),
+                mask=torch.stack([masks[i][w.start : w.stop] for i, w in group]).long(),
                 informed=torch.stack([informed[i] for i, _ in group]),
                 informed_mask=torch.stack([informed_masks[i] for i, _ in group]),
                 generators=[generators[i] for i, _ in group],
