@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint benchmark clean
+.PHONY: demo test lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,10 +24,6 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
 
-benchmark: $(STAMP)
-	$(PY) experiments/benchmarks/train_throughput.py
-
-.PHONY: bench
 bench: $(STAMP)
 	$(PY) experiments/benchmarks/train_throughput.py
 	$(PY) experiments/benchmarks/sampling.py
