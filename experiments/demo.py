@@ -162,7 +162,7 @@ def audit(state: DemoState) -> None:
     state.summary["audit"] = json.loads((state.out / "audit" / "audit.json").read_text())
 
 
-def evaluate(state: DemoState) -> None:
+def evaluate(state: DemoState, tracking: Path) -> None:
     from experiments.cli import COMMANDS
 
     if "evaluate" not in {module.NAME for module in COMMANDS}:
@@ -170,14 +170,14 @@ def evaluate(state: DemoState) -> None:
         return
     _run(
         "evaluate",
-        "--checkpoint",
-        state.run,
-        "--data",
-        state.data,
-        "--out",
-        state.out / "evaluation" / "report.json",
+        "--checkpoint", state.run,
+        "--data", state.data,
+        "--train-data", state.data / "site_0",
+        "--out", state.out / "evaluation" / "report.json",
         "--quick",
-    )
+        "--threads", 1,
+        "--track", tracking,
+    )  # fmt: skip
     state.summary["evaluation"] = json.loads((state.out / "evaluation" / "report.json").read_text())
 
 
@@ -209,21 +209,21 @@ def summary_lines(state: DemoState) -> list[str]:
         before, after = de["site_spread_before"]["mean"], de["site_spread_after"]["mean"]
         rows.append(("site spread of label means, before -> after", f"{before:.3f} -> {after:.3f}"))
     evaluation = s.get("evaluation", {})
-    if evaluation:
-        main = evaluation.get("methods", {}).get("gem3d", evaluation.get("gem3d", {}))
-        fidelity = main.get("fidelity", {})
+    methods = evaluation.get("methods", {})
+    for name, method in methods.items():
+        fidelity = method.get("fidelity", {})
+        seam = method.get("seam_ratio", {}).get("mean")
         rows.append(
             (
-                "PSNR whole / foreground (dB)",
-                f"{_fmt(fidelity.get('psnr'), 2)} / {_fmt(fidelity.get('psnr_foreground'), 2)}",
+                f"{name}: PSNR whole / foreground (dB), seam ratio",
+                f"{_fmt(fidelity.get('psnr'), 2)} / {_fmt(fidelity.get('psnr_foreground'), 2)}, {_fmt(seam)}",
             )
         )
-        rows.append(("seam ratio (1.0 = like real data)", _fmt(main.get("consistency", {}).get("seam_ratio"))))
-        downstream = evaluation.get("downstream", main.get("downstream", {}))
-        if downstream:
-            real = _fmt(downstream.get("real_only", {}).get("mean"))
-            mixed = _fmt(downstream.get("real_plus_synthetic", {}).get("mean"))
-            rows.append(("Dice: real only / real + synthetic", f"{real} / {mixed}"))
+    downstream = evaluation.get("downstream", {})
+    if downstream and "real_only" in downstream:
+        real = _fmt(downstream.get("real_only", {}).get("mean"))
+        mixed = _fmt(downstream.get("real_plus_synthetic", {}).get("mean"))
+        rows.append(("Dice: real only / real + synthetic", f"{real} / {mixed}"))
     width = max((len(name) for name, _ in rows), default=20) + 2
     lines = ["", "gem3d demo: summary", "-" * (width + 20)]
     lines += [f"{name:<{width}}{value}" for name, value in rows]
@@ -251,7 +251,7 @@ def run_demo(out: Path, sites: int = 3, fresh: bool = False) -> dict[str, Any]:
         ("privacy release of an enhanced cohort (site_0)", lambda: release(state)),
         ("de-enhancement across the sites", lambda: deenhance(state)),
         ("memorization audit and membership inference", lambda: audit(state)),
-        ("evaluation against baselines", lambda: evaluate(state)),
+        ("evaluation against baselines", lambda: evaluate(state, tracking)),
     ]
     with Tracker(tracking, "gem3d-demo", "demo", tags={"gem3d.kind": "demo"}) as tracker:
         for index, (title, work) in enumerate(steps, start=1):
