@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 
 from experiments.evaluation.arrays import anatomical_views
-from experiments.evaluation.baselines import FULL3D_FILE, Full3D, train_mask_only
+from experiments.evaluation.baselines import FULL3D_CHANNELS, FULL3D_FILE, Full3D, train_mask_only
 from experiments.evaluation.distribution import FeatureExtractor
 from experiments.evaluation.downstream import downstream_utility, segmentation_dice
 from experiments.evaluation.protocol import (
@@ -74,6 +74,7 @@ class Settings:
         downstream_seeds / downstream_steps: the segmentation task's seeds and steps.
         synthetic_per_case: synthetic volumes per real downstream training case.
         baseline_step_cap: caps the baselines' training steps (None = the main run's steps).
+        full3d_channels: widths of the full-3D baseline's UNet levels when it is trained here.
         deviations: a sentence per change from the protocol.
     """
 
@@ -83,6 +84,7 @@ class Settings:
     downstream_steps: int = DOWNSTREAM_STEPS
     synthetic_per_case: int = SYNTHETIC_PER_CASE
     baseline_step_cap: int | None = None
+    full3d_channels: tuple[int, ...] = FULL3D_CHANNELS
     deviations: tuple[str, ...] = ()
 
 
@@ -96,12 +98,14 @@ def quick_settings(seeds: Sequence[int] | None = None) -> Settings:
         downstream_steps=20,
         synthetic_per_case=1,
         baseline_step_cap=50,
+        full3d_channels=(8, 16, 16),
         deviations=(
             "--quick: DDIM steps capped at 10 (fewer if the run's config has fewer)",
             "--quick: 2 diversity samples per mask instead of 4",
             f"--quick: downstream seeds {list(chosen)} and 20 steps instead of {list(DOWNSTREAM_SEEDS)} and 200",
             "--quick: 1 synthetic volume per downstream training case instead of 2",
             "--quick: baselines trained for at most 50 steps per stage",
+            "--quick: full-3D baseline UNet channels (8, 16, 16) instead of (16, 32, 32)",
         ),
     )
 
@@ -232,6 +236,7 @@ def _train_baselines_into(
     cfg: Config,
     train_volumes: list[Volume],
     steps: dict[str, int],
+    channels: tuple[int, ...],
     log: Log,
 ) -> dict[str, Path]:
     """Train the requested trainable baselines into ``folder`` (atomically: a temp folder, then rename)."""
@@ -246,7 +251,7 @@ def _train_baselines_into(
         if "full_3d" in wanted:
             total = steps["slice"] + steps["volume"]
             log(f"baseline full_3d: training {total} steps")
-            model = Full3D(cfg)
+            model = Full3D(cfg, channels)
             model.train(train_volumes, total)
             model.save(tmp / FULL3D_FILE, train_volumes)
             made["full_3d"] = folder / FULL3D_FILE
@@ -325,7 +330,9 @@ def evaluate(
         if baselines_dir is None:
             raise ValueError("baselines_dir is required to train baselines")
         baseline_checkpoints.update(
-            _train_baselines_into(Path(baselines_dir), to_train, cfg, train_volumes, steps, log)
+            _train_baselines_into(
+                Path(baselines_dir), to_train, cfg, train_volumes, steps, settings.full3d_channels, log
+            )
         )
 
     runnable: dict[str, Method] = {"gem3d": _overlapped(synth, "gem3d", cfg.sampler.overlap)}
@@ -405,6 +412,7 @@ def evaluate(
                 "checkpoints": {k: str(v) for k, v in baseline_checkpoints.items()},
                 "training_steps": steps,
                 "full_3d_steps": steps["slice"] + steps["volume"],
+                "full_3d_channels": list(settings.full3d_channels),
                 "independent_windows_tile_seed": f"seed * {TILE_SEED_STRIDE} + tile index",
             },
         },
