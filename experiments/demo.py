@@ -219,6 +219,8 @@ def summary_lines(state: DemoState) -> list[str]:
                 f"{_fmt(fidelity.get('psnr'), 2)} / {_fmt(fidelity.get('psnr_foreground'), 2)}, {_fmt(seam)}",
             )
         )
+    if methods and evaluation.get("deviations"):
+        rows.append(("(evaluate --quick: baselines under-trained, not a fair comparison)", ""))
     downstream = evaluation.get("downstream", {})
     if downstream and "real_only" in downstream:
         real = _fmt(downstream.get("real_only", {}).get("mean"))
