@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) experiments/benchmarks/train_throughput.py
 	$(PY) experiments/benchmarks/sampling.py
 	$(PY) experiments/benchmarks/data_loading.py
+	$(PY) experiments/benchmarks/federation.py
+	$(PY) experiments/benchmarks/privacy.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -48,9 +48,9 @@ class RoundLogger:
             self.sites[name].log_metrics({f"{stage}.{k}": v for k, v in _numbers(site_metrics).items()}, step=self.step)
 
     def finish(self, run_dir: Path) -> None:
-        """End the site runs and register the final global model with the alias ``latest``.
+        """End the site runs and register the final global model as ``gem3d-global@current``.
 
-        Only the checkpoints and config travel to the registry, not the run folder's other files.
+        MLflow reserves the alias ``latest``. Only the checkpoints and config travel to the registry.
         """
         for site in self.sites.values():
             site.end()
@@ -60,4 +60,4 @@ class RoundLogger:
             for name in (*STAGE_FILES.values(), "config.json"):
                 if (run_dir / name).exists():
                     shutil.copy2(run_dir / name, model / name)
-            self.tracker.register_model(model, name="gem3d-global", alias="latest")
+            self.tracker.register_model(model, name="gem3d-global", alias="current")
