@@ -38,6 +38,7 @@ from experiments.evaluation.protocol import (
     seam_boundaries,
     split_cases,
 )
+from experiments.previews import save_figure
 from gem3d.apps import Synthesiser, generated_informed, load_synthesiser
 from gem3d.checkpoint import read_metadata
 from gem3d.config import Config
@@ -500,17 +501,7 @@ def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: in
             ax.set_xticks([])
             ax.set_yticks([])
     figure.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        figure.savefig(tmp, dpi=100)
-        os.replace(tmp, path)
-    finally:
-        plt.close(figure)
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return save_figure(figure, path, dpi=100)
 
 
 __all__ = [
