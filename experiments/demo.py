@@ -211,8 +211,10 @@ def summary_lines(state: DemoState) -> list[str]:
     evaluation = s.get("evaluation", {})
     methods = evaluation.get("methods", {})
     for name, method in methods.items():
-        fidelity = method.get("fidelity", {})
-        seam = method.get("seam_ratio", {}).get("mean")
+        if not isinstance(method, dict) or "skipped" in method:
+            continue
+        fidelity = method.get("fidelity") or {}
+        seam = (method.get("seam_ratio") or {}).get("mean")
         rows.append(
             (
                 f"{name}: PSNR whole / foreground (dB), seam ratio",
@@ -221,11 +223,11 @@ def summary_lines(state: DemoState) -> list[str]:
         )
     if methods and evaluation.get("deviations"):
         rows.append(("(evaluate --quick: baselines under-trained, not a fair comparison)", ""))
-    downstream = evaluation.get("downstream", {})
-    if downstream and "real_only" in downstream:
-        real = _fmt(downstream.get("real_only", {}).get("mean"))
-        mixed = _fmt(downstream.get("real_plus_synthetic", {}).get("mean"))
-        rows.append(("Dice: real only / real + synthetic", f"{real} / {mixed}"))
+    downstream = evaluation.get("downstream") or {}
+    if "real_only" in downstream:
+        real = _fmt((downstream.get("real_only") or {}).get("mean"))
+        mixed = _fmt(((downstream.get("gem3d") or {}).get("real_plus_synthetic") or {}).get("mean"))
+        rows.append(("Dice: real only / real + GEM-3D synthetic", f"{real} / {mixed}"))
     width = max((len(name) for name, _ in rows), default=20) + 2
     lines = ["", "gem3d demo: summary", "-" * (width + 20)]
     lines += [f"{name:<{width}}{value}" for name, value in rows]
