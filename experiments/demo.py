@@ -27,6 +27,7 @@ from typing import Any
 import torch
 
 from experiments.cli import main as gem3d
+from experiments.previews import loss_curve_png
 from experiments.tracking import Tracker, ui_command
 from gem3d.errors import Gem3dError
 
@@ -94,6 +95,7 @@ def train_federated(state: DemoState, tracking: Path) -> None:
     if not (state.run / "volume.safetensors").exists():
         raise Gem3dError(f"{state.run}: the federated run left no volume model; see the Flower log above")
     rounds = [json.loads(line) for line in (state.run / "metrics.jsonl").read_text().splitlines()]
+    loss_curve_png(state.out / "pictures" / "loss.png", rounds)
     from gem3d.config import load_config
     from privacy.ledger import PrivacyLedger
 

@@ -92,3 +92,24 @@ def save_figure(figure: Any, path: Path, dpi: int = 100) -> Path:
         plt.close(figure)
         Path(tmp).unlink(missing_ok=True)
     return path
+
+
+def loss_curve_png(path: Path, rounds: list[dict[str, Any]]) -> Path:
+    """Training and evaluation loss per federated round (``metrics.jsonl`` records), one colour per stage."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, ax = plt.subplots(figsize=(6, 3.5))
+    for stage in dict.fromkeys(r.get("stage") for r in rounds):
+        points = [(i + 1, r) for i, r in enumerate(rounds) if r.get("stage") == stage]
+        xs = [x for x, _ in points]
+        ax.plot(xs, [r.get("train", {}).get("loss") for _, r in points], "o-", label=f"{stage}: train")
+        evaluation = [r.get("server-eval-loss", r.get("evaluate", {}).get("eval-loss")) for _, r in points]
+        ax.plot(xs, evaluation, "s--", label=f"{stage}: eval")
+    ax.set_xlabel("federated round")
+    ax.set_ylabel("denoising loss (MSE)")
+    ax.legend(fontsize=7)
+    figure.tight_layout()
+    return save_figure(figure, path, dpi=100)
