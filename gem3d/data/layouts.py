@@ -1,14 +1,14 @@
 """Dataset layouts: find every case's files, check the listing, and read cases.
 
-* ``nnunet``: nnU-Net v2 raw: ``imagesTr/CASE_XXXX.nii.gz`` (channel suffix), ``labelsTr/CASE.nii.gz``,
+* ``nnunet``: nnU-Net v2 raw: ``imagesTr/CASE_0000.nii.gz`` (channel suffix), ``labelsTr/CASE.nii.gz``,
   ``dataset.json`` (``channel_names``, ``labels``, ``numTraining``, ``file_ending``).
 * ``msd``: Medical Segmentation Decathlon: ``dataset.json`` lists ``training`` pairs; images may be
   4D ``[X, Y, Z, C]`` (Task01 BrainTumour has FLAIR, T1w, t1gd, T2w).
 * ``brats``: one folder per subject, ``SUBJ_flair/_t1/_t1ce/_t2/_seg.nii.gz`` (BraTS 2021) or
   ``SUBJ-t2f/-t1n/-t1c/-t2w/-seg.nii.gz`` (BraTS 2023); a folder holding MSD Task01 is read as ``msd``
   with the channel of the chosen sequence. FLAIR is the default, as in the paper.
-* ``abdomenct1k``: ``Case_XXXXX_0000.nii.gz`` images anywhere under the input, masks
-  ``Case_XXXXX.nii.gz`` in a mask folder.
+* ``abdomenct1k``: ``Case_NNNNN_0000.nii.gz`` images anywhere under the input, masks
+  ``Case_NNNNN.nii.gz`` in a mask folder.
 
 ``discover`` finds files without reading voxels and separates dataset-level errors (raised at once)
 from case-level problems (reported per case, so ``--skip-invalid`` can go on). ``read_case`` reads
@@ -171,7 +171,7 @@ def discover_nnunet(root: Path, channel: int) -> Listing:
     for path in _nifti_files(images_dir):
         match = re.fullmatch(r"(.+)_(\d{4})", strip_suffix(path.name) or "")
         if match is None:
-            raise DataError(f"{path}: image name lacks the _XXXX channel suffix of the nnU-Net layout")
+            raise DataError(f"{path}: image name lacks the _0000-style channel suffix of the nnU-Net layout")
         if ending is not None and not path.name.endswith(ending):
             raise DataError(f"{path}: dataset.json says file_ending '{ending}'")
         images.setdefault(match.group(1), {}).setdefault(int(match.group(2)), []).append(path)
@@ -281,7 +281,7 @@ def discover_brats(root: Path, sequence: str) -> Listing:
 
 
 def discover_abdomenct1k(root: Path) -> Listing:
-    """AbdomenCT-1K: ``Case_XXXXX_0000`` images and ``Case_XXXXX`` masks anywhere under the root."""
+    """AbdomenCT-1K: ``Case_NNNNN_0000`` images and ``Case_NNNNN`` masks anywhere under the root."""
     if not root.is_dir():
         raise DataError(f"{root}: input folder not found")
     images: dict[str, list[Path]] = {}
@@ -295,7 +295,7 @@ def discover_abdomenct1k(root: Path) -> Listing:
         elif re.fullmatch(r"Case_\d+", stem):
             masks.setdefault(stem, []).append(path)
     if not images and not masks:
-        raise DataError(f"{root}: no AbdomenCT-1K files (Case_XXXXX_0000.nii.gz images, Case_XXXXX.nii.gz masks)")
+        raise DataError(f"{root}: no AbdomenCT-1K files (Case_NNNNN_0000.nii.gz images, Case_NNNNN.nii.gz masks)")
     cases = []
     for case_id in sorted(set(images) | set(masks)):
         image_paths, mask_paths = images.get(case_id, []), masks.get(case_id, [])
