@@ -40,10 +40,40 @@ DEMO_SET = (
 )
 
 
+# The test suite's setting: 2 sites, a micro network, one round per stage, two baselines skipped.
+SMALL_SET = (
+    "data.image_size=16 data.window=4 model.channels=8,16 model.attention_levels=false,true "
+    "model.norm_num_groups=4 model.num_head_channels=8 informed.channels=8,16 "
+    "informed.attention_levels=false,true informed.norm_num_groups=4 informed.num_head_channels=8 "
+    "informed.position_bins=8 federation.rounds_slice=1 federation.rounds_volume=1 federation.rounds_informed=1 "
+    "federation.local_steps=2 diffusion.inference_steps=3"
+)
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """How big the demo is: the cohort, the gem3d overrides for the federated run, evaluate's options."""
+
+    sites: int = 3
+    cases_per_site: int = 6
+    size: int = 32
+    overrides: str = DEMO_SET
+    evaluate_options: tuple[str, ...] = ("--quick",)
+
+
+SMALL = DemoSettings(
+    sites=2,
+    cases_per_site=4,
+    size=24,
+    overrides=f"{DEMO_SET} {SMALL_SET}",
+    evaluate_options=("--quick", "--baselines", "no-overlap", "--no-downstream"),
+)
+
+
 @dataclass
 class DemoState:
     out: Path
-    sites: int
+    settings: DemoSettings
     summary: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
@@ -71,7 +101,15 @@ def _run(*args: object) -> None:
 
 
 def build_cohort(state: DemoState) -> None:
-    _run("demo-data", "--out", state.data, "--sites", state.sites, "--cases-per-site", 6, "--size", 32, "--seed", 0)
+    settings = state.settings
+    _run(
+        "demo-data",
+        "--out", state.data,
+        "--sites", settings.sites,
+        "--cases-per-site", settings.cases_per_site,
+        "--size", settings.size,
+        "--seed", 0,
+    )  # fmt: skip
 
 
 def train_federated(state: DemoState, tracking: Path) -> None:
@@ -84,13 +122,16 @@ def train_federated(state: DemoState, tracking: Path) -> None:
         "data-root": str(state.data),
         "out-dir": str(state.run),
         "server-data": str(state.data / "test"),
-        "set": DEMO_SET,
+        "set": state.settings.overrides,
         "tracking-dir": str(tracking),
         "resume": True,
     }
     backend = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
     run_simulation(
-        server_app=create_app(run_config), client_app=client_app, num_supernodes=state.sites, backend_config=backend
+        server_app=create_app(run_config),
+        client_app=client_app,
+        num_supernodes=state.settings.sites,
+        backend_config=backend,
     )
     if not (state.run / "volume.safetensors").exists():
         raise Gem3dError(f"{state.run}: the federated run left no volume model; see the Flower log above")
@@ -98,22 +139,17 @@ def train_federated(state: DemoState, tracking: Path) -> None:
     loss_curve_png(state.out / "pictures" / "loss.png", rounds)
     from gem3d.config import load_config
     from privacy.ledger import PrivacyLedger
+    from server.settings import parse_set
 
-    privacy_cfg = load_config(overrides=_set_overrides()).privacy
+    privacy_cfg = load_config(overrides=parse_set(state.settings.overrides)).privacy
     epsilons = {}
-    for site in range(state.sites):
+    for site in range(state.settings.sites):
         ledger = state.run / "sites" / f"site_{site}" / "privacy_ledger.json"
         if ledger.exists():
             epsilons[f"site_{site}"] = PrivacyLedger.open(ledger, privacy_cfg).epsilon
     state.summary["epsilon"] = epsilons
     state.summary["rounds"] = len(rounds)
     state.summary["final_train_loss"] = rounds[-1].get("train", {}).get("loss") if rounds else None
-
-
-def _set_overrides() -> dict[str, Any]:
-    from server.settings import parse_set
-
-    return parse_set(DEMO_SET)
 
 
 def release(state: DemoState) -> None:
@@ -176,7 +212,7 @@ def evaluate(state: DemoState, tracking: Path) -> None:
         "--data", state.data,
         "--train-data", state.data / "site_0",
         "--out", state.out / "evaluation" / "report.json",
-        "--quick",
+        *state.settings.evaluate_options,
         "--threads", 1,
         "--track", tracking,
     )  # fmt: skip
@@ -238,7 +274,7 @@ def summary_lines(state: DemoState) -> list[str]:
     return lines
 
 
-def run_demo(out: Path, sites: int = 3, fresh: bool = False) -> dict[str, Any]:
+def run_demo(out: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False) -> dict[str, Any]:
     """Run every step into ``out``; returns the summary (also written to ``out/summary.json``)."""
     # One intra-op thread: the demo's networks are small, and two threads per process collapse
     # (10-35x slower, measured) whenever the cores are shared, e.g. with the Ray site workers.
@@ -246,10 +282,10 @@ def run_demo(out: Path, sites: int = 3, fresh: bool = False) -> dict[str, Any]:
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
-    state = DemoState(out=out, sites=sites)
+    state = DemoState(out=out, settings=settings)
     tracking = out / "mlflow"
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("build the 3-site demo cohort", lambda: build_cohort(state)),
+        (f"build the {settings.sites}-site demo cohort", lambda: build_cohort(state)),
         (
             "federated training of all three stages with DP-SGD (Flower simulation)",
             lambda: train_federated(state, tracking),

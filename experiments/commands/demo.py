@@ -15,12 +15,18 @@ HELP = "the main job: the whole story on a 3-site demo cohort"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("demo_out"), help="output folder (default demo_out)")
-    parser.add_argument("--sites", type=int, default=3, help="number of simulated hospitals (default 3)")
+    parser.add_argument(
+        "--sites", type=int, default=3, help="number of simulated hospitals (default 3; not with --small)"
+    )
     parser.add_argument("--fresh", action="store_true", help="delete --out first (otherwise an earlier run resumes)")
+    parser.add_argument("--small", action="store_true", help="a smaller, faster setting (2 sites, micro network)")
 
 
 def run(args: argparse.Namespace) -> int:
-    from experiments.demo import run_demo
+    from dataclasses import replace
 
-    run_demo(args.out, args.sites, args.fresh)
+    from experiments.demo import SMALL, DemoSettings, run_demo
+
+    settings = SMALL if args.small else replace(DemoSettings(), sites=args.sites)
+    run_demo(args.out, settings, args.fresh)
     return 0
