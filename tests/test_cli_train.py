@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from experiments.cli import COMMANDS, main
+from experiments.tracking import read_runs
 from gem3d.runs import load_model
 
 
@@ -37,6 +38,9 @@ def test_train_three_stages_into_one_run_folder(phantom_dir: Path, tmp_path: Pat
     assert getattr(model, "inflated", False)
     assert cfg.data.image_size == 16
     assert (run / "informed.safetensors").exists() and (run / "config.json").exists()
+    runs = read_runs(run / "mlflow", "gem3d-train")
+    assert {r["run_name"] for r in runs} == {"run-slice", "run-volume", "run-informed"}
+    assert all(r["status"] == "FINISHED" and "loss" in r["metrics"] for r in runs)
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from experiments.commands.common import add_config_argument, load_cli_config
+from experiments.tracking import Tracker
+from gem3d.config import flatten_config
 from gem3d.data.dataset import load_volumes
 from gem3d.runs import STAGE_FILES, train_stage
 from gem3d.training import STAGES, train
@@ -33,6 +35,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=Path, help="volume stage: start from this slice checkpoint instead")
     parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
     parser.add_argument("--seed", type=int, help="override train.seed")
+    parser.add_argument(
+        "--track",
+        type=Path,
+        help="MLflow store folder (default: OUT/mlflow; MLFLOW_TRACKING_URI wins); 'off' disables tracking",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -45,6 +52,10 @@ def run(args: argparse.Namespace) -> int:
     volumes = load_volumes(args.data, cfg.data)
     total = args.steps if args.steps is not None else getattr(cfg.train, f"steps_{args.stage}")
     bars: list[tqdm] = []
+    tracker = None
+    if str(args.track) != "off":
+        tracker = Tracker(args.track or args.out / "mlflow", "gem3d-train", f"{args.out.name}-{args.stage}")
+        tracker.log_params(flatten_config(cfg))
 
     def on_step(metrics: dict[str, float]) -> None:
         if not bars:  # opened on the first step, so input errors print without a bar
@@ -52,6 +63,8 @@ def run(args: argparse.Namespace) -> int:
             bars.append(tqdm(total=total, initial=start, desc=args.stage, unit="step", dynamic_ncols=True))
         bars[0].set_postfix(loss=f"{metrics['loss']:.4f}")
         bars[0].update(1)
+        if tracker is not None:
+            tracker.log_metrics({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}, step=int(metrics["step"]))
 
     train_fn = train
     if cfg.privacy.enabled:  # DP-SGD; the site's ledger lives in the run folder, shared by its stages
@@ -61,9 +74,18 @@ def run(args: argparse.Namespace) -> int:
         metrics = train_stage(
             cfg, volumes, args.stage, args.out, args.steps, args.resume, args.init, on_step, train_fn=train_fn
         )
+    except BaseException:
+        if tracker is not None:
+            tracker.end("FAILED")
+        raise
     finally:
         for bar in bars:
             bar.close()
+    if tracker is not None:
+        if cfg.privacy.enabled:
+            tracker.log_metrics({"epsilon": ledger.epsilon})
+        tracker.log_artifact(args.out / "config.json")
+        tracker.end()
     print(
         f"{args.stage}: step {int(metrics['step'])}, mean loss {metrics.get('loss', float('nan')):.4f} "
         f"-> {args.out / STAGE_FILES[args.stage]}"
