@@ -51,7 +51,7 @@ from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.runs import build_model
-from gem3d.training import draw_inputs, freeze_for_stage, new_state, train, validation_loss
+from gem3d.training import Stage, draw_inputs, freeze_for_stage, new_state, train, validation_loss
 from privacy.dp_sgd import per_sample_gradients, sample_rate, train_private
 from privacy.ledger import PrivacyLedger
 
@@ -88,17 +88,23 @@ def privacy_cfg(cfg: Config, **changes: Any) -> PrivacyConfig:
     return cfg.privacy.model_copy(update={"enabled": True, "budget_epsilon": 1e6, **changes})
 
 
-def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Interleaved DP / non-DP step times, grad-sample modes and the ε check for one stage."""
+def _stage_setup(spec: dict[str, Any]) -> tuple[Config, Stage, WindowSource, Any, torch.nn.Module]:
+    """A worker's config, stage, phantom source, scheduler and frozen-as-in-training model."""
     torch.set_num_threads(spec["threads"])
     cfg = load_config(resolve_config_path(spec["config"]), spec["overrides"])
-    stage, steps = spec["stage"], spec["steps"]
+    stage = spec["stage"]
     volumes = phantoms(cfg, cfg.train.batch_size, seed=0)
     source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    scheduler = train_scheduler(cfg.diffusion)
     model = build_model(stage, cfg)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     stand_in_base(model)
+    return cfg, stage, source, train_scheduler(cfg.diffusion), model
+
+
+def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Interleaved DP / non-DP step times, grad-sample modes and the ε check for one stage."""
+    cfg, stage, source, scheduler, model = _stage_setup(spec)
+    steps = spec["steps"]
     plain, private = new_state(model, cfg.train), new_state(copy.deepcopy(model), cfg.train)
     pcfg = privacy_cfg(cfg)
     with tempfile.TemporaryDirectory() as tmp:
@@ -170,15 +176,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def peak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS above the loaded model and data over ``steps`` + 1 steps of one kind."""
-    torch.set_num_threads(spec["threads"])
-    cfg = load_config(resolve_config_path(spec["config"]), spec["overrides"])
-    stage = spec["stage"]
-    volumes = phantoms(cfg, cfg.train.batch_size, seed=0)
-    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    scheduler = train_scheduler(cfg.diffusion)
-    model = build_model(stage, cfg)
-    freeze_for_stage(model, stage, cfg.train.volume_train_all)
-    stand_in_base(model)
+    cfg, stage, source, scheduler, model = _stage_setup(spec)
     state = new_state(model, cfg.train)
     pcfg = privacy_cfg(cfg)
     device = torch.device("cpu")
