@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from gem3d.config import Config, load_config
+from experiments.tracking import Tracker
+from gem3d.config import Config, flatten_config, load_config
 from gem3d.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
@@ -61,3 +62,28 @@ def load_cli_config(args: argparse.Namespace, extra: dict[str, Any] | None = Non
     overrides = parse_set(args.set)
     overrides.update(extra or {})
     return load_config(resolve_config_path(args.config), overrides)
+
+
+def add_track_argument(parser: argparse.ArgumentParser, default: str) -> None:
+    """``--track DIR|off``: the MLflow store folder of this command's run (``default`` names it)."""
+    parser.add_argument(
+        "--track",
+        help=f"MLflow store folder (default: {default}; MLFLOW_TRACKING_URI wins); 'off' disables tracking",
+    )
+
+
+def open_tracker(
+    args: argparse.Namespace, default_store: Path, command: str, run_name: str, cfg: Config | None = None
+) -> Tracker | None:
+    """The MLflow run of one command, or None with ``--track off``.
+
+    The run goes to experiment ``gem3d-<command>`` in ``--track`` (else ``default_store``), with the
+    flattened config as params. Use it as a context manager: the run ends FAILED if the command raised.
+    Tracking never breaks the command: an unreachable store warns once and the tracker turns no-op.
+    """
+    if args.track == "off":
+        return None
+    tracker = Tracker(Path(args.track) if args.track else default_store, f"gem3d-{command}", run_name)
+    if cfg is not None:
+        tracker.log_params(flatten_config(cfg))
+    return tracker

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from experiments.commands.common import add_config_argument, load_cli_config
-from experiments.tracking import Tracker
-from gem3d.config import flatten_config
+from experiments.commands.common import add_config_argument, add_track_argument, load_cli_config, open_tracker
 from gem3d.data.dataset import load_volumes
 from gem3d.runs import STAGE_FILES, train_stage
 from gem3d.training import STAGES, train
@@ -35,11 +33,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--init", type=Path, help="volume stage: start from this slice checkpoint instead")
     parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
     parser.add_argument("--seed", type=int, help="override train.seed")
-    parser.add_argument(
-        "--track",
-        type=Path,
-        help="MLflow store folder (default: OUT/mlflow; MLFLOW_TRACKING_URI wins); 'off' disables tracking",
-    )
+    add_track_argument(parser, "OUT/mlflow")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -52,10 +46,7 @@ def run(args: argparse.Namespace) -> int:
     volumes = load_volumes(args.data, cfg.data)
     total = args.steps if args.steps is not None else getattr(cfg.train, f"steps_{args.stage}")
     bars: list[tqdm] = []
-    tracker = None
-    if str(args.track) != "off":
-        tracker = Tracker(args.track or args.out / "mlflow", "gem3d-train", f"{args.out.name}-{args.stage}")
-        tracker.log_params(flatten_config(cfg))
+    tracker = open_tracker(args, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
 
     def on_step(metrics: dict[str, float]) -> None:
         if not bars:  # opened on the first step, so input errors print without a bar
