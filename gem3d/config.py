@@ -139,6 +139,11 @@ class PrivacyConfig(_Frozen):
     max_grad_norm: float = Field(1.0, gt=0)
     budget_epsilon: float = Field(10.0, gt=0, description="a site refuses training that would exceed this")
     accountant: Literal["rdp", "prv"] = "rdp"
+    grad_sample_mode: Literal["auto", "loop", "vmap", "hooks"] = Field(
+        "auto",
+        description="per-window gradients: one backward per window (loop), torch.func (vmap), Opacus "
+        "hooks summed per window (hooks), or the measured default for the device (auto); see privacy/dp_sgd.py",
+    )
 
 
 class FederationConfig(_Frozen):

@@ -17,15 +17,28 @@ Caveats of that unit:
 * Loss values reported through ``on_step`` and the returned metrics are not privatised.
 
 Per-sample gradients: the denoiser reshapes a window ``[B, C, D, H, W]`` into ``[B*D, C, H, W]``
-slices inside ``forward`` (and stage 2 reshapes again into per-pixel sequences), so Opacus's
-hook-based ``GradSampleModule`` would compute per-*slice* gradients: the wrong unit. Instead
-the module is never wrapped; per-window gradients come from ``torch.func`` (``vmap`` of
-``grad`` over a ``functional_call``) on inputs drawn outside ``vmap`` (no randomness inside),
-are placed in each trainable parameter's ``p.grad_sample``, and Opacus's ``DPOptimizer``,
-wrapping the state's AdamW, clips each to ``max_grad_norm``, sums, adds Gaussian noise and
-divides by the expected batch size. Models whose forward ``vmap`` cannot trace (the informed
-generator's one-hot mask encoding checks the label range, a data-dependent ``.item()``) fall
-back to one autograd pass per sample, which computes the same gradients.
+slices inside ``forward`` (and stage 2 reshapes again into ``[B*H*W, C, D]`` per-pixel sequences),
+so every layer sees a batch of ``B*D`` (or ``B*H*W``) elements, not of B windows. Three ways to get
+per-*window* gradients, all checked against each other (tests/test_privacy_dp.py) and timed side by
+side (experiments/benchmarks/privacy.py); ``privacy.grad_sample_mode`` picks one:
+
+* ``loop``: one autograd pass per window. Plain torch, any model.
+* ``vmap``: ``torch.func`` (``vmap`` of ``grad`` over a ``functional_call``) on inputs drawn outside
+  ``vmap`` (no randomness inside). Not for the informed generator conditioned on a one-hot mask:
+  ``F.one_hot`` checks the label range with a data-dependent ``.item()``, which ``vmap`` refuses.
+* ``hooks``: Opacus's ``GradSampleHooks`` (the hooks of ``GradSampleModule``, attached without
+  wrapping) give per-*element* gradients ``[B*n, *param.shape]`` in one batched backward; every
+  reshape in ``gem3d.networks`` keeps the window index outermost (``b*D + d``,
+  ``b*H*W + pixel``), so summing groups of n consecutive elements gives per-window gradients.
+* ``auto`` (default): ``loop``, the fastest of the three on CPU in the benchmark; see
+  ``resolve_grad_sample_mode``.
+
+Opacus's ghost clipping is not offered: it computes per-element gradient *norms*, and a window's
+norm is not a function of its slices' norms, so it would clip per slice (the wrong privacy unit).
+
+The per-window gradients are placed in each trainable parameter's ``p.grad_sample``, and
+Opacus's ``DPOptimizer``, wrapping the state's AdamW, clips each to ``max_grad_norm``, sums, adds
+Gaussian noise and divides by the expected batch size.
 
 Because the module is never wrapped, its ``state_dict`` has no ``_module.`` prefixes: weights
 leave a site exactly as ``gem3d.training`` names them.
@@ -35,11 +48,13 @@ from __future__ import annotations
 
 import dataclasses
 import time
+import warnings
 from typing import Literal
 
 import torch
 from monai.networks.schedulers import DDPMScheduler
 from opacus.accountants.utils import get_noise_multiplier
+from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
@@ -52,7 +67,8 @@ from gem3d.networks import InformedSliceGenerator
 from gem3d.training import DenoisingInputs, OnStep, Stage, TrainState, draw_inputs, per_sample_loss
 from privacy.ledger import PrivacyLedger
 
-GradSampleMode = Literal["vmap", "loop"]
+GradSampleMode = Literal["loop", "vmap", "hooks"]
+GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = ("loop", "vmap", "hooks")
 
 
 def sample_rate(batch_size: int, num_volumes: int) -> float:
@@ -87,15 +103,32 @@ def resolve_noise_multiplier(privacy_cfg: PrivacyConfig, rate: float, planned_st
     return float(privacy_cfg.noise_multiplier)
 
 
-def grad_sample_mode(model: nn.Module) -> GradSampleMode:
-    """``vmap`` where ``torch.func`` can trace the forward, else ``loop`` (one backward per sample).
+def vmap_supported(model: nn.Module) -> bool:
+    """Whether ``torch.func`` can trace ``model``'s forward.
 
     The informed generator one-hot encodes its mask inside ``forward``; ``F.one_hot`` checks the
     label range with a data-dependent ``.item()``, which ``vmap`` refuses.
     """
-    if isinstance(model, InformedSliceGenerator) and model.cfg.condition_on_mask and model.mask_encoding == "onehot":
+    return not (
+        isinstance(model, InformedSliceGenerator) and model.cfg.condition_on_mask and model.mask_encoding == "onehot"
+    )
+
+
+def resolve_grad_sample_mode(model: nn.Module, requested: str = "auto") -> GradSampleMode:
+    """The per-sample gradient method for ``model``: ``requested``, or for ``auto`` the measured default.
+
+    ``auto`` is ``loop`` on every device: on CPU it was the fastest correct mode in
+    experiments/benchmarks/privacy.py (see RESULTS.md); no GPU was available to measure, so CUDA
+    gets the same choice until measured there. ``vmap`` on a model it cannot trace falls back to
+    ``loop``, which computes the same gradients.
+    """
+    if requested == "auto":
         return "loop"
-    return "vmap"
+    if requested not in GRAD_SAMPLE_MODES:
+        raise ConfigError(f"privacy.grad_sample_mode={requested!r}: expected auto, {', '.join(GRAD_SAMPLE_MODES)}")
+    if requested == "vmap" and not vmap_supported(model):
+        return "loop"
+    return requested  # type: ignore[return-value]
 
 
 def _fields(inputs: DenoisingInputs) -> dict[str, torch.Tensor]:
@@ -111,31 +144,80 @@ def _one_sample(fields: dict[str, torch.Tensor]) -> DenoisingInputs:
 
 
 def per_sample_gradients(
-    model: nn.Module, inputs: DenoisingInputs, mode: GradSampleMode | None = None
+    model: nn.Module, inputs: DenoisingInputs, mode: str = "auto"
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Per-sample gradients of ``per_sample_loss`` for every trainable parameter.
 
     Args:
         inputs: a batch of B samples (windows or slices), drawn outside this function.
-        mode: ``vmap`` or ``loop``; default ``grad_sample_mode(model)``.
+        mode: ``loop``, ``vmap``, ``hooks`` or ``auto`` (``resolve_grad_sample_mode``).
     Returns:
         ``({name: [B, *param.shape]}, losses [B])``; the sample i gradient is that of sample i's
         own mean squared error, as if it were trained alone.
     """
-    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
-    mode = mode or grad_sample_mode(model)
-    batch = int(inputs.noisy.shape[0])
-    if mode == "loop":
-        grads: dict[str, list[torch.Tensor]] = {name: [] for name in trainable}
-        losses = []
-        for index in range(batch):
-            one = _one_sample({name: value[index] for name, value in _fields(inputs).items()})
-            loss = per_sample_loss(model, one).sum()
-            for name, g in zip(trainable, torch.autograd.grad(loss, list(trainable.values())), strict=True):
-                grads[name].append(g)
-            losses.append(loss.detach())
-        return {name: torch.stack(gs) for name, gs in grads.items()}, torch.stack(losses)
+    resolved = resolve_grad_sample_mode(model, mode)
+    if resolved == "loop":
+        return _loop_gradients(model, inputs)
+    if resolved == "hooks":
+        return _hooks_gradients(model, inputs)
+    return _vmap_gradients(model, inputs)
 
+
+def _trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _loop_gradients(model: nn.Module, inputs: DenoisingInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One autograd pass per sample: the reference the other modes are checked against."""
+    trainable = _trainable(model)
+    grads: dict[str, list[torch.Tensor]] = {name: [] for name in trainable}
+    losses = []
+    for index in range(int(inputs.noisy.shape[0])):
+        one = _one_sample({name: value[index] for name, value in _fields(inputs).items()})
+        loss = per_sample_loss(model, one).sum()
+        for name, g in zip(trainable, torch.autograd.grad(loss, list(trainable.values())), strict=True):
+            grads[name].append(g)
+        losses.append(loss.detach())
+    return {name: torch.stack(gs) for name, gs in grads.items()}, torch.stack(losses)
+
+
+def _hooks_gradients(model: nn.Module, inputs: DenoisingInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One batched backward with Opacus's per-layer hooks; per-element gradients summed per window.
+
+    With ``loss_reduction="sum"`` over the per-window losses, element e's hook gradient is the
+    gradient of its own window's loss through e; a window's gradient is the sum over its elements.
+    """
+    trainable = _trainable(model)
+    batch = int(inputs.noisy.shape[0])
+    # strict=False: the validator's buffer check is ModuleValidator's job (tests), not each step's.
+    hooks = GradSampleHooks(model, batch_first=True, loss_reduction="sum", strict=False)
+    try:
+        losses = per_sample_loss(model, inputs)
+        with warnings.catch_warnings():
+            # the first layer's input (data) needs no gradient, so its hook fires on the output's
+            # gradient: exactly what Opacus reads; torch warns about it on every call
+            warnings.filterwarnings("ignore", message="Full backward hook is firing", category=UserWarning)
+            # autograd.grad, not backward: p.grad stays untouched and the module hooks still fire
+            torch.autograd.grad(losses.sum(), list(trainable.values()))
+        grads = {}
+        for name, p in trainable.items():
+            sample = p.grad_sample  # type: ignore[attr-defined]
+            if not isinstance(sample, torch.Tensor) or sample.shape[0] % batch:
+                raise RuntimeError(f"hooks: no per-element gradient of {name} divisible into {batch} samples")
+            grads[name] = sample.reshape(batch, -1, *p.shape).sum(dim=1)
+    finally:
+        hooks.remove_hooks()
+        hooks.cleanup()
+        for module in model.modules():  # Opacus leaves its (emptied) activation lists behind
+            for attribute in ("activations", "max_batch_len"):
+                if hasattr(module, attribute):
+                    delattr(module, attribute)
+    return grads, losses.detach()
+
+
+def _vmap_gradients(model: nn.Module, inputs: DenoisingInputs) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """``torch.func``: ``vmap`` of ``grad`` over the model with swapped-in parameters."""
+    trainable = _trainable(model)
     # functional_call on a wrapper swaps in the vmapped parameters; the model itself is untouched.
     wrapper = _SampleLoss(model)
     constants = {f"model.{name}": p.detach() for name, p in model.named_parameters() if not p.requires_grad}
@@ -204,7 +286,7 @@ def train_private(
 
     params = [p for p in state.model.parameters() if p.requires_grad]
     names = {id(p): name for name, p in state.model.named_parameters()}
-    mode = grad_sample_mode(state.model)
+    mode = resolve_grad_sample_mode(state.model, privacy_cfg.grad_sample_mode)
     # DP noise comes from a generator seeded from OS entropy, never from train.seed: noise an
     # observer can regenerate would cancel out and protect nothing. DP runs are therefore not
     # bit-reproducible, unlike non-DP ones.

@@ -15,9 +15,17 @@ from gem3d.config import Config, PrivacyConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
+from gem3d.errors import ConfigError
 from gem3d.runs import build_model, load_model, train_stage
 from gem3d.training import DenoisingInputs, draw_inputs, freeze_for_stage, new_state, per_sample_loss
-from privacy.dp_sgd import per_sample_gradients, resolve_noise_multiplier, sample_rate, train_private
+from privacy.dp_sgd import (
+    GRAD_SAMPLE_MODES,
+    per_sample_gradients,
+    resolve_grad_sample_mode,
+    resolve_noise_multiplier,
+    sample_rate,
+    train_private,
+)
 from privacy.ledger import PrivacyBudgetError, PrivacyLedger, epsilon_for_history
 
 
@@ -53,48 +61,72 @@ def test_models_pass_opacus_validator(micro_cfg: Config, stage: str) -> None:
     assert errors == []
 
 
-@pytest.mark.parametrize("stage", ["slice", "volume"])
-def test_per_sample_gradients_are_per_window(micro_cfg: Config, phantom_dir: Path, stage: str) -> None:
-    volumes = load_volumes(phantom_dir, micro_cfg.data)
-    model = build_model(stage, micro_cfg)  # type: ignore[arg-type]
+def _model_with_gradients(cfg: Config, stage: str) -> torch.nn.Module:
+    """``stage``'s model frozen as in training, with no parameter left all-zero.
+
+    MONAI zero-initialises the U-Net's output conv, which zeroes every stage-2 slice-axis
+    gradient of a fresh model; small random values stand in for a trained base, so the
+    comparisons below compare non-zero gradients.
+    """
+    model = build_model(stage, cfg)  # type: ignore[arg-type]
     freeze_for_stage(model, stage, False)  # type: ignore[arg-type]
-    inputs = draw_inputs(
+    with torch.no_grad():
+        for p in model.parameters():
+            if not p.any():
+                p.normal_(std=0.05, generator=torch.Generator().manual_seed(3))
+    return model
+
+
+def _inputs(cfg: Config, phantom_dir: Path, model: torch.nn.Module, stage: str, indices: list[int]) -> DenoisingInputs:
+    return draw_inputs(
         model,
-        train_scheduler(micro_cfg.diffusion),
-        WindowSource(volumes, micro_cfg.data.window),
-        [0, 3],
+        train_scheduler(cfg.diffusion),
+        WindowSource(load_volumes(phantom_dir, cfg.data), cfg.data.window),
+        indices,
         stage,  # type: ignore[arg-type]
-        torch.Generator().manual_seed(0),
-        micro_cfg.train,
+        torch.Generator().manual_seed(1),
+        cfg.train,
         torch.device("cpu"),
     )
 
-    grads, losses = per_sample_gradients(model, inputs)
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+@pytest.mark.parametrize("stage", ["slice", "volume", "informed"])
+def test_per_sample_gradients_are_per_window(micro_cfg: Config, phantom_dir: Path, stage: str, mode: str) -> None:
+    model = _model_with_gradients(micro_cfg, stage)
+    inputs = _inputs(micro_cfg, phantom_dir, model, stage, [0, 3])
+
+    grads, losses = per_sample_gradients(model, inputs, mode)
 
     expected = _manual_window_grads(model, inputs)
     names = [name for name, p in model.named_parameters() if p.requires_grad]
     assert set(grads) == set(names)
+    assert any(bool(g.any()) for g in expected[0])
     for index in range(2):
         for name, reference in zip(names, expected[index], strict=True):
             assert grads[name].shape == (2, *reference.shape)
             torch.testing.assert_close(grads[name][index], reference, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(losses, per_sample_loss(model, inputs).detach(), rtol=1e-5, atol=1e-6)
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "_forward_counter") for p in model.parameters())
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
 
 
-def test_each_window_gradient_is_clipped(micro_cfg: Config, phantom_dir: Path) -> None:
-    volumes = load_volumes(phantom_dir, micro_cfg.data)
+def test_auto_grad_sample_mode_is_the_measured_default(micro_cfg: Config) -> None:
+    model = build_model("slice", micro_cfg)
+
+    resolved = {mode: resolve_grad_sample_mode(model, mode) for mode in ("auto", *GRAD_SAMPLE_MODES)}
+
+    assert resolved == {"auto": "loop", "loop": "loop", "vmap": "vmap", "hooks": "hooks"}
+    assert PrivacyConfig().grad_sample_mode == "auto"
+    with pytest.raises(ConfigError, match="grad_sample_mode"):
+        resolve_grad_sample_mode(model, "ghost")
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+def test_each_window_gradient_is_clipped(micro_cfg: Config, phantom_dir: Path, mode: str) -> None:
     model = build_model("slice", micro_cfg)
     params = list(model.parameters())
-    inputs = draw_inputs(
-        model,
-        train_scheduler(micro_cfg.diffusion),
-        WindowSource(volumes, micro_cfg.data.window),
-        [0, 1, 2, 3],
-        "slice",
-        torch.Generator().manual_seed(1),
-        micro_cfg.train,
-        torch.device("cpu"),
-    )
+    inputs = _inputs(micro_cfg, phantom_dir, model, "slice", [0, 1, 2, 3])
     clip = 0.05
     expected_batch = 4
     manual = _manual_window_grads(model, inputs)
@@ -112,7 +144,7 @@ def test_each_window_gradient_is_clipped(micro_cfg: Config, phantom_dir: Path) -
         expected_batch_size=expected_batch,
     )
 
-    grads, _ = per_sample_gradients(model, inputs)
+    grads, _ = per_sample_gradients(model, inputs, mode)
     for name, p in model.named_parameters():
         p.grad_sample = grads[name]
     optimizer.step()
@@ -170,6 +202,33 @@ def test_dp_training_of_the_informed_generator(micro_cfg: Config, phantom_dir: P
     assert ledger.history == [(1.5, sample_rate(cfg.train.batch_size, len(volumes)), 2)]
     trained, _, _ = load_model(tmp_path / "run" / "informed.safetensors", "model")
     assert any(not torch.equal(trained.state_dict()[name], before[name]) for name in before)
+
+
+def test_dp_training_with_opacus_hooks_leaves_a_plain_module(
+    micro_cfg: Config, phantom_dir: Path, tmp_path: Path
+) -> None:
+    cfg = _dp_cfg(micro_cfg, grad_sample_mode="hooks")
+    volumes = load_volumes(phantom_dir, cfg.data)
+    ledger = PrivacyLedger.open(tmp_path / "ledger.json", cfg.privacy)
+    model = _model_with_gradients(cfg, "volume")
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    metrics = train_private(
+        new_state(model, cfg.train),
+        train_scheduler(cfg.diffusion),
+        WindowSource(volumes, cfg.data.window),
+        "volume",
+        2,
+        cfg.train,
+        privacy_cfg=cfg.privacy,
+        ledger=ledger,
+    )
+
+    assert metrics["steps"] == 2 and ledger.steps == 2
+    assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if p.requires_grad)
+    assert not any(m._forward_hooks or m._backward_hooks for m in model.modules())
+    assert not any(hasattr(m, "activations") or hasattr(m, "autograd_grad_sample_hooks") for m in model.modules())
+    assert not any(hasattr(p, "grad_sample") or hasattr(p, "_forward_counter") for p in model.parameters())
 
 
 def test_target_epsilon_sets_the_noise_for_the_planned_steps() -> None:

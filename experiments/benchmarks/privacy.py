@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +43,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from opacus.accountants import RDPAccountant
+from opacus.grad_sample import GradSampleModuleFastGradientClipping
+from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
 from experiments.commands.common import resolve_config_path
@@ -51,12 +56,29 @@ from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.runs import build_model
-from gem3d.training import Stage, draw_inputs, freeze_for_stage, new_state, train, validation_loss
-from privacy.dp_sgd import per_sample_gradients, sample_rate, train_private
+from gem3d.training import (
+    DenoisingInputs,
+    Stage,
+    TrainState,
+    draw_inputs,
+    freeze_for_stage,
+    new_state,
+    per_sample_loss,
+    train,
+    validation_loss,
+)
+from privacy.dp_sgd import (
+    GRAD_SAMPLE_MODES,
+    per_sample_gradients,
+    resolve_grad_sample_mode,
+    sample_rate,
+    train_private,
+)
 from privacy.ledger import PrivacyLedger
 
 MID = {"data.image_size": 96, "data.window": 16}
 TARGET_RATIO = 1.5
+UPDATE_TOLERANCE = 1e-4  # float32 sums in a different order; a wrong unit differs by O(1)
 QUALITY_EPSILONS = (1.0, 4.0, 8.0)
 
 
@@ -101,70 +123,215 @@ def _stage_setup(spec: dict[str, Any]) -> tuple[Config, Stage, WindowSource, Any
     return cfg, stage, source, train_scheduler(cfg.diffusion), model
 
 
+def reference_update(model: torch.nn.Module, inputs: DenoisingInputs, clip: float) -> list[torch.Tensor]:
+    """The DP-SGD update (noise off, SGD lr 1) from per-window gradients computed the plain way.
+
+    One ``backward`` per window (the privacy unit), each window's gradient scaled to norm at most
+    ``clip``, summed and divided by the batch size, negated: what every mode must reproduce.
+    """
+    params = [p for p in model.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
+    for index in range(int(inputs.noisy.shape[0])):
+        model.zero_grad(set_to_none=True)
+        one = DenoisingInputs(*(None if v is None else v[index : index + 1] for v in dataclasses.astuple(inputs)))
+        per_sample_loss(model, one).sum().backward()
+        grads = [p.grad.detach().clone() for p in params]  # type: ignore[union-attr]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads))
+        for acc, g in zip(total, grads, strict=True):
+            acc += g * min(1.0, clip / (float(norm) + 1e-6))
+    model.zero_grad(set_to_none=True)
+    return [-t / int(inputs.noisy.shape[0]) for t in total]
+
+
+def window_norms(model: torch.nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
+    """``[B]`` per-window gradient norms (loop mode)."""
+    grads, _ = per_sample_gradients(model, inputs, "loop")
+    return torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+
+
+def mode_update(model: torch.nn.Module, inputs: DenoisingInputs, mode: str, clip: float) -> list[torch.Tensor]:
+    """The update ``DPOptimizer`` (noise off, SGD lr 1) takes from ``per_sample_gradients(mode)``."""
+    work = copy.deepcopy(model)
+    params = [p for p in work.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    optimizer = DPOptimizer(
+        torch.optim.SGD(params, lr=1.0),
+        noise_multiplier=0.0,
+        max_grad_norm=clip,
+        expected_batch_size=int(inputs.noisy.shape[0]),
+    )
+    grads, _ = per_sample_gradients(work, inputs, mode)
+    for name, p in work.named_parameters():
+        if p.requires_grad:
+            p.grad_sample = grads[name]  # type: ignore[attr-defined]
+    optimizer.step()
+    return [p.detach() - b for p, b in zip(params, before, strict=True)]
+
+
+class OpacusGhost:
+    """Opacus's ghost clipping as Opacus offers it, for stage 1: two backwards per step.
+
+    Its unit is what each layer sees as a batch element: a *slice* here (the U-Net runs on
+    ``[B*D, C, H, W]``), so the loss it reweights is per slice (window loss = mean over its D
+    slices). It clips each slice's gradient, not each window's: timed for reference, and the
+    update check shows the difference. Stage 2's trainable layers see ``B*H*W`` per-pixel
+    sequences, whose losses do not separate, so ghost clipping has no loss to reweight there.
+    """
+
+    def __init__(self, state: TrainState, clip: float, noise: float, batch: int) -> None:
+        self.state = state
+        self.module = GradSampleModuleFastGradientClipping(
+            state.model,
+            batch_first=True,
+            loss_reduction="sum",
+            strict=False,
+            max_grad_norm=clip,
+            use_ghost_clipping=True,
+        )
+        self.optimizer = DPOptimizerFastGradientClipping(
+            state.optimizer,
+            noise_multiplier=noise,
+            max_grad_norm=clip,
+            expected_batch_size=batch,
+            loss_reduction="mean",
+        )
+
+    def step(self, inputs: DenoisingInputs) -> None:
+        assert inputs.cond is not None
+        depth = inputs.noisy.shape[2]
+        predicted = self.module(inputs.noisy, inputs.t, inputs.cond)  # [B, 1, D, H, W]
+        per_slice = ((predicted - inputs.target) ** 2).mean(dim=(1, 3, 4)).reshape(-1) / depth  # [B*D], b-major
+        self.optimizer.zero_grad(set_to_none=True)
+        DPTensorFastGradientClipping(self.module, self.optimizer, per_slice, "sum").backward()
+        self.optimizer.step()
+        self.state.ema.update_parameters(self.state.model)
+        self.state.step += 1
+
+
+def ghost_update(model: torch.nn.Module, inputs: DenoisingInputs, clip: float) -> list[torch.Tensor]:
+    """The update of one ``OpacusGhost`` step (noise off, SGD lr 1)."""
+    work = copy.deepcopy(model)
+    params = [p for p in work.parameters() if p.requires_grad]
+    before = [p.detach().clone() for p in params]
+    state = TrainState(work, _NoEma(), torch.optim.SGD(params, lr=1.0), torch.Generator())  # type: ignore[arg-type]
+    ghost = OpacusGhost(state, clip, 0.0, int(inputs.noisy.shape[0]))
+    ghost.step(inputs)
+    ghost.module._close()
+    return [p.detach() - b for p, b in zip(params, before, strict=True)]
+
+
+class _NoEma:
+    def update_parameters(self, model: torch.nn.Module) -> None:
+        pass
+
+
+def update_difference(update: list[torch.Tensor], reference: list[torch.Tensor]) -> float:
+    """max |update - reference| / max |reference| over all trainable parameters."""
+    scale = max(float(r.abs().max()) for r in reference)
+    return max(float((u - r).abs().max()) for u, r in zip(update, reference, strict=True)) / scale
+
+
 def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
-    """Interleaved DP / non-DP step times, grad-sample modes and the ε check for one stage."""
+    """Interleaved non-DP / DP step times per grad-sample mode, update checks and the ε check for one stage."""
     cfg, stage, source, scheduler, model = _stage_setup(spec)
     steps = spec["steps"]
-    plain, private = new_state(model, cfg.train), new_state(copy.deepcopy(model), cfg.train)
+    modes = list(spec.get("modes", GRAD_SAMPLE_MODES))
+    plain = new_state(model, cfg.train)
+    private = {mode: new_state(copy.deepcopy(model), cfg.train) for mode in modes}
     pcfg = privacy_cfg(cfg)
+    rate = sample_rate(cfg.train.batch_size, len(source))
+    ghost = None
+    if stage == "slice" and spec.get("ghost", True):
+        ghost_state = new_state(copy.deepcopy(model), cfg.train)
+        ghost = OpacusGhost(ghost_state, pcfg.max_grad_norm, float(pcfg.noise_multiplier or 0.0), len(source))
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = PrivacyLedger.open(Path(tmp) / "ledger.json", pcfg)
-        rate = sample_rate(cfg.train.batch_size, len(source))
+        ledgers = {mode: PrivacyLedger.open(Path(tmp) / f"ledger-{mode}.json", pcfg) for mode in modes}
 
         def run_plain(n: int) -> None:
             train(plain, scheduler, source, stage, plain.step + n, cfg.train)
 
-        def run_private(n: int) -> None:
-            train_private(
-                private, scheduler, source, stage, private.step + n, cfg.train, privacy_cfg=pcfg, ledger=ledger
-            )
+        def private_runner(mode: str) -> Callable[[int], None]:
+            mode_cfg = pcfg.model_copy(update={"grad_sample_mode": mode})
 
-        run_plain(1)  # warm-up: first-call dispatch, AdamW state
-        run_private(1)
-        plain_s, private_s = [], []
+            def run(n: int) -> None:
+                state = private[mode]
+                train_private(
+                    state,
+                    scheduler,
+                    source,
+                    stage,
+                    state.step + n,
+                    cfg.train,
+                    privacy_cfg=mode_cfg,
+                    ledger=ledgers[mode],
+                )
+
+            return run
+
+        def run_ghost(n: int) -> None:
+            assert ghost is not None
+            for _ in range(n):  # Poisson rate 1 here: every volume, as in the other DP runs
+                indices = list(range(len(source)))
+                ghost.step(
+                    draw_inputs(
+                        ghost.state.model,
+                        scheduler,
+                        source,
+                        indices,
+                        stage,
+                        ghost.state.generator,
+                        cfg.train,
+                        torch.device("cpu"),
+                    )
+                )
+
+        kinds: dict[str, Callable[[int], None]] = {"non-DP": run_plain}
+        kinds.update({mode: private_runner(mode) for mode in modes})
+        if ghost is not None:
+            kinds["opacus-ghost"] = run_ghost
+        for fn in kinds.values():  # warm-up: first-call dispatch, AdamW state
+            fn(1)
+        times: dict[str, list[float]] = {kind: [] for kind in kinds}
+        names = list(kinds)
         for repeat in range(spec["repeats"]):
-            # alternate which goes first, so a load change within a pair does not favour one side
-            order = [(run_plain, plain_s), (run_private, private_s)]
-            for fn, times in order if repeat % 2 == 0 else order[::-1]:
+            # rotate the order, so a load change within a round does not favour one kind
+            for kind in names[repeat % len(names) :] + names[: repeat % len(names)]:
                 started = time.perf_counter()
-                fn(steps)
-                times.append((time.perf_counter() - started) / steps)
-        dp_steps = private.step
-        ledger_epsilon = ledger.epsilon
-        history = ledger.history
+                kinds[kind](steps)
+                times[kind].append((time.perf_counter() - started) / steps)
+        first = modes[0]
+        dp_steps = private[first].step
+        ledger_epsilon = ledgers[first].epsilon
+        history = ledgers[first].history
     # Opacus's own accountant, stepped once per DP step as Opacus's PrivacyEngine does
     opacus = RDPAccountant()
     for _ in range(dp_steps):
         opacus.step(noise_multiplier=history[0][0], sample_rate=rate)
     opacus_epsilon = opacus.get_epsilon(delta=pcfg.delta)
 
-    # grad-sample modes on the same batch
+    # correctness: each mode's clipped update (noise off) against the plain per-window reference
     generator = torch.Generator().manual_seed(1)
-    indices = list(range(len(source)))
-    inputs = draw_inputs(model, scheduler, source, indices, stage, generator, cfg.train, torch.device("cpu"))
-    modes: dict[str, list[float]] = {"vmap": [], "loop": []}
-    grads: dict[str, dict[str, torch.Tensor]] = {}
-    for _ in range(spec["repeats"]):
-        for mode, times in modes.items():
-            started = time.perf_counter()
-            grads[mode], _ = per_sample_gradients(model, inputs, mode)  # type: ignore[arg-type]
-            times.append(time.perf_counter() - started)
-    difference = max(float((grads["vmap"][n] - grads["loop"][n]).abs().max()) for n in grads["vmap"])
-    scale = max(float(grads["loop"][n].abs().max()) for n in grads["loop"])
+    inputs = draw_inputs(
+        model, scheduler, source, list(range(len(source))), stage, generator, cfg.train, torch.device("cpu")
+    )
+    clip = 0.5 * float(window_norms(model, inputs).min())  # every window clipped, so clipping is tested
+    reference = reference_update(model, inputs, clip)
+    differences = {mode: update_difference(mode_update(model, inputs, mode, clip), reference) for mode in modes}
+    if ghost is not None:
+        differences["opacus-ghost"] = update_difference(ghost_update(model, inputs, clip), reference)
+    plain_median = statistics.median(times["non-DP"])
     return {
         "stage": stage,
         "size": cfg.data.image_size,
         "window": cfg.data.window,
         "batch": cfg.train.batch_size,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "plain_s_per_step": plain_s,
-        "dp_s_per_step": private_s,
-        "ratio": statistics.median(private_s) / statistics.median(plain_s),
-        "pair_ratios": [d / p for d, p in zip(private_s, plain_s, strict=True)],
-        "vmap_s": statistics.median(modes["vmap"]),
-        "loop_s": statistics.median(modes["loop"]),
-        "vmap_loop_max_abs_diff": difference,
-        "grad_max_abs": scale,
+        "s_per_step": times,
+        "ratio": {kind: statistics.median(t) / plain_median for kind, t in times.items()},
+        "pair_ratios": {kind: [d / p for d, p in zip(t, times["non-DP"], strict=True)] for kind, t in times.items()},
+        "update_rel_diff": differences,
+        "check_clip": clip,
+        "auto_mode": resolve_grad_sample_mode(model, "auto"),
         "dp_steps": dp_steps,
         "noise_multiplier": history[0][0],
         "sample_rate": rate,
@@ -270,6 +437,10 @@ def main() -> int:
     parser.add_argument("--mid", action="store_true", help="also the mid configuration: 96x96 slices, window 16")
     parser.add_argument("--steps", type=int, default=3, help="timed steps per repeat and kind (default 3)")
     parser.add_argument("--repeats", type=int, default=4, help="interleaved repeats (default 4)")
+    parser.add_argument("--mid-steps", type=int, default=1, help="timed steps per repeat at the mid config (default 1)")
+    parser.add_argument("--mid-repeats", type=int, default=3, help="interleaved repeats at the mid config (default 3)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory workers")
+    parser.add_argument("--no-epsilon", action="store_true", help="skip the ε bookkeeping timings")
     parser.add_argument(
         "--quality-steps", type=int, default=20, help="stage-1 steps per quality run; 0 skips (default 20)"
     )
@@ -293,45 +464,56 @@ def main() -> int:
     for label, overrides in configs:
         for stage in ("slice", "volume"):
             spec = {**base, "kind": "time", "overrides": overrides, "stage": stage}
+            if overrides:
+                spec.update(steps=args.mid_steps, repeats=args.mid_repeats)
             result = run_worker(script, spec, args.timeout, rss_cap_bytes=None)
-            peaks = {
-                dp: run_worker(script, {**spec, "kind": "peak", "dp": dp}, args.timeout, rss_cap_bytes=None)
-                for dp in (False, True)
-            }
+            peaks = {}
+            if not args.no_memory:
+                peaks = {
+                    dp: run_worker(script, {**spec, "kind": "peak", "dp": dp}, args.timeout, rss_cap_bytes=None)
+                    for dp in (False, True)
+                }
+                results["peak"].append({"config": label, "stage": stage, "plain": peaks[False], "dp": peaks[True]})
             results["time"].append({"config": label, **result})
-            results["peak"].append({"config": label, "stage": stage, "plain": peaks[False], "dp": peaks[True]})
             print(f"  {label} {stage}: done", file=sys.stderr, flush=True)
             if "error" in result:
-                time_rows.append([label, stage, *["-"] * 8, result["error"]])
+                time_rows.append([label, stage, *["-"] * 7, result["error"]])
                 continue
-            memory = [p.get("peak_mib") for p in (peaks[False], peaks[True])]
+            auto = result["auto_mode"]
+            memory = [p.get("peak_mib") for p in (peaks.get(False, {}), peaks.get(True, {}))]
             memory_ratio = f"{memory[1] / memory[0]:.2f}" if None not in memory and memory[0] else "-"
             time_rows.append(
                 [
                     label,
                     stage,
                     f"{result['batch']}x{result['window']} @ {result['size']}px",
-                    f"{statistics.median(result['plain_s_per_step']):.3f}",
-                    f"{statistics.median(result['dp_s_per_step']):.3f}",
-                    f"{result['ratio']:.2f}x ({min(result['pair_ratios']):.2f}-{max(result['pair_ratios']):.2f})",
-                    "met" if result["ratio"] <= TARGET_RATIO else "not met",
-                    " / ".join(f"{m:.0f}" if m is not None else "err" for m in memory),
+                    f"{statistics.median(result['s_per_step']['non-DP']):.3f}",
+                    f"{statistics.median(result['s_per_step'][auto]):.3f}",
+                    f"{result['ratio'][auto]:.2f}x ({min(result['pair_ratios'][auto]):.2f}-"
+                    f"{max(result['pair_ratios'][auto]):.2f})",
+                    "met" if result["ratio"][auto] <= TARGET_RATIO else "not met",
+                    " / ".join(f"{m:.0f}" if m is not None else "-" for m in memory),
                     memory_ratio,
                     f"{result['ledger_epsilon']:.6f} / {result['opacus_epsilon']:.6f}",
-                    f"load {result['load_average']}",
+                    f"auto = {auto}; load {result['load_average']}",
                 ]
             )
-            mode_rows.append(
-                [
-                    label,
-                    stage,
-                    f"{result['vmap_s']:.3f}",
-                    f"{result['loop_s']:.3f}",
-                    f"{result['loop_s'] / result['vmap_s']:.2f}x",
-                    f"{result['vmap_loop_max_abs_diff']:.1e} (max |g| {result['grad_max_abs']:.1e})",
-                ]
-            )
-    eps = epsilon_costs(repeats=max(args.repeats, 5))
+            for kind, ratio in result["ratio"].items():
+                if kind == "non-DP":
+                    continue
+                difference = result["update_rel_diff"][kind]
+                mode_rows.append(
+                    [
+                        label,
+                        stage,
+                        kind,
+                        f"{statistics.median(result['s_per_step'][kind]):.3f}",
+                        f"{ratio:.2f}x ({min(result['pair_ratios'][kind]):.2f}-{max(result['pair_ratios'][kind]):.2f})",
+                        f"{difference:.1e}",
+                        "yes" if difference <= UPDATE_TOLERANCE else "no",
+                    ]
+                )
+    eps = [] if args.no_epsilon else epsilon_costs(repeats=max(args.repeats, 5))
     results["epsilon"] = eps
     quality = None
     if args.quality_steps > 0:
@@ -345,29 +527,41 @@ def main() -> int:
         f"# {args.repeats} interleaved repeats x {args.steps} steps, after 1 warm-up step each; "
         f"DP: Poisson rate 1 (site = one batch), noise 1.0, clip 1.0, RDP accountant"
     )
-    print("\n## DP-SGD vs non-DP step time and peak memory (target DP/non-DP <= 1.5x)\n")
+    print("\n## DP-SGD (grad_sample_mode auto) vs non-DP step time and peak memory (target DP/non-DP <= 1.5x)\n")
     headers = ["config", "stage", "batch x W", "non-DP s/step", "DP s/step", "DP/non-DP (pair range)"]
     headers += ["target 1.5x", "peak RSS MiB non-DP / DP", "memory ratio", "ε ledger / Opacus RDP", "note"]
     print(markdown_table(headers, time_rows))
-    print("\n## Per-sample gradients: vmap (used) vs loop, same batch\n")
-    print(markdown_table(["config", "stage", "vmap s", "loop s", "loop/vmap", "max |vmap - loop|"], mode_rows))
-    print("\n## ε bookkeeping cost (RDP, δ = 1e-5; history entries of 10 steps at q = 0.5)\n")
     print(
-        markdown_table(
-            ["history entries", "steps", "ledger.epsilon ms", "ledger.check ms", "ε ledger", "ε Opacus RDPAccountant"],
-            [
-                [
-                    e["entries"],
-                    e["steps"],
-                    f"{e['epsilon_ms']:.2f}",
-                    f"{e['check_ms']:.2f}",
-                    f"{e['ledger_epsilon']:.6f}",
-                    f"{e['opacus_epsilon']:.6f}",
-                ]
-                for e in eps
-            ],
-        )
+        "\n## Grad-sample modes: DP step time vs non-DP, and the clipped update (noise off) against "
+        f"the plain per-window reference (correct: relative difference <= {UPDATE_TOLERANCE:g})\n"
     )
+    headers = ["config", "stage", "mode", "DP s/step", "DP/non-DP (pair range)", "update rel. diff", "correct"]
+    print(markdown_table(headers, mode_rows))
+    if eps:
+        print("\n## ε bookkeeping cost (RDP, δ = 1e-5; history entries of 10 steps at q = 0.5)\n")
+        print(
+            markdown_table(
+                [
+                    "history entries",
+                    "steps",
+                    "ledger.epsilon ms",
+                    "ledger.check ms",
+                    "ε ledger",
+                    "ε Opacus RDPAccountant",
+                ],
+                [
+                    [
+                        e["entries"],
+                        e["steps"],
+                        f"{e['epsilon_ms']:.2f}",
+                        f"{e['check_ms']:.2f}",
+                        f"{e['ledger_epsilon']:.6f}",
+                        f"{e['opacus_epsilon']:.6f}",
+                    ]
+                    for e in eps
+                ],
+            )
+        )
     if quality is not None:
         print(f"\n## Quality cost of DP: stage 1, {args.quality_steps} steps, 8 cases (q = 0.5), 2 held out\n")
         if "error" in quality:
