@@ -30,7 +30,8 @@ def run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _gem3d(*args: object) -> int:
-    return main([str(a) for a in args])
+    # These tests are about the outputs; tracking (a new MLflow store costs seconds) has its own tests.
+    return main([str(a) for a in args] + ["--track", "off"])
 
 
 def test_sample_keeps_the_masks_geometry_and_seeds_give_identical_bytes(
@@ -187,7 +188,7 @@ def test_sample_bad_input_is_one_clear_error(
     }
     argv.update(dict(zip(args[::2], args[1::2], strict=True)))
 
-    code = main(["sample", *[a for pair in argv.items() for a in pair]])
+    code = main(["sample", *[a for pair in argv.items() for a in pair], "--track", "off"])
 
     assert code == 2
     assert fragment in capsys.readouterr().err

@@ -41,7 +41,8 @@ def cohort(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple
 
 
 def _gem3d(*args: object) -> int:
-    return main([str(a) for a in args])
+    # These tests are about the outputs; tracking (a new MLflow store costs seconds) has its own tests.
+    return main([str(a) for a in args] + ["--track", "off"])
 
 
 def test_evaluate_quick_reports_every_metric_for_gem3d_and_all_baselines(

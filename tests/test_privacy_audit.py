@@ -109,6 +109,7 @@ def test_gem3d_audit_exit_codes_and_outputs(
 ) -> None:
     planted = _plant_copy(cohorts, tmp_path / "synthetic")
     common = ["--set", "data.image_size=16", "--train", str(cohorts["train"]), "--holdout", str(cohorts["holdout"])]
+    common += ["--track", "off"]  # tracking has its own tests (tests/test_tracking_commands.py)
 
     clean_code = main(["audit", *common, "--synthetic", str(cohorts["clean"]), "--out", str(tmp_path / "clean.json")])
     copy_code = main(["audit", *common, "--synthetic", str(planted), "--out", str(tmp_path / "copy.json")])

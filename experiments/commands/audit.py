@@ -7,7 +7,9 @@ distances to the training set. A synthetic volume closer to a training volume th
 copy. With ``--checkpoint`` a loss-based membership-inference test (AUC) is run on the model.
 
 Writes ``--out`` (JSON) and a PNG histogram next to it. Exit code 0 when no copy is found,
-3 when copies are found (the report is still written), 2 on bad input.
+3 when copies are found (the report is still written), 2 on bad input. The run is logged to MLflow
+(``--track``; default: ``mlflow/`` beside REPORT.json): the copies found, the nearest-neighbour
+figures and the membership-inference AUC as metrics, the report and histogram as artifacts.
 """
 
 from __future__ import annotations
@@ -15,9 +17,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 from experiments.commands.common import add_config_argument, load_cli_config
+from experiments.commands.sampling import add_track_option, tracked
+from gem3d.checkpoint import file_sha256
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import CheckpointError
 from gem3d.runs import load_model, stage_path
@@ -46,26 +52,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, default=0.5, help="threshold = margin x that quantile")
     parser.add_argument("--grid", type=int, default=32, help="volumes are compared on a GRID^3 grid")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random feature network and MIA noise")
+    add_track_option(parser)
+
+
+def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
+    """The report's figures as MLflow metrics: copies, thresholds, NN-distance summaries, MIA.
+
+    Keys: ``copies``, ``copy_fraction``, ``threshold.<space>``, ``nn_synthetic.<space>.<stat>``,
+    ``nn_reference.<space>.<stat>`` (stat: min, the quantile, median, max) and ``mia.<figure>``.
+    """
+    metrics: dict[str, float] = {"copies": report["copies"], "copy_fraction": report["copy_fraction"]}
+    metrics.update({f"volumes.{k}": v for k, v in report["counts"].items()})
+    metrics.update({f"threshold.{space}": v for space, v in report["thresholds"].items()})
+    for which in ("synthetic", "reference"):
+        for space, summary in report[f"{which}_nn"].items():
+            metrics.update({f"nn_{which}.{space}.{stat}": v for stat, v in summary.items()})
+    mia = report["membership_inference"] or {}
+    metrics.update({f"mia.{k}": v for k, v in mia.items() if isinstance(v, int | float) and not isinstance(v, bool)})
+    return metrics
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     model = None
+    checkpoints = {}
     if args.checkpoint is not None:
         path = stage_path(args.checkpoint, args.mia_stage)
         if not path.exists():
             raise CheckpointError(f"{path}: no {args.mia_stage}-stage checkpoint for the membership-inference test")
         model, cfg, _ = load_model(path, "ema")
+        checkpoints[args.mia_stage] = file_sha256(path)
     else:
         cfg = load_cli_config(args)
     settings = AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin, feature_seed=args.seed)
     synthetic = load_volumes(args.synthetic, cfg.data)
     train = load_volumes(args.train, cfg.data)
     holdout = load_volumes(args.holdout, cfg.data)
-    result = memorization_audit(synthetic, train, holdout, settings)
-    if model is not None:
-        mia = membership_inference(model, args.mia_stage, cfg, train, holdout, args.mia_draws, args.seed)
-        result = dataclasses.replace(result, mia=mia)
-    report, png = write_report(result, args.out)
+    with tracked(args, NAME, cfg, started, checkpoints) as run_log:
+        result = memorization_audit(synthetic, train, holdout, settings)
+        if model is not None:
+            mia = membership_inference(model, args.mia_stage, cfg, train, holdout, args.mia_draws, args.seed)
+            result = dataclasses.replace(result, mia=mia)
+        report, png = write_report(result, args.out)
+        figures = audit_metrics(result.report())
+        run_log.finish(None, figures, [(report, None), (png, None)], {"audit.passed": result.passed})
     mia_text = f", membership-inference AUC {result.mia['auc']:.3f}" if result.mia else ""
     if result.copies:
         print(

@@ -2,15 +2,25 @@
 
 ``--informed real:OTHER.nii.gz@Z`` gives the mask's anatomy another patient's appearance;
 ``--remove-label L`` (or ``--mask-edit``) changes the anatomy, e.g. the same patient without the lesion.
+The run is logged to MLflow (``--track``; default: ``mlflow/`` beside OUT).
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
 from experiments.commands.sample import check_output
-from experiments.commands.sampling import add_sampling_arguments, mask_editor, open_synthesiser, write_single
+from experiments.commands.sampling import (
+    add_sampling_arguments,
+    add_track_option,
+    mask_editor,
+    open_synthesiser,
+    single_outputs,
+    tracked,
+    write_single,
+)
 from gem3d.apps import mask_job
 from gem3d.informed import parse_source
 
@@ -28,9 +38,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mask-edit", help="further mask edits, e.g. 'shift-lesion:0.5,flip'")
     parser.add_argument("--start", type=int, help="start slice (voxel index along the slice axis)")
     parser.add_argument("--out", required=True, type=Path, help="output NIfTI (.nii.gz)")
+    add_track_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     check_output(args.out)
     source = parse_source(args.informed, ("real", "file", "generate"))
     synth = open_synthesiser(args)
@@ -38,13 +50,16 @@ def run(args: argparse.Namespace) -> int:
         s for s in (f"remove:{args.remove_label}" if args.remove_label is not None else "", args.mask_edit) if s
     )
     edit = mask_editor(spec, synth.cfg.data.num_labels, args.seed)
-    job = mask_job(synth, args.mask, source, args.start, args.seed, edit)
-    label, geometry = write_single(synth, job, args.out)
-    if edit is not None:
-        from gem3d.data.nifti import save_nifti
+    with tracked(args, NAME, synth.cfg, started, synth.checkpoints, {"mask_edits": spec or "none"}) as run_log:
+        job = mask_job(synth, args.mask, source, args.start, args.seed, edit)
+        label, geometry = write_single(synth, job, args.out)
+        if edit is not None:
+            from gem3d.data.nifti import save_nifti
 
-        mask_out = args.out.with_name(args.out.name.replace(".nii", "_mask.nii", 1))
-        save_nifti(mask_out, label.astype("int16"), geometry.affine_array)
-        print(f"wrote {mask_out} (the edited mask)")
+            mask_out = args.out.with_name(args.out.name.replace(".nii", "_mask.nii", 1))
+            save_nifti(mask_out, label.astype("int16"), geometry.affine_array)
+            print(f"wrote {mask_out} (the edited mask)")
+        provenance, preview = single_outputs(args.out)
+        run_log.finish(1, artifacts=[(provenance, None), (preview, "previews")])
     print(f"wrote {args.out}")
     return 0

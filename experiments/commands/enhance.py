@@ -2,15 +2,25 @@
 
 Each pair has a random start position, an informed slice copied from another case at the
 proportional position (``copy``) or generated (``generate``), and optional mask edits. The output
-is an nnU-Net v2 raw dataset with a provenance JSON per case, in each source case's geometry.
+is an nnU-Net v2 raw dataset with a provenance JSON and a PNG preview per case, in each source
+case's geometry. The run is logged to MLflow (``--track``; default: ``mlflow/`` beside OUT, never
+inside the dataset), with the checkpoint's config, these options, the time taken and the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import time
 from pathlib import Path
 
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from experiments.commands.sampling import (
+    ProgressBars,
+    add_sampling_arguments,
+    add_track_option,
+    open_synthesiser,
+    tracked,
+)
 from experiments.previews import case_preview
 from gem3d.apps import enhance
 
@@ -27,19 +37,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--informed", choices=("copy", "generate"), default="copy", help="informed-slice source")
     parser.add_argument("--mask-edit", help="mask edits, e.g. 'rotate:10,flip,elastic:2,shift-lesion:0.5'")
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")
+    add_track_option(parser)
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     synth = open_synthesiser(args)
     edits = []
     if args.mask_edit:
         from gem3d.masks import parse_edits
 
         edits = parse_edits(args.mask_edit)
-    bars = ProgressBars([])
-    try:
-        out = enhance(synth, args.data, args.out, args.per_case, args.informed, edits, args.seed, bars, case_preview)
-    finally:
-        bars.close()
+    with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
+        bars = ProgressBars([])
+        try:
+            out = enhance(
+                synth, args.data, args.out, args.per_case, args.informed, edits, args.seed, bars, case_preview
+            )
+        finally:
+            bars.close()
+        cases = json.loads((out / "dataset.json").read_text())["numTraining"]
+        artifacts = [(out / "dataset.json", None), (out / "provenance", "provenance"), (out / "previews", "previews")]
+        run_log.finish(cases, artifacts=artifacts)
     print(f"wrote {out}")
     return 0

@@ -15,6 +15,9 @@ and the baselines:
 
 Baselines trained here go to REPORT's folder, <stem>.baselines/, for reuse. --quick reduces
 steps, seeds and samples for a CPU smoke run; every reduction is listed under "deviations".
+The run is logged to MLflow (--track; default: mlflow/ beside REPORT.json; 'off' disables): the
+run's config and these options as params, the fidelity of every method as metrics, the report
+and the montage as artifacts.
 """
 
 from __future__ import annotations
@@ -22,14 +25,19 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from experiments.commands.sampling import CommandRun, add_track_option, tracked
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.report import write_report
 from experiments.evaluation.run import BASELINE_NAMES, BASELINES, Settings, evaluate, montage, quick_settings
-from gem3d.errors import ConfigError, DataError
+from gem3d.config import Config, config_from_dict
+from gem3d.errors import CheckpointError, ConfigError, DataError
+from gem3d.runs import stage_metadata
 
 NAME = "evaluate"
 HELP = "score a run against held-out cases and baselines (PROTOCOL.md)"
@@ -67,7 +75,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-downstream", action="store_true", help="skip the segmentation task (a deviation)")
     parser.add_argument("--device", help="override train.device for sampling (cpu, cuda)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest on a shared small CPU)")
-    parser.add_argument("--track", type=Path, help="also log the report to this MLflow store folder")
+    add_track_option(parser)
 
 
 def _parse_baselines(text: str) -> list[str]:
@@ -121,22 +129,32 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise ConfigError(f"--threads {args.threads}: must be at least 1")
 
 
-def _track(store: Path, report_path: Path, picture: Path | None, report: dict) -> None:
-    from experiments.tracking import Tracker
+def _run_config(checkpoint: Path) -> Config | None:
+    """The evaluated run's config, for the MLflow params; None if unreadable (``evaluate`` then says why)."""
+    try:
+        return config_from_dict(stage_metadata(checkpoint, "volume")["config"], f"{checkpoint} (embedded config)")
+    except (CheckpointError, ConfigError, KeyError):
+        return None
 
-    with Tracker(store, "gem3d-evaluate", report_path.stem, tags={"protocol": report["protocol"]}) as tracker:
-        gem3d = report["methods"]["gem3d"]
-        metrics = {f"gem3d.{k}": v for k, v in gem3d["fidelity"].items()}
-        for key in BASELINES:
-            if "fidelity" in report["methods"][key]:
-                metrics.update({f"{key}.{k}": v for k, v in report["methods"][key]["fidelity"].items()})
-        tracker.log_metrics({k: v for k, v in metrics.items() if isinstance(v, float)})
-        tracker.log_artifact(report_path, "evaluation")
-        if picture is not None:
-            tracker.log_artifact(picture, "evaluation")
+
+def _track(run_log: CommandRun, report_path: Path, picture: Path, report: dict[str, Any]) -> None:
+    """Log the report's fidelity per method, the protocol and checkpoint hashes, the report and montage."""
+    gem3d = report["methods"]["gem3d"]
+    metrics = {f"gem3d.{k}": v for k, v in gem3d["fidelity"].items()}
+    for key in BASELINES:
+        if "fidelity" in report["methods"][key]:
+            metrics.update({f"{key}.{k}": v for k, v in report["methods"][key]["fidelity"].items()})
+    hashes = {f"checkpoint_sha256.{stage}": digest for stage, digest in report["checkpoint"]["sha256"].items()}
+    run_log.finish(
+        None,
+        {k: v for k, v in metrics.items() if isinstance(v, float)},
+        [(report_path, "evaluation"), (picture, "evaluation")],
+        {"protocol": report["protocol"], **hashes},
+    )
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     _check_inputs(args)
     methods = ["gem3d", *_parse_baselines(args.baselines)]
     checkpoints = _parse_checkpoints(args.baseline_checkpoint)
@@ -147,22 +165,22 @@ def run(args: argparse.Namespace) -> int:
         raise ConfigError(f"--feature-extractor: {error}") from None
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    report, scored = evaluate(
-        args.checkpoint,
-        args.data,
-        methods=methods,
-        baseline_checkpoints=checkpoints,
-        train_data=args.train_data,
-        baselines_dir=args.out.parent / f"{args.out.stem}.baselines",
-        extractor=extractor,
-        settings=settings,
-        device=args.device,
-        downstream=not args.no_downstream,
-    )
-    write_report(args.out, report)
-    picture = montage(scored, args.out.with_suffix(".png"))
-    if args.track is not None:
-        _track(args.track, args.out, picture, report)
+    with tracked(args, NAME, _run_config(args.checkpoint), started) as run_log:
+        report, scored = evaluate(
+            args.checkpoint,
+            args.data,
+            methods=methods,
+            baseline_checkpoints=checkpoints,
+            train_data=args.train_data,
+            baselines_dir=args.out.parent / f"{args.out.stem}.baselines",
+            extractor=extractor,
+            settings=settings,
+            device=args.device,
+            downstream=not args.no_downstream,
+        )
+        write_report(args.out, report)
+        picture = montage(scored, args.out.with_suffix(".png"))
+        _track(run_log, args.out, picture, report)
     _summary(report, args.out, picture)
     return 0
 

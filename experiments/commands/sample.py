@@ -2,16 +2,25 @@
 
 SRC is ``real:IMAGE.nii.gz[@Z]`` (slice Z of a real volume: the same patient, or another for a
 new appearance), ``file:SLICE`` (a 2D NIfTI or PNG) or ``generate`` (the run's informed-slice
-generator). The output keeps the mask's affine, spacing and orientation; a provenance JSON is
-written beside it.
+generator). The output keeps the mask's affine, spacing and orientation; a provenance JSON and a
+PNG preview are written beside it. The run is logged to MLflow (``--track``; default: ``mlflow/``
+beside OUT), with the checkpoint's config, these options, the time taken and the outputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 from pathlib import Path
 
-from experiments.commands.sampling import add_sampling_arguments, open_synthesiser, write_single
+from experiments.commands.sampling import (
+    add_sampling_arguments,
+    add_track_option,
+    open_synthesiser,
+    single_outputs,
+    tracked,
+    write_single,
+)
 from gem3d.apps import mask_job
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
@@ -28,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--start", type=int, help="start slice (voxel index along the slice axis; default: informed slice)"
     )
     parser.add_argument("--out", required=True, type=Path, help="output NIfTI (.nii.gz)")
+    add_track_option(parser)
 
 
 def check_output(out: Path) -> None:
@@ -38,10 +48,14 @@ def check_output(out: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    started = time.perf_counter()
     check_output(args.out)
     source = parse_source(args.informed, ("real", "file", "generate"))
     synth = open_synthesiser(args)
-    job = mask_job(synth, args.mask, source, args.start, args.seed)
-    label, geometry = write_single(synth, job, args.out)
+    with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
+        job = mask_job(synth, args.mask, source, args.start, args.seed)
+        label, geometry = write_single(synth, job, args.out)
+        provenance, preview = single_outputs(args.out)
+        run_log.finish(1, artifacts=[(provenance, None), (preview, "previews")])
     print(f"wrote {args.out} ({'x'.join(map(str, label.shape))}, spacing {geometry.spacing})")
     return 0
