@@ -18,6 +18,10 @@ Given already-generated cases (image, label, affine, provenance), ``release_coho
    source case, site, path or date.
 
 A refusal raises ``ReleasePolicyError`` or ``ReleaseRefusedError`` and leaves nothing at ``out``.
+
+``release_dataset`` is the whole of ``gem3d release`` behind the command line: it checks the
+mask edits and the ledger before generating anything, enhances the site's data with generated
+informed slices into a private temporary folder, and hands the cases to ``release_cohort``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,13 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from gem3d.config import DataConfig
+from gem3d.apps import Synthesiser, dataset_folders, enhance
+from gem3d.checkpoint import library_versions
+from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
-from gem3d.errors import DataError
+from gem3d.errors import ConfigError, DataError
+from gem3d.sampler import OnProgress
 from privacy.audit import AuditSettings, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.ledger import PrivacyLedger
@@ -314,14 +321,134 @@ def release_cohort(
     return out
 
 
+@dataclass(frozen=True)
+class ReleaseResult:
+    """What ``release_dataset`` published.
+
+    Attributes:
+        out: the released dataset folder.
+        cases: the number of released cases.
+        report: the contents of ``out/privacy_report.json``.
+    """
+
+    out: Path
+    cases: int
+    report: dict[str, Any]
+
+    @property
+    def report_path(self) -> Path:
+        return self.out / "privacy_report.json"
+
+
+def default_ledger_path(checkpoint: Path) -> Path | None:
+    """The ledger ``gem3d train`` keeps in a run folder: ``CHECKPOINT/privacy_ledger.json`` (None for a file)."""
+    return checkpoint / "privacy_ledger.json" if checkpoint.is_dir() else None
+
+
+def load_site_volumes(data: Path, cfg: Config) -> list[Volume]:
+    """Every case of a dataset, or of each site dataset inside ``data``."""
+    volumes: list[Volume] = []
+    for _, folder in dataset_folders(data):
+        volumes.extend(load_volumes(folder, cfg.data))
+    return volumes
+
+
+def read_generated(folder: Path) -> list[GeneratedCase]:
+    """The cases ``gem3d.apps.enhance`` wrote to ``folder``, with their provenance, back in memory."""
+    cases = []
+    for provenance_path in sorted((folder / "provenance").glob("*.json")):
+        case_id = provenance_path.stem
+        image = nib.nifti1.load(folder / "imagesTr" / f"{case_id}_0000.nii.gz")
+        label = nib.nifti1.load(folder / "labelsTr" / f"{case_id}.nii.gz")
+        cases.append(
+            GeneratedCase(
+                image=np.asarray(image.dataobj, dtype=np.float32),
+                label=np.asarray(label.dataobj),
+                affine=image.affine,
+                provenance=json.loads(provenance_path.read_text()),
+            )
+        )
+    return cases
+
+
+def release_dataset(
+    synth: Synthesiser,
+    data: Path,
+    out: Path,
+    *,
+    per_case: int,
+    mask_edit: str,
+    policy: ReleasePolicy,
+    ledger_path: Path | None,
+    holdout: Path | None = None,
+    audit_settings: AuditSettings | None = None,
+    seed: int = 0,
+    on_progress: OnProgress | None = None,
+) -> ReleaseResult:
+    """Enhance ``data`` under the privacy policy and release the result at ``out`` (``gem3d release``).
+
+    Order matters: the mask edits and the ledger are checked before any generation, so a
+    refusal costs nothing; the audit runs on the written files inside ``release_cohort``.
+
+    Args:
+        synth: the run's models (``gem3d.apps.load_synthesiser``); informed slices are generated.
+        data: the site's training data (nnU-Net v2 raw, or a folder of site datasets).
+        per_case: new pairs per case.
+        mask_edit: ``gem3d.masks`` edit spec applied to every mask (at least
+            ``policy.min_mask_edits`` edits).
+        ledger_path: the site's privacy ledger; a missing file counts as no ledger.
+        holdout: real cases the model never saw, the audit's reference.
+        seed: seeds the generation.
+    Returns:
+        the published folder, its case count and its privacy report.
+    Raises:
+        ConfigError: too few mask edits. ReleasePolicyError, ReleaseRefusedError: refused;
+        nothing is written at ``out``.
+    """
+    from gem3d.masks import parse_edits
+
+    edits = parse_edits(mask_edit) if mask_edit else []
+    if len(edits) < policy.min_mask_edits:
+        raise ConfigError(
+            f"--mask-edit {mask_edit!r}: {len(edits)} edit(s), the policy needs at least {policy.min_mask_edits}"
+        )
+    ledger = None
+    if ledger_path is not None and ledger_path.exists():
+        ledger = PrivacyLedger.open(ledger_path, synth.cfg.privacy)
+    check_ledger(ledger, policy)  # refuse before spending time on generation
+    train = load_site_volumes(data, synth.cfg)
+    holdout_volumes = load_site_volumes(holdout, synth.cfg) if holdout else None
+    with tempfile.TemporaryDirectory(prefix="gem3d-release-") as tmp:
+        generated = enhance(synth, data, Path(tmp) / "generated", per_case, "generate", edits, seed, on_progress)
+        cases = read_generated(generated)
+    published = release_cohort(
+        cases,
+        out,
+        train=train,
+        data_cfg=synth.cfg.data,
+        ledger=ledger,
+        holdout=holdout_volumes,
+        policy=policy,
+        audit_settings=audit_settings,
+        generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
+    )
+    report = json.loads((published / "privacy_report.json").read_text())
+    return ReleaseResult(out=published, cases=len(cases), report=report)
+
+
 __all__ = [
     "GeneratedCase",
     "ReleasePolicy",
+    "ReleaseResult",
     "check_informed_pixels",
     "check_ledger",
     "check_policy",
+    "default_ledger_path",
+    "load_site_volumes",
     "pseudonymous_ids",
+    "read_generated",
     "release_cohort",
+    "release_dataset",
     "scrub_nifti",
     "scrubbed_image",
 ]

@@ -205,3 +205,63 @@ def test_gem3d_release_refuses_a_model_without_ledger(
     assert code == 2
     assert "no DP-SGD privacy ledger" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+    assert not (tmp_path / "mlflow").exists()  # a refusal is not tracked either
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    # the embedded store is what the release test reads back; a developer's server must not get test runs
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
+def test_gem3d_release_publishes_and_tracks_the_privacy_report(
+    site: dict[str, Path], micro_cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # prepare: a micro run trained with DP-SGD in every stage, its ledger in the run folder
+    import functools
+
+    from mlflow import MlflowClient
+
+    from experiments.cli import main
+    from experiments.tracking import read_runs, tracking_uri
+    from gem3d.runs import train_stage
+    from privacy.dp_sgd import train_private
+
+    cfg = micro_cfg.model_copy(
+        update={"privacy": micro_cfg.privacy.model_copy(update={"enabled": True, "budget_epsilon": 1e4})}
+    )
+    volumes = load_volumes(site["train"], cfg.data)
+    run = tmp_path / "run"
+    ledger = PrivacyLedger.open(run / "privacy_ledger.json", cfg.privacy)
+    dp_train = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger)
+    for stage in ("slice", "volume", "informed"):
+        train_stage(cfg, volumes, stage, run, steps=1, train_fn=dp_train)  # type: ignore[arg-type]
+    out = tmp_path / "project" / "released"
+
+    # execute
+    args = ["release", "--checkpoint", str(run), "--data", str(site["train"]), "--out", str(out)]
+    code = main([*args, "--steps", "2", "--grid", "16", "--seed", "3"])
+
+    # assert: the cohort and report exist, and the MLflow run beside --out carries the same figures
+    assert code == 0
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert f"ε = {report['differential_privacy']['epsilon']:.3f}" in capsys.readouterr().out
+    store = tmp_path / "project" / "mlflow"
+    runs = read_runs(store, "gem3d-release")
+    assert len(runs) == 1 and runs[0]["status"] == "FINISHED" and runs[0]["run_name"] == "released"
+    logged = runs[0]
+    assert logged["metrics"]["epsilon"] == pytest.approx(ledger.epsilon)
+    assert logged["metrics"]["delta"] == pytest.approx(cfg.privacy.delta)
+    assert logged["metrics"]["cases"] == report["cases"] == len(volumes)
+    assert logged["metrics"]["audit_copies"] == 0.0
+    assert logged["metrics"]["audit_threshold_image"] == pytest.approx(report["audit"]["thresholds"]["image"])
+    assert logged["params"]["release.accountant"] == report["differential_privacy"]["accountant"] == "rdp"
+    assert logged["params"]["release.policy.informed_source"] == "generate only"
+    assert logged["params"]["privacy.enabled"] == "True"
+    client = MlflowClient(tracking_uri=tracking_uri(store))
+    artifacts = {a.path for a in client.list_artifacts(logged["run_id"])}
+    assert "privacy_report.json" in artifacts and "previews" in artifacts
+    previews = {a.path for a in client.list_artifacts(logged["run_id"], "previews")}
+    assert previews == {
+        f"previews/{path.name.removesuffix('_0000.nii.gz')}.png" for path in (out / "imagesTr").iterdir()
+    }

@@ -5,32 +5,34 @@ edited masks (``--mask-edit``, at least ``--min-mask-edits`` edits that change e
 releases them only if the site's privacy ledger is within budget and the memorization audit
 finds no copy of a training volume. Released files have scrubbed NIfTI headers, random
 pseudonymous ids, provenance without source ids, paths or dates, and a ``privacy_report.json``.
-On refusal nothing is written to ``--out``.
+On refusal nothing is written to ``--out``. The work is ``privacy.release.release_dataset``.
+
+The release is tracked in MLflow (experiment ``gem3d-release``, default store ``OUT/../mlflow``):
+ε, δ and the audit figures as metrics, the accountant and policy as params, the privacy report
+and a preview PNG of released cases (synthetic only, pseudonymous names) as artifacts. A refused
+release is not tracked: it writes nothing anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
 
+from experiments.commands.common import add_track_argument, open_tracker
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
-from gem3d.apps import dataset_folders, enhance
-from gem3d.checkpoint import library_versions
-from gem3d.config import Config
-from gem3d.data.dataset import load_volumes
-from gem3d.data.volume import Volume
-from gem3d.errors import ConfigError
+from experiments.previews import triplanar_png
+from experiments.tracking import Tracker
 from privacy.audit import AuditSettings
-from privacy.ledger import PrivacyLedger
-from privacy.release import GeneratedCase, ReleasePolicy, check_ledger, release_cohort
+from privacy.release import ReleasePolicy, ReleaseResult, default_ledger_path, release_dataset
 
 NAME = "release"
 HELP = "enhance a dataset under the privacy policy: generated informed slices, edited masks, audit, ledger"
+MAX_PREVIEWS = 8  # previews logged to MLflow: enough to eyeball a release, few enough to stay light
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,74 +52,82 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--margin", type=float, default=0.5, help="audit: copy threshold = margin x that quantile")
     parser.add_argument("--grid", type=int, default=32, help="audit: volumes are compared on a GRID^3 grid")
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")
-
-
-def _load_all(data: Path, cfg: Config) -> list[Volume]:
-    """Every case of a dataset, or of each site dataset inside ``data``."""
-    volumes: list[Volume] = []
-    for _, folder in dataset_folders(data):
-        volumes.extend(load_volumes(folder, cfg.data))
-    return volumes
-
-
-def _read_generated(folder: Path) -> list[GeneratedCase]:
-    """The cases ``gem3d.apps.enhance`` wrote, with their provenance, back in memory."""
-    cases = []
-    for provenance_path in sorted((folder / "provenance").glob("*.json")):
-        case_id = provenance_path.stem
-        image = nib.load(folder / "imagesTr" / f"{case_id}_0000.nii.gz")
-        label = nib.load(folder / "labelsTr" / f"{case_id}.nii.gz")
-        cases.append(
-            GeneratedCase(
-                image=np.asarray(image.dataobj, dtype=np.float32),
-                label=np.asarray(label.dataobj),
-                affine=image.affine,
-                provenance=json.loads(provenance_path.read_text()),
-            )
-        )
-    return cases
+    add_track_argument(parser, "OUT/../mlflow")
 
 
 def run(args: argparse.Namespace) -> int:
-    from gem3d.masks import parse_edits
-
     synth = open_synthesiser(args)
     policy = ReleasePolicy(min_mask_edits=args.min_mask_edits, require_dp=not args.allow_non_dp)
-    edits = parse_edits(args.mask_edit) if args.mask_edit else []
-    if len(edits) < policy.min_mask_edits:
-        raise ConfigError(
-            f"--mask-edit {args.mask_edit!r}: {len(edits)} edit(s), the policy needs at least {policy.min_mask_edits}"
-        )
-    ledger_path = args.ledger or (args.checkpoint / "privacy_ledger.json" if args.checkpoint.is_dir() else None)
-    ledger = None
-    if ledger_path is not None and ledger_path.exists():
-        ledger = PrivacyLedger.open(ledger_path, synth.cfg.privacy)
-    check_ledger(ledger, policy)  # refuse before spending time on generation
-    train = _load_all(args.data, synth.cfg)
-    holdout = _load_all(args.holdout, synth.cfg) if args.holdout else None
-
     bars = ProgressBars([])
-    with tempfile.TemporaryDirectory(prefix="gem3d-release-") as tmp:
-        try:
-            generated = enhance(
-                synth, args.data, Path(tmp) / "generated", args.per_case, "generate", edits, args.seed, bars
-            )
-        finally:
-            bars.close()
-        cases = _read_generated(generated)
-    out = release_cohort(
-        cases,
-        args.out,
-        train=train,
-        data_cfg=synth.cfg.data,
-        ledger=ledger,
-        holdout=holdout,
-        policy=policy,
-        audit_settings=AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin),
-        generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
-    )
-    report = json.loads((out / "privacy_report.json").read_text())
-    epsilon = report["differential_privacy"]["epsilon"]
+    try:
+        result = release_dataset(
+            synth,
+            args.data,
+            args.out,
+            per_case=args.per_case,
+            mask_edit=args.mask_edit,
+            policy=policy,
+            ledger_path=args.ledger or default_ledger_path(args.checkpoint),
+            holdout=args.holdout,
+            audit_settings=AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin),
+            seed=args.seed,
+            on_progress=bars,
+        )
+    finally:
+        bars.close()
+    # opened only after a release: a refusal writes nothing anywhere, tracking store included
+    tracker = open_tracker(args, args.out.parent / "mlflow", NAME, args.out.name, synth.cfg)
+    if tracker is not None:
+        with tracker:
+            _track(tracker, args, result)
+    epsilon = result.report["differential_privacy"]["epsilon"]
     privacy_text = f"ε = {epsilon:.3f}" if epsilon is not None else "no DP guarantee (--allow-non-dp)"
-    print(f"released {len(cases)} cases to {out} ({privacy_text}; audit passed)")
+    print(f"released {result.cases} cases to {result.out} ({privacy_text}; audit passed)")
     return 0
+
+
+def release_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """MLflow metrics (ε, δ, audit figures) and params (accountant, policy) from a privacy report."""
+    dp, audit = report["differential_privacy"], report["audit"]
+    metrics: dict[str, float] = {"cases": float(report["cases"])}
+    for key in ("epsilon", "delta", "steps", "budget_epsilon"):
+        if dp.get(key) is not None:
+            metrics[key] = float(dp[key])
+    metrics["audit_copies"] = float(audit["copies"])
+    metrics["audit_copy_fraction"] = float(audit["copy_fraction"])
+    for space, threshold in audit["thresholds"].items():
+        metrics[f"audit_threshold_{space}"] = float(threshold)
+        metrics[f"audit_synthetic_nn_min_{space}"] = float(audit["synthetic_nn"][space]["min"])
+        metrics[f"audit_reference_nn_median_{space}"] = float(audit["reference_nn"][space]["median"])
+    mia = audit.get("membership_inference")
+    if mia and mia.get("auc") is not None:
+        metrics["audit_mia_auc"] = float(mia["auc"])
+    params = {
+        "release.dp_level": dp["level"],
+        "release.accountant": dp["accountant"] or "none",
+        "release.audit_reference": audit["reference"],
+        **{f"release.policy.{key}": value for key, value in report["policy"].items()},
+    }
+    return metrics, params
+
+
+def _track(tracker: Tracker, args: argparse.Namespace, result: ReleaseResult) -> None:
+    """ε, δ, accountant and audit figures; the privacy report and previews of released cases."""
+    metrics, params = release_figures(result.report)
+    tracker.log_params({**params, "release.per_case": args.per_case, "release.mask_edit": args.mask_edit})
+    tracker.log_metrics(metrics)
+    tracker.log_artifact(result.report_path)
+    with tempfile.TemporaryDirectory(prefix="gem3d-release-previews-") as tmp:
+        # drawn from the released files: pseudonymous names, synthetic pixels only (no real row)
+        for image_path in sorted((result.out / "imagesTr").glob("*_0000.nii.gz"))[:MAX_PREVIEWS]:
+            case_id = image_path.name.removesuffix("_0000.nii.gz")
+            image = nib.load(image_path)
+            label = nib.load(result.out / "labelsTr" / f"{case_id}.nii.gz")
+            x, y, z = (float(v) for v in image.header.get_zooms()[:3])
+            triplanar_png(
+                Path(tmp) / f"{case_id}.png",
+                np.asarray(image.dataobj, dtype=np.float32),
+                np.asarray(label.dataobj),
+                (x, y, z),
+            )
+        tracker.log_artifact(tmp, "previews")
