@@ -145,23 +145,58 @@ def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _initial_model(stage: Stage, cfg: Config, run: Path, init: Path | None, device: torch.device) -> nn.Module:
-    """A new model for ``stage``; stage 2 starts from the slice stage's EMA weights, then inflates."""
-    if stage != "volume":
+def init_checkpoint(init: str | Path, stage: Stage) -> Path:
+    """The checkpoint file ``init`` names for ``stage``: the file itself, or the stage's file in a run folder.
+
+    A run folder's volume stage falls back to its slice checkpoint (inflated by ``initial_model``).
+    """
+    init = Path(init)
+    if init.is_file():
+        return init
+    if not init.is_dir():
+        raise CheckpointError(f"{init}: no such checkpoint file or run folder")
+    for candidate in (stage, "slice") if stage == "volume" else (stage,):
+        path = init / STAGE_FILES[candidate]
+        if path.exists():
+            return path
+    raise CheckpointError(f"{init}: run folder has no {STAGE_FILES[stage]} to start the {stage} stage from")
+
+
+def initial_model(
+    stage: Stage, cfg: Config, run: str | Path | None, init: str | Path | None, device: torch.device
+) -> nn.Module:
+    """The model a new ``stage`` starts from (weights only: the optimizer starts fresh).
+
+    * ``init`` given: its EMA weights, e.g. a model pre-trained on public data that a site
+      fine-tunes. It must be the same stage, or for the volume stage a slice checkpoint, which is
+      inflated. Its model config must match ``cfg``'s.
+    * otherwise the volume stage starts from ``run``'s slice checkpoint, inflated; the slice and
+      informed stages start from a seeded random initialisation.
+    """
+    if init is None and stage != "volume":
         return build_model(stage, cfg).to(device)
-    source = init if init is not None else run / STAGE_FILES["slice"]
-    if not source.exists():
+    if init is not None:
+        source = init_checkpoint(init, stage)
+    else:
+        assert run is not None
+        source = Path(run) / STAGE_FILES["slice"]
+        if not source.exists():
+            raise CheckpointError(
+                f"{source}: no slice-stage checkpoint to start the volume stage from; "
+                "run --stage slice with this --out first, or pass --init"
+            )
+    model, _, metadata = load_model(source, "ema", device)
+    allowed = ("slice", "volume") if stage == "volume" else (stage,)
+    if metadata["stage"] not in allowed:
         raise CheckpointError(
-            f"{source}: no slice-stage checkpoint to start the volume stage from; "
-            "run --stage slice with this --out first, or pass --init"
+            f"{source}: cannot start the {stage} stage from a '{metadata['stage']}'-stage checkpoint "
+            f"(expected {' or '.join(allowed)})"
         )
-    slice_model, _, metadata = load_model(source, "ema", device)
-    if metadata["stage"] != "slice":
-        raise CheckpointError(f"{source}: --init must be a slice-stage checkpoint, not '{metadata['stage']}'")
     _check_compatible(metadata, cfg, source)
-    assert isinstance(slice_model, SliceDenoiser)
-    slice_model.inflate()
-    return slice_model
+    if stage == "volume" and metadata["stage"] == "slice":
+        assert isinstance(model, SliceDenoiser)
+        model.inflate()
+    return model
 
 
 def train_stage(
@@ -180,7 +215,9 @@ def train_stage(
     Args:
         steps: total steps for this stage (default ``cfg.train.steps_<stage>``); with ``resume``
             training continues from the saved step up to this total.
-        init: for the volume stage, a slice checkpoint to start from instead of ``run``'s.
+        init: a checkpoint (file or run folder) whose weights this stage starts from instead of
+            a fresh initialisation (``run``'s slice checkpoint for the volume stage); see
+            ``initial_model``. Ignored with ``resume``.
         train_fn: the step loop, ``gem3d.training.train`` or a drop-in (e.g. DP-SGD from ``privacy/``).
     Returns:
         the metrics of ``gem3d.training.train`` plus ``step`` (the stage's total steps).
@@ -203,7 +240,7 @@ def train_stage(
             raise CheckpointError(f"{path}: was trained on different data (fingerprint mismatch)")
         model = build_model(stage, cfg).to(device)
     else:
-        model = _initial_model(stage, cfg, run, Path(init) if init else None, device)
+        model = initial_model(stage, cfg, run, init, device)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     state = new_state(model, cfg.train)
     if resume:

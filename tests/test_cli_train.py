@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from experiments.cli import COMMANDS, main
 from experiments.tracking import read_runs
-from gem3d.runs import load_model
+from gem3d.runs import initial_model, load_model
 
 
 @pytest.mark.parametrize("name", [module.NAME for module in COMMANDS])
@@ -70,3 +71,24 @@ def test_bad_input_is_one_line_without_traceback(
     assert "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+def test_init_starts_a_stage_from_another_runs_weights(phantom_dir: Path, tmp_path: Path) -> None:
+    micro = ["--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels='8,16'"]
+    micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
+    micro += ["--set", "model.num_head_channels=8", "--track", "off"]
+    public = tmp_path / "public"
+    main(["train", *micro, "--data", str(phantom_dir), "--stage", "slice", "--out", str(public), "--steps", "2"])
+    pretrained, cfg, _ = load_model(public / "slice.safetensors")
+
+    started = initial_model("slice", cfg, None, public, torch.device("cpu"))
+    inflated = initial_model("volume", cfg, None, public, torch.device("cpu"))
+    code = main(
+        ["train", *micro, "--data", str(phantom_dir), "--stage", "informed", "--out", str(tmp_path / "b"),
+         "--steps", "1", "--init", str(public)]
+    )  # fmt: skip
+
+    expected = pretrained.state_dict()
+    assert all(torch.equal(value, expected[name]) for name, value in started.state_dict().items())
+    assert getattr(inflated, "inflated", False)
+    assert code == 2  # public has no informed-stage checkpoint: one clear error

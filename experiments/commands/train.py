@@ -1,7 +1,9 @@
 """Train one GEM-3D stage into a run folder.
 
 Stages share the run folder: ``--stage volume`` starts from the slice stage's checkpoint found
-in ``--out`` (or ``--init``). The folder is then a valid ``--checkpoint`` for every later command.
+in ``--out``. ``--init`` starts any stage from another run's weights instead (fine-tuning a model
+pre-trained elsewhere, e.g. on public data), with a fresh optimizer. The folder is then a valid
+``--checkpoint`` for every later command.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="run folder shared by the stages")
     parser.add_argument("--steps", type=int, help="total steps for this stage (default: train.steps_<stage>)")
     parser.add_argument("--resume", action="store_true", help="continue this stage's checkpoint up to --steps")
-    parser.add_argument("--init", type=Path, help="volume stage: start from this slice checkpoint instead")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        help="start from these weights (a run folder or checkpoint file, e.g. a model pre-trained on public "
+        "data): the same stage, or for --stage volume a slice checkpoint (default: --out's slice stage)",
+    )
     parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
     parser.add_argument("--seed", type=int, help="override train.seed")
     add_track_argument(parser, "OUT/mlflow")
