@@ -8,6 +8,7 @@ and the round goes on with the other sites.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -50,8 +51,15 @@ def train(msg: Message, context: Context) -> Message:
     def work() -> RecordDict:
         record, job = _job(msg)
         site = locate_site(dict(context.node_config), record)
-        weights, metrics = train_round(site, job, _arrays(msg))
-        return RecordDict({"arrays": ArrayRecord(weights), "metrics": MetricRecord(metrics)})
+        unpacking = time.perf_counter()
+        arrays = _arrays(msg)
+        unpacked = time.perf_counter()
+        weights, metrics = train_round(site, job, arrays)
+        packing = time.perf_counter()
+        reply = ArrayRecord(weights)
+        # Message (de)serialisation on the site, for the overhead accounting of a round.
+        metrics["serialise-seconds"] = unpacked - unpacking + time.perf_counter() - packing
+        return RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)})
 
     return _answer(msg, context, work)
 

@@ -13,12 +13,21 @@ Local training state (AdamW moments, EMA, generator) is recreated every round fr
 weights and a seed derived from the round and the site: rounds are then reproducible and a
 restarted site needs nothing but its ledger. The cost is that AdamW restarts its moment
 estimates each round, as in plain FedAvg with a stateless client.
+
+A process that serves several rounds (a simulation's Ray worker) keeps each site's loaded
+volumes between rounds (``site_volumes``), so the data is read and mapped to the model grid
+once, not twice per round. A deployed SuperNode starts one ClientApp process per message, so
+there the cache lives only for one message; a prepared (memory-mapped) data folder is the way
+to make its loading cheap.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+import time
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,14 +130,55 @@ class Job:
         )
 
 
+# Loaded volumes per (data folder, data config): at most this many sites' data stay in memory.
+_VOLUME_CACHE_SITES = 4
+_volume_cache: OrderedDict[tuple[str, str], tuple[tuple[tuple[str, int, int], ...], list[Volume]]] = OrderedDict()
+
+
+def folder_signature(folder: Path) -> tuple[tuple[str, int, int], ...]:
+    """``(relative path, size, mtime_ns)`` of every file under ``folder``, hidden folders left out.
+
+    Hidden folders hold the site's own state (``.gem3d-site``: ledger, stage-2 base), which
+    changes every round without changing the data.
+    """
+    entries = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(root) / name
+            stat = path.stat()
+            entries.append((str(path.relative_to(folder)), stat.st_size, stat.st_mtime_ns))
+    return tuple(sorted(entries))
+
+
+def site_volumes(site: Site, cfg: Config) -> list[Volume]:
+    """The site's volumes on the model grid, loaded once per process while its files stay the same.
+
+    The cache key is the data folder and the data config; any added, removed or rewritten file
+    (size or modification time) reloads it. The volumes are shared between rounds and only read.
+    """
+    if not site.data_dir.is_dir():
+        raise DataError(f"{site.name}: data folder {site.data_dir} does not exist")
+    key = (str(site.data_dir.resolve()), cfg.data.model_dump_json())
+    signature = folder_signature(site.data_dir)
+    cached = _volume_cache.get(key)
+    if cached is not None and cached[0] == signature:
+        _volume_cache.move_to_end(key)
+        return cached[1]
+    volumes = load_volumes(site.data_dir, cfg.data)
+    _volume_cache[key] = (signature, volumes)
+    _volume_cache.move_to_end(key)
+    while len(_volume_cache) > _VOLUME_CACHE_SITES:
+        _volume_cache.popitem(last=False)
+    return volumes
+
+
 def split_volumes(site: Site, job: Job) -> tuple[list[Volume], list[Volume]]:
     """``(train, held_out)``: the last ``val-cases`` cases (by id) are held out for evaluation.
 
     A site with too few cases to hold any out evaluates on its training cases (``held-out`` 0).
     """
-    if not site.data_dir.is_dir():
-        raise DataError(f"{site.name}: data folder {site.data_dir} does not exist")
-    volumes = load_volumes(site.data_dir, job.cfg.data)
+    volumes = site_volumes(site, job.cfg)
     keep = len(volumes) - job.val_cases
     if job.val_cases <= 0 or keep < 1:
         return volumes, []
@@ -156,17 +206,29 @@ def travelling_names(model: nn.Module) -> list[str]:
     return [name for name in model.state_dict() if name in trainable]
 
 
-def site_model(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> nn.Module:
-    """The stage's network with the server's global weights, frozen for the stage.
+# Built networks per (stage, stage-2 base, config): one process's rounds reuse them (weights reloaded each time).
+_MODEL_CACHE_SIZE = 2
+_model_cache: OrderedDict[tuple[str, str, str], nn.Module] = OrderedDict()
 
-    A frozen stage 2 receives only the slice-axis weights; its base comes from the state folder.
+
+def _network(site: Site, job: Job) -> nn.Module:
+    """The stage's network on the config's device; a frozen stage 2 inflated from the installed base.
+
+    Reused across rounds in one process: only the travelling weights change between rounds and
+    ``site_model`` reloads all of them, while a stage-2 base is fixed by its id. With DP on, a
+    fresh network every time, so that nothing Opacus leaves on a module can carry over.
     """
     cfg, stage = job.cfg, job.stage
     partial_volume = stage == "volume" and not cfg.train.volume_train_all
+    path = base_path(site, job.base_id)
+    if partial_volume and not path.exists():
+        raise CheckpointError(f"{site.name}: stage-2 base {job.base_id} was never installed at {path}")
+    key = (stage, job.base_id if partial_volume else "", cfg.model_dump_json())
+    cacheable = not cfg.privacy.enabled
+    if cacheable and key in _model_cache:
+        _model_cache.move_to_end(key)
+        return _model_cache[key]
     if partial_volume:
-        path = base_path(site, job.base_id)
-        if not path.exists():
-            raise CheckpointError(f"{site.name}: stage-2 base {job.base_id} was never installed at {path}")
         base, _ = load_checkpoint(path)
         model = build_model("slice", cfg)
         model.load_state_dict(base)
@@ -174,15 +236,37 @@ def site_model(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> nn.Modu
         model.inflate()
     else:
         model = build_model(stage, cfg)
-    freeze_for_stage(model, stage, cfg.train.volume_train_all)
+    model = model.to(torch.device(cfg.train.device))
+    if cacheable:
+        _model_cache[key] = model
+        while len(_model_cache) > _MODEL_CACHE_SIZE:
+            _model_cache.popitem(last=False)
+    return model
+
+
+def clear_caches() -> None:
+    """Forget every cached site dataset and network (the next round loads and builds afresh)."""
+    _volume_cache.clear()
+    _model_cache.clear()
+
+
+def site_model(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> nn.Module:
+    """The stage's network with the server's global weights, frozen for the stage.
+
+    A frozen stage 2 receives only the slice-axis weights; its base comes from the state folder.
+    """
+    model = _network(site, job)
+    model.zero_grad(set_to_none=True)
+    model.train()
+    freeze_for_stage(model, job.stage, job.cfg.train.volume_train_all)
     expected = set(travelling_names(model))
     if set(arrays) != expected:
         missing, extra = sorted(expected - set(arrays)), sorted(set(arrays) - expected)
         raise CheckpointError(
-            f"{site.name}: global weights do not fit the {stage} network (missing {missing[:3]}, extra {extra[:3]})"
+            f"{site.name}: global weights do not fit the {job.stage} network (missing {missing[:3]}, extra {extra[:3]})"
         )
     model.load_state_dict(arrays, strict=False)
-    return model.to(torch.device(cfg.train.device))
+    return model
 
 
 def _proximal_hooks(model: nn.Module, mu: float) -> list[torch.utils.hooks.RemovableHandle]:
@@ -226,27 +310,36 @@ def train_round(
 
     Returns:
         ``(trainable weights, metrics)``; metrics hold ``num-examples`` (training cases), ``loss``,
-        ``steps``, and ``epsilon``/``delta`` when DP is on.
+        ``steps``, ``epsilon``/``delta`` when DP is on, and where the site's time went:
+        ``setup-seconds`` (data, network, optimizer), ``train-seconds`` (the local steps alone),
+        ``pack-seconds`` (copying out the weights that travel).
     """
+    started = time.perf_counter()
     volumes, _ = split_volumes(site, job)
     model = site_model(site, job, arrays)
     state = new_state(model, job.cfg.train, seed=job.seed + _SITE_SEED_STRIDE * site.index)
     hooks = _proximal_hooks(model, job.proximal_mu) if job.proximal_mu > 0 else []
     source = WindowSource(volumes, job.cfg.data.window, job.cfg.train.informed_from)
     train_fn = train_fn_for(site, job)
+    scheduler = train_scheduler(job.cfg.diffusion)
+    trained = time.perf_counter()
     try:
-        metrics = train_fn(
-            state, train_scheduler(job.cfg.diffusion), source, job.stage, job.local_steps, job.cfg.train, None
-        )
+        metrics = train_fn(state, scheduler, source, job.stage, job.local_steps, job.cfg.train, None)
     finally:
         for hook in hooks:
             hook.remove()
-    weights = {name: state.model.state_dict()[name].detach().cpu() for name in travelling_names(state.model)}
+    packed = time.perf_counter()
+    trained_state = state.model.state_dict()
+    # A copy: the network is reused by the process's next round, these weights are the reply.
+    weights = {name: trained_state[name].detach().cpu().clone() for name in travelling_names(state.model)}
     reply = {
         "num-examples": float(len(volumes)),
         "loss": float(metrics["loss"]),
         "steps": float(metrics["steps"]),
         "site-index": float(site.index),  # the server names the site's nested MLflow run by it
+        "setup-seconds": trained - started,
+        "train-seconds": packed - trained,
+        "pack-seconds": time.perf_counter() - packed,
     }
     for key in ("epsilon", "delta"):
         if key in metrics:
@@ -263,9 +356,15 @@ def validation_loss(
 
 
 def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dict[str, float]:
-    """Validation loss of the global weights on this site's held-out cases."""
+    """Validation loss of the global weights on this site's held-out cases (and the seconds it took)."""
+    started = time.perf_counter()
     train_volumes, held_out = split_volumes(site, job)
     volumes = held_out or train_volumes
     model = site_model(site, job, arrays)
     loss = validation_loss(model, job.stage, volumes, job.cfg, job.eval_batches, job.cfg.train.seed + _EVAL_SEED_OFFSET)
-    return {"num-examples": float(len(volumes)), "eval-loss": loss, "held-out": float(bool(held_out))}
+    return {
+        "num-examples": float(len(volumes)),
+        "eval-loss": loss,
+        "held-out": float(bool(held_out)),
+        "eval-seconds": time.perf_counter() - started,
+    }

@@ -180,21 +180,31 @@ def _run_stage(
     observed = ObservedStrategy(build_strategy(cfg, options, nodes), cfg.federation.min_clients, label)
     seed_base = cfg.train.seed + _STAGE_SEED_STRIDE * stage_index
     train_config = ConfigRecord({**record, "seed": seed_base + _ROUND_SEED_STRIDE * done})
+    # A round's clock runs from the end of the previous one (its report included) to its checkpoint.
     started = [time.perf_counter()]
+    reporting = [0.0]
 
     def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
         """Flower's evaluate_fn: evaluate, checkpoint and report the new global model."""
         if server_round == 0:  # the initial arrays: nothing trained yet
             return MetricRecord({})
         stage_round = done + server_round
+        unpacking = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
         metrics: dict[str, Any] = {"stage": stage, "round": stage_round, **observed.round}
+        metrics["server-unpack-seconds"] = time.perf_counter() - unpacking
         if server_volumes:
+            evaluating = time.perf_counter()
             batches = int(options["eval-batches"])
             metrics["server-eval-loss"] = validation_loss(model, stage, server_volumes, cfg, batches)
+            metrics["server-eval-seconds"] = time.perf_counter() - evaluating
         steps = stage_round * cfg.federation.local_steps
+        saving = time.perf_counter()
         path = store.save_round(model, stage, stage_round, completed, steps, int(metrics.get("sites-ok", 0)))
         completed[stage] = stage_round
+        metrics["checkpoint-seconds"] = time.perf_counter() - saving
+        # The previous round's report (MLflow, on_round) ran inside this round's clock.
+        metrics["report-seconds"] = reporting[0]
         metrics["round-seconds"] = time.perf_counter() - started[0]
         metrics["checkpoint"] = str(path)
         store.append_metrics(metrics)
@@ -209,9 +219,11 @@ def _run_stage(
             metrics.get("sites-failed", 0),
             path,
         )
+        reported = time.perf_counter()
+        started[0] = reported
         if on_round is not None:
             on_round(metrics)
-        started[0] = time.perf_counter()
+        reporting[0] = time.perf_counter() - reported
         # Round numbers restart with every strategy.start: tell the sites the next round's seed.
         train_config["seed"] = seed_base + _ROUND_SEED_STRIDE * stage_round
         return MetricRecord(

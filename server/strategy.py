@@ -9,6 +9,7 @@ server-side client-level DP wrapper (fixed clipping) goes around it.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterable
 from typing import Any
 
@@ -88,6 +89,11 @@ class ObservedStrategy(Strategy):
     A failed site (an error reply, or a node the SuperLink reports unavailable) is logged with
     its reason; the round is aggregated from the others as long as at least ``min_replies``
     answered, else ``RoundFailed`` stops the run at the last completed round.
+
+    It also times the phases of a round, for the overhead accounting of
+    ``experiments/benchmarks/federation.py``: ``train-phase-seconds`` (from building the train
+    messages to having every reply), ``aggregate-seconds``, ``evaluate-phase-seconds`` (the
+    sites' evaluation, messages included) and ``sites-eval-seconds`` (the sites' own evaluation time).
     """
 
     def __init__(self, inner: Strategy, min_replies: int, label: str) -> None:
@@ -96,6 +102,7 @@ class ObservedStrategy(Strategy):
         self.label = label
         self.round: dict[str, Any] = {}
         self.sampled: set[int] = set()
+        self._phase_started = time.perf_counter()
 
     def summary(self) -> None:
         self.inner.summary()
@@ -103,9 +110,11 @@ class ObservedStrategy(Strategy):
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        phase_started = time.perf_counter()
         messages = list(self.inner.configure_train(server_round, arrays, config, grid))
         sent = messages[0].content["arrays"] if messages else arrays
         self.sampled = {message.metadata.dst_node_id for message in messages}
+        self._phase_started = phase_started
         self.round = {
             "sent-arrays": len(sent),
             "sent-bytes": sent.count_bytes(),
@@ -117,6 +126,8 @@ class ObservedStrategy(Strategy):
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        aggregating = time.perf_counter()
+        self.round["train-phase-seconds"] = aggregating - self._phase_started
         replies = list(replies)
         valid = [reply for reply in replies if not reply.has_error()]
         failed = [reply for reply in replies if reply.has_error()]
@@ -142,15 +153,22 @@ class ObservedStrategy(Strategy):
             )
         arrays, metrics = self.inner.aggregate_train(server_round, valid)
         self.round["train"] = dict(metrics) if metrics is not None else {}
+        self.round["aggregate-seconds"] = time.perf_counter() - aggregating
         return arrays, metrics
 
     def configure_evaluate(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
+        self._phase_started = time.perf_counter()
         return self.inner.configure_evaluate(server_round, arrays, config, grid)
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         replies = list(replies)
+        self.round["sites-eval-seconds"] = sum(
+            float(next(iter(r.content.metric_records.values())).get("eval-seconds", 0.0))
+            for r in replies
+            if not r.has_error()
+        )
         for reply in replies:
             if reply.has_error():
                 logger.error(
@@ -162,4 +180,5 @@ class ObservedStrategy(Strategy):
                 )
         metrics = self.inner.aggregate_evaluate(server_round, [r for r in replies if not r.has_error()])
         self.round["evaluate"] = dict(metrics) if metrics is not None else {}
+        self.round["evaluate-phase-seconds"] = time.perf_counter() - self._phase_started
         return metrics

@@ -9,8 +9,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from client.task import Job, Site, evaluate_round, locate_site, train_round, travelling_names
+from client.task import (
+    Job,
+    Site,
+    clear_caches,
+    evaluate_round,
+    install_base,
+    locate_site,
+    site_volumes,
+    train_round,
+    travelling_names,
+)
 from gem3d.config import Config
+from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.errors import ConfigError, DataError
 from gem3d.runs import build_model
 from gem3d.training import freeze_for_stage
@@ -77,3 +88,53 @@ def test_evaluation_holds_out_cases_and_broken_data_fails_clearly(micro_cfg: Con
     assert metrics["held-out"] == 1.0 and metrics["num-examples"] == 1.0 and metrics["eval-loss"] > 0
     with pytest.raises(DataError, match="site_9"):
         train_round(missing, make_job(micro_cfg), global_weights(micro_cfg))
+
+
+@pytest.mark.parametrize("stage", ["slice", "volume"])
+def test_a_reused_network_and_data_give_the_weights_of_a_fresh_process(
+    micro_cfg: Config, site: Site, stage: str
+) -> None:
+    # prepare: global weights of the stage; stage 2 trains on an installed base, made nonzero
+    # (MONAI zero-initialises the output conv, which leaves the slice-axis layers without gradient)
+    model = build_model("slice", micro_cfg)
+    generator = torch.Generator().manual_seed(0)
+    base = {
+        name: value + 0.1 * torch.randn(value.shape, generator=generator) for name, value in model.state_dict().items()
+    }
+    model.load_state_dict(base)
+    if stage == "volume":
+        install_base(site, "b1", base)
+        model.inflate()
+    freeze_for_stage(model, stage, train_all=False)
+    start = {name: model.state_dict()[name].clone() for name in travelling_names(model)}
+    job = make_job(micro_cfg, stage=stage, **{"base-id": "b1"})
+    clear_caches()
+    # execute: a fresh round, the same round on the cached network and data, then another seed
+    fresh, fresh_metrics = train_round(site, job, start)
+    kept = {name: value.clone() for name, value in fresh.items()}
+    reused, metrics = train_round(site, job, start)
+    other, _ = train_round(site, make_job(micro_cfg, stage=stage, seed=1, **{"base-id": "b1"}), start)
+    # assert: bitwise equal, and a reply is a copy that later rounds do not change
+    assert fresh.keys() == set(start)
+    assert all(torch.equal(reused[name], kept[name]) and torch.equal(fresh[name], kept[name]) for name in start)
+    assert any(not torch.equal(fresh[name], start[name]) for name in start)
+    assert any(not torch.equal(other[name], kept[name]) for name in start)
+    assert metrics["train-seconds"] > 0 and metrics["setup-seconds"] >= 0 and metrics["pack-seconds"] >= 0
+    assert fresh_metrics["loss"] == metrics["loss"]
+
+
+def test_site_data_is_loaded_once_and_reloaded_when_its_files_change(micro_cfg: Config, site: Site) -> None:
+    # prepare
+    clear_caches()
+    first = site_volumes(site, micro_cfg)
+    # execute: the site's own state (a hidden folder) changes, then a case is added
+    (site.data_dir / ".gem3d-site").mkdir()
+    (site.data_dir / ".gem3d-site" / "privacy_ledger.json").write_text("{}")
+    same = site_volumes(site, micro_cfg)
+    more = write_phantom_dataset(site.data_dir.parent / "more", num_cases=5, shape=(16, 16, 12))
+    for part in ("imagesTr/phantom_004_0000.nii.gz", "labelsTr/phantom_004.nii.gz", "dataset.json"):
+        shutil.copy(more / part, site.data_dir / part)
+    changed = site_volumes(site, micro_cfg)
+    # assert
+    assert same is first
+    assert len(first) == 4 and len(changed) == 5

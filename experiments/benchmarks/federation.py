@@ -1,28 +1,43 @@
-"""Federation cost: round overhead, bytes per round per stage, simulation vs centralized (issue 5, item 7).
+"""Federation cost: where a round's time goes, bytes per round per stage, simulation vs centralized (issue 5, item 7).
 
-One process, K phantom sites (``--sites``, default 2), the tiny config (``--set`` to change):
+Two configurations in one run: ``tiny`` (32x32 slices, window 8) and ``mid`` (the tiny network
+at 96x96 slices, window 16: ``MID`` of ``privacy.py`` and ``train_throughput.py``). For each,
+K phantom sites (``--sites``, default 2) with ``--cases`` cases each:
 
 1. **Simulation**: ``flwr.simulation.run_simulation`` of the real app (``server.app.create_app``,
-   ``client.app.app``) for ``--rounds`` rounds of stage 1, stage 2 (frozen base: only the
-   slice-axis weights travel) and the informed generator. Each client gets both CPUs
-   (``num_cpus = 2``), so the sites train one after another and a round's local compute is the
-   sum over sites. From the server's ``metrics.jsonl``: round time, bytes sent to one site and
-   received from all sites, per round and stage.
-2. **Local compute per round**: in this process, ``gem3d.training.train`` of ``local_steps``
-   steps on each site's data from a fresh state, as a site does in a round (its network built
-   the same way), timed per stage. Round overhead = round time - sum over sites of that compute:
-   everything else (messages, serialisation, transport, aggregation, model build and data load
-   on the site, site evaluation, server checkpoint). Target (issue 5): at most 10% of the round
-   time at the mid config.
-3. **Serialise + aggregate alone**: ``ArrayRecord`` from the trainable state dict, its byte count
-   and back to torch (one site), and Flower's ``aggregate_arrayrecords`` over K replies.
-4. **Centralized**: the same total steps (sites x local steps x rounds, per stage) with
-   ``gem3d.training.train`` on the pooled data of all sites, in this process; its wall time
-   against the simulation's (with and without Ray/SuperLink start-up).
+   ``client.app.app``, MLflow tracking on, as a user runs it) for rounds of stage 1, stage 2
+   (frozen base: only the slice-axis weights travel) and the informed generator. Each client
+   gets both CPUs (``num_cpus = 2``), so the sites run one after another and a round's site
+   work is the sum over sites.
+2. **Where a round's time goes**, from the timings the sites put in their replies and the server
+   in ``metrics.jsonl`` (all measured inside the same rounds, so shared-machine load hits both
+   sides of every ratio alike):
+
+   * local training: the sites' ``train-seconds`` (``gem3d.training.train`` alone);
+   * site setup: data (cached across rounds in a worker), network, optimizer;
+   * site evaluation (``@app.evaluate``: validation loss on held-out data) and server evaluation;
+   * serialise: torch <-> ``ArrayRecord`` on the sites and on the server, copying weights out;
+   * transport + framework: the train and evaluate phases minus the site work inside them
+     (Flower/Ray message passing, config parsing on the site);
+   * aggregate (the strategy), checkpoint (atomic safetensors + progress file), report
+     (MLflow logging of the round);
+   * other: the rest of the round's clock.
+
+   The issue's overhead is serialise + transport + aggregate; its share of the round time is
+   the target (<= 10% at mid). The share of everything but local training is given as well.
+3. **Mid, extrapolated to a realistic round**: mid steps cost seconds each on this CPU, so the
+   simulation runs few local steps (``--mid-local-steps``) and the table extrapolates the
+   measured fixed per-round costs to longer rounds with the measured seconds per step: a
+   hospital's round is minutes of local compute, not a few steps. The table says so.
+4. **Centralized**, tiny only: the same total steps (sites x local steps x rounds, per stage)
+   with ``gem3d.training.train`` on the pooled data of all sites, in this process; its wall time
+   against the simulation's.
 
 Torch runs with one intra-op thread everywhere (``OMP_NUM_THREADS=1`` reaches the Ray workers).
+A few minutes on 2 shared cores with the defaults.
 
-    .venv/bin/python experiments/benchmarks/federation.py [--sites 2] [--rounds 2] [--local-steps 5] [--set "k=v ..."]
+    .venv/bin/python experiments/benchmarks/federation.py [--sites 2] [--local-steps 10] [--mid-local-steps 2]
+        [--only tiny|mid] [--set "k=v ..."] [--json FILE]
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch and Ray start: one thread per process
 
@@ -43,8 +59,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from flwr.app import ArrayRecord, MetricRecord, RecordDict
-from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
@@ -53,7 +67,6 @@ from experiments.commands.common import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
-from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.runs import build_model
@@ -62,188 +75,272 @@ from server.app import create_app
 from server.settings import parse_set
 
 STAGES: tuple[Stage, ...] = ("slice", "volume", "informed")
+MID = {"data.image_size": 96, "data.window": 16}
 TARGET_OVERHEAD = 0.10
+# Local steps per site of the extrapolated mid rounds.
+MID_ROUND_STEPS = (10, 50, 200)
+# The parts of a round, in table order (``breakdown`` computes them).
+PARTS = ("train", "setup", "site eval", "serialise", "transport", "aggregate", "checkpoint", "report", "other")
+ISSUE_OVERHEAD = ("serialise", "transport", "aggregate")
 
 
-def site_volumes(root: Path, sites: int, cfg: Config) -> list[list[Volume]]:
-    return [load_volumes(root / f"site_{k}", cfg.data) for k in range(sites)]
+def site_sum(record: dict[str, Any], key: str) -> float:
+    return sum(float(site.get(key, 0.0)) for site in record.get("per-site", {}).values())
 
 
-def local_compute(cfg: Config, volumes: list[list[Volume]], stage: Stage, steps: int, repeats: int) -> list[float]:
-    """Per repeat: the summed seconds of ``steps`` training steps on every site (fresh state each)."""
-    scheduler = train_scheduler(cfg.diffusion)
-    totals = []
-    for _ in range(repeats):
-        total = 0.0
-        for site in volumes:
-            model = build_model(stage, cfg)
-            freeze_for_stage(model, stage, cfg.train.volume_train_all)
-            state = new_state(model, cfg.train)
-            source = WindowSource(site, cfg.data.window, cfg.train.informed_from)
-            started = time.perf_counter()
-            train(state, scheduler, source, stage, steps, cfg.train)
-            total += time.perf_counter() - started
-        totals.append(total)
-    return totals
-
-
-def serialise_and_aggregate(cfg: Config, stage: Stage, sites: int, repeats: int) -> dict[str, float]:
-    """Median seconds: torch -> ArrayRecord -> byte count -> torch for one site; FedAvg of ``sites`` replies."""
-    model = build_model(stage, cfg)
-    freeze_for_stage(model, stage, cfg.train.volume_train_all)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    state = {n: t.detach() for n, t in model.state_dict().items() if n in trainable}
-    round_trip, aggregate = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        record = ArrayRecord(state)
-        nbytes = record.count_bytes()
-        record.to_torch_state_dict()
-        round_trip.append(time.perf_counter() - started)
-        replies = [
-            RecordDict({"arrays": ArrayRecord(state), "metrics": MetricRecord({"n": 3.0})}) for _ in range(sites)
-        ]
-        started = time.perf_counter()
-        aggregate_arrayrecords(replies, "n")
-        aggregate.append(time.perf_counter() - started)
-    return {
-        "bytes": float(nbytes),
-        "round_trip_s": statistics.median(round_trip),
-        "aggregate_s": statistics.median(aggregate),
+def breakdown(record: dict[str, Any]) -> dict[str, float]:
+    """Seconds of each part of one round (``PARTS``), from one line of the server's ``metrics.jsonl``."""
+    train_s, setup_s = site_sum(record, "train-seconds"), site_sum(record, "setup-seconds")
+    site_serialise = site_sum(record, "serialise-seconds") + site_sum(record, "pack-seconds")
+    site_eval = float(record.get("sites-eval-seconds", 0.0))
+    parts = {
+        "train": train_s,
+        "setup": setup_s,
+        "site eval": site_eval + float(record.get("server-eval-seconds", 0.0)),
+        "serialise": site_serialise + float(record.get("server-unpack-seconds", 0.0)),
+        "transport": float(record["train-phase-seconds"])
+        - (train_s + setup_s + site_serialise)
+        + float(record["evaluate-phase-seconds"])
+        - site_eval,
+        "aggregate": float(record["aggregate-seconds"]),
+        "checkpoint": float(record["checkpoint-seconds"]),
+        "report": float(record.get("report-seconds", 0.0)),
     }
+    parts["other"] = float(record["round-seconds"]) - sum(parts.values())
+    return parts
+
+
+def shares(record: dict[str, Any]) -> tuple[float, float]:
+    """``(issue overhead share, everything-but-training share)`` of one round's time."""
+    parts, total = breakdown(record), float(record["round-seconds"])
+    return sum(parts[p] for p in ISSUE_OVERHEAD) / total, (total - parts["train"]) / total
+
+
+def simulate(cfg_name: str, overrides: dict[str, Any], sites: int, cases: int, tmp: Path) -> list[dict[str, Any]]:
+    """Run the Flower simulation on fresh phantom sites; return the server's round records."""
+    cfg = load_config(resolve_config_path(cfg_name), overrides)
+    size, window = cfg.data.image_size, cfg.data.window
+    root, out = tmp / "sites", tmp / "run"
+    for k in range(sites):
+        write_phantom_dataset(root / f"site_{k}", cases, (size, size, 2 * window + 8), cfg.data.num_labels, k)
+    run_set = " ".join(f"{k}={v}" for k, v in overrides.items())
+    run_config = {"config": cfg_name, "data-root": str(root), "out-dir": str(out), "set": run_set}
+    run_config["val-cases"] = 0  # every case trains, as in the centralized run
+    backend = {"client_resources": {"num_cpus": 2}, "init_args": {"num_cpus": 2}}
+    run_simulation(
+        server_app=create_app(run_config), client_app=client_app, num_supernodes=sites, backend_config=backend
+    )
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def centralized(cfg: Config, root: Path, sites: int, steps: int) -> dict[str, float]:
+    """Seconds of ``steps`` steps of each stage with ``gem3d.training.train`` on the pooled site data."""
+    pooled = [v for k in range(sites) for v in load_volumes(root / f"site_{k}", cfg.data)]
+    scheduler = train_scheduler(cfg.diffusion)
+    seconds = {}
+    for stage in STAGES:
+        model = build_model(stage, cfg)
+        freeze_for_stage(model, stage, cfg.train.volume_train_all)
+        state = new_state(model, cfg.train)
+        source = WindowSource(pooled, cfg.data.window, cfg.train.informed_from)
+        started = time.perf_counter()
+        train(state, scheduler, source, stage, steps, cfg.train)
+        seconds[stage] = time.perf_counter() - started
+    return seconds
+
+
+def round_rows(label: str, rounds: list[dict[str, Any]]) -> list[list[Any]]:
+    rows = []
+    for index, record in enumerate(rounds):
+        parts = breakdown(record)
+        issue, non_train = shares(record)
+        first = " (run's 1st: Ray start)" if index == 0 else ""
+        rows.append(
+            [
+                label,
+                f"{record['stage']} {record['round']}{first}",
+                f"{record['round-seconds']:.2f}",
+                *(f"{parts[p]:.2f}" for p in PARTS),
+                f"{100 * issue:.1f}%",
+                f"{100 * non_train:.0f}%",
+            ]
+        )
+    return rows
+
+
+def steady(rounds: list[dict[str, Any]], stage: Stage) -> list[dict[str, Any]]:
+    """The stage's rounds, leaving out the run's first (Ray workers start and import torch in it)."""
+    return [r for r in rounds[1:] if r["stage"] == stage]
+
+
+def stage_rows(label: str, rounds: list[dict[str, Any]], sites: int, local_steps: int) -> list[list[Any]]:
+    slice_bytes = next(r["sent-bytes"] for r in rounds if r["stage"] == "slice")
+    rows = []
+    for stage in STAGES:
+        kept = steady(rounds, stage)
+        if not kept:
+            continue
+        issue = statistics.median(shares(r)[0] for r in kept)
+        non_train = statistics.median(shares(r)[1] for r in kept)
+        per_step = statistics.median(breakdown(r)["train"] for r in kept) / (sites * local_steps)
+        rows.append(
+            [
+                label,
+                stage,
+                f"{kept[0]['sent-bytes'] / 2**20:.3f}",
+                f"{kept[0]['sent-bytes'] / slice_bytes:.3f}",
+                f"{kept[0]['received-bytes'] / 2**20:.3f}",
+                kept[0]["sent-arrays"],
+                f"{per_step:.2f}",
+                f"{statistics.median(r['round-seconds'] for r in kept):.2f}",
+                f"{100 * issue:.1f}%",
+                f"{100 * non_train:.0f}%",
+                "met" if issue <= TARGET_OVERHEAD else "not met",
+            ]
+        )
+    return rows
+
+
+def extrapolated_rows(rounds: list[dict[str, Any]], sites: int, local_steps: int) -> list[list[Any]]:
+    """Mid rounds of more local steps: fixed per-round costs as measured, training scaled per step."""
+    rows = []
+    for stage in STAGES:
+        kept = steady(rounds, stage)
+        if not kept:
+            continue
+        parts = {p: statistics.median(breakdown(r)[p] for r in kept) for p in PARTS}
+        per_step = parts["train"] / (sites * local_steps)
+        issue = sum(parts[p] for p in ISSUE_OVERHEAD)
+        fixed = sum(parts.values()) - parts["train"]
+        # the fewest local steps per site for which a share is at most the target:
+        # issue / (fixed + K n t) <= target, and fixed / (fixed + K n t) <= target
+        issue_steps = max(issue / TARGET_OVERHEAD - fixed, 0.0) / (sites * per_step)
+        all_steps = fixed * (1 - TARGET_OVERHEAD) / TARGET_OVERHEAD / (sites * per_step)
+        for steps in (local_steps, *MID_ROUND_STEPS):
+            train_s = sites * steps * per_step
+            total = train_s + fixed
+            kind = "measured" if steps == local_steps else "extrapolated"
+            rows.append(
+                [
+                    stage,
+                    f"{steps} ({kind})",
+                    f"{train_s / sites / 60:.1f}",
+                    f"{total:.1f}",
+                    f"{100 * issue / total:.1f}%",
+                    f"{100 * fixed / total:.0f}%",
+                    f"{issue_steps:.1f}",
+                    f"{all_steps:.1f}",
+                ]
+            )
+    return rows
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="bundled config name or TOML path (default tiny)")
-    parser.add_argument("--set", default="", help='config overrides, "section.field=value ..." (as the run config)')
+    parser.add_argument("--set", default="", help='config overrides for both runs, "section.field=value ..."')
+    parser.add_argument("--only", choices=("tiny", "mid"), default=None, help="run one configuration only")
     parser.add_argument("--sites", type=int, default=2, help="simulated sites (default 2)")
     parser.add_argument("--cases", type=int, default=3, help="phantom cases per site (default 3)")
-    parser.add_argument("--rounds", type=int, default=2, help="rounds of each stage (default 2)")
-    parser.add_argument("--local-steps", type=int, default=5, help="local steps per round (default 5)")
-    parser.add_argument("--repeats", type=int, default=2, help="repeats of the local-compute timing (default 2)")
+    parser.add_argument("--rounds", type=int, default=2, help="tiny: rounds of each stage (default 2)")
+    parser.add_argument("--local-steps", type=int, default=10, help="tiny: local steps per round (default 10)")
+    parser.add_argument("--mid-local-steps", type=int, default=1, help="mid: local steps per round (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     args = parser.parse_args()
     torch.set_num_threads(1)
     logging.getLogger("flwr").setLevel(logging.WARNING)
 
-    ours = {"federation.local_steps": args.local_steps, **{f"federation.rounds_{s}": args.rounds for s in STAGES}}
-    cfg = load_config(resolve_config_path(args.config), {**parse_set(args.set), **ours})
-    size, window = cfg.data.image_size, cfg.data.window
-    run_set = " ".join([args.set, *(f"{k}={v}" for k, v in ours.items())]).strip()
-    with tempfile.TemporaryDirectory() as tmp:
-        root, out = Path(tmp) / "sites", Path(tmp) / "run"
-        for k in range(args.sites):
-            write_phantom_dataset(root / f"site_{k}", args.cases, (size, size, 2 * window + 8), cfg.data.num_labels, k)
-        volumes = site_volumes(root, args.sites, cfg)
+    def schedule(steps: int, rounds: dict[Stage, int]) -> dict[str, Any]:
+        return {"federation.local_steps": steps, **{f"federation.rounds_{s}": n for s, n in rounds.items()}}
 
-        # 1. the simulation
-        run_config = {"config": args.config, "data-root": str(root), "out-dir": str(out), "set": run_set}
-        run_config["val-cases"] = 0  # every case trains, as in the centralized run
-        backend = {"client_resources": {"num_cpus": 2}, "init_args": {"num_cpus": 2}}
-        started = time.perf_counter()
-        run_simulation(
-            server_app=create_app(run_config), client_app=client_app, num_supernodes=args.sites, backend_config=backend
-        )
-        simulation_s = time.perf_counter() - started
-        load_during_simulation = [round(x, 2) for x in os.getloadavg()]
-        rounds = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-    # 2. local compute, 3. serialise + aggregate, 4. centralized: all in this process
-    compute = {s: local_compute(cfg, volumes, s, args.local_steps, args.repeats) for s in STAGES}
-    wire = {s: serialise_and_aggregate(cfg, s, args.sites, 5) for s in STAGES}
-    pooled = [v for site in volumes for v in site]
-    scheduler = train_scheduler(cfg.diffusion)
-    central: dict[str, float] = {}
-    for stage in STAGES:
-        model = build_model(stage, cfg)
-        freeze_for_stage(model, stage, cfg.train.volume_train_all)
-        state = new_state(model, cfg.train)
-        source = WindowSource(pooled, window, cfg.train.informed_from)
-        started = time.perf_counter()
-        train(state, scheduler, source, stage, args.sites * args.local_steps * args.rounds, cfg.train)
-        central[stage] = time.perf_counter() - started
+    # mid: stage 1 gets a second round so that one steady (after Ray start-up) round exists per stage
+    runs = {
+        "tiny": {**parse_set(args.set), **schedule(args.local_steps, dict.fromkeys(STAGES, args.rounds))},
+        "mid": {
+            **parse_set(args.set),
+            **MID,
+            **schedule(args.mid_local_steps, {"slice": 2, "volume": 1, "informed": 1}),
+        },
+    }
+    if args.only:
+        runs = {args.only: runs[args.only]}
+    results: dict[str, Any] = {}
+    for label, overrides in runs.items():
+        cfg = load_config(resolve_config_path(args.config), overrides)
+        with tempfile.TemporaryDirectory() as tmp:
+            started = time.perf_counter()
+            rounds = simulate(args.config, overrides, args.sites, args.cases, Path(tmp))
+            simulation_s = time.perf_counter() - started
+            load = [round(x, 2) for x in os.getloadavg()]
+            central = None
+            if label == "tiny":
+                steps = args.sites * cfg.federation.local_steps * args.rounds
+                central = centralized(cfg, Path(tmp) / "sites", args.sites, steps)
+        results[label] = {
+            "cfg": cfg,
+            "rounds": rounds,
+            "simulation_s": simulation_s,
+            "load_after": load,
+            "central": central,
+        }
 
     info = machine(1)
-    info["load_average_after_simulation"] = load_during_simulation
-    round_rows, stage_rows = [], []
-    for r in rounds:
-        stage = r["stage"]
-        per_round = statistics.median(compute[stage])
-        overhead = r["round-seconds"] - per_round
-        round_rows.append(
-            [
-                stage,
-                r["round"],
-                f"{r['round-seconds']:.2f}",
-                f"{per_round:.2f}",
-                f"{overhead:.2f}",
-                f"{100 * overhead / r['round-seconds']:.0f}%",
-                r.get("sent-arrays"),
-                f"{r['sent-bytes'] / 2**20:.3f}",
-                f"{r['received-bytes'] / 2**20:.3f}",
-                r.get("sites-ok"),
-            ]
-        )
-    slice_bytes = next(r["sent-bytes"] for r in rounds if r["stage"] == "slice")
-    for stage in STAGES:
-        # the run's first round also starts the Ray workers and imports torch there: left out
-        steady = [r for r in rounds if r["stage"] == stage and r is not rounds[0]]
-        sent = statistics.median(r["sent-bytes"] for r in steady)
-        rt = statistics.median(r["round-seconds"] for r in steady)
-        over = rt - statistics.median(compute[stage])
-        # serialise + deserialise every message (K out, K back) and aggregate once
-        wire_s = 2 * args.sites * wire[stage]["round_trip_s"] + wire[stage]["aggregate_s"]
-        stage_rows.append(
-            [
-                stage,
-                f"{sent / 2**20:.3f}",
-                f"{sent / slice_bytes:.3f}",
-                f"{1e3 * wire[stage]['round_trip_s']:.1f}",
-                f"{1e3 * wire[stage]['aggregate_s']:.1f}",
-                f"{100 * wire_s / rt:.1f}%",
-                f"{rt:.2f}",
-                f"{100 * over / rt:.0f}%",
-                "met" if over / rt <= TARGET_OVERHEAD else "not met",
-            ]
-        )
-    rounds_s = sum(r["round-seconds"] for r in rounds)
-    central_s = sum(central.values())
     print(f"# federation: {json.dumps(info)}")
-    print(
-        f"# {args.sites} sites x {args.cases} phantom cases, {size}x{size} slices, window {window}, batch "
-        f"{cfg.train.batch_size}, {args.local_steps} local steps, {args.rounds} rounds per stage, FedAvg, "
-        f"sites run one after another (num_cpus 2 each)"
-    )
-    print("\n## Per round: time, local compute and overhead, bytes (target: overhead <= 10% at the mid config)\n")
-    headers = ["stage", "round", "round s", "local compute s (all sites)", "overhead s", "overhead share"]
-    headers += ["arrays sent", "MiB sent per site", "MiB received (all sites)", "sites ok"]
-    print(markdown_table(headers, round_rows))
-    print("\n## Per stage (rounds after the run's first): bytes vs stage 1, serialise/aggregate alone, overhead\n")
-    headers = ["stage", "MiB sent per site per round", "vs stage 1", "torch->ArrayRecord->torch ms"]
-    headers += [f"FedAvg of {args.sites} ms", "serialise+aggregate share of round", "median round s"]
-    headers += ["all-overhead share", "10% target (here, not mid)"]
-    print(markdown_table(headers, stage_rows))
-    print("\n## Simulation vs centralized training of the same total steps on the pooled data\n")
-    total_steps = args.sites * args.local_steps * args.rounds
+    for label, result in results.items():
+        cfg = result["cfg"]
+        fed, size = cfg.federation, cfg.data.image_size
+        print(
+            f"# {label}: {args.sites} sites x {args.cases} phantom cases, {size}x{size} slices, window "
+            f"{cfg.data.window}, batch {cfg.train.batch_size}, {fed.local_steps} local steps, rounds "
+            f"{fed.rounds_slice}/{fed.rounds_volume}/{fed.rounds_informed}, FedAvg, sites one after another; "
+            f"load average after the simulation {result['load_after']}"
+        )
+    print("\n## Where each round's time goes (seconds; site parts summed over the sites)\n")
+    headers = ["config", "stage round", "round s", *PARTS, "serialise+transport+aggregate", "all but train"]
+    rows = [row for label, r in results.items() for row in round_rows(label, r["rounds"])]
+    print(markdown_table(headers, rows))
+    print("\n## Per stage (rounds after the run's first): bytes, s/step, overhead share (target <= 10% at mid)\n")
+    headers = ["config", "stage", "MiB sent per site", "vs stage 1", "MiB received (all sites)", "arrays"]
+    headers += ["train s/step", "median round s", "serialise+transport+aggregate", "all but train", "10% target"]
     rows = [
-        [
-            "simulation, whole run_simulation (Ray + SuperLink start-up included)",
-            f"{simulation_s:.1f}",
-            f"{simulation_s / central_s:.2f}x",
-        ],
-        ["simulation, sum of round times", f"{rounds_s:.1f}", f"{rounds_s / central_s:.2f}x"],
-        [
-            f"centralized, {total_steps} steps per stage ({', '.join(f'{s} {central[s]:.1f}s' for s in STAGES)})",
-            f"{central_s:.1f}",
-            "1.00x",
-        ],
+        row
+        for label, r in results.items()
+        for row in stage_rows(label, r["rounds"], args.sites, r["cfg"].federation.local_steps)
     ]
-    print(markdown_table(["run", "wall s", "vs centralized"], rows))
+    print(markdown_table(headers, rows))
+    if "mid" in results:
+        mid = results["mid"]
+        print(
+            f"\n## Mid, longer rounds: measured at {mid['cfg'].federation.local_steps} local steps, "
+            "EXTRAPOLATED to more (fixed per-round costs as measured, training x steps at the measured s/step)\n"
+        )
+        headers = ["stage", "local steps per site", "local compute min per site", "round s (all sites)"]
+        headers += ["serialise+transport+aggregate", "all but train", "steps per site for <= 10%: s+t+a"]
+        headers += ["steps per site for <= 10%: all but train"]
+        print(markdown_table(headers, extrapolated_rows(mid["rounds"], args.sites, mid["cfg"].federation.local_steps)))
+    if "tiny" in results and results["tiny"]["central"]:
+        tiny, central = results["tiny"], results["tiny"]["central"]
+        central_s = sum(central.values())
+        rounds_s = sum(r["round-seconds"] for r in tiny["rounds"])
+        total_steps = args.sites * tiny["cfg"].federation.local_steps * args.rounds
+        print("\n## Tiny: simulation vs centralized training of the same total steps on the pooled data\n")
+        rows = [
+            [
+                "simulation, whole run_simulation (Ray + SuperLink start-up included)",
+                f"{tiny['simulation_s']:.1f}",
+                f"{tiny['simulation_s'] / central_s:.2f}x",
+            ],
+            ["simulation, sum of round times", f"{rounds_s:.1f}", f"{rounds_s / central_s:.2f}x"],
+            [
+                f"centralized, {total_steps} steps per stage ({', '.join(f'{s} {central[s]:.1f}s' for s in STAGES)})",
+                f"{central_s:.1f}",
+                "1.00x",
+            ],
+        ]
+        print(markdown_table(["run", "wall s", "vs centralized"], rows))
     if args.json:
-        payload = {"machine": info, "rounds": rounds, "compute": compute, "wire": wire, "central": central}
-        payload.update(simulation_s=simulation_s, args=vars(args) | {"json": str(args.json)})
-        args.json.write_text(json.dumps(payload, indent=2, default=str))
+        payload = {label: {**r, "cfg": r["cfg"].model_dump(mode="json")} for label, r in results.items()}
+        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, **payload}))
     return 0
 
 
