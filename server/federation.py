@@ -12,18 +12,20 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from torch import nn
 
-from gem3d.checkpoint import file_sha256
+from gem3d.checkpoint import file_sha256, read_metadata
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, DataError
 from gem3d.networks import SliceDenoiser
-from gem3d.runs import STAGE_FILES, build_model
+from gem3d.runs import STAGE_FILES, build_model, initial_model
 from gem3d.training import STAGES, Stage, freeze_for_stage
 from server.evaluation import validation_loss
 from server.settings import ServerSettings
@@ -49,12 +51,24 @@ def trainable_names(model: nn.Module) -> list[str]:
 
 
 def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done: int) -> nn.Module:
-    """The global model a stage starts (or resumes) from; stage 2 inflates the final global slice model."""
+    """The global model a stage starts (or resumes) from.
+
+    A resumed stage loads its last global checkpoint. A new stage starts from the run config's
+    ``init`` (a run folder or checkpoint, e.g. a model pre-trained on public data that the sites
+    fine-tune) when it holds weights for the stage; stage 2 does so only when this run has no
+    global slice model, whose federated training must not be discarded. Otherwise stage 2
+    inflates the final global slice model and the other stages start from a seeded random
+    initialisation.
+    """
     cfg = settings.cfg
     if done > 0:
         model = build_model(stage, cfg)
         store.load_global(model, stage)
         return model
+    own_slice = stage == "volume" and (store.out_dir / STAGE_FILES["slice"]).exists()
+    if settings.init is not None and not own_slice and _has_init(settings.init, stage):
+        logger.info("stage %s starts from %s", stage, settings.init)
+        return initial_model(stage, cfg, None, settings.init, torch.device("cpu"))
     if stage != "volume":
         return build_model(stage, cfg)
     model = build_model("slice", cfg)
@@ -66,6 +80,14 @@ def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done
     assert isinstance(model, SliceDenoiser)
     model.inflate()
     return model
+
+
+def _has_init(init: Path, stage: Stage) -> bool:
+    """Whether ``init`` holds weights for ``stage`` (for stage 2: volume or slice weights)."""
+    stages = ("volume", "slice") if stage == "volume" else (stage,)
+    if init.is_file():
+        return read_metadata(init)["stage"] in stages
+    return any((init / STAGE_FILES[name]).exists() for name in stages)
 
 
 def job_config(settings: ServerSettings, stage: Stage) -> dict[str, Any]:

@@ -25,6 +25,7 @@ APP_KEYS = {
     "data-root": "demo_out/data",
     "state-root": "",
     "out-dir": "runs/federated",
+    "init": "",
     "server-data": "",
     "resume": True,
     "val-cases": 1,
@@ -83,6 +84,7 @@ class ServerSettings:
     state_root: Path | None
     server_data: Path | None
     resume: bool
+    init: Path | None = None
     options: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -106,5 +108,6 @@ class ServerSettings:
             state_root=state_root,
             server_data=_path(merged["server-data"]),
             resume=bool(merged["resume"]),
+            init=_path(merged["init"]),
             options={key: merged[key] for key in APP_KEYS if key not in ("config", "set")},
         )

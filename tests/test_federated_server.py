@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from flwr.serverapp.strategy import (
     DifferentialPrivacyServerSideFixedClipping,
     FedAdam,
@@ -15,9 +16,11 @@ from flwr.serverapp.strategy import (
 )
 
 from gem3d.config import Config
+from gem3d.data.dataset import load_volumes
 from gem3d.errors import CheckpointError
-from gem3d.runs import build_model
-from server.settings import APP_KEYS
+from gem3d.runs import build_model, load_model, train_stage
+from server.federation import initial_global
+from server.settings import APP_KEYS, ServerSettings
 from server.store import RunStore
 from server.strategy import build_strategy
 
@@ -52,3 +55,27 @@ def test_a_resume_keeps_the_model_but_may_change_the_federation(micro_cfg: Confi
         RunStore(tmp_path / "run", other_model).prepare(resume=True)
     with pytest.raises(CheckpointError, match="resume=true"):
         RunStore(tmp_path / "run", micro_cfg).prepare(resume=False)
+
+
+def test_stages_start_from_the_init_run_when_it_has_their_weights(
+    micro_cfg: Config, phantom_dir: Path, tmp_path: Path
+) -> None:
+    # prepare: a "public" run with slice weights only
+    public = tmp_path / "public"
+    train_stage(micro_cfg, load_volumes(phantom_dir, micro_cfg.data), "slice", public, steps=1)
+    pretrained, _, _ = load_model(public / "slice.safetensors")
+    settings = ServerSettings(micro_cfg, tmp_path / "run", None, None, None, resume=False, init=public)
+    store = RunStore(settings.out_dir, micro_cfg)
+    store.prepare(resume=False)
+    # execute
+    first = initial_global(settings, store, "slice", done=0)
+    volume = initial_global(settings, store, "volume", done=0)
+    informed = initial_global(settings, store, "informed", done=0)
+    # assert: the slice stage and (with no global slice model yet) stage 2 start from the public
+    # weights; the informed stage, absent from init, starts from the seeded initialisation
+    expected = pretrained.state_dict()
+    assert all(torch.equal(v, expected[k]) for k, v in first.state_dict().items())
+    assert getattr(volume, "inflated", False)
+    assert torch.equal(volume.state_dict()["unet.conv_in.conv.weight"], expected["unet.conv_in.conv.weight"])
+    fresh = build_model("informed", micro_cfg).state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in informed.state_dict().items())
