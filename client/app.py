@@ -7,6 +7,7 @@ and the round goes on with the other sites.
 
 from __future__ import annotations
 
+import gc
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,10 @@ from flwr.common.constant import ErrorCode
 
 from client.task import Job, evaluate_round, install_base, locate_site, train_round
 from gem3d.errors import Gem3dError
+
+# torch, MONAI and Flower leave ~500k long-lived objects after import; every full garbage
+# collection walked them all (0.4 s here, in the middle of a round). Frozen, they are skipped.
+gc.freeze()
 
 app = ClientApp()
 logger = logging.getLogger("flwr").getChild("gem3d.client")

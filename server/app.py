@@ -7,6 +7,7 @@ in-process simulations (``flwr.simulation.run_simulation`` passes no run config)
 
 from __future__ import annotations
 
+import gc
 import logging
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,10 @@ from server.round_log import RoundLogger
 from server.settings import ServerSettings
 
 logger = logging.getLogger("flwr").getChild("gem3d.server")
+
+# torch, MONAI and Flower leave ~500k long-lived objects after import; every full garbage
+# collection walked them all (0.4 s here, in the middle of a round). Frozen, they are skipped.
+gc.freeze()
 
 
 def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | None = None) -> ServerApp:
