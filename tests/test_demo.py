@@ -31,3 +31,7 @@ def test_small_demo_runs_every_step_and_tracks_it(tmp_path: Path, capsys: pytest
     federated = read_runs(out / "mlflow", "gem3d-federated")
     assert {r["run_name"] for r in federated if r["parent_run_id"]} == {"site_0", "site_1"}
     assert read_runs(out / "mlflow", "gem3d-demo")[0]["status"] == "FINISHED"
+    pretraining = read_runs(out / "mlflow", "gem3d-train")
+    assert {r["run_name"] for r in pretraining} == {"pretrained-slice", "pretrained-informed"}
+    assert summary["pretraining"]["steps"] == list(SMALL.pretrain_steps)
+    assert "public pre-training" in printed
