@@ -36,7 +36,7 @@ K phantom sites (``--sites``, default 2) with ``--cases`` cases each:
 Torch runs with one intra-op thread everywhere (``OMP_NUM_THREADS=1`` reaches the Ray workers).
 A few minutes on 2 shared cores with the defaults.
 
-    .venv/bin/python experiments/benchmarks/federation.py [--sites 2] [--local-steps 10] [--mid-local-steps 2]
+    .venv/bin/python experiments/benchmarks/federation.py [--sites 2] [--local-steps 10] [--mid-local-steps 1]
         [--only tiny|mid] [--set "k=v ..."] [--json FILE]
 """
 
@@ -201,6 +201,10 @@ def stage_rows(label: str, rounds: list[dict[str, Any]], sites: int, local_steps
     return rows
 
 
+def _steps(steps: float) -> str:
+    return "any (>= 1)" if steps <= 1 else f"{steps:.1f}"
+
+
 def extrapolated_rows(rounds: list[dict[str, Any]], sites: int, local_steps: int) -> list[list[Any]]:
     """Mid rounds of more local steps: fixed per-round costs as measured, training scaled per step."""
     rows = []
@@ -228,8 +232,8 @@ def extrapolated_rows(rounds: list[dict[str, Any]], sites: int, local_steps: int
                     f"{total:.1f}",
                     f"{100 * issue / total:.1f}%",
                     f"{100 * fixed / total:.0f}%",
-                    f"{issue_steps:.1f}",
-                    f"{all_steps:.1f}",
+                    _steps(issue_steps),
+                    _steps(all_steps),
                 ]
             )
     return rows
