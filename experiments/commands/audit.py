@@ -21,8 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.commands.common import add_config_argument, load_cli_config
-from experiments.commands.sampling import add_track_option, tracked
+from experiments.commands.common import add_config_argument, add_track_option, load_cli_config, tracked
 from gem3d.checkpoint import file_sha256
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import CheckpointError

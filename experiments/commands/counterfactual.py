@@ -11,14 +11,13 @@ import argparse
 import time
 from pathlib import Path
 
+from experiments.commands.common import add_track_option, tracked
 from experiments.commands.sample import check_output
 from experiments.commands.sampling import (
     add_sampling_arguments,
-    add_track_option,
     mask_editor,
     open_synthesiser,
     single_outputs,
-    tracked,
     write_single,
 )
 from gem3d.apps import mask_job

@@ -14,13 +14,8 @@ import json
 import time
 from pathlib import Path
 
-from experiments.commands.sampling import (
-    ProgressBars,
-    add_sampling_arguments,
-    add_track_option,
-    open_synthesiser,
-    tracked,
-)
+from experiments.commands.common import add_track_option, tracked
+from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import case_preview
 from gem3d.apps import enhance
 

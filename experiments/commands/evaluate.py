@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from experiments.commands.sampling import CommandRun, add_track_option, tracked
+from experiments.commands.common import CommandRun, add_track_option, tracked
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.report import write_report
 from experiments.evaluation.run import BASELINE_NAMES, BASELINES, Settings, evaluate, montage, quick_settings

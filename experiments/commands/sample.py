@@ -13,14 +13,8 @@ import argparse
 import time
 from pathlib import Path
 
-from experiments.commands.sampling import (
-    add_sampling_arguments,
-    add_track_option,
-    open_synthesiser,
-    single_outputs,
-    tracked,
-    write_single,
-)
+from experiments.commands.common import add_track_option, tracked
+from experiments.commands.sampling import add_sampling_arguments, open_synthesiser, single_outputs, write_single
 from gem3d.apps import mask_job
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
