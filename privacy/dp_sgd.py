@@ -19,8 +19,8 @@ Caveats of that unit:
 Per-sample gradients: the denoiser reshapes a window ``[B, C, D, H, W]`` into ``[B*D, C, H, W]``
 slices inside ``forward`` (and stage 2 reshapes again into ``[B*H*W, C, D]`` per-pixel sequences),
 so every layer sees a batch of ``B*D`` (or ``B*H*W``) elements, not of B windows. Three ways to get
-per-*window* gradients, all checked against each other (tests/test_privacy_dp.py) and timed side by
-side (experiments/benchmarks/privacy.py); ``privacy.grad_sample_mode`` picks one:
+per-*window* gradients, each checked against one plain backward per window (tests/test_privacy_dp.py)
+and timed side by side (experiments/benchmarks/privacy.py); ``privacy.grad_sample_mode`` picks one:
 
 * ``loop``: one autograd pass per window. Plain torch, any model.
 * ``vmap``: ``torch.func`` (``vmap`` of ``grad`` over a ``functional_call``) on inputs drawn outside
@@ -33,8 +33,10 @@ side (experiments/benchmarks/privacy.py); ``privacy.grad_sample_mode`` picks one
 * ``auto`` (default): ``loop``, the fastest of the three on CPU in the benchmark; see
   ``resolve_grad_sample_mode``.
 
-Opacus's ghost clipping is not offered: it computes per-element gradient *norms*, and a window's
-norm is not a function of its slices' norms, so it would clip per slice (the wrong privacy unit).
+Opacus's ghost clipping is not offered: it computes per-element gradient *norms* (ghost norms for
+``Linear``/``Embedding`` only in Opacus 1.6; other layers materialise per-element gradients), and a
+window's norm is not a function of its slices' norms, so it clips per slice (the wrong privacy
+unit; the benchmark shows its update differing from the per-window one).
 
 The per-window gradients are placed in each trainable parameter's ``p.grad_sample``, and
 Opacus's ``DPOptimizer``, wrapping the state's AdamW, clips each to ``max_grad_norm``, sums, adds
