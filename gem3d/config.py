@@ -93,7 +93,7 @@ class DiffusionConfig(_Frozen):
     beta_start: float = Field(0.0015, gt=0)
     beta_end: float = Field(0.0195, gt=0)
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
-    inference_steps: int = Field(50, ge=1)
+    inference_steps: int = Field(20, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta: 0 is deterministic given the initial noise")
 
 
