@@ -47,3 +47,17 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from gem3d.data.phantoms import write_phantom_dataset
 
     return write_phantom_dataset(tmp_path_factory.mktemp("phantoms") / "data", num_cases=4, shape=(16, 16, 12))
+
+
+@pytest.fixture(scope="session")
+def micro_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro run folder with all three stages, a few steps each (read-only: copy before changing)."""
+    from gem3d.data.dataset import load_volumes
+    from gem3d.runs import train_stage
+
+    cfg = config_from_dict(MICRO, "micro")
+    volumes = load_volumes(phantom_dir, cfg.data)
+    folder = tmp_path_factory.mktemp("run") / "run"
+    for stage, steps in (("slice", 3), ("volume", 2), ("informed", 2)):
+        train_stage(cfg, volumes, stage, folder, steps=steps)  # type: ignore[arg-type]
+    return folder

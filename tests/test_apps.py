@@ -11,22 +11,11 @@ import numpy as np
 import pytest
 
 from experiments.cli import main
-from gem3d.config import Config
-from gem3d.data.dataset import load_volumes
-from gem3d.runs import train_stage
 
 
 @pytest.fixture(scope="module")
-def run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from gem3d.config import config_from_dict
-    from tests.conftest import MICRO
-
-    cfg: Config = config_from_dict(MICRO, "micro")
-    volumes = load_volumes(phantom_dir, cfg.data)
-    folder = tmp_path_factory.mktemp("run") / "run"
-    for stage, steps in (("slice", 3), ("volume", 2), ("informed", 2)):
-        train_stage(cfg, volumes, stage, folder, steps=steps)  # type: ignore[arg-type]
-    return folder
+def run(micro_run: Path) -> Path:
+    return micro_run
 
 
 def _gem3d(*args: object) -> int:

@@ -17,10 +17,7 @@ from mlflow import MlflowClient
 
 from experiments.cli import main
 from experiments.tracking import read_runs, tracking_uri
-from gem3d.config import Config
-from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
-from gem3d.runs import train_stage
 
 
 @pytest.fixture(autouse=True)
@@ -30,17 +27,8 @@ def _no_server(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.fixture(scope="module")
-def run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A micro run folder with all three stages (a few steps each)."""
-    from gem3d.config import config_from_dict
-    from tests.conftest import MICRO
-
-    cfg: Config = config_from_dict(MICRO, "micro")
-    volumes = load_volumes(phantom_dir, cfg.data)
-    folder = tmp_path_factory.mktemp("run") / "run"
-    for stage, steps in (("slice", 3), ("volume", 2), ("informed", 2)):
-        train_stage(cfg, volumes, stage, folder, steps=steps)  # type: ignore[arg-type]
-    return folder
+def run(micro_run: Path) -> Path:
+    return micro_run
 
 
 @pytest.fixture(scope="module")
