@@ -37,6 +37,8 @@ from gem3d.training import STAGES, OnStep, Stage, TrainFn, TrainState, freeze_fo
 STAGE_FILES: dict[Stage, str] = {stage: f"{stage}.safetensors" for stage in STAGES}
 # Sections whose change alters the network or what it was trained on; a resume must match them.
 _SHAPING_SECTIONS = ("data", "model", "informed", "diffusion")
+# Fields of those sections that only steer sampling: a run may be resumed or fine-tuned with others.
+_SAMPLING_ONLY = {"diffusion": ("inference_steps", "eta")}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -75,11 +77,16 @@ def _check_compatible(metadata: dict[str, Any], cfg: Config, path: Path) -> None
     saved = metadata["config"]
     current = cfg.model_dump(mode="json")
     for section in _SHAPING_SECTIONS:
-        if saved.get(section) != current[section]:
+        ignored = _SAMPLING_ONLY.get(section, ())
+        if _without(saved.get(section), ignored) != _without(current[section], ignored):
             raise CheckpointError(
                 f"{path}: checkpoint was trained with a different [{section}] config; "
                 "use the run's own config.json or a new --out"
             )
+
+
+def _without(fields: dict[str, Any] | None, names: tuple[str, ...]) -> dict[str, Any] | None:
+    return None if fields is None else {k: v for k, v in fields.items() if k not in names}
 
 
 def load_model(

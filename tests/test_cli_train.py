@@ -11,6 +11,7 @@ import torch
 
 from experiments.cli import COMMANDS, main
 from experiments.tracking import read_runs
+from gem3d.errors import CheckpointError
 from gem3d.runs import initial_model, load_model
 
 
@@ -92,3 +93,15 @@ def test_init_starts_a_stage_from_another_runs_weights(phantom_dir: Path, tmp_pa
     assert all(torch.equal(value, expected[name]) for name, value in started.state_dict().items())
     assert getattr(inflated, "inflated", False)
     assert code == 2  # public has no informed-stage checkpoint: one clear error
+
+
+def test_sampling_only_fields_may_differ_from_the_checkpoint_but_the_schedule_may_not(micro_run: Path) -> None:
+    _, cfg, _ = load_model(micro_run / "slice.safetensors")
+    fewer_steps = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"inference_steps": 3})})
+    other_schedule = cfg.model_copy(update={"diffusion": cfg.diffusion.model_copy(update={"beta_end": 0.03})})
+
+    model = initial_model("slice", fewer_steps, None, micro_run, torch.device("cpu"))
+
+    assert model is not None
+    with pytest.raises(CheckpointError, match=r"different \[diffusion\]"):
+        initial_model("slice", other_schedule, None, micro_run, torch.device("cpu"))
