@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from pathlib import Path
 
 from tqdm import tqdm
@@ -59,9 +60,12 @@ def run(args: argparse.Namespace) -> int:
         if not bars:  # opened on the first step, so input errors print without a bar
             start = int(metrics["step"]) - 1
             bars.append(tqdm(total=total, initial=start, desc=args.stage, unit="step", dynamic_ncols=True))
-        bars[0].set_postfix(loss=f"{metrics['loss']:.4f}")
+        if math.isnan(metrics["loss"]):  # a DP step whose Poisson sample drew no volume: nothing to show
+            bars[0].set_postfix(loss="(empty sample)")
+        else:
+            bars[0].set_postfix(loss=f"{metrics['loss']:.4f}")
         bars[0].update(1)
-        if tracker is not None:
+        if tracker is not None and not math.isnan(metrics["loss"]):
             tracker.log_metrics({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}, step=int(metrics["step"]))
 
     train_fn = train
