@@ -61,3 +61,18 @@ def micro_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
     for stage, steps in (("slice", 3), ("volume", 2), ("informed", 2)):
         train_stage(cfg, volumes, stage, folder, steps=steps)  # type: ignore[arg-type]
     return folder
+
+
+@pytest.fixture(scope="session")
+def two_site_dir(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The phantoms split into two site datasets, ``site_0`` (cases 000, 001) and ``site_1`` (002, 003)."""
+    import shutil
+
+    sites = tmp_path_factory.mktemp("sites") / "sites"
+    for site, cases in (("site_0", ("000", "001")), ("site_1", ("002", "003"))):
+        (sites / site / "imagesTr").mkdir(parents=True)
+        (sites / site / "labelsTr").mkdir()
+        for case in cases:
+            shutil.copy(phantom_dir / "imagesTr" / f"phantom_{case}_0000.nii.gz", sites / site / "imagesTr")
+            shutil.copy(phantom_dir / "labelsTr" / f"phantom_{case}.nii.gz", sites / site / "labelsTr")
+    return sites

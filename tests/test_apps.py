@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import nibabel as nib
@@ -137,18 +136,11 @@ def test_enhance_writes_a_dataset_with_provenance(
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary folder left
 
 
-def test_deenhance_reports_site_spread(run: Path, phantom_dir: Path, tmp_path: Path) -> None:
-    sites = tmp_path / "sites"
-    for site, cases in (("site_0", ("000", "001")), ("site_1", ("002", "003"))):
-        (sites / site / "imagesTr").mkdir(parents=True)
-        (sites / site / "labelsTr").mkdir()
-        for case in cases:
-            shutil.copy(phantom_dir / "imagesTr" / f"phantom_{case}_0000.nii.gz", sites / site / "imagesTr")
-            shutil.copy(phantom_dir / "labelsTr" / f"phantom_{case}.nii.gz", sites / site / "labelsTr")
+def test_deenhance_reports_site_spread(run: Path, phantom_dir: Path, two_site_dir: Path, tmp_path: Path) -> None:
     reference = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
 
     code = _gem3d(
-        "deenhance", "--checkpoint", run, "--data", sites, "--reference", f"{reference}@6", "--out", tmp_path / "de"
+        "deenhance", "--checkpoint", run, "--data", two_site_dir, "--reference", f"{reference}@6", "--out", tmp_path / "de"
     )
 
     assert code == 0

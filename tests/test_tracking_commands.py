@@ -8,7 +8,6 @@ default store (``mlflow/`` beside ``--out``) is shared: creating a store's schem
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -125,20 +124,15 @@ def test_enhance_store_lands_beside_the_dataset_never_inside(run: Path, phantom_
     assert len(_artifacts(store, logged["run_id"], "provenance")) == 4
 
 
-def test_deenhance_logs_the_site_spread_and_its_report(run: Path, phantom_dir: Path, project: Path) -> None:
+def test_deenhance_logs_the_site_spread_and_its_report(
+    run: Path, phantom_dir: Path, two_site_dir: Path, project: Path
+) -> None:
     # prepare
-    sites = project / "sites"
-    for site, cases in (("site_0", ("000", "001")), ("site_1", ("002", "003"))):
-        (sites / site / "imagesTr").mkdir(parents=True)
-        (sites / site / "labelsTr").mkdir()
-        for case in cases:
-            shutil.copy(phantom_dir / "imagesTr" / f"phantom_{case}_0000.nii.gz", sites / site / "imagesTr")
-            shutil.copy(phantom_dir / "labelsTr" / f"phantom_{case}.nii.gz", sites / site / "labelsTr")
     reference = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
     out = project / "deenhanced"
 
     # execute
-    code = _gem3d("deenhance", "--checkpoint", run, "--data", sites, "--reference", f"{reference}@6", "--out", out)
+    code = _gem3d("deenhance", "--checkpoint", run, "--data", two_site_dir, "--reference", f"{reference}@6", "--out", out)
 
     # assert
     assert code == 0
