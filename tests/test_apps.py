@@ -140,7 +140,15 @@ def test_deenhance_reports_site_spread(run: Path, phantom_dir: Path, two_site_di
     reference = phantom_dir / "imagesTr" / "phantom_000_0000.nii.gz"
 
     code = _gem3d(
-        "deenhance", "--checkpoint", run, "--data", two_site_dir, "--reference", f"{reference}@6", "--out", tmp_path / "de"
+        "deenhance",
+        "--checkpoint",
+        run,
+        "--data",
+        two_site_dir,
+        "--reference",
+        f"{reference}@6",
+        "--out",
+        tmp_path / "de",
     )
 
     assert code == 0

@@ -132,7 +132,8 @@ def test_deenhance_logs_the_site_spread_and_its_report(
     out = project / "deenhanced"
 
     # execute
-    code = _gem3d("deenhance", "--checkpoint", run, "--data", two_site_dir, "--reference", f"{reference}@6", "--out", out)
+    source = f"{reference}@6"
+    code = _gem3d("deenhance", "--checkpoint", run, "--data", two_site_dir, "--reference", source, "--out", out)
 
     # assert
     assert code == 0
