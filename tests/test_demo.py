@@ -25,7 +25,8 @@ def test_small_demo_runs_every_step_and_tracks_it(tmp_path: Path, capsys: pytest
     assert (out / "release" / "privacy_report.json").exists()
     assert "copies" in summary["audit"] and "auc" in summary["audit"]["membership_inference"]
     assert set(summary["deenhance"]["site_spread_before"]["sites"]) == {"site_0", "site_1"}
-    assert "gem3d" in summary["evaluation"]["methods"]
+    assert {"gem3d", "mask_only"} <= set(summary["evaluation"]["methods"])
+    assert (out / "pretrained_mask_only" / "volume.safetensors").exists()
     assert (out / "pictures" / "loss.png").stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["timings"]
     federated = read_runs(out / "mlflow", "gem3d-federated")
