@@ -253,8 +253,8 @@ def test_gem3d_release_publishes_and_tracks_the_privacy_report(
     assert logged["metrics"]["epsilon"] == pytest.approx(ledger.epsilon)
     assert logged["metrics"]["delta"] == pytest.approx(cfg.privacy.delta)
     assert logged["metrics"]["cases"] == report["cases"] == len(volumes)
-    assert logged["metrics"]["audit_copies"] == 0.0
-    assert logged["metrics"]["audit_threshold_image"] == pytest.approx(report["audit"]["thresholds"]["image"])
+    assert logged["metrics"]["audit.copies"] == 0.0
+    assert logged["metrics"]["audit.threshold.image"] == pytest.approx(report["audit"]["thresholds"]["image"])
     assert logged["params"]["release.accountant"] == report["differential_privacy"]["accountant"] == "rdp"
     assert logged["params"]["release.policy.informed_source"] == "generate only"
     assert logged["params"]["privacy.enabled"] == "True"

@@ -23,7 +23,8 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from experiments.commands.common import add_track_argument, open_tracker
+from experiments.commands.audit import audit_metrics
+from experiments.commands.common import add_track_argument, default_store, open_tracker
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
@@ -76,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         bars.close()
     # opened only after a release: a refusal writes nothing anywhere, tracking store included
-    tracker = open_tracker(args, args.out.parent / "mlflow", NAME, args.out.name, synth.cfg)
+    tracker = open_tracker(args, default_store(args.out), NAME, args.out.name, synth.cfg)
     if tracker is not None:
         with tracker:
             _track(tracker, args, result)
@@ -87,21 +88,17 @@ def run(args: argparse.Namespace) -> int:
 
 
 def release_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """MLflow metrics (ε, δ, audit figures) and params (accountant, policy) from a privacy report."""
+    """MLflow metrics and params from a privacy report.
+
+    Metrics: ε, δ, steps, budget and the audit's figures named as ``gem3d audit`` logs them,
+    prefixed ``audit.``. Params: the DP level, accountant, audit reference and policy.
+    """
     dp, audit = report["differential_privacy"], report["audit"]
     metrics: dict[str, float] = {"cases": float(report["cases"])}
     for key in ("epsilon", "delta", "steps", "budget_epsilon"):
         if dp.get(key) is not None:
             metrics[key] = float(dp[key])
-    metrics["audit_copies"] = float(audit["copies"])
-    metrics["audit_copy_fraction"] = float(audit["copy_fraction"])
-    for space, threshold in audit["thresholds"].items():
-        metrics[f"audit_threshold_{space}"] = float(threshold)
-        metrics[f"audit_synthetic_nn_min_{space}"] = float(audit["synthetic_nn"][space]["min"])
-        metrics[f"audit_reference_nn_median_{space}"] = float(audit["reference_nn"][space]["median"])
-    mia = audit.get("membership_inference")
-    if mia and mia.get("auc") is not None:
-        metrics["audit_mia_auc"] = float(mia["auc"])
+    metrics.update({f"audit.{key}": value for key, value in audit_metrics(audit).items()})
     params = {
         "release.dp_level": dp["level"],
         "release.accountant": dp["accountant"] or "none",
