@@ -1,8 +1,8 @@
 """Federation cost: where a round's time goes, bytes per round per stage, simulation vs centralized (issue 5, item 7).
 
 Two configurations in one run: ``tiny`` (32x32 slices, window 8) and ``mid`` (the tiny network
-at 96x96 slices, window 16: ``MID`` of ``privacy.py`` and ``train_throughput.py``). For each,
-K phantom sites (``--sites``, default 2) with ``--cases`` cases each:
+at 96x96 slices, window 16: ``experiments.benchmarks.MID``, as in ``privacy.py`` and
+``train_throughput.py``). For each, K phantom sites (``--sites``, default 2) with ``--cases`` cases each:
 
 1. **Simulation**: ``flwr.simulation.run_simulation`` of the real app (``server.app.create_app``,
    ``client.app.app``, MLflow tracking on, as a user runs it) for rounds of stage 1, stage 2
@@ -62,7 +62,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from flwr.simulation import run_simulation
 
 from client.app import app as client_app
-from experiments.benchmarks import machine, markdown_table
+from experiments.benchmarks import MID, machine, markdown_table
 from experiments.commands.common import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
@@ -75,7 +75,6 @@ from server.app import create_app
 from server.settings import parse_set
 
 STAGES: tuple[Stage, ...] = ("slice", "volume", "informed")
-MID = {"data.image_size": 96, "data.window": 16}
 TARGET_OVERHEAD = 0.10
 # Local steps per site of the extrapolated mid rounds.
 MID_ROUND_STEPS = (10, 50, 200)

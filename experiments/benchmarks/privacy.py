@@ -51,7 +51,7 @@ from opacus.grad_sample import GradSampleModuleFastGradientClipping
 from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
-from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.benchmarks import MID, emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
 from experiments.commands.common import resolve_config_path
 from gem3d.config import Config, PrivacyConfig, load_config
 from gem3d.data.dataset import load_volumes
@@ -80,7 +80,6 @@ from privacy.dp_sgd import (
 )
 from privacy.ledger import PrivacyLedger
 
-MID = {"data.image_size": 96, "data.window": 16}
 TARGET_RATIO = 1.5
 UPDATE_TOLERANCE = 1e-4  # float32 sums in a different order; a wrong unit differs by O(1)
 QUALITY_EPSILONS = (1.0, 4.0, 8.0)

@@ -33,7 +33,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.benchmarks import MID, emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
 from experiments.commands.common import resolve_config_path
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
@@ -42,8 +42,6 @@ from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.runs import build_model, resolve_device
 from gem3d.training import draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
-
-MID = {"data.image_size": 96, "data.window": 16}
 
 
 def matmul_flops_per_s(size: int, device: torch.device, repeats: int = 5) -> float:
