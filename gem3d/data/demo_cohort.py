@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff
 from scipy.ndimage import gaussian_filter
 
+from gem3d.data.nifti import save_nifti
 from gem3d.errors import DataError
 
 LABEL_NAMES = ("background", "CSF", "GM", "WM", "lesion")
@@ -284,10 +285,7 @@ def write_demo_cohort(
                 image, label, affine = make_case(character, size, rng, lesion)
                 files = (folder / "imagesTr" / f"{case_id}_0000.nii.gz", folder / "labelsTr" / f"{case_id}.nii.gz")
                 for array, path in zip((image, label), files, strict=True):
-                    nifti = nib.Nifti1Image(array, affine)
-                    nifti.set_qform(affine, code=1)
-                    nifti.set_sform(affine, code=1)
-                    nib.save(nifti, path)
+                    save_nifti(path, array, affine)
                 cases.append({"id": case_id, "site": character.name, "split": split})
         for split in [c.name for c in characters] + ["test"]:
             count = sum(1 for c in cases if c["split"] == split)
