@@ -2,12 +2,17 @@
 
 Plain functions over gem3d; ``client/app.py`` only unpacks Flower messages and calls them.
 
-Everything a site needs to know about the run arrives in the message's ``config`` record from
-the server (the gem3d config as JSON, the stage, local steps, the round seed); where its data
-lives comes from the node config (``data-dir``, deployment) or from its partition of a data
-root (simulation). A site's own state (its privacy ledger, the frozen stage-2 base) lives in
-its state folder: node config ``state-dir``, else the ``state-root`` the server names in
-simulation, else ``<data-dir>/.gem3d-site``.
+What the run is arrives in the message's ``config`` record from the server (the gem3d config
+as JSON, the stage, local steps, the round seed); where its data lives comes from the node
+config (``data-dir``, deployment) or from its partition of a data root (simulation). How
+private its patients are is the site's own decision: its privacy policy (``privacy.policy``)
+comes from its state folder or node config, and a request weaker than it is refused. A site's
+own state (key, policy, privacy ledger, the frozen stage-2 base) lives in its state folder:
+node config ``state-dir``, else the ``state-root`` named in simulation, else
+``<data-dir>/.gem3d-site``.
+
+A DP-SGD site replies with its noised weights and only figures that do not depend on its
+patients (``dp_reply``): no loss, no exact case count, no timings.
 
 Local training state (AdamW moments, EMA, generator) is recreated every round from the global
 weights and a seed derived from the round and the site: rounds are then reproducible and a
@@ -36,7 +41,7 @@ import torch
 from torch import nn
 
 from gem3d.checkpoint import load_checkpoint, save_checkpoint
-from gem3d.config import Config, config_from_dict
+from gem3d.config import Config, PrivacyConfig, config_from_dict
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
@@ -61,12 +66,15 @@ class Site:
         data_dir: nnU-Net v2 raw dataset folder of this site.
         state_dir: this site's private state (privacy ledger, stage-2 base weights).
         index: distinguishes the sites' random streams (partition id in simulation).
+        policy_file: the site's privacy policy named by node config ``privacy-policy``
+            (default: ``privacy_policy.toml`` in ``state_dir``; see ``privacy.policy``).
     """
 
     name: str
     data_dir: Path
     state_dir: Path
     index: int
+    policy_file: Path | None = None
 
 
 def locate_site(node_config: dict[str, Any], job: dict[str, Any]) -> Site:
@@ -96,7 +104,9 @@ def locate_site(node_config: dict[str, Any], job: dict[str, Any]) -> Site:
         state_dir = Path(str(job["state-root"])).expanduser() / name  # simulation: one machine, server names it
     else:
         state_dir = data_dir / ".gem3d-site"
-    return Site(name=name, data_dir=data_dir, state_dir=state_dir, index=index)
+    policy = node_config.get("privacy-policy")
+    policy_file = Path(str(policy)).expanduser() if policy else None
+    return Site(name=name, data_dir=data_dir, state_dir=state_dir, index=index, policy_file=policy_file)
 
 
 @dataclass(frozen=True)
@@ -287,20 +297,51 @@ def _add_proximal(parameter: nn.Parameter, anchor: torch.Tensor, mu: float, grad
     return grad + mu * (parameter.detach() - anchor)
 
 
-def train_fn_for(site: Site, job: Job) -> TrainFn:
+def site_privacy(site: Site, job: Job, num_cases: int) -> PrivacyConfig:
+    """The privacy this site trains under: the server's request, checked against the site's own policy.
+
+    The site's policy (``privacy.policy``) is read from its own state folder or node config,
+    never from the message. A request weaker than the policy, or a DP request at a site with no
+    policy, raises ``PolicyRefusedError``: the site replies with that one line and trains nothing.
+    """
+    from privacy.policy import enforce_policy
+
+    return enforce_policy(
+        site_policy(site),
+        job.cfg.privacy,
+        batch_size=job.cfg.train.batch_size,
+        num_cases=num_cases,
+        planned_steps=planned_steps(job),
+        site=site.name,
+    )
+
+
+def site_policy(site: Site) -> PrivacyConfig | None:
+    """The site's own privacy policy (node config ``privacy-policy``, else its state folder's), if any."""
+    from privacy.policy import load_policy
+    from privacy.site_state import SiteState
+
+    node = {"privacy-policy": str(site.policy_file)} if site.policy_file is not None else {}
+    return load_policy(SiteState(site.state_dir), node)
+
+
+def planned_steps(job: Job) -> int:
+    """The steps a target ε is spread over: all of the stage's federated steps, not one round's."""
+    return job.local_steps * max(int(getattr(job.cfg.federation, f"rounds_{job.stage}")), 1)
+
+
+def train_fn_for(site: Site, job: Job, privacy_cfg: PrivacyConfig) -> TrainFn:
     """``gem3d.training.train``, or DP-SGD bound to this site's persistent privacy ledger."""
-    if not job.cfg.privacy.enabled:
+    if not privacy_cfg.enabled:
         return train
     if job.proximal_mu > 0:
         raise ConfigError("FedProx is not combined with DP-SGD here: use fedavg, fedadam, fedmedian or krum")
     # privacy/ (Opacus) is imported only when DP is on, so non-DP sites do not pay for it.
     from privacy.dp_sgd import train_private
-    from privacy.ledger import PrivacyLedger
+    from privacy.site_state import SiteState
 
-    ledger = PrivacyLedger.open(site.state_dir / "privacy_ledger.json", job.cfg.privacy)
-    # A target epsilon is spread over all of the stage's federated steps, not one round's.
-    planned = job.local_steps * max(int(getattr(job.cfg.federation, f"rounds_{job.stage}")), 1)
-    return functools.partial(train_private, privacy_cfg=job.cfg.privacy, ledger=ledger, planned_steps=planned)
+    ledger = SiteState(site.state_dir).ledger(privacy_cfg, terms=site_policy(site))
+    return functools.partial(train_private, privacy_cfg=privacy_cfg, ledger=ledger, planned_steps=planned_steps(job))
 
 
 def train_round(
@@ -316,11 +357,12 @@ def train_round(
     """
     started = time.perf_counter()
     volumes, _ = split_volumes(site, job)
+    privacy_cfg = site_privacy(site, job, len(volumes))  # refused before anything is built or trained
     model = site_model(site, job, arrays)
     state = new_state(model, job.cfg.train, seed=job.seed + _SITE_SEED_STRIDE * site.index)
     hooks = _proximal_hooks(model, job.proximal_mu) if job.proximal_mu > 0 else []
     source = WindowSource(volumes, job.cfg.data.window, job.cfg.train.informed_from)
-    train_fn = train_fn_for(site, job)
+    train_fn = train_fn_for(site, job, privacy_cfg)
     scheduler = train_scheduler(job.cfg.diffusion)
     trained = time.perf_counter()
     try:
@@ -340,11 +382,37 @@ def train_round(
         "setup-seconds": trained - started,
         "train-seconds": packed - trained,
         "pack-seconds": time.perf_counter() - packed,
+        "dp": 0.0,
     }
-    for key in ("epsilon", "delta"):
-        if key in metrics:
-            reply[key] = float(metrics[key])
+    if privacy_cfg.enabled:
+        reply = dp_reply(reply, metrics)
     return weights, reply
+
+
+# What a DP site may send besides the noised weights: figures that do not depend on its patients.
+_DP_PUBLIC_KEYS = ("steps", "site-index", "pack-seconds")
+
+
+def dp_reply(reply: dict[str, float], metrics: dict[str, float]) -> dict[str, float]:
+    """The reply of a DP-SGD site: only what the accounted mechanism covers or what is public.
+
+    Left out: the training loss (computed on patients, outside the mechanism), the exact number
+    of cases (``num-examples`` is 1: the server weights DP sites uniformly) and the setup and
+    training times (they grow with the Poisson batch sizes and the number of cases). Sent: the
+    steps (fixed by the server), the site's cumulative ε and δ from its ledger, and
+    ``telemetry-withheld`` so the server's logs say that the figures were withheld, not lost. ε
+    depends on the sample rate, batch / cases; so, as in Opacus's accounting, the site's number
+    of patients is treated as public.
+    """
+    kept = {key: reply[key] for key in _DP_PUBLIC_KEYS}
+    return {
+        **kept,
+        "num-examples": 1.0,
+        "dp": 1.0,
+        "epsilon": float(metrics["epsilon"]),
+        "delta": float(metrics["delta"]),
+        "telemetry-withheld": 1.0,
+    }
 
 
 def validation_loss(
@@ -359,6 +427,9 @@ def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dic
     """Validation loss of the global weights on this site's held-out cases (and the seconds it took)."""
     started = time.perf_counter()
     train_volumes, held_out = split_volumes(site, job)
+    if site_privacy(site, job, len(train_volumes)).enabled:
+        # A held-out loss is a figure computed on patients outside the DP mechanism: withheld.
+        return {"num-examples": 1.0, "dp": 1.0, "telemetry-withheld": 1.0}
     volumes = held_out or train_volumes
     model = site_model(site, job, arrays)
     loss = validation_loss(model, job.stage, volumes, job.cfg, job.eval_batches, job.cfg.train.seed + _EVAL_SEED_OFFSET)

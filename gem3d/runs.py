@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +217,8 @@ def train_stage(
     init: str | Path | None = None,
     on_step: OnStep | None = None,
     train_fn: TrainFn = train,
+    fingerprint_key: bytes | None = None,
+    extra_metadata: Callable[[], dict[str, Any]] | None = None,
 ) -> dict[str, float]:
     """Train one stage into the run folder ``run`` and checkpoint it.
 
@@ -226,6 +229,10 @@ def train_stage(
             a fresh initialisation (``run``'s slice checkpoint for the volume stage); see
             ``initial_model``. Ignored with ``resume``.
         train_fn: the step loop, ``gem3d.training.train`` or a drop-in (e.g. DP-SGD from ``privacy/``).
+        fingerprint_key: the site's secret; the data fingerprint in the checkpoint is then keyed
+            (see ``gem3d.data.volume.fingerprint``).
+        extra_metadata: called at every checkpoint for more metadata fields (e.g. the privacy
+            record, whose ε changes as training goes on).
     Returns:
         the metrics of ``gem3d.training.train`` plus ``step`` (the stage's total steps).
     """
@@ -239,7 +246,7 @@ def train_stage(
     device = resolve_device(cfg.train.device)
     run.mkdir(parents=True, exist_ok=True)
 
-    data_fingerprint = fingerprint(volumes)
+    data_fingerprint = fingerprint(volumes, fingerprint_key)
     if resume:
         tensors, metadata = load_checkpoint(path)
         _check_compatible(metadata, cfg, path)
@@ -258,12 +265,17 @@ def train_stage(
     _write_json_atomic(run / "config.json", cfg.model_dump(mode="json"))
     every = cfg.train.checkpoint_every
     metrics: dict[str, float] = {}
+
+    def checkpoint() -> None:
+        extra = extra_metadata() if extra_metadata is not None else {}
+        save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes), **extra)
+
     while state.step < total:
         until = min(total, state.step + every) if every else total
         metrics = train_fn(state, scheduler, source, stage, until, cfg.train, on_step)
-        save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes))
+        checkpoint()
     if not path.exists():  # zero steps asked: still leave a loadable checkpoint
-        save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes))
+        checkpoint()
     return {**metrics, "step": float(state.step)}
 
 

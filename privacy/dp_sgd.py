@@ -14,7 +14,10 @@ Caveats of that unit:
   the dataset size N (``UniformWithReplacementSampler``: batches are drawn independently, i.e.
   with replacement across steps, never within one). The batch size varies, and an empty batch
   is still a noise step.
-* Loss values reported through ``on_step`` and the returned metrics are not privatised.
+* Loss values reported through ``on_step`` and the returned metrics are not privatised: they
+  are for the site's own eyes (a federated DP site does not send them, ``client/task.py``).
+* Every random draw of a DP step comes from ``secret_generator`` (OS entropy), not from
+  ``train.seed``: the Poisson sample must be secret from everyone, the coordinator included.
 
 Per-sample gradients: the denoiser reshapes a window ``[B, C, D, H, W]`` into ``[B*D, C, H, W]``
 slices inside ``forward`` (and stage 2 reshapes again into ``[B*H*W, C, D]`` per-pixel sequences),
@@ -49,6 +52,7 @@ leave a site exactly as ``gem3d.training`` names them.
 from __future__ import annotations
 
 import dataclasses
+import secrets
 import time
 import warnings
 from typing import Literal
@@ -71,6 +75,23 @@ from privacy.ledger import PrivacyLedger
 
 GradSampleMode = Literal["loop", "vmap", "hooks"]
 GRAD_SAMPLE_MODES: tuple[GradSampleMode, ...] = ("loop", "vmap", "hooks")
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A torch generator seeded from the operating system's CSPRNG (``secrets``), for private draws.
+
+    Used for everything a DP-SGD step draws: the Poisson sample of patients, the window,
+    timesteps and diffusion noise drawn for each, and the mechanism's Gaussian noise. None of it
+    may be reproducible from ``train.seed``, the seed a server sends or anything a checkpoint
+    stores: whoever could regenerate the Poisson sample knows which patients were in each batch,
+    and subsampling amplification, on which the accountant's ε rests, is void. The seed is 128
+    bits from ``secrets`` and is never stored, so DP runs are not bit-reproducible (non-DP runs
+    still are). The generator itself (Mersenne Twister on CPU, Philox on CUDA) is not a CSPRNG:
+    its outputs stay inside this process, and only the noised weights leave it.
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(secrets.randbits(128) % (2**64))
+    return generator
 
 
 def sample_rate(batch_size: int, num_volumes: int) -> float:
@@ -263,9 +284,11 @@ def train_private(
 ) -> dict[str, float]:
     """DP-SGD for ``stage`` until ``state.step == until_step``; same contract as ``gem3d.training.train``.
 
-    Checks the ledger for all ``until_step - state.step`` steps before the first one and records
-    the steps actually taken before returning (also on an exception), so a checkpoint written
-    after this call is always accounted for. ``train_cfg.grad_clip`` is replaced by
+    Reserves all ``until_step - state.step`` steps in the ledger (under its lock) before the first
+    one and settles the reservation to the steps actually taken before returning (also on an
+    exception), so a checkpoint written after this call is always accounted for. Every random
+    draw comes from ``secret_generator``; ``state.generator`` is neither used nor advanced, so a
+    checkpoint holds no trace of the Poisson sample. ``train_cfg.grad_clip`` is replaced by
     ``privacy_cfg.max_grad_norm``, the per-sample clipping bound.
 
     Args:
@@ -284,68 +307,66 @@ def train_private(
     summary = {"noise_multiplier": sigma, "sample_rate": rate, "delta": ledger.delta}
     if to_take <= 0:
         return {"loss": float("nan"), "steps": 0.0, "steps_per_s": 0.0, "epsilon": ledger.epsilon, **summary}
-    ledger.check(to_take, sigma, rate)
-
     params = [p for p in state.model.parameters() if p.requires_grad]
     names = {id(p): name for name, p in state.model.named_parameters()}
     mode = resolve_grad_sample_mode(state.model, privacy_cfg.grad_sample_mode)
-    # DP noise comes from a generator seeded from OS entropy, never from train.seed: noise an
-    # observer can regenerate would cancel out and protect nothing. DP runs are therefore not
-    # bit-reproducible, unlike non-DP ones.
-    noise_generator = torch.Generator(device=device)
-    noise_generator.seed()
+    # Every draw of a DP step is secret (see secret_generator): the Poisson sample, the windows,
+    # timesteps and diffusion noise drawn for it, and the Gaussian noise of the mechanism.
+    secret = secret_generator()
     optimizer = DPOptimizer(
         state.optimizer,
         noise_multiplier=sigma,
         max_grad_norm=privacy_cfg.max_grad_norm,
         expected_batch_size=min(train_cfg.batch_size, num_volumes),
         loss_reduction="mean",
-        generator=noise_generator,
+        generator=secret_generator(device),
     )
-    sampler = UniformWithReplacementSampler(
-        num_samples=num_volumes, sample_rate=rate, generator=state.generator, steps=to_take
-    )
+    sampler = UniformWithReplacementSampler(num_samples=num_volumes, sample_rate=rate, generator=secret, steps=to_take)
     state.model.train()
-    started, taken, total_loss, loss_steps = time.perf_counter(), 0, 0.0, 0
-    try:
-        for indices in sampler:
+    started, total_loss, loss_steps = time.perf_counter(), 0.0, 0
+    # Reserved under the ledger's lock before the first step and settled to the steps taken on
+    # the way out (an exception included); a killed process leaves its whole reservation counted.
+    with ledger.reserve(to_take, sigma, rate, label=stage) as reservation:
+        try:
+            for indices in sampler:
+                optimizer.zero_grad(set_to_none=True)
+                if indices:
+                    inputs = draw_inputs(state.model, scheduler, source, indices, stage, secret, train_cfg, device)
+                    grads, losses = per_sample_gradients(state.model, inputs, mode)
+                    for p in params:
+                        p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]
+                    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+                else:  # an empty Poisson batch is still a step: the update is pure noise
+                    for p in params:
+                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
+                    losses = norms = torch.zeros(0)
+                reservation.taken += 1  # counted before the noisy update can leave this function
+                optimizer.step()
+                state.ema.update_parameters(state.model)
+                state.step += 1
+                if len(losses):
+                    total_loss += float(losses.mean())
+                    loss_steps += 1
+                if on_step is not None:
+                    on_step(
+                        {
+                            "step": state.step,
+                            "loss": float(losses.mean()) if len(losses) else float("nan"),
+                            "grad_norm": float(norms.mean()) if len(norms) else 0.0,
+                            "clipped_fraction": float((norms > privacy_cfg.max_grad_norm).float().mean())
+                            if len(norms)
+                            else 0.0,
+                            "batch_size": float(len(indices)),
+                        }
+                    )
+        finally:
             optimizer.zero_grad(set_to_none=True)
-            if indices:
-                inputs = draw_inputs(state.model, scheduler, source, indices, stage, state.generator, train_cfg, device)
-                grads, losses = per_sample_gradients(state.model, inputs, mode)
-                for p in params:
-                    p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]
-                norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
-            else:  # an empty Poisson batch is still a step: the update is pure noise
-                for p in params:
-                    p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
-                losses = norms = torch.zeros(0)
-            optimizer.step()
-            state.ema.update_parameters(state.model)
-            state.step += 1
-            taken += 1
-            if len(losses):
-                total_loss += float(losses.mean())
-                loss_steps += 1
-            if on_step is not None:
-                on_step(
-                    {
-                        "step": state.step,
-                        "loss": float(losses.mean()) if len(losses) else float("nan"),
-                        "grad_norm": float(norms.mean()) if len(norms) else 0.0,
-                        "clipped_fraction": float((norms > privacy_cfg.max_grad_norm).float().mean())
-                        if len(norms)
-                        else 0.0,
-                        "batch_size": float(len(indices)),
-                    }
-                )
-    finally:
-        epsilon = ledger.record(taken, sigma, rate, label=stage)
-        optimizer.zero_grad(set_to_none=True)
-        for p in params:  # leave plain torch parameters behind, nothing Opacus-specific
-            for attribute in ("grad_sample", "summed_grad"):
-                if hasattr(p, attribute):
-                    delattr(p, attribute)
+            for p in params:  # leave plain torch parameters behind, nothing Opacus-specific
+                for attribute in ("grad_sample", "summed_grad"):
+                    if hasattr(p, attribute):
+                        delattr(p, attribute)
+    taken = reservation.taken
+    epsilon = ledger.epsilon
     elapsed = time.perf_counter() - started
     return {
         "loss": total_loss / loss_steps if loss_steps else float("nan"),

@@ -19,3 +19,7 @@ class ReleasePolicyError(Gem3dError):
 
 class ReleaseRefusedError(Gem3dError):
     """The release gate refused: the audit found copies, or the ledger is missing or over budget."""
+
+
+class PolicyRefusedError(Gem3dError):
+    """A site refuses a request that asks for less privacy than its own policy allows."""

@@ -30,7 +30,7 @@ def test_train_three_stages_into_one_run_folder(phantom_dir: Path, tmp_path: Pat
     micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
     micro += ["--set", "model.num_head_channels=8", "--set", "informed.channels='8,16'"]
     micro += ["--set", "informed.attention_levels='false,true'", "--set", "informed.norm_num_groups=4"]
-    micro += ["--set", "informed.num_head_channels=8"]
+    micro += ["--set", "informed.num_head_channels=8", "--site-state", str(tmp_path / "site")]
 
     for stage in ("slice", "volume", "informed"):
         code = main(["train", *micro, "--data", str(phantom_dir), "--stage", stage, "--out", str(run), "--steps", "2"])
@@ -57,6 +57,7 @@ def test_bad_input_is_one_line_without_traceback(
     phantom_dir: Path, tmp_path: Path, args: list[str], fragment: str
 ) -> None:
     base = {"--data": str(phantom_dir), "--stage": "slice", "--out": str(tmp_path / "run"), "--steps": "1"}
+    base["--site-state"] = str(tmp_path / "site")
     for flag, value in zip(args[::2], args[1::2], strict=True):
         base[flag] = value
     argv = [arg for pair in base.items() for arg in pair]
@@ -77,7 +78,7 @@ def test_bad_input_is_one_line_without_traceback(
 def test_init_starts_a_stage_from_another_runs_weights(phantom_dir: Path, tmp_path: Path) -> None:
     micro = ["--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels='8,16'"]
     micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
-    micro += ["--set", "model.num_head_channels=8", "--track", "off"]
+    micro += ["--set", "model.num_head_channels=8", "--track", "off", "--public-data"]
     public = tmp_path / "public"
     main(["train", *micro, "--data", str(phantom_dir), "--stage", "slice", "--out", str(public), "--steps", "2"])
     pretrained, cfg, _ = load_model(public / "slice.safetensors")

@@ -60,6 +60,8 @@ def test_dp_round_reports_epsilon_and_persists_the_ledger(micro_cfg: Config, sit
     # prepare
     cfg = micro_cfg.model_copy(update={"privacy": micro_cfg.privacy.model_copy(update={"enabled": True})})
     job = make_job(cfg)
+    site.state_dir.mkdir(parents=True)
+    (site.state_dir / "privacy_policy.toml").write_text("[privacy]\nenabled = true\nnoise_multiplier = 1.0\n")
     # execute: two rounds at the same site
     _, first = train_round(site, job, global_weights(cfg))
     weights, second = train_round(site, job, global_weights(cfg))

@@ -272,20 +272,15 @@ def test_gem3d_train_with_dp_writes_a_ledger(phantom_dir: Path, tmp_path: Path, 
     micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
     micro += ["--set", "model.num_head_channels=8", "--set", "privacy.enabled=true"]
 
-    code = main(["train", *micro, "--data", str(phantom_dir), "--stage", "slice", "--out", str(run), "--steps", "2"])
+    site = ["--site-state", str(tmp_path / "site")]
+
+    code = main(["train", *micro, *site, "--data", str(phantom_dir), "--stage", "slice", "--out", str(run), "--steps", "2"])
 
     assert code == 0
-    ledger = PrivacyLedger.open(run / "privacy_ledger.json", _dp_cfg(build_cfg_from_run(run)).privacy)
+    assert not (run / "privacy_ledger.json").exists()  # the ledger is the site's, not the run's
+    ledger = PrivacyLedger.read(tmp_path / "site" / "privacy_ledger.json")
     assert ledger.steps == 2 and ledger.epsilon > 0
     assert f"ε = {ledger.epsilon:.3f}" in capsys.readouterr().out
-
-
-def build_cfg_from_run(run: Path) -> Config:
-    import json
-
-    from gem3d.config import config_from_dict
-
-    return config_from_dict(json.loads((run / "config.json").read_text()))
 
 
 def test_empty_poisson_batches_are_noise_steps_and_accounted(

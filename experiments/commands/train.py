@@ -11,16 +11,23 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tqdm import tqdm
 
 from experiments.commands.common import add_config_argument, add_track_argument, load_cli_config, open_tracker
+from gem3d.checkpoint import read_metadata
 from gem3d.data.dataset import load_volumes
-from gem3d.runs import STAGE_FILES, train_stage
+from gem3d.errors import ConfigError
+from gem3d.runs import STAGE_FILES, init_checkpoint, train_stage
 from gem3d.training import STAGES, train
 from privacy.dp_sgd import train_private
 from privacy.ledger import PrivacyLedger
+from privacy.model_privacy import site_entry, stage_record
+from privacy.policy import enforce_policy, load_policy
+from privacy.site_state import SiteState, default_state_dir
 
 NAME = "train"
 HELP = "train the slice, volume or informed-slice stage"
@@ -39,6 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="start from these weights (a run folder or checkpoint file, e.g. a model pre-trained on public "
         "data): the same stage, or for --stage volume a slice checkpoint (default: --out's slice stage)",
     )
+    parser.add_argument(
+        "--site-state",
+        type=Path,
+        help="the site's private state folder: its key, privacy policy and privacy ledger, shared by every run "
+        "over this data (default: DATA/.gem3d-site)",
+    )
+    parser.add_argument(
+        "--public-data",
+        action="store_true",
+        help="declare --data public (e.g. for pre-training): recorded as such in the checkpoint; no site state",
+    )
     parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
     parser.add_argument("--seed", type=int, help="override train.seed")
     add_track_argument(parser, "OUT/mlflow")
@@ -51,8 +69,29 @@ def run(args: argparse.Namespace) -> int:
     if args.seed is not None:
         extra["train.seed"] = args.seed
     cfg = load_cli_config(args, extra)
+    if args.public_data and args.site_state is not None:
+        raise ConfigError("--public-data and --site-state: public data has no site state; pass one of them")
+    site = None if args.public_data else SiteState(args.site_state or default_state_dir(args.data))
+    policy = load_policy(site) if site is not None else None
+    key = site.key() if site is not None else None
     volumes = load_volumes(args.data, cfg.data)
     total = args.steps if args.steps is not None else getattr(cfg.train, f"steps_{args.stage}")
+    ledger = None
+    if site is not None and policy is not None:  # the site's own policy binds its own commands too
+        enforce_policy(
+            policy,
+            cfg.privacy,
+            batch_size=cfg.train.batch_size,
+            num_cases=len(volumes),
+            planned_steps=total,
+            site=str(site.folder),
+        )
+    if cfg.privacy.enabled:
+        if site is None:
+            raise ConfigError("privacy.enabled=true with --public-data: DP-SGD needs the site's ledger; drop one")
+        # The ledger is the site's, not the run's: every run over this data spends from it.
+        ledger = site.ledger(cfg.privacy, terms=policy)
+    privacy_metadata = _privacy_metadata(args, site, ledger)
     bars: list[tqdm] = []
     tracker = open_tracker(args, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
 
@@ -69,12 +108,21 @@ def run(args: argparse.Namespace) -> int:
             tracker.log_metrics({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}, step=int(metrics["step"]))
 
     train_fn = train
-    if cfg.privacy.enabled:  # DP-SGD; the site's ledger lives in the run folder, shared by its stages
-        ledger = PrivacyLedger.open(args.out / "privacy_ledger.json", cfg.privacy)
+    if ledger is not None:
         train_fn = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger, planned_steps=total)
     try:
         metrics = train_stage(
-            cfg, volumes, args.stage, args.out, args.steps, args.resume, args.init, on_step, train_fn=train_fn
+            cfg,
+            volumes,
+            args.stage,
+            args.out,
+            args.steps,
+            args.resume,
+            args.init,
+            on_step,
+            train_fn=train_fn,
+            fingerprint_key=key,
+            extra_metadata=privacy_metadata,
         )
     except BaseException:
         if tracker is not None:
@@ -84,7 +132,7 @@ def run(args: argparse.Namespace) -> int:
         for bar in bars:
             bar.close()
     if tracker is not None:
-        if cfg.privacy.enabled:
+        if ledger is not None:
             tracker.log_metrics({"epsilon": ledger.epsilon})
         tracker.log_artifact(args.out / "config.json")
         tracker.end()
@@ -92,6 +140,31 @@ def run(args: argparse.Namespace) -> int:
         f"{args.stage}: step {int(metrics['step'])}, mean loss {metrics.get('loss', float('nan')):.4f} "
         f"-> {args.out / STAGE_FILES[args.stage]}"
     )
-    if cfg.privacy.enabled:
-        print(f"privacy: site total ε = {ledger.epsilon:.3f} at δ = {ledger.delta:g} ({ledger.accountant_name})")
+    if ledger is not None:
+        print(
+            f"privacy: site total ε = {ledger.epsilon:.3f} at δ = {ledger.delta:g} ({ledger.accountant_name}), "
+            f"ledger {ledger.path}"
+        )
     return 0
+
+
+def _privacy_metadata(
+    args: argparse.Namespace, site: SiteState | None, ledger: PrivacyLedger | None
+) -> Callable[[], dict[str, Any]]:
+    """The checkpoint's ``privacy`` record, computed at each checkpoint (the ledger's ε grows)."""
+    path = args.out / STAGE_FILES[args.stage]
+    # a resumed checkpoint from before privacy records merges as {}: of unknown origin
+    previous = read_metadata(path).get("privacy", {}) if args.resume and path.exists() else None
+    start = None
+    if not args.resume:
+        if args.init is not None:
+            start = init_checkpoint(args.init, args.stage)
+        elif args.stage == "volume":  # stage 2 carries the stage-1 weights it is inflated from
+            start = args.out / STAGE_FILES["slice"]
+
+    def record() -> dict[str, Any]:
+        sites = {} if site is None else {site.site_id: site_entry(ledger)}
+        init = start if start is not None and start.exists() else None
+        return {"privacy": stage_record(public=site is None, sites=sites, init=init, previous=previous)}
+
+    return record
