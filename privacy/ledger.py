@@ -14,11 +14,12 @@ What binds:
   refused (``PrivacyBudgetError``); one that asks for less is held to its own, stricter numbers
   for that run. The accountant may change: both are valid bounds, and the history is
   re-accounted, never reset.
-* **Read-check-record is atomic.** ``reserve`` takes a file lock (``filelock``), re-reads the
-  file, checks the projected ε and records the steps as *reserved* before a single one is
-  taken; when training ends the reservation is settled to the steps actually taken. Two
-  concurrent trainings over one ledger therefore account every step, and a process killed
-  mid-training leaves its whole reservation counted (over-counting is safe; losing steps is not).
+* **Read-check-record is atomic.** ``reserve`` takes a file lock (``filelock``, on a hidden
+  ``.privacy_ledger.json.lock`` beside it), re-reads the file, checks the projected ε and
+  records the steps as *reserved* before a single one is taken; when training ends the
+  reservation is settled to the steps actually taken. Two concurrent trainings over one ledger
+  therefore account every step, and a process killed mid-training leaves its whole reservation
+  counted (over-counting is safe; losing steps is not).
 
 File format (``gem3d-privacy-ledger/2``)::
 
@@ -146,9 +147,9 @@ class PrivacyLedger:
 
     @property
     def lock(self) -> FileLock:
-        """The inter-process lock of this ledger (``<ledger>.lock`` beside it)."""
+        """The inter-process lock of this ledger (a hidden ``.<ledger>.lock`` beside it)."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        return FileLock(str(self.path) + ".lock")
+        return FileLock(str(self.path.parent / f".{self.path.name}.lock"))
 
     @classmethod
     def read(cls, path: str | Path) -> PrivacyLedger:

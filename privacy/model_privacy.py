@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gem3d.checkpoint import file_sha256, read_metadata
-from gem3d.runs import STAGE_FILES, stage_path
+from gem3d.runs import STAGE_FILES
 from gem3d.training import STAGES
 from privacy.ledger import PrivacyLedger
 
@@ -36,8 +36,14 @@ RECORD_FORMAT = "gem3d-model-privacy/1"
 def site_entry(ledger: PrivacyLedger | None) -> dict[str, Any]:
     """One site's part of a record: DP-SGD under ``ledger`` (its ε now), or no DP (``None``)."""
     if ledger is None:
-        return {"dp": False, "ledger": None, "epsilon": None, "delta": None}
-    return {"dp": True, "ledger": ledger.id, "epsilon": ledger.epsilon, "delta": ledger.delta}
+        return {"dp": False, "ledger": None, "epsilon": None, "delta": None, "accountant": None}
+    return {
+        "dp": True,
+        "ledger": ledger.id,
+        "epsilon": ledger.epsilon,
+        "delta": ledger.delta,
+        "accountant": ledger.accountant_name,
+    }
 
 
 def init_entry(path: Path | None) -> dict[str, Any] | None:
@@ -94,6 +100,7 @@ def _merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
                 "ledger": entry.get("ledger") or before.get("ledger"),
                 "epsilon": _max(before.get("epsilon"), entry.get("epsilon")),
                 "delta": _max(before.get("delta"), entry.get("delta")),
+                "accountant": entry.get("accountant") or before.get("accountant"),
             }
     private = "private" in (old.get("data"), new["data"])
     return {
@@ -111,7 +118,18 @@ def _max(a: float | None, b: float | None) -> float | None:
 
 
 def model_statement(run: str | Path) -> dict[str, Any]:
-    """The privacy statement of a model (a run folder or one checkpoint file).
+    """The privacy statement of a model (a run folder or one checkpoint file): ``statement`` of its stages."""
+    run = Path(run)
+    paths = [run / STAGE_FILES[s] for s in STAGES if (run / STAGE_FILES[s]).exists()] if run.is_dir() else [run]
+    records = []
+    for path in paths:
+        metadata = read_metadata(path)
+        records.append((str(metadata.get("stage", path.stem)), metadata.get("privacy")))
+    return statement(records)
+
+
+def statement(records: list[tuple[str, dict[str, Any] | None]]) -> dict[str, Any]:
+    """Compose the records of a model's stages (``[(stage, record or None), ...]``) into one statement.
 
     Returns:
         ``{"patient_level": {"epsilon", "delta", "sites": {site: {"epsilon", "delta"}}},
@@ -119,19 +137,12 @@ def model_statement(run: str | Path) -> dict[str, Any]:
         DP], "public": [stages trained on declared-public data], "stages": [...]}``. The
         patient-level ε is ``None`` where no DP-SGD ran at all.
     """
-    run = Path(run)
-    stages = [s for s in STAGES if (run / STAGE_FILES[s]).exists()] if run.is_dir() else [None]
     sites: dict[str, dict[str, Any]] = {}
     non_dp: list[str] = []
     public: list[str] = []
     client_levels: list[dict[str, Any]] = []
-    names = []
-    for stage in stages:
-        path = stage_path(run, stage) if stage is not None else run
-        metadata = read_metadata(path)
-        name = str(metadata.get("stage", stage))
-        names.append(name)
-        _collect(metadata.get("privacy"), name, sites, non_dp, public, client_levels)
+    for name, record in records:
+        _collect(record, name, sites, non_dp, public, client_levels)
     patient_eps = [e["epsilon"] for e in sites.values() if e["epsilon"] is not None]
     patient_delta = [e["delta"] for e in sites.values() if e["delta"] is not None]
     client = max(client_levels, key=lambda c: float(c.get("epsilon") or 0.0)) if client_levels else None
@@ -145,7 +156,7 @@ def model_statement(run: str | Path) -> dict[str, Any]:
         "client_level": client,
         "non_dp_private": sorted(set(non_dp)),
         "public": sorted(set(public)),
-        "stages": names,
+        "stages": [name for name, _ in records],
     }
 
 
@@ -167,7 +178,7 @@ def _collect(
         if not entry.get("dp"):
             non_dp.append(f"{where}: trained on {name}'s data without DP-SGD")
             continue
-        current = sites.setdefault(name, {"epsilon": None, "delta": None})
+        current = sites.setdefault(name, {"epsilon": None, "delta": None, "accountant": entry.get("accountant")})
         current["epsilon"] = _max(current["epsilon"], entry.get("epsilon"))
         current["delta"] = _max(current["delta"], entry.get("delta"))
     if record.get("data") == "private" and not record.get("sites"):

@@ -6,8 +6,10 @@ Given already-generated cases (image, label, affine, provenance), ``release_coho
    by pixels (an informed slice that matches a real training slice is refused whatever its
    declared source), and every mask is edited by at least ``min_mask_edits`` edits that changed
    it (or is itself generated);
-2. checks the site's privacy ledger (present, non-empty, within its budget) unless the policy
-   explicitly allows a non-DP model;
+2. checks the model's privacy statement (``privacy.model_privacy``): every stage trained on
+   private data was trained with DP-SGD (its weights' origins included), unless the policy
+   explicitly allows a non-DP model; the report carries the patient-level ε (maximum over
+   sites, each site's ledger composing its stages) and, apart, any client-level ε;
 3. writes the cohort to a private temporary folder with scrubbed NIfTI headers (fresh headers
    carrying only geometry; descrip, aux_file, db_name and intent_name empty; no extensions)
    and pseudonymous case ids (random, unrelated to source ids or order);
@@ -20,7 +22,7 @@ Given already-generated cases (image, label, affine, provenance), ``release_coho
 A refusal raises ``ReleasePolicyError`` or ``ReleaseRefusedError`` and leaves nothing at ``out``.
 
 ``release_dataset`` is the whole of ``gem3d release`` behind the command line: it checks the
-mask edits and the ledger before generating anything, enhances the site's data with generated
+mask edits and the model's privacy before generating anything, enhances the site's data with generated
 informed slices into a private temporary folder, and hands the cases to ``release_cohort``.
 """
 
@@ -48,7 +50,7 @@ from gem3d.errors import ConfigError, DataError
 from gem3d.sampler import OnProgress
 from privacy.audit import AuditSettings, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
-from privacy.ledger import PrivacyLedger
+from privacy.model_privacy import statement
 
 REPORT_FORMAT = "gem3d-privacy-report/1"
 SCRUBBED_FIELDS = ("descrip", "aux_file", "db_name", "intent_name")
@@ -63,7 +65,7 @@ class ReleasePolicy:
         min_mask_edits: edits that actually changed each mask (ignored for generated masks).
         informed_copy_rms: an informed slice whose RMS difference to any real training slice
             (intensities in [-1, 1]) is below this counts as copied, whatever its declared source.
-        require_dp: refuse a model without a DP-SGD ledger.
+        require_dp: refuse a model with a stage trained on private data without DP-SGD.
     """
 
     min_mask_edits: int = 1
@@ -165,21 +167,34 @@ def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume]
             )
 
 
-def check_ledger(ledger: PrivacyLedger | None, policy: ReleasePolicy) -> dict[str, Any]:
-    """The DP summary for the report; refuses a missing/empty ledger (unless allowed) or one over budget."""
-    if ledger is None or ledger.steps == 0:
-        if policy.require_dp:
-            where = f" ({ledger.path} is empty)" if ledger is not None else ""
-            raise ReleaseRefusedError(
-                f"release: the model has no DP-SGD privacy ledger{where}; train with privacy.enabled=true, "
-                "or pass --allow-non-dp to release without a formal guarantee"
-            )
-        return {"level": "none", "epsilon": None, "delta": None, "accountant": None}
-    if ledger.epsilon > ledger.budget_epsilon:
+def check_model_privacy(privacy_statement: dict[str, Any] | None, policy: ReleasePolicy) -> dict[str, Any]:
+    """The report's ``differential_privacy`` section; refuses a model with a stage trained on private data without DP.
+
+    Args:
+        privacy_statement: ``privacy.model_privacy.model_statement`` of the model; ``None`` when
+            the model has no privacy record at all.
+    """
+    if privacy_statement is None:
+        privacy_statement = statement([("model", None)])
+    patient = privacy_statement["patient_level"]
+    non_dp = privacy_statement["non_dp_private"]
+    if non_dp and policy.require_dp:
+        more = f" (and {len(non_dp) - 1} more)" if len(non_dp) > 1 else ""
         raise ReleaseRefusedError(
-            f"{ledger.path}: site ε = {ledger.epsilon:.3f} exceeds privacy.budget_epsilon = {ledger.budget_epsilon:g}"
+            f"release: the model is not DP-SGD trained throughout: {non_dp[0]}{more}; train every stage on "
+            "private data with privacy.enabled=true, or pass --allow-non-dp to release without a formal guarantee"
         )
-    return ledger.report()
+    accountants = sorted({str(s.get("accountant")) for s in patient["sites"].values() if s.get("accountant")})
+    return {
+        "level": patient["level"] if patient["epsilon"] is not None else "none",
+        "epsilon": patient["epsilon"],
+        "delta": patient["delta"],
+        "accountant": ",".join(accountants) or None,
+        "sites": {name: {"epsilon": s["epsilon"], "delta": s["delta"]} for name, s in patient["sites"].items()},
+        "client_level": privacy_statement["client_level"],
+        "non_dp_private": non_dp,
+        "public": privacy_statement["public"],
+    }
 
 
 def pseudonymous_ids(count: int, seed: int | None = None, prefix: str = "gem3d_syn_") -> list[str]:
@@ -237,7 +252,7 @@ def release_cohort(
     *,
     train: Sequence[Volume],
     data_cfg: DataConfig,
-    ledger: PrivacyLedger | None,
+    privacy_statement: dict[str, Any] | None,
     holdout: Sequence[Volume] | None = None,
     policy: ReleasePolicy = ReleasePolicy(),
     audit_settings: AuditSettings | None = None,
@@ -251,7 +266,8 @@ def release_cohort(
         train: the model's training volumes (``gem3d.data.dataset.load_volumes``) for the audit
             and the informed-pixel check.
         data_cfg: how the released files are read back for the audit (the model's data config).
-        ledger: the site's ledger; ``None`` only with ``policy.require_dp = False``.
+        privacy_statement: the model's (``privacy.model_privacy.model_statement``); a model with a
+            stage trained on private data without DP is refused unless ``policy.require_dp`` is off.
         holdout: real cases the model never saw; default: leave-one-out training distances.
         generator: non-identifying facts about the generator (checkpoint sha256, versions).
         seed: for reproducible pseudonymous ids (tests); default random.
@@ -266,7 +282,7 @@ def release_cohort(
         raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
     check_policy(cases, policy)
     check_informed_pixels(cases, train, policy)
-    dp = check_ledger(ledger, policy)
+    dp = check_model_privacy(privacy_statement, policy)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".release.", dir=out.parent))
@@ -340,11 +356,6 @@ class ReleaseResult:
         return self.out / "privacy_report.json"
 
 
-def default_ledger_path(checkpoint: Path) -> Path | None:
-    """The ledger ``gem3d train`` keeps in a run folder: ``CHECKPOINT/privacy_ledger.json`` (None for a file)."""
-    return checkpoint / "privacy_ledger.json" if checkpoint.is_dir() else None
-
-
 def load_site_volumes(data: Path, cfg: Config) -> list[Volume]:
     """Every case of a dataset, or of each site dataset inside ``data``."""
     volumes: list[Volume] = []
@@ -379,7 +390,7 @@ def release_dataset(
     per_case: int,
     mask_edit: str,
     policy: ReleasePolicy,
-    ledger_path: Path | None,
+    privacy_statement: dict[str, Any] | None,
     holdout: Path | None = None,
     audit_settings: AuditSettings | None = None,
     seed: int = 0,
@@ -387,7 +398,7 @@ def release_dataset(
 ) -> ReleaseResult:
     """Enhance ``data`` under the privacy policy and release the result at ``out`` (``gem3d release``).
 
-    Order matters: the mask edits and the ledger are checked before any generation, so a
+    Order matters: the mask edits and the model's privacy are checked before any generation, so a
     refusal costs nothing; the audit runs on the written files inside ``release_cohort``.
 
     Args:
@@ -396,7 +407,7 @@ def release_dataset(
         per_case: new pairs per case.
         mask_edit: ``gem3d.masks`` edit spec applied to every mask (at least
             ``policy.min_mask_edits`` edits).
-        ledger_path: the site's privacy ledger; a missing file counts as no ledger.
+        privacy_statement: the model's privacy statement (``privacy.model_privacy.model_statement``).
         holdout: real cases the model never saw, the audit's reference.
         seed: seeds the generation.
     Returns:
@@ -412,10 +423,7 @@ def release_dataset(
         raise ConfigError(
             f"--mask-edit {mask_edit!r}: {len(edits)} edit(s), the policy needs at least {policy.min_mask_edits}"
         )
-    ledger = None
-    if ledger_path is not None and ledger_path.exists():
-        ledger = PrivacyLedger.open(ledger_path, synth.cfg.privacy)
-    check_ledger(ledger, policy)  # refuse before spending time on generation
+    check_model_privacy(privacy_statement, policy)  # refuse before spending time on generation
     train = load_site_volumes(data, synth.cfg)
     holdout_volumes = load_site_volumes(holdout, synth.cfg) if holdout else None
     with tempfile.TemporaryDirectory(prefix="gem3d-release-") as tmp:
@@ -426,7 +434,7 @@ def release_dataset(
         out,
         train=train,
         data_cfg=synth.cfg.data,
-        ledger=ledger,
+        privacy_statement=privacy_statement,
         holdout=holdout_volumes,
         policy=policy,
         audit_settings=audit_settings,
@@ -441,9 +449,8 @@ __all__ = [
     "ReleasePolicy",
     "ReleaseResult",
     "check_informed_pixels",
-    "check_ledger",
+    "check_model_privacy",
     "check_policy",
-    "default_ledger_path",
     "load_site_volumes",
     "pseudonymous_ids",
     "read_generated",

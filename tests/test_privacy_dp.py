@@ -272,9 +272,9 @@ def test_gem3d_train_with_dp_writes_a_ledger(phantom_dir: Path, tmp_path: Path, 
     micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
     micro += ["--set", "model.num_head_channels=8", "--set", "privacy.enabled=true"]
 
-    site = ["--site-state", str(tmp_path / "site")]
+    micro += ["--site-state", str(tmp_path / "site")]
 
-    code = main(["train", *micro, *site, "--data", str(phantom_dir), "--stage", "slice", "--out", str(run), "--steps", "2"])
+    code = main(["train", *micro, "--data", str(phantom_dir), "--stage", "slice", "--out", str(run), "--steps", "2"])
 
     assert code == 0
     assert not (run / "privacy_ledger.json").exists()  # the ledger is the site's, not the run's

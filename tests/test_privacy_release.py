@@ -6,6 +6,7 @@ import gzip
 import json
 import re
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -16,6 +17,7 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.ledger import PrivacyLedger
+from privacy.model_privacy import site_entry, stage_record, statement
 from privacy.release import (
     SCRUBBED_FIELDS,
     GeneratedCase,
@@ -63,6 +65,11 @@ def _ledger(tmp_path: Path, steps: int = 10) -> PrivacyLedger:
     if steps:
         ledger.record(steps, 1.0, 0.25, label="slice")
     return ledger
+
+
+def _dp_statement(ledger: PrivacyLedger) -> dict[str, Any]:
+    """The privacy statement of a model whose one stage trained under ``ledger``."""
+    return statement([("slice", stage_record(public=False, sites={"site-a": site_entry(ledger)}))])
 
 
 def _all_text(folder: Path) -> str:
@@ -123,7 +130,13 @@ def test_informed_slice_equal_to_a_real_slice_is_refused_whatever_its_label(
     cases[1] = GeneratedCase(**{**cases[1].__dict__, "informed_slice": train[4].image[5].copy()})
 
     with pytest.raises(ReleasePolicyError, match="generated case 1: its informed slice matches a real training slice"):
-        release_cohort(cases, tmp_path / "out", train=train, data_cfg=micro_cfg.data, ledger=_ledger(tmp_path))
+        release_cohort(
+            cases,
+            tmp_path / "out",
+            train=train,
+            data_cfg=micro_cfg.data,
+            privacy_statement=_dp_statement(_ledger(tmp_path)),
+        )
 
     assert not (tmp_path / "out").exists()
 
@@ -140,7 +153,7 @@ def test_release_writes_a_scrubbed_pseudonymous_cohort(
         out,
         train=train,
         data_cfg=micro_cfg.data,
-        ledger=ledger,
+        privacy_statement=_dp_statement(ledger),
         generator={"checkpoint_sha256": "ab" * 32},
     )
 
@@ -169,16 +182,37 @@ def test_release_refuses_a_planted_copy_and_writes_nothing(
     cases += [c for c in _cases(site["train"]) if "phantom_002" in c.provenance["source_case"]]
 
     with pytest.raises(ReleaseRefusedError, match="audit found 1 of 4"):
-        release_cohort(cases, tmp_path / "out", train=train, data_cfg=micro_cfg.data, ledger=_ledger(tmp_path))
+        release_cohort(
+            cases,
+            tmp_path / "out",
+            train=train,
+            data_cfg=micro_cfg.data,
+            privacy_statement=_dp_statement(_ledger(tmp_path)),
+        )
 
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["privacy_ledger.json"]
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.startswith(".")) == ["privacy_ledger.json"]
 
 
-def test_release_refuses_without_a_dp_ledger(site: dict[str, Path], micro_cfg: Config, tmp_path: Path) -> None:
+def test_release_refuses_a_model_with_a_stage_trained_without_dp(
+    site: dict[str, Path], micro_cfg: Config, tmp_path: Path
+) -> None:
     train = load_volumes(site["train"], micro_cfg.data)
+    ledger = _ledger(tmp_path)
+    public_base = stage_record(public=True, sites={})
+    mixed = statement([
+        ("slice", stage_record(public=False, sites={"site-a": site_entry(ledger)})),
+        ("volume", stage_record(public=False, sites={"site-b": site_entry(None)})),
+    ])  # fmt: skip
 
-    with pytest.raises(ReleaseRefusedError, match="no DP-SGD privacy ledger"):
-        release_cohort(_cases(site["generated"]), tmp_path / "out", train=train, data_cfg=micro_cfg.data, ledger=None)
+    for refused, reason in ((None, "slice: no privacy record"), (mixed, "volume: trained on site-b's data without")):
+        with pytest.raises(ReleaseRefusedError, match=f"not DP-SGD trained throughout: {reason}"):
+            release_cohort(
+                _cases(site["generated"]), tmp_path / "out", train=train, data_cfg=micro_cfg.data,
+                privacy_statement=refused if refused is not None else statement([("slice", None)]),
+            )  # fmt: skip
+
+    assert not (tmp_path / "out").exists()
+    assert statement([("slice", public_base)])["non_dp_private"] == []  # public pre-training is not refused
 
     assert not (tmp_path / "out").exists()
 
@@ -189,7 +223,7 @@ def test_pseudonymous_ids_are_distinct_and_seedable() -> None:
     assert pseudonymous_ids(5) != pseudonymous_ids(5)
 
 
-def test_gem3d_release_refuses_a_model_without_ledger(
+def test_gem3d_release_refuses_a_model_without_dp(
     site: dict[str, Path], micro_cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from experiments.cli import main
@@ -203,7 +237,7 @@ def test_gem3d_release_refuses_a_model_without_ledger(
     code = main(["release", "--checkpoint", str(run), "--data", str(site["train"]), "--out", str(tmp_path / "out")])
 
     assert code == 2
-    assert "no DP-SGD privacy ledger" in capsys.readouterr().err
+    assert "the model is not DP-SGD trained throughout" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
     assert not (tmp_path / "mlflow").exists()  # a refusal is not tracked either
 
@@ -217,7 +251,7 @@ def _no_tracking_server(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_gem3d_release_publishes_and_tracks_the_privacy_report(
     site: dict[str, Path], micro_cfg: Config, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # prepare: a micro run trained with DP-SGD in every stage, its ledger in the run folder
+    # prepare: a micro run trained with DP-SGD in every stage, each checkpoint recording it
     import functools
 
     from mlflow import MlflowClient
@@ -232,10 +266,14 @@ def test_gem3d_release_publishes_and_tracks_the_privacy_report(
     )
     volumes = load_volumes(site["train"], cfg.data)
     run = tmp_path / "run"
-    ledger = PrivacyLedger.open(run / "privacy_ledger.json", cfg.privacy)
+    ledger = PrivacyLedger.open(tmp_path / "site" / "privacy_ledger.json", cfg.privacy)
     dp_train = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger)
+
+    def record() -> dict[str, Any]:
+        return {"privacy": stage_record(public=False, sites={"site-a": site_entry(ledger)})}
+
     for stage in ("slice", "volume", "informed"):
-        train_stage(cfg, volumes, stage, run, steps=1, train_fn=dp_train)  # type: ignore[arg-type]
+        train_stage(cfg, volumes, stage, run, steps=1, train_fn=dp_train, extra_metadata=record)  # type: ignore[arg-type]
     out = tmp_path / "project" / "released"
 
     # execute

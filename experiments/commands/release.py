@@ -2,7 +2,8 @@
 
 Generates ``--per-case`` new image/label pairs per case with *generated* informed slices and
 edited masks (``--mask-edit``, at least ``--min-mask-edits`` edits that change each mask), then
-releases them only if the site's privacy ledger is within budget and the memorization audit
+releases them only if every stage of the model trained on private data did so under DP-SGD
+(its checkpoints' privacy records, ``privacy.model_privacy``) and the memorization audit
 finds no copy of a training volume. Released files have scrubbed NIfTI headers, random
 pseudonymous ids, provenance without source ids, paths or dates, and a ``privacy_report.json``.
 On refusal nothing is written to ``--out``. The work is ``privacy.release.release_dataset``.
@@ -29,10 +30,11 @@ from experiments.commands.sampling import ProgressBars, add_sampling_arguments, 
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
 from privacy.audit import AuditSettings
-from privacy.release import ReleasePolicy, ReleaseResult, default_ledger_path, release_dataset
+from privacy.model_privacy import model_statement
+from privacy.release import ReleasePolicy, ReleaseResult, release_dataset
 
 NAME = "release"
-HELP = "enhance a dataset under the privacy policy: generated informed slices, edited masks, audit, ledger"
+HELP = "enhance a dataset under the privacy policy: generated informed slices, edited masks, DP check, audit"
 MAX_PREVIEWS = 8  # previews logged to MLflow: enough to eyeball a release, few enough to stay light
 
 
@@ -46,9 +48,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--min-mask-edits", type=int, default=1, help="edits that must change each mask")
     parser.add_argument("--holdout", type=Path, help="real cases the model never saw, for the audit's reference")
     parser.add_argument(
-        "--ledger", type=Path, help="the site's privacy ledger (default: CHECKPOINT/privacy_ledger.json)"
+        "--allow-non-dp",
+        action="store_true",
+        help="release from a model with a stage trained on private data without DP-SGD (no formal guarantee)",
     )
-    parser.add_argument("--allow-non-dp", action="store_true", help="release from a model trained without DP-SGD")
     parser.add_argument("--quantile", type=float, default=0.05, help="audit: low quantile of reference NN distances")
     parser.add_argument("--margin", type=float, default=0.5, help="audit: copy threshold = margin x that quantile")
     parser.add_argument("--grid", type=int, default=32, help="audit: volumes are compared on a GRID^3 grid")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
             per_case=args.per_case,
             mask_edit=args.mask_edit,
             policy=policy,
-            ledger_path=args.ledger or default_ledger_path(args.checkpoint),
+            privacy_statement=model_statement(args.checkpoint),
             holdout=args.holdout,
             audit_settings=AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin),
             seed=args.seed,
@@ -95,9 +98,12 @@ def release_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str,
     """
     dp, audit = report["differential_privacy"], report["audit"]
     metrics: dict[str, float] = {"cases": float(report["cases"])}
-    for key in ("epsilon", "delta", "steps", "budget_epsilon"):
+    for key in ("epsilon", "delta"):
         if dp.get(key) is not None:
             metrics[key] = float(dp[key])
+    for key, value in (dp.get("client_level") or {}).items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            metrics[f"client_level.{key}"] = float(value)
     metrics.update({f"audit.{key}": value for key, value in audit_metrics(audit).items()})
     params = {
         "release.dp_level": dp["level"],
