@@ -3,9 +3,10 @@
 1. build the 3-site demo cohort (MNI152 anatomy, deformed; site-specific scanner character);
    pre-train the slice and informed stages on a separate public set (no site's patients);
 2. federated training of all three stages with DP-SGD on at every site (Flower simulation),
-   starting from the public model;
+   starting from the public model; each hospital first writes its own privacy policy, which the
+   server's request must meet;
 3. a privacy release of an enhanced cohort from one site (generated informed slices, edited
-   masks, audit and ledger checked before anything is written);
+   masks, audit and the model's privacy record checked before anything is written);
 4. a de-enhancement across the sites with one reference slice;
 5. the memorization audit, with a membership-inference test on the model;
 6. the evaluation against baselines (when ``gem3d evaluate`` is available);
@@ -177,7 +178,8 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
             "--seed", 1,
         )  # fmt: skip
     overrides = [arg for item in f"{settings.overrides} {PRETRAIN_SET}".split() for arg in ("--set", item)]
-    common = [*overrides, "--data", str(state.public / "site_0")]
+    # declared public: the checkpoints record it, and the model's privacy statement says so
+    common = [*overrides, "--data", str(state.public / "site_0"), "--public-data"]
     baseline, log = None, state.out / "pretrained_mask_only.log"
     if not (state.mask_only / "volume.safetensors").exists():
         # tracked off: two processes writing one SQLite store can lock it, which would switch the
@@ -215,12 +217,42 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     }
 
 
+def site_policy_text(overrides: str) -> str:
+    """The privacy policy each demo hospital writes for itself: the demo's DP settings, as a floor.
+
+    In the demo the hospitals and the coordinator agree, so the server's request passes; a
+    request for less noise, a larger δ or budget, or no DP, would be refused by every site.
+    """
+    from gem3d.config import load_config
+    from server.settings import parse_set
+
+    privacy = load_config(overrides=parse_set(overrides)).privacy
+    return (
+        "# This site's own privacy policy: a federated server may only ask for more privacy.\n"
+        "[privacy]\n"
+        f"enabled = true\nnoise_multiplier = {privacy.noise_multiplier}\ndelta = {privacy.delta}\n"
+        f"max_grad_norm = {privacy.max_grad_norm}\nbudget_epsilon = {privacy.budget_epsilon}\n"
+    )
+
+
+def write_site_policies(state: DemoState) -> None:
+    """Each hospital's policy in its own state folder (``<site>/.gem3d-site``), if it has none yet."""
+    from privacy.site_state import SiteState, default_state_dir
+
+    for site in range(state.settings.sites):
+        policy = SiteState(default_state_dir(state.data / f"site_{site}")).policy_path
+        if not policy.exists():
+            policy.parent.mkdir(parents=True, exist_ok=True)
+            policy.write_text(site_policy_text(state.settings.overrides))
+
+
 def train_federated(state: DemoState, tracking: Path) -> None:
     from flwr.simulation import run_simulation
 
     from client.app import app as client_app
     from server.app import create_app
 
+    write_site_policies(state)
     run_config = {
         "data-root": str(state.data),
         "out-dir": str(state.run),
@@ -241,30 +273,24 @@ def train_federated(state: DemoState, tracking: Path) -> None:
         raise Gem3dError(f"{state.run}: the federated run left no volume model; see the Flower log above")
     rounds = [json.loads(line) for line in (state.run / "metrics.jsonl").read_text().splitlines()]
     loss_curve_png(state.out / "pictures" / "loss.png", rounds)
-    from gem3d.config import load_config
-    from privacy.ledger import PrivacyLedger
-    from server.settings import parse_set
+    from privacy.model_privacy import model_statement
 
-    privacy_cfg = load_config(overrides=parse_set(state.settings.overrides)).privacy
-    epsilons = {}
-    for site in range(state.settings.sites):
-        ledger = state.run / "sites" / f"site_{site}" / "privacy_ledger.json"
-        if ledger.exists():
-            epsilons[f"site_{site}"] = PrivacyLedger.open(ledger, privacy_cfg).epsilon
-    state.summary["epsilon"] = epsilons
+    # The model's privacy, as its checkpoints record it: each site's ledger ε (all stages), the
+    # maximum over sites, the client-level ε where the server added noise, and what had no DP.
+    statement = model_statement(state.run)
+    state.summary["privacy"] = statement
+    state.summary["epsilon"] = {site: e["epsilon"] for site, e in statement["patient_level"]["sites"].items()}
     state.summary["rounds"] = len(rounds)
     state.summary["final_train_loss"] = rounds[-1].get("train", {}).get("loss") if rounds else None
 
 
 def release(state: DemoState) -> None:
-    ledger = state.run / "sites" / "site_0" / "privacy_ledger.json"
     if not (state.out / "release" / "privacy_report.json").exists():  # a re-run keeps the release
         _run(
             "release",
             "--checkpoint", state.run,
             "--data", state.data / "site_0",
             "--holdout", state.data / "test",
-            "--ledger", ledger,
             "--per-case", 1,
             "--seed", 0,
             "--out", state.out / "release",
@@ -347,7 +373,14 @@ def summary_lines(state: DemoState) -> list[str]:
             )
         )
     for site, eps in s.get("epsilon", {}).items():
-        rows.append((f"epsilon {site} (patient-level DP-SGD, delta 1e-5)", _fmt(eps, 2)))
+        rows.append((f"epsilon {site} (patient-level DP-SGD, all stages, delta 1e-5)", _fmt(eps, 2)))
+    privacy = s.get("privacy")
+    if privacy:
+        patient = privacy["patient_level"]
+        rows.append(("epsilon of the model (patient-level, max over sites)", _fmt(patient["epsilon"], 2)))
+        client = privacy.get("client_level")
+        rows.append(("epsilon client-level (server-side DP)", _fmt(client["epsilon"], 2) if client else "not enabled"))
+        rows.append(("stages trained on private data without DP", ", ".join(privacy["non_dp_private"]) or "none"))
     release = s.get("release", {})
     if release:
         rows.append(("released synthetic cases", _fmt(release.get("cases", release.get("num_cases")))))

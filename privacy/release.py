@@ -194,7 +194,33 @@ def check_model_privacy(privacy_statement: dict[str, Any] | None, policy: Releas
         "client_level": privacy_statement["client_level"],
         "non_dp_private": non_dp,
         "public": privacy_statement["public"],
+        "what_holds": _what_holds(patient, privacy_statement["client_level"], non_dp),
     }
+
+
+def _what_holds(patient: dict[str, Any], client: dict[str, Any] | None, non_dp: list[str]) -> list[str]:
+    """The privacy report's plain statements: what the figures guarantee, to whom, and what they do not."""
+    lines = []
+    if patient["epsilon"] is not None and not non_dp:
+        lines.append(
+            f"The model that generated these images is ({patient['epsilon']:.3g}, {patient['delta']:g})-"
+            "differentially private for each patient of each site (DP-SGD, one patient = one volume; "
+            "the maximum over sites, each site's ledger composing all its stages), against anyone who sees "
+            "the model or its outputs, the federated coordinator included. The images are post-processing."
+        )
+    elif non_dp:
+        lines.append(f"No formal guarantee: released with --allow-non-dp ({non_dp[0]}).")
+    else:
+        lines.append("The model trained on data declared public only: no patient-level guarantee is needed or given.")
+    if client is not None:
+        lines.append(
+            f"Client-level ε = {float(client['epsilon']):.3g} at δ = {float(client['delta']):g} for a site's "
+            "participation, against recipients of the model (not against the coordinator)."
+        )
+    lines.append(
+        "The released labels are edited copies of real segmentations: differential privacy does not cover them."
+    )
+    return lines
 
 
 def pseudonymous_ids(count: int, seed: int | None = None, prefix: str = "gem3d_syn_") -> list[str]:

@@ -105,3 +105,16 @@ class SiteState:
                 if not self.ledger_path.exists():
                     created.save()
         return PrivacyLedger.open(self.ledger_path, privacy_cfg)
+
+
+def fingerprint_matches(stored: str, volumes: list[Volume], state: SiteState) -> bool | None:
+    """Whether a checkpoint's ``data_fingerprint`` is that of ``volumes``; ``None`` if it cannot be told.
+
+    A keyed fingerprint can only be checked with the key of the site that made it: ``None``
+    when ``state`` holds no key (a key is never created for a check).
+    """
+    if stored.startswith("hmac-sha256:"):
+        if not (state.folder / KEY_FILE).exists():
+            return None
+        return stored == state.fingerprint(volumes)
+    return stored == fingerprint(volumes)

@@ -404,7 +404,14 @@ def epsilon_costs(repeats: int) -> list[dict[str, Any]]:
         for entries in (1, 10, 100):
             # alternating noise multipliers so entries do not merge: one entry per federated round
             history = [(1.0 + 0.1 * (i % 2), 0.5, 10) for i in range(entries)]
-            ledger = PrivacyLedger(Path(tmp) / "l.json", pcfg, history, [])
+            spends = [
+                {"id": str(i), "label": "", "noise_multiplier": s, "sample_rate": q, "steps": n, "status": "spent"}
+                for i, (s, q, n) in enumerate(history)
+            ]
+            ledger = PrivacyLedger(
+                Path(tmp) / "l.json", ledger_id="bench", accountant="rdp", delta=pcfg.delta, budget_epsilon=1e6,
+                spends=spends,
+            )  # fmt: skip
             epsilon_s, check_s = [], []
             for _ in range(repeats if entries <= 10 else 1):  # 100 entries take tens of seconds
                 ledger._epsilon = None  # drop the cache: time a fresh accounting, as after every record

@@ -48,6 +48,7 @@ from gem3d.diffusion import sample_scheduler
 from gem3d.errors import CheckpointError, DataError
 from gem3d.runs import STAGE_FILES
 from gem3d.sampler import InformedSlice, SampleRequest, Window, default_start, plan_windows, sample_volumes
+from privacy.site_state import SiteState, default_state_dir, fingerprint_matches
 
 # CLI spellings of the baselines -> protocol method keys.
 BASELINE_NAMES = {
@@ -318,8 +319,9 @@ def evaluate(
         shared = sorted({v.case_id for v in train_volumes} & {v.case_id for v in cases})
         if shared:
             raise DataError(f"{folder}: cases {shared} are also in the training data {train_data}; use held-out cases")
-        main_meta = read_metadata(synth_path(checkpoint))
-        if main_meta.get("data_fingerprint") not in (None, fingerprint(train_volumes)):
+        stored = read_metadata(synth_path(checkpoint)).get("data_fingerprint")
+        site = SiteState(default_state_dir(Path(train_data)))
+        if stored is not None and fingerprint_matches(str(stored), train_volumes, site) is False:
             deviations.append(
                 f"{train_data}: its fingerprint differs from the one the run was trained on; baselines trained on it"
             )
