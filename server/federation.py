@@ -18,19 +18,20 @@ from typing import Any
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from torch import nn
 
 from gem3d.checkpoint import file_sha256, read_metadata
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
-from gem3d.errors import CheckpointError, DataError
+from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import STAGE_FILES, build_model, initial_model
 from gem3d.training import STAGES, Stage, freeze_for_stage
 from server.evaluation import validation_loss
 from server.settings import ServerSettings
 from server.store import RunStore, global_tensors
-from server.strategy import ObservedStrategy, RoundFailed, build_strategy
+from server.strategy import ObservedStrategy, RoundFailed, build_strategy, check_client_dp, client_dp_accountant
 
 logger = logging.getLogger("flwr").getChild("gem3d.server")
 OnRound = Callable[[dict[str, Any]], None]
@@ -156,6 +157,7 @@ def run_federation(grid: Grid, settings: ServerSettings, on_round: OnRound | Non
         grid: Flower's grid of connected SuperNodes.
         on_round: called with each completed round's metrics (e.g. to log to MLflow).
     """
+    check_client_dp(settings.cfg, settings.options)
     store = RunStore(settings.out_dir, settings.cfg)
     completed = store.prepare(settings.resume)
     server_volumes = _server_volumes(settings)
@@ -191,6 +193,8 @@ def _run_stage(
     total, done = rounds_for(settings, stage), completed[stage]
     timeout = float(options["round-timeout"])
     wait_for_nodes(grid, cfg.federation.min_clients, timeout)
+    nodes = len(list(grid.get_node_ids()))
+    accountant = run_accountant(store, options, nodes, completed)
     model = initial_global(settings, store, stage, done)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     names = trainable_names(model)
@@ -198,8 +202,7 @@ def _run_stage(
     if stage == "volume" and not cfg.train.volume_train_all:
         record["base-id"] = install_base(grid, settings, store, timeout)
     label = f"stage {stage}"
-    nodes = len(list(grid.get_node_ids()))
-    observed = ObservedStrategy(build_strategy(cfg, options, nodes), cfg.federation.min_clients, label)
+    observed = ObservedStrategy(build_strategy(cfg, options, nodes, accountant), cfg.federation.min_clients, label)
     seed_base = cfg.train.seed + _STAGE_SEED_STRIDE * stage_index
     train_config = ConfigRecord({**record, "seed": seed_base + _ROUND_SEED_STRIDE * done})
     # A round's clock runs from the end of the previous one (its report included) to its checkpoint.
@@ -222,7 +225,10 @@ def _run_stage(
             metrics["server-eval-seconds"] = time.perf_counter() - evaluating
         steps = stage_round * cfg.federation.local_steps
         saving = time.perf_counter()
-        path = store.save_round(model, stage, stage_round, completed, steps, int(metrics.get("sites-ok", 0)))
+        client_dp = accountant.state_dict() if accountant is not None else None
+        path = store.save_round(
+            model, stage, stage_round, completed, steps, int(metrics.get("sites-ok", 0)), client_dp=client_dp
+        )
         completed[stage] = stage_round
         metrics["checkpoint-seconds"] = time.perf_counter() - saving
         # The previous round's report (MLflow, on_round) ran inside this round's clock.
@@ -261,6 +267,37 @@ def _run_stage(
         evaluate_config=ConfigRecord(record),
         evaluate_fn=after_round,
     )
+
+
+def run_accountant(
+    store: RunStore, options: dict[str, Any], nodes: int, completed: dict[str, int]
+) -> RdpAccountant | None:
+    """The run's client-level DP accountant for the next stage: the saved one continued, or a new one.
+
+    Every stage continues the state the last round saved, so the stages and a restarted server
+    compose onto the same releases. None when ``server-dp-noise`` is 0.
+
+    Raises:
+        ConfigError: rounds of this run were released without client-level DP (its ε cannot cover them).
+        CheckpointError: the saved accountant state cannot be continued.
+    """
+    if float(options["server-dp-noise"]) <= 0:
+        return None
+    try:
+        accountant = client_dp_accountant(options, nodes, store.client_dp_state)
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(
+            f"{store.state_path}: its client-level DP accountant state cannot be continued ({error}); "
+            "choose another out-dir"
+        ) from None
+    # Every completed round was a release to the sites; one without noise has no finite ε.
+    released = sum(completed.values())
+    if accountant.num_releases < released:
+        raise ConfigError(
+            f"run config 'server-dp-noise': {released - accountant.num_releases} of the {released} rounds completed "
+            f"in {store.out_dir} were released without client-level DP, which no ε covers; choose another out-dir"
+        )
+    return accountant
 
 
 def wait_for_nodes(grid: Grid, count: int, timeout: float) -> None:

@@ -14,6 +14,8 @@ from experiments.tracking import Tracker
 from gem3d.config import Config, flatten_config
 from gem3d.runs import STAGE_FILES
 
+CLIENT_DP_PREFIX = "client-dp-"  # the server's client-level DP (never the sites' patient-level epsilon)
+
 
 def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
     """The numeric leaves of a nested metrics dict, with dotted names."""
@@ -27,7 +29,10 @@ def _numbers(metrics: dict[str, Any], prefix: str = "") -> dict[str, float]:
 
 
 class RoundLogger:
-    """Logs each completed round (``on_round``) to a parent run, and per-site metrics to nested runs."""
+    """Logs each completed round (``on_round``) to a parent run, and per-site metrics to nested runs.
+
+    Round metrics are named ``<stage>.<metric>``, except the run-wide ``client-dp-*`` ones.
+    """
 
     def __init__(self, tracker: Tracker, cfg: Config) -> None:
         self.tracker = tracker
@@ -39,7 +44,11 @@ class RoundLogger:
         self.step += 1
         stage = str(metrics.get("stage", "round"))
         summary = {k: v for k, v in metrics.items() if k not in ("per-site", "stage", "checkpoint", "failures")}
-        self.tracker.log_metrics({f"{stage}.{k}": v for k, v in _numbers(summary).items()}, step=self.step)
+        # The client-level ε is the run's, composed over all stages: one curve, without a stage prefix.
+        self.tracker.log_metrics(
+            {k if k.startswith(CLIENT_DP_PREFIX) else f"{stage}.{k}": v for k, v in _numbers(summary).items()},
+            step=self.step,
+        )
         for node, site_metrics in (metrics.get("per-site") or {}).items():
             index = site_metrics.get("site-index")
             name = f"site_{int(index)}" if isinstance(index, int | float) else f"node_{node}"

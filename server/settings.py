@@ -38,6 +38,8 @@ APP_KEYS = {
     "krum-malicious": 0,
     "server-dp-noise": 0.0,
     "server-dp-clip": 1.0,
+    "server-dp-delta": 1e-5,
+    "server-dp-budget": 0.0,
     "torch-threads": 1,
     "tracking-dir": "",
 }

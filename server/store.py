@@ -4,7 +4,9 @@ The folder has the layout of ``gem3d train`` (``slice.safetensors``, ``volume.sa
 ``informed.safetensors``, ``config.json``; see ``gem3d.runs``), so it is a valid ``--checkpoint``
 for ``gem3d sample`` after any completed round. ``ema.*`` and ``model.*`` both hold the global
 weights, because samplers load the EMA weights. ``server_state.json`` records the last completed
-(stage, round); a restarted server resumes after it. ``metrics.jsonl`` has one line per round.
+(stage, round); a restarted server resumes after it. With client-level DP it also holds the run's
+accountant state (``client-dp-accountant``), so the client-level ε of a resumed run continues
+from every round already released. ``metrics.jsonl`` has one line per round.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from gem3d.training import STAGES, Stage, new_state
 STATE_FILE = "server_state.json"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.json"
+CLIENT_DP_KEY = "client-dp-accountant"  # Flower's accountant state_dict() in server_state.json
 # A resumed run may change these (more rounds, another strategy or minimum of sites); not the model or data.
 _RESUMABLE_SECTIONS = ("federation",)
 
@@ -50,6 +53,8 @@ class RunStore:
     def __init__(self, out_dir: Path, cfg: Config) -> None:
         self.out_dir = out_dir
         self.cfg = cfg
+        # The client-level DP accountant's state as last saved (None: no client-level DP release yet).
+        self.client_dp_state: dict[str, Any] | None = None
 
     @property
     def state_path(self) -> Path:
@@ -78,6 +83,7 @@ class RunStore:
                 )
             write_json_atomic(config_path, current)
             progress = json.loads(self.state_path.read_text())
+            self.client_dp_state = progress.get(CLIENT_DP_KEY)
             return {stage: int(progress.get("completed", {}).get(stage, 0)) for stage in STAGES}
         if any(self.out_dir.glob("*.safetensors")):
             raise CheckpointError(f"{self.out_dir}: holds checkpoints but no {STATE_FILE}; choose another out-dir")
@@ -100,10 +106,15 @@ class RunStore:
         completed: dict[str, int],
         steps: int,
         sites: int,
+        client_dp: dict[str, Any] | None = None,
     ) -> Path:
         """Checkpoint the global model of ``stage`` after ``stage_round``, then record the progress.
 
         The checkpoint goes first: a crash between the two writes repeats a round, never skips one.
+
+        Args:
+            client_dp: the client-level DP accountant's ``state_dict()`` after this round; None
+                keeps the last saved one (past releases stay on record if a resume turns DP off).
         """
         state = new_state(model, self.cfg.train)  # its EMA starts as a copy: ema.* == model.* == global
         state.step = steps
@@ -117,10 +128,16 @@ class RunStore:
             rounds=stage_round,
             sites=sites,
         )
-        write_json_atomic(
-            self.state_path,
-            {"stage": stage, "round": stage_round, "completed": {**completed, stage: stage_round}},
-        )
+        progress: dict[str, Any] = {
+            "stage": stage,
+            "round": stage_round,
+            "completed": {**completed, stage: stage_round},
+        }
+        if client_dp is not None:
+            self.client_dp_state = client_dp
+        if self.client_dp_state is not None:
+            progress[CLIENT_DP_KEY] = self.client_dp_state
+        write_json_atomic(self.state_path, progress)
         return path
 
     def append_metrics(self, record: dict[str, Any]) -> None:

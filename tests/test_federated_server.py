@@ -14,10 +14,11 @@ from flwr.serverapp.strategy import (
     FedProx,
     Krum,
 )
+from flwr.supercore.privacy_accounting import SamplingMethod
 
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
-from gem3d.errors import CheckpointError
+from gem3d.errors import CheckpointError, ConfigError
 from gem3d.runs import build_model, load_model, train_stage
 from server.federation import initial_global
 from server.settings import APP_KEYS, ServerSettings
@@ -34,10 +35,31 @@ def test_the_strategy_comes_from_config(micro_cfg: Config, name: str, kind: type
     cfg = micro_cfg.model_copy(update={"federation": micro_cfg.federation.model_copy(update={"strategy": name})})
     # execute
     strategy = build_strategy(cfg, APP_KEYS, num_nodes=3)
-    wrapped = build_strategy(cfg, {**APP_KEYS, "server-dp-noise": 0.5}, num_nodes=3)
     # assert
     assert type(strategy) is kind
-    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedprox"])
+def test_client_level_dp_wraps_fedavg_aggregation_with_an_accountant(micro_cfg: Config, name: str) -> None:
+    # prepare
+    cfg = micro_cfg.model_copy(update={"federation": micro_cfg.federation.model_copy(update={"strategy": name})})
+    # execute
+    wrapped = build_strategy(cfg, {**APP_KEYS, "server-dp-noise": 0.5}, num_nodes=3)
+    # assert: Flower's accounted wrapper, without sampling amplification, over all connected nodes
+    assert isinstance(wrapped, DifferentialPrivacyServerSideFixedClipping) and wrapped.accountant is not None
+    assert wrapped.accountant.config.sampling_method is SamplingMethod.NO_AMPLIFICATION
+    assert wrapped.accountant.config.population_size == 3 and wrapped.num_sampled_clients == 3
+    assert wrapped.accountant.config.max_epsilon is None  # server-dp-budget = 0: no limit
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedmedian", "krum"])
+def test_client_level_dp_refuses_aggregations_the_noise_does_not_bound(micro_cfg: Config, name: str) -> None:
+    # prepare
+    cfg = micro_cfg.model_copy(update={"federation": micro_cfg.federation.model_copy(update={"strategy": name})})
+    # execute / assert: one line naming both settings
+    with pytest.raises(ConfigError, match=rf"federation.strategy = '{name}' .* server-dp-noise = 0.5") as caught:
+        build_strategy(cfg, {**APP_KEYS, "server-dp-noise": 0.5}, num_nodes=3)
+    assert "\n" not in str(caught.value)
 
 
 def test_a_resume_keeps_the_model_but_may_change_the_federation(micro_cfg: Config, tmp_path: Path) -> None:
