@@ -26,8 +26,9 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
-from gem3d.runs import STAGE_FILES, build_model, initial_model
+from gem3d.runs import STAGE_FILES, build_model, init_checkpoint, initial_model
 from gem3d.training import STAGES, Stage, freeze_for_stage
+from privacy.model_privacy import site_entry, stage_record
 from server.evaluation import validation_loss
 from server.settings import ServerSettings
 from server.store import RunStore, global_tensors
@@ -66,21 +67,67 @@ def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done
         model = build_model(stage, cfg)
         store.load_global(model, stage)
         return model
-    own_slice = stage == "volume" and (store.out_dir / STAGE_FILES["slice"]).exists()
-    if settings.init is not None and not own_slice and _has_init(settings.init, stage):
+    start = start_checkpoint(settings, store, stage)
+    slice_path = store.out_dir / STAGE_FILES["slice"]
+    if start is not None and start != slice_path:
         logger.info("stage %s starts from %s", stage, settings.init)
         return initial_model(stage, cfg, None, settings.init, torch.device("cpu"))
     if stage != "volume":
         return build_model(stage, cfg)
     model = build_model("slice", cfg)
-    slice_path = store.out_dir / STAGE_FILES["slice"]
-    if slice_path.exists():
+    if start is not None:
         store.load_global(model, "slice")
     else:
         logger.warning("no global slice model in %s: stage 2 inflates an untrained slice denoiser", store.out_dir)
     assert isinstance(model, SliceDenoiser)
     model.inflate()
     return model
+
+
+def start_checkpoint(settings: ServerSettings, store: RunStore, stage: Stage) -> Path | None:
+    """The checkpoint whose weights a new ``stage`` starts from (``initial_global``'s rule), if any.
+
+    The run config's ``init`` when it has weights for the stage (stage 2 only when this run has no
+    global slice model); for stage 2 otherwise the run's own global slice model; else None.
+    """
+    own_slice = store.out_dir / STAGE_FILES["slice"]
+    if settings.init is not None and not (stage == "volume" and own_slice.exists()) and _has_init(settings.init, stage):
+        return init_checkpoint(settings.init, stage)
+    if stage == "volume" and own_slice.exists():
+        return own_slice
+    return None
+
+
+def privacy_record(
+    store: RunStore, stage: Stage, start: Path | None, per_site: dict[str, dict[str, Any]], client_dp: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``privacy`` record of a stage's global checkpoint after a round (``privacy.model_privacy``).
+
+    Each site that trained in the round is named by its ``site-index``; a DP site's entry is the
+    cumulative ε and δ of its ledger that it reported, a non-DP site's says so. The record of the
+    stage's previous round (or of a resumed run) is merged in, so it covers every round; the
+    weights the stage started from bring their own record.
+    """
+    sites = {}
+    for node, reply in per_site.items():
+        index = reply.get("site-index")
+        name = f"site_{int(index)}" if isinstance(index, int | float) else f"node_{node}"
+        if reply.get("dp"):
+            sites[name] = {"dp": True, "ledger": None, "epsilon": reply.get("epsilon"), "delta": reply.get("delta"),
+                           "accountant": None}  # fmt: skip
+        else:
+            sites[name] = site_entry(None)
+    client_level = None
+    if "client-dp-epsilon" in client_dp:
+        client_level = {
+            "level": "client (one site's participation), server-side DP, no amplification",
+            "epsilon": client_dp["client-dp-epsilon"],
+            "delta": client_dp["client-dp-delta"],
+            "rounds": client_dp["client-dp-rounds"],
+        }
+    path = store.out_dir / STAGE_FILES[stage]
+    previous = read_metadata(path).get("privacy", {}) if path.exists() else None
+    return stage_record(public=False, sites=sites, init=start, client_level=client_level, previous=previous)
 
 
 def _has_init(init: Path, stage: Stage) -> bool:
@@ -195,6 +242,7 @@ def _run_stage(
     wait_for_nodes(grid, cfg.federation.min_clients, timeout)
     nodes = len(list(grid.get_node_ids()))
     accountant = run_accountant(store, options, nodes, completed)
+    start = start_checkpoint(settings, store, stage) if done == 0 else None  # a resumed stage's record has it
     model = initial_global(settings, store, stage, done)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     names = trainable_names(model)
@@ -226,8 +274,16 @@ def _run_stage(
         steps = stage_round * cfg.federation.local_steps
         saving = time.perf_counter()
         client_dp = accountant.state_dict() if accountant is not None else None
+        privacy = privacy_record(store, stage, start, observed.round.get("per-site") or {}, observed.round)
         path = store.save_round(
-            model, stage, stage_round, completed, steps, int(metrics.get("sites-ok", 0)), client_dp=client_dp
+            model,
+            stage,
+            stage_round,
+            completed,
+            steps,
+            int(metrics.get("sites-ok", 0)),
+            client_dp=client_dp,
+            privacy=privacy,
         )
         completed[stage] = stage_round
         metrics["checkpoint-seconds"] = time.perf_counter() - saving

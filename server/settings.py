@@ -100,9 +100,10 @@ class ServerSettings:
         if out_dir is None:
             raise ConfigError("run config 'out-dir' is empty")
         data_root = _path(merged["data-root"])
+        # Unset, each simulated site keeps its private state beside its data (<site>/.gem3d-site), so
+        # its key, policy and ledger outlive this run folder: the next run over the same data spends
+        # from the same ledger.
         state_root = _path(merged["state-root"])
-        if state_root is None and data_root is not None:
-            state_root = out_dir / "sites"  # simulation: the sites' private state next to the run
         return cls(
             cfg=cfg,
             out_dir=out_dir,

@@ -107,6 +107,7 @@ class RunStore:
         steps: int,
         sites: int,
         client_dp: dict[str, Any] | None = None,
+        privacy: dict[str, Any] | None = None,
     ) -> Path:
         """Checkpoint the global model of ``stage`` after ``stage_round``, then record the progress.
 
@@ -115,6 +116,7 @@ class RunStore:
         Args:
             client_dp: the client-level DP accountant's ``state_dict()`` after this round; None
                 keeps the last saved one (past releases stay on record if a resume turns DP off).
+            privacy: the checkpoint's privacy record (``privacy.model_privacy``; ``federation.privacy_record``).
         """
         state = new_state(model, self.cfg.train)  # its EMA starts as a copy: ema.* == model.* == global
         state.step = steps
@@ -127,6 +129,7 @@ class RunStore:
             federated=True,
             rounds=stage_round,
             sites=sites,
+            **({"privacy": privacy} if privacy is not None else {}),
         )
         progress: dict[str, Any] = {
             "stage": stage,

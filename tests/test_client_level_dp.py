@@ -33,6 +33,7 @@ from gem3d.config import Config
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.errors import ConfigError
 from gem3d.runs import build_model
+from privacy.model_privacy import model_statement
 from server.app import create_app
 from server.federation import run_accountant
 from server.settings import APP_KEYS
@@ -275,6 +276,12 @@ def test_a_resumed_run_continues_epsilon_from_the_persisted_state(scenario: dict
     assert rounds[3]["client-dp-epsilon"] > rounds[2]["client-dp-epsilon"]
     assert sum(item["count"] for item in state[CLIENT_DP_KEY]["compositions"]) == 4
     assert state["completed"] == {"slice": 2, "volume": 0, "informed": 2}
+    # assert: the checkpoints' privacy records carry it, apart from the (absent) patient-level ε
+    statement = model_statement(scenario["out"])
+    assert statement["client_level"]["epsilon"] == pytest.approx(rounds[3]["client-dp-epsilon"])
+    assert statement["client_level"]["rounds"] == 4
+    assert statement["patient_level"]["epsilon"] is None
+    assert any("without DP-SGD" in item for item in statement["non_dp_private"])  # the sites ran no DP-SGD
 
 
 def test_mlflow_has_the_client_level_epsilon_of_every_round(

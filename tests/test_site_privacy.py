@@ -295,7 +295,12 @@ def test_a_federated_site_refuses_less_privacy_and_the_run_goes_on(refusing_fede
     assert len(rounds) == 1 and rounds[0]["sites-ok"] == 1 and rounds[0]["sites-failed"] == 1
     assert "site_0: refuses a request weaker than its privacy policy" in rounds[0]["failures"][0]
     assert not (states / "site_0" / "privacy_ledger.json").exists()
-    assert PrivacyLedger.read(states / "site_1" / "privacy_ledger.json").steps == 2
+    ledger = PrivacyLedger.read(states / "site_1" / "privacy_ledger.json")
+    assert ledger.steps == 2
+    # assert: the global checkpoint states the model's privacy: site_1's ledger ε, nothing without DP
+    statement = model_statement(out)
+    assert statement["non_dp_private"] == [] and set(statement["patient_level"]["sites"]) == {"site_1"}
+    assert statement["patient_level"]["epsilon"] == pytest.approx(ledger.epsilon)
     # assert: what the server logged of the DP site: withheld telemetry, uniform weight, its ε
     (reply,) = rounds[0]["per-site"].values()
     assert reply["telemetry-withheld"] == 1.0 and reply["num-examples"] == 1.0
