@@ -20,6 +20,14 @@ def test_small_demo_runs_every_step_and_tracks_it(tmp_path: Path, capsys: pytest
     assert "gem3d demo: summary" in printed and "mlflow ui" in printed
     assert sorted(summary["epsilon"]) == ["site_0", "site_1"]
     assert all(0 < eps <= 60 for eps in summary["epsilon"].values())  # measured, and within the budget
+    privacy = summary["privacy"]  # the model's statement: public pre-training, DP fine-tuning at every site
+    assert privacy["non_dp_private"] == [] and privacy["public"]
+    assert privacy["patient_level"]["epsilon"] == max(summary["epsilon"].values())
+    assert summary["release"]["differential_privacy"]["epsilon"] == pytest.approx(privacy["patient_level"]["epsilon"])
+    for site in ("site_0", "site_1"):  # each hospital wrote its own policy; its ledger lives beside its data
+        assert (out / "data" / site / ".gem3d-site" / "privacy_policy.toml").exists()
+        assert (out / "data" / site / ".gem3d-site" / "privacy_ledger.json").exists()
+    assert "epsilon of the model (patient-level, max over sites)" in printed
     assert summary["release"]["cases"] > 0
     assert summary["release"]["policy"]["informed_source"].startswith("generate")
     assert (out / "release" / "privacy_report.json").exists()
