@@ -412,6 +412,18 @@ def enhance(
     Returns:
         the output dataset folder (nnU-Net v2 raw + provenance/).
     """
+    jobs = enhancement_jobs(synth, data, per_case, informed_kind, edits, seed)
+    return _write_jobs(synth, jobs, out, on_progress, preview)
+
+
+def enhancement_jobs(
+    synth: Synthesiser, data: Path, per_case: int, informed_kind: str, edits: Sequence[Any] = (), seed: int = 0
+) -> list[Job]:
+    """The jobs of ``enhance``: per case, ``per_case`` edited masks, random starts and informed slices.
+
+    Generated informed slices are drawn here (on the model grid, ``job.informed.image`` ``[H, W]``),
+    so a caller such as the release gate can check their pixels before anything is written.
+    """
     from gem3d.masks import apply_edits
 
     if informed_kind not in ("copy", "generate"):
@@ -463,7 +475,7 @@ def enhance(
         # the source case's real image rides along for the preview; the sampler reads only the mask
         target = ModelGridCase(case.grid.image, label, geometry)
         jobs.append(Job(new_id, target, slice_, start, job_seed, intensity, provenance))
-    return _write_jobs(synth, jobs, out, on_progress, preview)
+    return jobs
 
 
 def real_original(job: Job) -> np.ndarray | None:

@@ -1,29 +1,34 @@
 """The release gate: generated cases leave a site only under the privacy policy.
 
-Given already-generated cases (image, label, affine, provenance), ``release_cohort``:
+Given already-generated cases (image, label, affine, provenance, informed slice), ``release_cohort``:
 1. enforces the policy: every informed slice is *generated* (``real``, ``copy`` and ``file``
-   carry a real patient's pixels into the "synthetic" volume and are refused), optionally also
-   by pixels (an informed slice that matches a real training slice is refused whatever its
-   declared source), and every mask is edited by at least ``min_mask_edits`` edits that changed
-   it (or is itself generated);
+   carry a real patient's pixels into the "synthetic" volume and are refused), and checked by
+   its pixels against every real training slice, at every position, flipped and rotated by
+   multiples of 90 degrees (a match is refused whatever its declared source; a case without
+   its informed slice is refused); every mask is changed by at least ``min_mask_edits`` edits
+   that change the anatomy's shape (flips, 90-degree rotations, relabelling and label removal
+   do not count: ``changes_anatomy``), or is itself generated;
 2. checks the model's privacy statement (``privacy.model_privacy``): every stage trained on
    private data was trained with DP-SGD (its weights' origins included), unless the policy
    explicitly allows a non-DP model; the report carries the patient-level ε (maximum over
    sites, each site's ledger composing its stages) and, apart, any client-level ε;
-3. writes the cohort to a private temporary folder with scrubbed NIfTI headers (fresh headers
-   carrying only geometry; descrip, aux_file, db_name and intent_name empty; no extensions)
-   and pseudonymous case ids (random, unrelated to source ids or order);
+3. writes the cohort to a working folder beside ``out`` (never the system temp dir; marked
+   ``INCOMPLETE-NOT-A-RELEASE``; a killed release's folder is removed by the next release)
+   with scrubbed NIfTI headers (fresh headers carrying only geometry; descrip, aux_file,
+   db_name and intent_name empty; no extensions) and pseudonymous case ids: sorted random ids
+   given to the cases in a secret random order, so neither names nor order follow the sources;
 4. runs the memorization audit on exactly those files against the training set (and a
    holdout, if given) and refuses if any copy is found;
-5. only then moves the folder into place, with ``privacy_report.json`` (ε, δ, accountant,
-   audit figures without case ids, the policy applied) and per-case provenance that names no
-   source case, site, path or date.
+5. only then moves the folder into place, with ``privacy_report.json`` (ε, δ, accountant, what
+   they guarantee, audit figures without case ids, the policy applied) and per-case
+   provenance that names no source case, site, path or date.
 
 A refusal raises ``ReleasePolicyError`` or ``ReleaseRefusedError`` and leaves nothing at ``out``.
 
 ``release_dataset`` is the whole of ``gem3d release`` behind the command line: it checks the
-mask edits and the model's privacy before generating anything, enhances the site's data with generated
-informed slices into a private temporary folder, and hands the cases to ``release_cohort``.
+mask edits and the model's privacy before generating anything, generates the enhanced cases
+in memory (``gem3d.apps.enhancement_jobs`` with generated informed slices) and hands them,
+informed slices included, to ``release_cohort``.
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from gem3d.apps import Synthesiser, dataset_folders, enhance
+from gem3d.apps import Job, Synthesiser, dataset_folders, enhancement_jobs, run_jobs, to_original
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import load_volumes
@@ -62,7 +67,8 @@ class ReleasePolicy:
     """What a privacy release demands.
 
     Attributes:
-        min_mask_edits: edits that actually changed each mask (ignored for generated masks).
+        min_mask_edits: edits that changed the anatomy's shape of each mask (``changes_anatomy``;
+            ignored for generated masks).
         informed_copy_rms: an informed slice whose RMS difference to any real training slice
             (intensities in [-1, 1]) is below this counts as copied, whatever its declared source.
         require_dp: refuse a model with a stage trained on private data without DP-SGD.
@@ -105,10 +111,33 @@ def informed_kind(provenance: dict[str, Any]) -> str | None:
     return None
 
 
+# Edits that leave the anatomy's shape as it was, up to an isometry or a renaming of labels: a
+# mask edited only by them is its source patient's mask, as linkable as the original (a flipped
+# mask matched its source with foreground Dice 0.987). They do not count towards the policy.
+SHAPE_PRESERVING_EDITS = ("flip", "relabel", "remove")
+
+
+def changes_anatomy(record: dict[str, Any]) -> bool:
+    """Whether one mask-edit record (``gem3d.masks.apply_edits``) changed the anatomy's shape.
+
+    No: an edit that changed nothing, a flip, a relabelling or removal of a label (the
+    foreground keeps its outline), a rotation by a multiple of 90 degrees (an isometry of the grid).
+    """
+    if not record.get("changed", True):
+        return False
+    name = str(record.get("name", "?"))
+    if name in SHAPE_PRESERVING_EDITS:
+        return False
+    if name == "rotate":
+        angle = float(record.get("angle_deg", 1.0))
+        return abs(angle / 90.0 - round(angle / 90.0)) > 1e-6
+    return True
+
+
 def effective_mask_edits(provenance: dict[str, Any]) -> list[str]:
-    """Names of the mask edits that changed the mask (records without ``changed`` count as changing)."""
+    """Names of the mask edits that changed the anatomy (``changes_anatomy``); records without ``changed`` count."""
     edits = provenance.get("mask_edits") or []
-    return [str(e.get("name", "?")) for e in edits if isinstance(e, dict) and e.get("changed", True)]
+    return [str(e.get("name", "?")) for e in edits if isinstance(e, dict) and changes_anatomy(e)]
 
 
 def check_policy(cases: Sequence[GeneratedCase], policy: ReleasePolicy) -> None:
@@ -140,30 +169,43 @@ def check_policy(cases: Sequence[GeneratedCase], policy: ReleasePolicy) -> None:
             )
 
 
+def dihedral(image: np.ndarray) -> list[np.ndarray]:
+    """The 8 flips and 90-degree rotations of a square ``[H, W]`` slice (the slice itself first)."""
+    rotations = [np.rot90(image, k) for k in range(4)]
+    return rotations + [np.flip(r, axis=1) for r in rotations]
+
+
 def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume], policy: ReleasePolicy) -> None:
-    """Refuse any informed slice that (nearly) equals a real slice of the training volumes.
+    """Refuse any informed slice that (nearly) equals a real training slice, at any position, flipped or rotated.
+
+    Every case must carry its informed slice (a release that cannot check one refuses it).
 
     Args:
         real: training volumes on the model grid, ``image`` ``[D, H, W]`` in [-1, 1].
     """
-    slices = [v.image for v in real]
+    slices = [np.asarray(v.image, dtype=np.float32) for v in real]
     for index, case in enumerate(cases):
         if case.informed_slice is None:
-            continue
-        informed = np.asarray(case.informed_slice, dtype=np.float64)
+            raise ReleasePolicyError(
+                f"generated case {index}: its informed slice did not reach the release gate, so its pixels "
+                "cannot be checked against the real slices; refused"
+            )
+        variants = np.stack(dihedral(np.asarray(case.informed_slice, dtype=np.float32)))  # [8, H, W]
         best = np.inf
         for volume in slices:
-            if volume.shape[1:] != informed.shape:
+            if volume.shape[1:] != variants.shape[1:]:
                 raise DataError(
-                    f"generated case {index}: informed slice shape {informed.shape} differs from the "
+                    f"generated case {index}: informed slice shape {variants.shape[1:]} differs from the "
                     f"training slices' {volume.shape[1:]}"
                 )
-            rms = np.sqrt(((volume.astype(np.float64) - informed[None]) ** 2).mean(axis=(1, 2)))
-            best = min(best, float(rms.min()))
+            # [D, 8]: every real slice of this volume against every variant of the informed slice
+            squared = ((volume[:, None] - variants[None]) ** 2).mean(axis=(2, 3))
+            best = min(best, float(np.sqrt(squared.min())))
         if best < policy.informed_copy_rms:
             raise ReleasePolicyError(
                 f"generated case {index}: its informed slice matches a real training slice "
-                f"(RMS difference {best:.4f} < {policy.informed_copy_rms:g}); copied informed slices are refused"
+                f"(RMS difference {best:.4f} < {policy.informed_copy_rms:g}, flips and 90-degree rotations "
+                "included); copied informed slices are refused"
             )
 
 
@@ -221,6 +263,47 @@ def _what_holds(patient: dict[str, Any], client: dict[str, Any] | None, non_dp: 
         "The released labels are edited copies of real segmentations: differential privacy does not cover them."
     )
     return lines
+
+
+WORK_PREFIX = ".gem3d-release-work."
+INCOMPLETE = "INCOMPLETE-NOT-A-RELEASE"
+
+
+def work_folder(out: Path) -> Path:
+    """A new working folder beside ``out`` (never in the system temp dir), after removing stale ones.
+
+    Its name carries the owner's process id: a folder whose process is gone was left by a killed
+    release and is removed here, by the next release into the same parent folder. It is marked
+    ``INCOMPLETE-NOT-A-RELEASE`` until it is renamed to ``out``, and it only ever holds
+    pseudonymous, scrubbed files: no source id, site or path.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f"{WORK_PREFIX}*"):
+        pid = stale.name.removeprefix(WORK_PREFIX).partition(".")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out.parent))
+    (tmp / INCOMPLETE).write_text("a release in progress or killed: not audited, not a release\n")
+    return tmp
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def secret_order(count: int, seed: int | None = None) -> list[int]:
+    """A random permutation of ``range(count)`` from the OS's CSPRNG (a seed only for tests)."""
+    if seed is not None:
+        return [int(i) for i in np.random.default_rng(seed).permutation(count)]
+    order = list(range(count))
+    secrets.SystemRandom().shuffle(order)
+    return order
 
 
 def pseudonymous_ids(count: int, seed: int | None = None, prefix: str = "gem3d_syn_") -> list[str]:
@@ -310,13 +393,15 @@ def release_cohort(
     check_informed_pixels(cases, train, policy)
     dp = check_model_privacy(privacy_statement, policy)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".release.", dir=out.parent))
+    tmp = work_folder(out)
     try:
         ids = pseudonymous_ids(len(cases), seed)
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
-        for case_id, case in zip(ids, cases, strict=True):
+        # sorted random ids given to the cases in a secret random order: neither a file's name nor
+        # its place in the listing says which source it came from
+        for case_id, index in zip(ids, secret_order(len(cases), seed), strict=True):
+            case = cases[index]
             image = scrubbed_image(np.asarray(case.image, dtype=np.float32), case.affine)
             nib.save(image, tmp / "imagesTr" / f"{case_id}_0000.nii.gz")
             label = scrubbed_image(np.asarray(case.label, dtype=np.uint8), case.affine)
@@ -356,6 +441,7 @@ def release_cohort(
                 "generator": generator or {},
             },
         )
+        (tmp / INCOMPLETE).unlink()
         os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -390,21 +476,12 @@ def load_site_volumes(data: Path, cfg: Config) -> list[Volume]:
     return volumes
 
 
-def read_generated(folder: Path) -> list[GeneratedCase]:
-    """The cases ``gem3d.apps.enhance`` wrote to ``folder``, with their provenance, back in memory."""
+def generated_cases(jobs: Sequence[Job], volumes: Sequence[np.ndarray]) -> list[GeneratedCase]:
+    """The sampled volumes of ``jobs`` as cases for the gate, each with its informed slice (model grid)."""
     cases = []
-    for provenance_path in sorted((folder / "provenance").glob("*.json")):
-        case_id = provenance_path.stem
-        image = nib.nifti1.load(folder / "imagesTr" / f"{case_id}_0000.nii.gz")
-        label = nib.nifti1.load(folder / "labelsTr" / f"{case_id}.nii.gz")
-        cases.append(
-            GeneratedCase(
-                image=np.asarray(image.dataobj, dtype=np.float32),
-                label=np.asarray(label.dataobj),
-                affine=image.affine,
-                provenance=json.loads(provenance_path.read_text()),
-            )
-        )
+    for job, volume in zip(jobs, volumes, strict=True):
+        image, label, geometry = to_original(volume, job)
+        cases.append(GeneratedCase(image, label, geometry.affine_array, job.provenance, job.informed.image))
     return cases
 
 
@@ -445,16 +522,22 @@ def release_dataset(
     from gem3d.masks import parse_edits
 
     edits = parse_edits(mask_edit) if mask_edit else []
-    if len(edits) < policy.min_mask_edits:
+    shaping = [e for e in edits if e.name not in SHAPE_PRESERVING_EDITS]
+    if len(shaping) < policy.min_mask_edits:
         raise ConfigError(
-            f"--mask-edit {mask_edit!r}: {len(edits)} edit(s), the policy needs at least {policy.min_mask_edits}"
+            f"--mask-edit {mask_edit!r}: {len(shaping)} edit(s) that change the anatomy's shape, the policy needs "
+            f"at least {policy.min_mask_edits} ({', '.join(SHAPE_PRESERVING_EDITS)} keep it: they do not count)"
         )
     check_model_privacy(privacy_statement, policy)  # refuse before spending time on generation
+    out = Path(out)
+    if out.exists():
+        raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
     train = load_site_volumes(data, synth.cfg)
     holdout_volumes = load_site_volumes(holdout, synth.cfg) if holdout else None
-    with tempfile.TemporaryDirectory(prefix="gem3d-release-") as tmp:
-        generated = enhance(synth, data, Path(tmp) / "generated", per_case, "generate", edits, seed, on_progress)
-        cases = read_generated(generated)
+    # Generated in memory, informed slices included, so the gate checks their pixels; nothing
+    # un-audited, and nothing carrying a source id, is ever written to disk.
+    jobs = enhancement_jobs(synth, data, per_case, "generate", edits, seed)
+    cases = generated_cases(jobs, run_jobs(synth, jobs, on_progress))
     published = release_cohort(
         cases,
         out,
@@ -477,9 +560,9 @@ __all__ = [
     "check_informed_pixels",
     "check_model_privacy",
     "check_policy",
+    "generated_cases",
     "load_site_volumes",
     "pseudonymous_ids",
-    "read_generated",
     "release_cohort",
     "release_dataset",
     "scrub_nifti",

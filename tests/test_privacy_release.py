@@ -26,6 +26,7 @@ from privacy.release import (
     pseudonymous_ids,
     release_cohort,
     scrub_nifti,
+    secret_order,
 )
 
 SHAPE = (16, 16, 12)
@@ -56,7 +57,13 @@ def _cases(folder: Path, informed: str = "generate", edits: list | None = None) 
             "informed": {"kind": informed, "case": case_id},
             "mask_edits": EDITED if edits is None else edits,
         }
-        cases.append(GeneratedCase(np.asarray(image.dataobj), np.asarray(label.dataobj), image.affine, provenance))
+        # a stand-in for a generated informed slice on the 16x16 model grid: noise, like no real slice
+        informed_slice = np.random.default_rng(len(cases)).uniform(-1, 1, (16, 16)).astype(np.float32)
+        cases.append(
+            GeneratedCase(
+                np.asarray(image.dataobj), np.asarray(label.dataobj), image.affine, provenance, informed_slice
+            )
+        )
     return cases
 
 
@@ -115,30 +122,55 @@ def test_copied_informed_slices_are_refused(site: dict[str, Path], kind: str) ->
         check_policy(cases, ReleasePolicy())
 
 
-def test_unedited_masks_are_refused(site: dict[str, Path]) -> None:
-    cases = _cases(site["generated"], edits=[{"name": "flip", "changed": False}])
+@pytest.mark.parametrize(
+    "edits",
+    [
+        [{"name": "rotate", "angle_deg": 7.0, "changed": False}],  # changed nothing
+        [{"name": "flip", "axis": 2, "changed": True}],  # an isometry: the source's anatomy, mirrored
+        [{"name": "rotate", "angle_deg": -90.0, "changed": True}, {"name": "relabel", "changed": True}],
+        [{"name": "remove", "label": 3, "changed": True}],  # the outline stays the source's
+    ],
+)
+def test_masks_not_reshaped_by_an_edit_are_refused(site: dict[str, Path], edits: list[dict[str, Any]]) -> None:
+    cases = _cases(site["generated"], edits=edits)
 
     with pytest.raises(ReleasePolicyError, match="changed by 0 edit"):
         check_policy(cases, ReleasePolicy(min_mask_edits=1))
+    reshaped = _cases(site["generated"], edits=[*edits, {"name": "elastic", "changed": True}])
+    check_policy(reshaped, ReleasePolicy(min_mask_edits=1))
+
+
+def test_a_spec_of_only_shape_preserving_edits_is_refused_before_generating() -> None:
+    from gem3d.errors import ConfigError
+    from privacy.release import release_dataset
+
+    with pytest.raises(ConfigError, match="0 edit\\(s\\) that change the anatomy's shape"):
+        release_dataset(
+            None, Path("/nonexistent"), Path("/nonexistent/out"), per_case=1, mask_edit="flip,relabel:1=2",  # type: ignore[arg-type]
+            policy=ReleasePolicy(), privacy_statement=None,
+        )  # fmt: skip
 
 
 def test_informed_slice_equal_to_a_real_slice_is_refused_whatever_its_label(
     site: dict[str, Path], micro_cfg: Config, tmp_path: Path
 ) -> None:
     train = load_volumes(site["train"], micro_cfg.data)
-    cases = _cases(site["generated"])
-    cases[1] = GeneratedCase(**{**cases[1].__dict__, "informed_slice": train[4].image[5].copy()})
+    real = train[4].image[5]
+    for copied in (real.copy(), np.fliplr(real).copy(), np.rot90(real, 1).copy(), np.flipud(np.rot90(real)).copy()):
+        cases = _cases(site["generated"])
+        cases[1] = GeneratedCase(**{**cases[1].__dict__, "informed_slice": copied})
 
-    with pytest.raises(ReleasePolicyError, match="generated case 1: its informed slice matches a real training slice"):
-        release_cohort(
-            cases,
-            tmp_path / "out",
-            train=train,
-            data_cfg=micro_cfg.data,
-            privacy_statement=_dp_statement(_ledger(tmp_path)),
-        )
+        with pytest.raises(ReleasePolicyError, match="generated case 1: its informed slice matches a real training"):
+            release_cohort(
+                cases, tmp_path / "out", train=train, data_cfg=micro_cfg.data,
+                privacy_statement=_dp_statement(_ledger(tmp_path)),
+            )  # fmt: skip
 
     assert not (tmp_path / "out").exists()
+    unchecked = _cases(site["generated"])
+    unchecked[2] = GeneratedCase(**{**unchecked[2].__dict__, "informed_slice": None})
+    with pytest.raises(ReleasePolicyError, match="generated case 2: its informed slice did not reach the release gate"):
+        release_cohort(unchecked, tmp_path / "out", train=train, data_cfg=micro_cfg.data, privacy_statement=None)
 
 
 def test_release_writes_a_scrubbed_pseudonymous_cohort(
@@ -155,6 +187,7 @@ def test_release_writes_a_scrubbed_pseudonymous_cohort(
         data_cfg=micro_cfg.data,
         privacy_statement=_dp_statement(ledger),
         generator={"checkpoint_sha256": "ab" * 32},
+        seed=0,  # the secret order made reproducible for the test: permutation [2, 0, 1]
     )
 
     report = json.loads((out / "privacy_report.json").read_text())
@@ -164,6 +197,11 @@ def test_release_writes_a_scrubbed_pseudonymous_cohort(
     assert report["policy"]["min_mask_edits"] == 1
     released = load_volumes(out, micro_cfg.data)
     assert len(released) == 3 and all(v.case_id.startswith("gem3d_syn_") for v in released)
+    # the recipient's linkage attack: released files in listing order, matched to the sources by pixels
+    sources = [np.asarray(case.image) for case in _cases(site["generated"])]
+    files = sorted((out / "imagesTr").glob("*_0000.nii.gz"))
+    matched = [next(i for i, s in enumerate(sources) if np.allclose(nib.load(f).get_fdata(), s)) for f in files]
+    assert matched == secret_order(3, seed=0) != [0, 1, 2]  # the i-th name went to source order[i]
     text = _all_text(out)
     for source_id in [f"phantom_{i:03d}" for i in range(6)] + ["site_hospital_a", "donor_cohort", str(tmp_path)]:
         assert source_id not in text
@@ -215,6 +253,15 @@ def test_release_refuses_a_model_with_a_stage_trained_without_dp(
     assert statement([("slice", public_base)])["non_dp_private"] == []  # public pre-training is not refused
 
     assert not (tmp_path / "out").exists()
+
+
+def test_the_secret_order_is_a_uniform_permutation() -> None:
+    draws = [tuple(secret_order(4)) for _ in range(2400)]
+
+    assert all(sorted(d) == [0, 1, 2, 3] for d in draws)
+    counts = np.bincount([d.index(0) for d in draws], minlength=4)  # where case 0 lands: 600 each expected
+    assert counts.min() > 480 and counts.max() < 720
+    assert len(set(draws)) == 24
 
 
 def test_pseudonymous_ids_are_distinct_and_seedable() -> None:
@@ -303,3 +350,100 @@ def test_gem3d_release_publishes_and_tracks_the_privacy_report(
     assert previews == {
         f"previews/{path.name.removesuffix('_0000.nii.gz')}.png" for path in (out / "imagesTr").iterdir()
     }
+
+
+@pytest.fixture(scope="module")
+def dp_run(site: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A micro run trained with DP-SGD (1 step per stage), each checkpoint recording it (read-only)."""
+    import functools
+
+    from gem3d.config import config_from_dict
+    from gem3d.runs import train_stage
+    from privacy.dp_sgd import train_private
+    from tests.conftest import MICRO
+
+    cfg = config_from_dict({**MICRO, "privacy": {"enabled": True, "budget_epsilon": 1e4}})
+    volumes = load_volumes(site["train"], cfg.data)
+    root = tmp_path_factory.mktemp("dp_run")
+    ledger = PrivacyLedger.open(root / "site" / "privacy_ledger.json", cfg.privacy)
+    dp_train = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger)
+
+    def record() -> dict[str, Any]:
+        return {"privacy": stage_record(public=False, sites={"site-a": site_entry(ledger)})}
+
+    for stage in ("slice", "volume", "informed"):
+        train_stage(cfg, volumes, stage, root / "run", steps=1, train_fn=dp_train, extra_metadata=record)  # type: ignore[arg-type]
+    return root / "run"
+
+
+def test_gem3d_release_refuses_a_generator_that_returns_real_slices(
+    site: dict[str, Path], dp_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    # prepare: the adversary's generator hands out real training slices, flipped, as "generated" ones
+    import gem3d.apps
+    from experiments.cli import main
+    from gem3d.sampler import InformedSlice
+
+    real = load_volumes(site["train"], gem3d.apps.load_synthesiser(dp_run).cfg.data)
+
+    def leaking(synth: Any, masks: list[np.ndarray], starts: list[int], seeds: list[int]) -> list[InformedSlice]:
+        picks = [real[i % len(real)].image[min(z, real[i % len(real)].depth - 1)] for i, z in enumerate(starts)]
+        return [InformedSlice(np.fliplr(p).copy(), None, "generate", {}) for p in picks]
+
+    monkeypatch.setattr(gem3d.apps, "generated_informed", leaking)
+    out = tmp_path / "released"
+    # execute
+    code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(out),
+                 "--steps", "2", "--grid", "16", "--track", "off"])  # fmt: skip
+    # assert: refused by the pixel check, one line, nothing written anywhere beside --out
+    assert code == 2
+    assert "its informed slice matches a real training slice" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def _source_ids(site: dict[str, Path]) -> list[str]:
+    return [p.name.removesuffix(".nii.gz") for p in (site["train"] / "labelsTr").glob("*.nii.gz")]
+
+
+def test_a_killed_release_leaves_nothing_and_the_next_one_cleans_up(
+    site: dict[str, Path], dp_run: Path, tmp_path: Path
+) -> None:
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    from privacy.release import WORK_PREFIX
+
+    repo = Path(__file__).resolve().parent.parent
+    argv = [sys.executable, "-m", "experiments.cli", "release", "--checkpoint", str(dp_run), "--data",
+            str(site["train"]), "--steps", "2", "--grid", "16", "--track", "off"]  # fmt: skip
+    temp_before = set(Path(tempfile.gettempdir()).iterdir())
+    # execute: SIGKILL at several points of a release (start-up, generation, writing and audit)
+    for delay in (3.0, 6.0, 9.0):
+        process = subprocess.Popen([*argv, "--out", str(tmp_path / "killed")], cwd=repo, env=os.environ.copy())
+        time.sleep(delay)
+        process.send_signal(signal.SIGKILL)
+        if process.wait() == 0:  # a quiet machine finished first: that release is legitimate
+            shutil.rmtree(tmp_path / "killed")
+        # assert: no release, and nothing anywhere that names a source case
+        assert not (tmp_path / "killed").exists()
+        leftovers = [p for p in tmp_path.rglob("*") if p.is_file()]
+        leftovers += [p for p in Path(tempfile.gettempdir()).iterdir() if p not in temp_before]
+        for path in leftovers:
+            text = _all_text(path.parent) if path.suffix in (".gz", ".json") else path.name
+            assert not any(case in text or case in str(path) for case in _source_ids(site)), path
+    # a working folder left by a killed release whatever the timing above: its process is gone
+    stale = tmp_path / f"{WORK_PREFIX}{process.pid}.planted"
+    (stale / "imagesTr").mkdir(parents=True)
+    (stale / "imagesTr" / "gem3d_syn_0_0000.nii.gz").write_bytes(b"un-audited")
+    # execute: the next release into the same folder
+    done = subprocess.run([*argv, "--out", str(tmp_path / "released")], cwd=repo, capture_output=True, text=True)
+    # assert: it succeeds, and no working folder of the killed ones is left
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert not list(tmp_path.glob(f"{WORK_PREFIX}*"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["released"]
