@@ -146,6 +146,19 @@ class PrivacyConfig(_Frozen):
     )
 
 
+class ReleaseConfig(_Frozen):
+    """The canonical grid of a privacy release (``gem3d release``): no source geometry survives.
+
+    Every released volume is written in RAS+ voxel order on one grid: ``depth`` slices of
+    ``image_size`` x ``image_size`` pixels (the model grid's field of view, resampled along the
+    slice axis), isotropic ``spacing_mm`` voxels, centred on the world origin. Each case's own
+    field of view is therefore scaled to the same box: physical size is not kept, on purpose.
+    """
+
+    depth: int = Field(0, ge=0, description="slices of every released volume (0: data.image_size, a cube)")
+    spacing_mm: float = Field(1.0, gt=0, description="isotropic voxel size written in released headers")
+
+
 class FederationConfig(_Frozen):
     """Federated rounds and the aggregation strategy."""
 
@@ -169,6 +182,7 @@ class Config(_Frozen):
     train: TrainConfig = TrainConfig()
     sampler: SamplerConfig = SamplerConfig()
     privacy: PrivacyConfig = PrivacyConfig()
+    release: ReleaseConfig = ReleaseConfig()
     federation: FederationConfig = FederationConfig()
 
 

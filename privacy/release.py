@@ -45,8 +45,9 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+import torch
 
-from gem3d.apps import Job, Synthesiser, dataset_folders, enhancement_jobs, run_jobs, to_original
+from gem3d.apps import Job, Synthesiser, dataset_folders, enhancement_jobs, run_jobs
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import load_volumes
@@ -55,6 +56,7 @@ from gem3d.errors import ConfigError, DataError
 from gem3d.sampler import OnProgress
 from privacy.audit import AuditSettings, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
+from privacy.linkage import linkage_test
 from privacy.model_privacy import statement
 
 REPORT_FORMAT = "gem3d-privacy-report/1"
@@ -72,11 +74,14 @@ class ReleasePolicy:
         informed_copy_rms: an informed slice whose RMS difference to any real training slice
             (intensities in [-1, 1]) is below this counts as copied, whatever its declared source.
         require_dp: refuse a model with a stage trained on private data without DP-SGD.
+        max_linkage_rate: refuse when more than this fraction of released masks have their
+            source as nearest training mask (``privacy.linkage``); chance is 1 / training cases.
     """
 
     min_mask_edits: int = 1
     informed_copy_rms: float = 0.02
     require_dp: bool = True
+    max_linkage_rate: float = 0.5
 
 
 @dataclass(frozen=True)
@@ -207,6 +212,36 @@ def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume]
                 f"(RMS difference {best:.4f} < {policy.informed_copy_rms:g}, flips and 90-degree rotations "
                 "included); copied informed slices are refused"
             )
+
+
+def check_linkage(
+    masks: Sequence[np.ndarray], sources: Sequence[int], train: Sequence[Volume], policy: ReleasePolicy
+) -> dict[str, Any]:
+    """Run the mask linkage attack (``privacy.linkage``) and refuse a release it links too well.
+
+    Refused: a hit rate above ``policy.max_linkage_rate``, or any released mask closer to its
+    source than the two closest different training patients are to each other.
+
+    Args:
+        masks: the released masks on the model grid ``[D, H, W]``; sources: each one's index in ``train``.
+    Returns:
+        the report's ``mask_linkage`` section (aggregates only).
+    """
+    result = linkage_test(masks, sources, [v.label for v in train])
+    report = result.report()
+    if result.too_close:
+        raise ReleaseRefusedError(
+            f"release: {result.too_close} of {result.released} edited masks are closer to their source patient "
+            f"(foreground Dice) than any two training patients are to each other "
+            f"({report['inter_patient_dice_max']:.3f}); use stronger --mask-edit edits"
+        )
+    if result.hit_rate > policy.max_linkage_rate:
+        raise ReleaseRefusedError(
+            f"release: the mask linkage attack found the source patient of {result.hits} of {result.released} "
+            f"edited masks (hit rate {result.hit_rate:.2f} > the policy's {policy.max_linkage_rate:g}; chance "
+            f"{result.chance:.2f}); use stronger --mask-edit edits (see experiments/benchmarks/mask_linkage.py)"
+        )
+    return report
 
 
 def check_model_privacy(privacy_statement: dict[str, Any] | None, policy: ReleasePolicy) -> dict[str, Any]:
@@ -368,6 +403,7 @@ def release_cohort(
     generator: dict[str, Any] | None = None,
     seed: int | None = None,
     label_names: dict[int, str] | None = None,
+    mask_linkage: dict[str, Any] | None = None,
 ) -> Path:
     """Check, write, audit and publish a synthetic cohort in nnU-Net v2 raw layout at ``out``.
 
@@ -378,6 +414,7 @@ def release_cohort(
         privacy_statement: the model's (``privacy.model_privacy.model_statement``); a model with a
             stage trained on private data without DP is refused unless ``policy.require_dp`` is off.
         holdout: real cases the model never saw; default: leave-one-out training distances.
+        mask_linkage: the ``check_linkage`` report for these cases (``release_dataset`` always runs it).
         generator: non-identifying facts about the generator (checkpoint sha256, versions).
         seed: for reproducible pseudonymous ids (tests); default random.
     Returns:
@@ -432,11 +469,15 @@ def release_cohort(
                 "cases": len(cases),
                 "differential_privacy": dp,
                 "audit": audit.report(include_ids=False),
+                "mask_linkage": mask_linkage or {"attack": "not run"},
+                "labels": "edited copies of real segmentations; differential privacy does not cover them",
                 "policy": {
                     **asdict(policy),
                     "informed_source": "generate only",
                     "nifti_fields_scrubbed": list(SCRUBBED_FIELDS),
                     "case_ids": "random pseudonyms, unrelated to source ids or order",
+                    "geometry": "one canonical grid for every case (RAS+, isotropic, centred; release config), "
+                    "dataset-level intensities: no source affine, shape, crop box or intensity range",
                 },
                 "generator": generator or {},
             },
@@ -476,13 +517,56 @@ def load_site_volumes(data: Path, cfg: Config) -> list[Volume]:
     return volumes
 
 
-def generated_cases(jobs: Sequence[Job], volumes: Sequence[np.ndarray]) -> list[GeneratedCase]:
-    """The sampled volumes of ``jobs`` as cases for the gate, each with its informed slice (model grid)."""
+def generated_cases(jobs: Sequence[Job], volumes: Sequence[np.ndarray], cfg: Config) -> list[GeneratedCase]:
+    """The sampled volumes of ``jobs`` on the release's canonical grid, each with its informed slice (model grid)."""
     cases = []
     for job, volume in zip(jobs, volumes, strict=True):
-        image, label, geometry = to_original(volume, job)
-        cases.append(GeneratedCase(image, label, geometry.affine_array, job.provenance, job.informed.image))
+        assert job.target.label is not None
+        image, label, affine = canonical_case(volume, job.target.label, job.target.geometry.label_values, cfg)
+        cases.append(GeneratedCase(image, label, affine, job.provenance, job.informed.image))
     return cases
+
+
+def release_intensity(cfg: DataConfig) -> tuple[float, float]:
+    """The dataset-level intensities [-1, 1] maps to in a release: the HU window for CT, [0, 1] for MRI.
+
+    Never a patient's own range: a per-case scale (the source's percentiles) would follow its source.
+    """
+    return cfg.ct_window if cfg.modality == "ct" else (0.0, 1.0)
+
+
+def canonical_case(
+    image: np.ndarray, label: np.ndarray, label_values: Sequence[int], cfg: Config
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """A model-grid case on the release's canonical grid (``gem3d.config.ReleaseConfig``).
+
+    Args:
+        image: ``[D, H, W]`` in [-1, 1] on the model grid; label: ``[D, H, W]`` contiguous ids.
+        label_values: the dataset's label value of each contiguous id.
+    Returns:
+        image ``[X, Y, Z]`` float32 on the dataset-level scale (``release_intensity``), label
+        ``[X, Y, Z]`` int16 original values, and the canonical ``[4, 4]`` affine: RAS+,
+        ``spacing_mm`` isotropic, centred on the origin. The same for every case of a release.
+    """
+    from monai.transforms import Resize
+
+    from gem3d.data.geometry import model_axes
+
+    size = cfg.data.image_size
+    shape = (cfg.release.depth or size, size, size)
+    low, high = release_intensity(cfg.data)
+    grid = torch.from_numpy(np.clip(np.asarray(image, dtype=np.float32), -1.0, 1.0))[None]
+    resized = np.asarray(Resize(shape, mode="trilinear", anti_aliasing=True, align_corners=False)(grid))[0]
+    values = np.asarray(label_values, dtype=np.int16)[np.asarray(label, dtype=np.int64)]
+    nearest = Resize(shape, mode="nearest-exact")(torch.from_numpy(values.astype(np.float32))[None])
+    labels = np.asarray(nearest)[0].round().astype(np.int16)
+    back = tuple(int(i) for i in np.argsort(model_axes(cfg.data.slice_axis)))  # model [D, H, W] -> RAS [X, Y, Z]
+    out_image = np.transpose(low + (resized + 1.0) * 0.5 * (high - low), back).astype(np.float32)
+    out_label = np.ascontiguousarray(np.transpose(labels, back))
+    spacing = cfg.release.spacing_mm
+    affine = np.diag([spacing, spacing, spacing, 1.0])
+    affine[:3, 3] = -(np.asarray(out_image.shape, dtype=np.float64) - 1.0) / 2.0 * spacing
+    return np.ascontiguousarray(out_image), out_label, affine
 
 
 def release_dataset(
@@ -537,7 +621,10 @@ def release_dataset(
     # Generated in memory, informed slices included, so the gate checks their pixels; nothing
     # un-audited, and nothing carrying a source id, is ever written to disk.
     jobs = enhancement_jobs(synth, data, per_case, "generate", edits, seed)
-    cases = generated_cases(jobs, run_jobs(synth, jobs, on_progress))
+    index = {volume.case_id: i for i, volume in enumerate(train)}
+    masks = [job.target.label for job in jobs if job.target.label is not None]
+    linkage = check_linkage(masks, [index[str(job.provenance["source_case"])] for job in jobs], train, policy)
+    cases = generated_cases(jobs, run_jobs(synth, jobs, on_progress), synth.cfg)
     published = release_cohort(
         cases,
         out,
@@ -548,6 +635,7 @@ def release_dataset(
         policy=policy,
         audit_settings=audit_settings,
         generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
+        mask_linkage=linkage,
     )
     report = json.loads((published / "privacy_report.json").read_text())
     return ReleaseResult(out=published, cases=len(cases), report=report)
@@ -558,6 +646,7 @@ __all__ = [
     "ReleasePolicy",
     "ReleaseResult",
     "check_informed_pixels",
+    "check_linkage",
     "check_model_privacy",
     "check_policy",
     "generated_cases",

@@ -343,6 +343,13 @@ def test_gem3d_release_publishes_and_tracks_the_privacy_report(
     assert logged["params"]["release.accountant"] == report["differential_privacy"]["accountant"] == "rdp"
     assert logged["params"]["release.policy.informed_source"] == "generate only"
     assert logged["params"]["privacy.enabled"] == "True"
+    # assert: one canonical header for every released case, equal to no source header; dataset-level intensities
+    sources = [nib.load(p) for p in sorted((site["train"] / "imagesTr").glob("*.nii.gz"))]
+    released = [nib.load(p) for p in sorted((out / "imagesTr").glob("*.nii.gz"))]
+    geometry = {(r.shape, r.affine.round(6).tobytes()) for r in released}
+    assert len(geometry) == 1
+    assert all(r.shape != s.shape or not np.allclose(r.affine, s.affine) for r in released for s in sources)
+    assert all(float(r.get_fdata().min()) >= 0.0 and float(r.get_fdata().max()) <= 1.0 for r in released)
     client = MlflowClient(tracking_uri=tracking_uri(store))
     artifacts = {a.path for a in client.list_artifacts(logged["run_id"])}
     assert "privacy_report.json" in artifacts and "previews" in artifacts
@@ -447,3 +454,38 @@ def test_a_killed_release_leaves_nothing_and_the_next_one_cleans_up(
     assert done.returncode == 0, done.stderr[-2000:]
     assert not list(tmp_path.glob(f"{WORK_PREFIX}*"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["released"]
+
+
+def test_the_linkage_attack_finds_lightly_edited_masks_and_the_gate_refuses(
+    site: dict[str, Path], micro_cfg: Config
+) -> None:
+    from gem3d.masks import apply_edits, flip, parse_edits
+    from privacy.release import check_linkage
+
+    train = load_volumes(site["train"], micro_cfg.data)
+    others = load_volumes(site["generated"], micro_cfg.data)  # different patients, as a control
+    rng = np.random.default_rng(0)
+    sources = list(range(len(train)))
+    # execute / assert: the attacker finds the source of unedited and flipped masks: refused
+    for masks in ([v.label for v in train], [flip(v.label, 2) for v in train]):
+        with pytest.raises(ReleaseRefusedError, match="closer to their source patient"):
+            check_linkage(masks, sources, train, ReleasePolicy())
+    rotated = [apply_edits(v.label, parse_edits("rotate:3"), 4, rng)[0] for v in train]
+    with pytest.raises(ReleaseRefusedError, match=r"closer to their source|linkage attack found the source"):
+        check_linkage(rotated, sources, train, ReleasePolicy(max_linkage_rate=0.2))
+    # the control: other patients' masks do not link to the sources they are assigned
+    control = check_linkage([v.label for v in others] * 2, sources, train, ReleasePolicy(max_linkage_rate=1.0))
+    assert control["hit_rate"] <= 0.5 and control["chance"] == pytest.approx(1 / 6)
+
+
+def test_gem3d_release_refuses_masks_the_linkage_attack_traces_back(
+    site: dict[str, Path], dp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from experiments.cli import main
+
+    code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(tmp_path / "r"),
+                 "--mask-edit", "rotate:2", "--steps", "2", "--track", "off"])  # fmt: skip
+
+    assert code == 2
+    assert re.search(r"closer to their source patient|linkage attack found the source", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

@@ -29,6 +29,7 @@ from experiments.commands.common import add_track_argument, default_store, open_
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
+from gem3d.errors import ConfigError
 from privacy.audit import AuditSettings
 from privacy.model_privacy import model_statement
 from privacy.release import ReleasePolicy, ReleaseResult, release_dataset
@@ -43,7 +44,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="the site's training data (nnU-Net v2 raw)")
     parser.add_argument("--per-case", type=int, default=1, help="new pairs per case (default 1)")
     parser.add_argument(
-        "--mask-edit", default="rotate:15,elastic:3", help="mask edits for every mask (default rotate:15,elastic:3)"
+        "--mask-edit",
+        default="rotate:45,elastic:10",
+        help="mask edits for every mask (default rotate:45,elastic:10: milder edits let the linkage attack find "
+        "the source patient of most masks; experiments/benchmarks/mask_linkage.py measures recipes)",
+    )
+    parser.add_argument(
+        "--max-linkage-rate",
+        type=float,
+        default=0.5,
+        help="refuse when more than this fraction of released masks link back to their source (default 0.5)",
     )
     parser.add_argument("--min-mask-edits", type=int, default=1, help="edits that must change each mask")
     parser.add_argument("--holdout", type=Path, help="real cases the model never saw, for the audit's reference")
@@ -61,7 +71,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     synth = open_synthesiser(args)
-    policy = ReleasePolicy(min_mask_edits=args.min_mask_edits, require_dp=not args.allow_non_dp)
+    if not 0.0 <= args.max_linkage_rate <= 1.0:
+        raise ConfigError(f"--max-linkage-rate {args.max_linkage_rate:g}: expected a fraction within 0..1")
+    policy = ReleasePolicy(
+        min_mask_edits=args.min_mask_edits, require_dp=not args.allow_non_dp, max_linkage_rate=args.max_linkage_rate
+    )
     bars = ProgressBars([])
     try:
         result = release_dataset(
