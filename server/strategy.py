@@ -290,6 +290,11 @@ class ObservedStrategy(Strategy):
         if self.client_dp is not None:
             self._record_client_dp(server_round, arrays)
         self.round["train"] = dict(metrics) if metrics is not None else {}
+        # FedAvg averages every reply metric; a weighted mean of the sites' patient-level ε means
+        # nothing. The model's patient-level ε is the maximum over sites (each site's own patients).
+        site_epsilons = [float(m["epsilon"]) for m in self.round["per-site"].values() if "epsilon" in m]
+        if site_epsilons:
+            self.round["train"]["epsilon"] = max(site_epsilons)
         self.round["aggregate-seconds"] = time.perf_counter() - aggregating
         return arrays, metrics
 

@@ -300,3 +300,19 @@ def test_mlflow_has_the_client_level_epsilon_of_every_round(
     assert [value for _, value in history] == pytest.approx(expected)
     assert first["metrics"]["client-dp-rounds"] == 3.0 and first["metrics"]["client-dp-delta"] == DELTA
     assert not any(name.endswith(".client-dp-epsilon") for name in first["metrics"])  # one run-wide curve
+
+
+@pytest.mark.usefixtures("server_task")
+def test_the_round_reports_the_sites_largest_patient_level_epsilon(micro_cfg: Config) -> None:
+    # prepare: two DP sites with different ε, without client-level DP
+    observed = ObservedStrategy(build_strategy(micro_cfg, dict(APP_KEYS), num_nodes=2), min_replies=1, label="s")
+    first, second = sorted(configure(observed), key=lambda m: m.metadata.dst_node_id)
+    replies = []
+    for message, epsilon, weight in ((first, 1.0, 1.0), (second, 3.0, 3.0)):
+        answer = reply(message, 0.1, weight)
+        answer.content["metrics"]["epsilon"] = epsilon
+        replies.append(answer)
+    # execute
+    observed.aggregate_train(1, replies)
+    # assert: the maximum over sites (FedAvg's weighted mean would say 2.5)
+    assert observed.round["train"]["epsilon"] == 3.0

@@ -304,5 +304,6 @@ def test_a_federated_site_refuses_less_privacy_and_the_run_goes_on(refusing_fede
     # assert: what the server logged of the DP site: withheld telemetry, uniform weight, its ε
     (reply,) = rounds[0]["per-site"].values()
     assert reply["telemetry-withheld"] == 1.0 and reply["num-examples"] == 1.0
+    assert rounds[0]["train"]["epsilon"] == reply["epsilon"]  # the maximum over sites, not FedAvg's mean
     assert "loss" not in reply and "train-seconds" not in reply
     assert (out / "slice.safetensors").exists()
