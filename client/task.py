@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 import os
 import time
 from collections import OrderedDict
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,6 +53,8 @@ from gem3d.networks import SliceDenoiser
 from gem3d.runs import build_model
 from gem3d.training import STAGES, Stage, TrainFn, freeze_for_stage, new_state, train
 from gem3d.training import validation_loss as fixed_draw_loss
+
+logger = logging.getLogger("flwr").getChild("gem3d.client")
 
 # Offsets that keep the generators of different sites and of evaluation apart.
 _SITE_SEED_STRIDE = 7919
@@ -93,6 +97,8 @@ def locate_site(node_config: dict[str, Any], job: dict[str, Any]) -> Site:
         index = int(node_config["partition-id"])
         name = f"site_{index}"
         data_dir = Path(str(job["data-root"])).expanduser() / name
+        if not data_dir.exists() and job.get("demo-data"):
+            build_demo_partition(data_dir, index, int(node_config.get("num-partitions", index + 1)))
     else:
         raise ConfigError(
             "this SuperNode has no data: start it with --node-config \"data-dir='/path/to/site'\" "
@@ -107,6 +113,28 @@ def locate_site(node_config: dict[str, Any], job: dict[str, Any]) -> Site:
     policy = node_config.get("privacy-policy")
     policy_file = Path(str(policy)).expanduser() if policy else None
     return Site(name=name, data_dir=data_dir, state_dir=state_dir, index=index, policy_file=policy_file)
+
+
+def build_demo_partition(data_dir: Path, index: int, sites: int) -> None:
+    """A simulated site with nothing prepared builds its demo partition (``flwr run .`` from a fresh clone).
+
+    Only where the data root is missing or was itself built this way (it holds
+    ``DEMO_ROOT_MARKER``): a data root of real sites with one site folder missing is an error
+    the site reports, never silently filled with demo data.
+    """
+    from gem3d.data.demo_cohort import DEMO_ROOT_MARKER, write_demo_site
+
+    root = data_dir.parent
+    prepared = root.exists() and any(p.name != DEMO_ROOT_MARKER for p in root.iterdir())
+    if prepared and not (root / DEMO_ROOT_MARKER).exists():
+        return  # real data: site_volumes reports the missing folder
+    logger.warning(
+        "%s: no data at %s; building this site's partition of the demo cohort (MNI152 anatomy, deformed; "
+        "run config demo-data=false turns this off)",
+        data_dir.name,
+        data_dir,
+    )
+    write_demo_site(root, index, sites)
 
 
 @dataclass(frozen=True)
@@ -439,3 +467,38 @@ def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dic
         "held-out": float(bool(held_out)),
         "eval-seconds": time.perf_counter() - started,
     }
+
+
+# What a site's audit verdict may say (``server/audit.py``): counts and its reference's kind and size.
+_VERDICT_KEYS = ("passed", "synthetic", "copies", "slice_copies", "reference", "reference_cases")
+
+
+def audit_round(site: Site, record: dict[str, Any], candidates: list[torch.Tensor]) -> dict[str, Any]:
+    """Audit a release's candidates against all of this site's patients; return only the verdict.
+
+    Args:
+        record: the audit query's config (``server.audit.audit_record``).
+        candidates: ``[D, H, W]`` float32 synthetic volumes in [-1, 1].
+    Returns:
+        ``{"site": "site_<index>", "passed": bool, copy counts, reference kind and size}``; no
+        distance, threshold or case id. A site with too few patients to certify fails, and its
+        log (not the reply) says how many it would need.
+    """
+    from privacy.audit import AuditReferenceError, memorization_audit, settings_from_json
+
+    cfg = config_from_dict(json.loads(str(record["gem3d-config"])), "gem3d-config from the server")
+    settings = settings_from_json(str(record["audit-settings"]))
+    patients = site_volumes(site, cfg)
+    synthetic = [
+        Volume(f"candidate_{i}", image.numpy().astype(np.float32), np.zeros(tuple(image.shape), dtype=np.uint8))
+        for i, image in enumerate(candidates)
+    ]
+    name = f"site_{site.index}"
+    try:
+        result = memorization_audit(synthetic, patients, None, settings)
+    except AuditReferenceError as error:
+        logger.error("%s: cannot certify the release candidates: %s", site.name, error)
+        return {"site": name, "passed": False, "reason": "too few patients at this site to certify (see its log)"}
+    verdict = result.verdict()
+    logger.info("%s: audit of %d release candidates: %s", site.name, len(candidates), verdict)
+    return {"site": name, **{key: verdict[key] for key in _VERDICT_KEYS if key in verdict}}

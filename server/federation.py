@@ -153,6 +153,7 @@ def job_config(settings: ServerSettings, stage: Stage) -> dict[str, Any]:
     # Simulation only: the sites find their partition under the data root the server was given.
     if settings.data_root is not None:
         record["data-root"] = str(settings.data_root)
+        record["demo-data"] = bool(options["demo-data"])
     if settings.state_root is not None:
         record["state-root"] = str(settings.state_root)
     return record

@@ -23,6 +23,7 @@ APP_KEYS = {
     "config": "tiny",
     "set": "",
     "data-root": "demo_out/data",
+    "demo-data": True,
     "state-root": "",
     "out-dir": "runs/federated",
     "init": "",
@@ -42,6 +43,10 @@ APP_KEYS = {
     "server-dp-budget": 0.0,
     "torch-threads": 1,
     "tracking-dir": "",
+    # an audit round instead of training (server/audit.py): candidates .npz in, verdicts JSON out
+    "audit-candidates": "",
+    "audit-verdicts": "",
+    "audit-settings": "",
 }
 
 

@@ -11,6 +11,7 @@ import numpy as np
 from tqdm import tqdm
 
 from experiments.previews import case_preview
+from experiments.progress import progress_bar
 from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
 from gem3d.data.geometry import CaseGeometry
 
@@ -36,7 +37,7 @@ class ProgressBars:
     def __call__(self, index: int, done: int, total: int) -> None:
         if index not in self.bars:
             name = self.names[index] if index < len(self.names) else f"volume {index}"
-            self.bars[index] = tqdm(total=total, desc=name, unit="window", leave=False, dynamic_ncols=True)
+            self.bars[index] = progress_bar(total, name, "window", leave=False)
         bar = self.bars[index]
         bar.update(done - bar.n)
         if done == total:

@@ -18,6 +18,7 @@ from typing import Any
 from tqdm import tqdm
 
 from experiments.commands.common import add_config_argument, add_track_argument, load_cli_config, open_tracker
+from experiments.progress import progress_bar
 from gem3d.checkpoint import read_metadata
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import ConfigError
@@ -98,7 +99,7 @@ def run(args: argparse.Namespace) -> int:
     def on_step(metrics: dict[str, float]) -> None:
         if not bars:  # opened on the first step, so input errors print without a bar
             start = int(metrics["step"]) - 1
-            bars.append(tqdm(total=total, initial=start, desc=args.stage, unit="step", dynamic_ncols=True))
+            bars.append(progress_bar(total, args.stage, "step", initial=start))
         if math.isnan(metrics["loss"]):  # a DP step whose Poisson sample drew no volume: nothing to show
             bars[0].set_postfix(loss="(empty sample)")
         else:

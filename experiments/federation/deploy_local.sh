@@ -30,8 +30,14 @@ HOST=127.0.0.1
 mapfile -t SITES < <(find "$DATA_ROOT" -mindepth 1 -maxdepth 1 -type d -name 'site_*' -printf '%f\n' | sort)
 [[ ${#SITES[@]} -ge 1 ]] || { echo "deploy_local: $DATA_ROOT has no site_*/ folders" >&2; exit 2; }
 
-# The project's venv runs every process; the SuperLink must not `uv sync` a fresh runtime per run.
-export PATH="$REPO/.venv/bin:$PATH"
+# One Python runs every process: $PYTHON, else the python3 on PATH (a venv, conda or system
+# install with gem3d in it); its bin folder holds flwr and the Flower executables. The SuperLink
+# must not `uv sync` a fresh runtime per run.
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
+[[ -n "$PYTHON" ]] || { echo "deploy_local: no python3 on PATH; set PYTHON=/path/to/python" >&2; exit 2; }
+"$PYTHON" -c 'import gem3d, flwr' 2>/dev/null \
+    || { echo "deploy_local: $PYTHON cannot import gem3d and flwr; run 'make test' (or pip install -e .) or set PYTHON" >&2; exit 2; }
+export PATH="$(dirname "$PYTHON"):$PATH"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 export FLWR_HOME="$WORK/flwr-home"   # a private CLI config: never touches the user's ~/.flwr
 CERTS="$WORK/certs" KEYS="$WORK/keys" LOGS="$WORK/logs"
@@ -124,14 +130,14 @@ if [[ -n "${KILL_SITE:-}" ]]; then
     PIDS+=($!)
 fi
 submitted=$(flwr run "$REPO" gem3d-local --format json --run-config "out-dir='$OUT_DIR' data-root='' ${RUN_CONFIG:-}")
-RUN_ID=$(python -c 'import json, sys; print(json.load(sys.stdin)["run-id"])' <<<"$submitted")
+RUN_ID=$("$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["run-id"])' <<<"$submitted")
 echo "run $RUN_ID submitted; rounds as they complete:"
 shown=0
 while :; do
     status=$(flwr list --run-id "$RUN_ID" gem3d-local --format json \
-        | python -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+        | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
     if [[ -s "$OUT_DIR/metrics.jsonl" ]]; then
-        python - "$OUT_DIR/metrics.jsonl" "$shown" <<'PY'
+        "$PYTHON" - "$OUT_DIR/metrics.jsonl" "$shown" <<'PY'
 import json, sys
 for line in open(sys.argv[1]).read().splitlines()[int(sys.argv[2]):]:
     r = json.loads(line)
@@ -147,7 +153,7 @@ done
 flwr log "$RUN_ID" gem3d-local >"$LOGS/run.log" 2>&1 || true
 echo "run $RUN_ID: $status (ServerApp log: $LOGS/run.log)"
 [[ $status == "finished:completed" ]] || exit 1
-"$REPO/.venv/bin/python" - "$OUT_DIR" <<'EOF'
+"$PYTHON" - "$OUT_DIR" <<'EOF'
 import json, sys
 from pathlib import Path
 from gem3d.runs import load_model

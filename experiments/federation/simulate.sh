@@ -17,7 +17,14 @@ EXTRA=${3:-}
 SITES=$(find "$DATA_ROOT" -mindepth 1 -maxdepth 1 -type d -name 'site_*' | wc -l)
 [[ $SITES -ge 1 ]] || { echo "simulate: $DATA_ROOT has no site_*/ folders" >&2; exit 2; }
 
-export PATH="$REPO/.venv/bin:$PATH"
+# One Python runs every process: $PYTHON, else the python3 on PATH (a venv, conda or system
+# install with gem3d in it); its bin folder holds flwr and the Flower executables. The SuperLink
+# must not `uv sync` a fresh runtime per run.
+PYTHON=${PYTHON:-$(command -v python3 || command -v python || true)}
+[[ -n "$PYTHON" ]] || { echo "simulate: no python3 on PATH; set PYTHON=/path/to/python" >&2; exit 2; }
+"$PYTHON" -c 'import gem3d, flwr' 2>/dev/null \
+    || { echo "simulate: $PYTHON cannot import gem3d and flwr; run 'make test' (or pip install -e .) or set PYTHON" >&2; exit 2; }
+export PATH="$(dirname "$PYTHON"):$PATH"
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1  # read by the SuperLink that `flwr run` starts
 export FLWR_HOME=${FLWR_HOME:-$(dirname "$OUT_DIR")/flwr-home}
 export FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=${SIM_PORT:-39191}
@@ -45,10 +52,10 @@ SERVER_DATA=""
 cd "$REPO"
 submitted=$(flwr run . --format json --federation-config "num-supernodes=$SITES" \
     --run-config "data-root='$DATA_ROOT' out-dir='$OUT_DIR' $SERVER_DATA $EXTRA")
-RUN_ID=$(python -c 'import json, sys; print(json.load(sys.stdin)["run-id"])' <<<"$submitted")
+RUN_ID=$("$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["run-id"])' <<<"$submitted")
 echo "run $RUN_ID: $SITES site(s) from $DATA_ROOT -> $OUT_DIR"
 while :; do
-    status=$(flwr list --run-id "$RUN_ID" --format json | python -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
+    status=$(flwr list --run-id "$RUN_ID" --format json | "$PYTHON" -c 'import json, sys; print(json.load(sys.stdin)["runs"][0]["status"])')
     [[ $status == finished* ]] && break
     sleep 5
 done

@@ -234,6 +234,68 @@ def _dataset_json(name: str, num_cases: int, num_labels: int) -> dict[str, objec
     }
 
 
+def _write_split(
+    folder: Path,
+    character: SiteCharacter,
+    site_index: int,
+    count: int,
+    held_out: bool,
+    seed: int,
+    size: int,
+    lesion: bool,
+) -> list[dict[str, str]]:
+    """Write ``count`` cases of one site into ``folder`` (imagesTr, labelsTr); return their cohort entries."""
+    (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
+    cases = []
+    for index in range(count):
+        case_id = f"{character.name}_test_{index:03d}" if held_out else f"{character.name}_{index:03d}"
+        # One stream per case: a case does not change when other counts change.
+        rng = np.random.default_rng([seed, site_index, int(held_out), index])
+        image, label, affine = make_case(character, size, rng, lesion)
+        files = (folder / "imagesTr" / f"{case_id}_0000.nii.gz", folder / "labelsTr" / f"{case_id}.nii.gz")
+        for array, path in zip((image, label), files, strict=True):
+            save_nifti(path, array, affine)
+        cases.append({"id": case_id, "site": character.name, "split": folder.name})
+    return cases
+
+
+DEMO_ROOT_MARKER = ".gem3d-demo-partitions"
+"""In a data root whose site folders the simulated sites build themselves (``write_demo_site``)."""
+
+
+def write_demo_site(
+    root: str | Path, index: int, sites: int, cases_per_site: int = 6, size: int = 32, seed: int = 0
+) -> Path:
+    """Write one site's partition of the demo cohort, ``root/site_<index>``: the cases ``write_demo_cohort`` gives it.
+
+    For a simulation started with nothing prepared (``flwr run .``): each simulated site builds
+    its own partition on first use, as Flower's quickstarts partition a public dataset. Atomic:
+    built beside, then renamed; a site that finds its folder built meanwhile keeps that one.
+    """
+    root = Path(root)
+    target = root / f"site_{index}"
+    if not 0 <= index < sites:
+        raise DataError(f"demo partition {index}: expected 0..{sites - 1}")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / DEMO_ROOT_MARKER).touch()
+    character = site_characters(sites, seed)[index]
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    try:
+        written = _write_split(tmp, character, index, cases_per_site, False, seed, size, lesion=False)
+        (tmp / "dataset.json").write_text(
+            json.dumps(_dataset_json(f"gem3d-demo-{target.name}", len(written), 4), indent=2)
+        )
+        try:
+            os.replace(tmp, target)
+        except OSError:
+            if not target.is_dir():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
 def write_demo_cohort(
     out: str | Path,
     sites: int = 3,
@@ -272,21 +334,12 @@ def write_demo_cohort(
         "cases": cases,
     }
     try:
-        jobs = [(c.name, c, cases_per_site, False) for c in characters]
-        jobs += [("test", c, test_per_site, True) for c in characters]
-        for split, character, count, held_out in jobs:
-            folder = tmp / split
-            (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
-            (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
-            for index in range(count):
-                case_id = f"{character.name}_test_{index:03d}" if held_out else f"{character.name}_{index:03d}"
-                # One stream per case: a case does not change when other counts change.
-                rng = np.random.default_rng([seed, characters.index(character), int(held_out), index])
-                image, label, affine = make_case(character, size, rng, lesion)
-                files = (folder / "imagesTr" / f"{case_id}_0000.nii.gz", folder / "labelsTr" / f"{case_id}.nii.gz")
-                for array, path in zip((image, label), files, strict=True):
-                    save_nifti(path, array, affine)
-                cases.append({"id": case_id, "site": character.name, "split": split})
+        for split, character, count, held_out in [(c.name, c, cases_per_site, False) for c in characters] + [
+            ("test", c, test_per_site, True) for c in characters
+        ]:
+            cases += _write_split(
+                tmp / split, character, characters.index(character), count, held_out, seed, size, lesion
+            )
         for split in [c.name for c in characters] + ["test"]:
             count = sum(1 for c in cases if c["split"] == split)
             (tmp / split / "dataset.json").write_text(
