@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -75,4 +76,6 @@ def two_site_dir(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         for case in cases:
             shutil.copy(phantom_dir / "imagesTr" / f"phantom_{case}_0000.nii.gz", sites / site / "imagesTr")
             shutil.copy(phantom_dir / "labelsTr" / f"phantom_{case}.nii.gz", sites / site / "labelsTr")
+        dataset = json.loads((phantom_dir / "dataset.json").read_text())
+        (sites / site / "dataset.json").write_text(json.dumps({**dataset, "numTraining": len(cases)}))
     return sites

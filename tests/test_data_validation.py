@@ -107,7 +107,29 @@ def channels_disagree(root: Path) -> None:
     _dataset_json(root, channel_names={"0": "T1", "1": "T2"})
 
 
+def no_dataset_json(root: Path) -> None:
+    (root / "dataset.json").unlink()
+
+
+def no_labels_declared(root: Path) -> None:
+    meta = json.loads((root / "dataset.json").read_text())
+    del meta["labels"]
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def header_claims_4000_cubed(root: Path) -> None:
+    # a truncated download whose header still claims a huge volume: the image, not the label, is named
+    image = nib.load(_image(root))
+    header = image.header.copy()
+    header.set_data_shape((4000, 4000, 4000))
+    raw = gzip.decompress(_image(root).read_bytes())
+    _image(root).write_bytes(gzip.compress(header.binaryblock + b"\0" * 4 + raw[352:][:1000]))
+
+
 BAD_INPUTS = [
+    (no_dataset_json, "no dataset.json", "data"),
+    (no_labels_declared, "no 'labels'", "dataset.json"),
+    (header_claims_4000_cubed, "cannot hold them", "imagesTr"),
     (corrupt, "unreadable or corrupt", "imagesTr"),
     (truncated, "truncated or corrupt", "imagesTr"),
     (two_dimensional, "expected a 3D volume", "imagesTr"),

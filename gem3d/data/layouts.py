@@ -155,11 +155,19 @@ def discover_nnunet(root: Path, channel: int) -> Listing:
         if not folder.is_dir():
             raise DataError(f"{root}: not an nnU-Net raw dataset (no {folder.name}/ folder)")
     meta_path = root / "dataset.json"
-    meta = _read_dataset_json(meta_path) if meta_path.exists() else {}
-    declared: tuple[int, ...] | None = None
-    names: dict[int, str] = {}
-    if "labels" in meta:
-        declared, names = _declared_labels(meta_path, meta["labels"], msd=False)
+    if not meta_path.is_file():
+        # nnU-Net v2's rule: every raw dataset has one; without it labels and modality are guesses
+        raise DataError(
+            f"{root}: no dataset.json; an nnU-Net v2 raw dataset declares its channel_names, labels, numTraining "
+            "and file_ending there"
+        )
+    meta = _read_dataset_json(meta_path)
+    for key in ("channel_names", "labels"):
+        if key not in meta:
+            raise DataError(
+                f"{meta_path}: no '{key}' (nnU-Net v2 requires channel_names, labels, numTraining, file_ending)"
+            )
+    declared, names = _declared_labels(meta_path, meta["labels"], msd=False)
     num_channels = len(meta.get("channel_names", {})) or None
     if num_channels is not None and channel >= num_channels:
         raise DataError(f"{meta_path}: declares {num_channels} channels, data.channel={channel} was asked for")

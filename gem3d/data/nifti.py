@@ -87,7 +87,37 @@ def read_header(path: str | Path, channels: bool = False) -> Header:
     affine = np.asarray(image.affine, dtype=np.float64)
     if not np.isfinite(affine).all() or abs(np.linalg.det(affine[:3, :3])) < 1e-12:
         raise DataError(f"{path}: the affine is singular or not finite")
+    _check_size(path, image)
     return Header(path=path, shape=shape, affine=affine)
+
+
+GZIP_MAX_RATIO = 1032  # deflate cannot compress better than ~1032:1
+
+
+def _check_size(path: Path, image: nib.Nifti1Image) -> None:
+    """Refuse a file too small for the voxels its header declares (truncated, or a header that lies).
+
+    Header-only: ``.nii`` by its size, ``.nii.gz`` by the uncompressed size in its gzip trailer
+    (mod 2**32) and by deflate's best ratio, so no voxel is read.
+    """
+    header = image.header
+    expected = (
+        int(header.get_data_offset()) + int(np.prod(image.shape, dtype=np.int64)) * header.get_data_dtype().itemsize
+    )
+    size = path.stat().st_size
+    gzipped = path.name.endswith(".gz")
+    if gzipped:
+        with open(path, "rb") as handle:
+            handle.seek(max(size - 4, 0))
+            isize = int.from_bytes(handle.read(4), "little")
+        short = expected > size * GZIP_MAX_RATIO or (expected < 2**32 and isize < expected)
+    else:
+        short = size < expected
+    if short:
+        raise DataError(
+            f"{path}: truncated or corrupt: the header declares shape {tuple(image.shape)} "
+            f"({expected / 2**20:.1f} MiB of voxels) but the file cannot hold them"
+        )
 
 
 def _voxels(path: Path, channel: int | None) -> tuple[np.ndarray, Header]:
