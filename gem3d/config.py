@@ -6,11 +6,14 @@ list-valued fields also accept comma-separated strings (``"32,64,128"``).
 
 from __future__ import annotations
 
+import copy
+import json
+import math
 import tomllib
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Self
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
 
 from gem3d.errors import ConfigError
 
@@ -24,10 +27,58 @@ def _split_scalar_list(value: Any) -> Any:
 
 IntList = Annotated[tuple[int, ...], BeforeValidator(_split_scalar_list)]
 BoolList = Annotated[tuple[bool, ...], BeforeValidator(_split_scalar_list)]
+# UNet level widths: at least one level, each at least one channel.
+ChannelList = Annotated[
+    tuple[Annotated[int, Field(ge=1)], ...], BeforeValidator(_split_scalar_list), Field(min_length=1)
+]
+
+
+class FieldError(ValueError):
+    """A cross-field check failed; ``field`` is the dotted field to blame, relative to the model checked."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+def _divisors(n: int) -> str:
+    return ", ".join(str(d) for d in range(1, n + 1) if n % d == 0)
+
+
+def _check_unet(
+    channels: tuple[int, ...], attention_levels: tuple[bool, ...], norm_num_groups: int, num_head_channels: int
+) -> None:
+    """What MONAI's ``DiffusionModelUNet`` (and the stage-2 slice-axis layers) need, checked before it is built.
+
+    Group norm runs on every level's channels; attention runs at the levels marked in
+    ``attention_levels`` and always in the middle block (the last level), with
+    ``channels // num_head_channels`` heads.
+    """
+    if len(attention_levels) != len(channels):
+        raise FieldError(
+            "attention_levels",
+            f"has {len(attention_levels)} entries but channels {list(channels)} has {len(channels)} levels "
+            f"(one true/false per level)",
+        )
+    common = math.gcd(*channels)
+    if common % norm_num_groups:
+        raise FieldError(
+            "norm_num_groups",
+            f"{norm_num_groups} does not divide every level of channels {list(channels)} "
+            f"(valid: a divisor of {common}: {_divisors(common)})",
+        )
+    attended = sorted({c for c, attend in zip(channels, attention_levels, strict=True) if attend} | {channels[-1]})
+    common = math.gcd(*attended)
+    if common % num_head_channels:
+        raise FieldError(
+            "num_head_channels",
+            f"{num_head_channels} does not divide the attended channels {attended} (the levels marked in "
+            f"attention_levels and the last, middle-block level; valid: a divisor of {common}: {_divisors(common)})",
+        )
 
 
 class DataConfig(_Frozen):
@@ -50,11 +101,20 @@ class DataConfig(_Frozen):
     crop_foreground: bool = True
     channel: int = Field(0, ge=0, description="which image channel (_000C) to read in multi-channel datasets")
 
+    @model_validator(mode="after")
+    def _ranges_are_ordered(self) -> Self:
+        low, high = self.mri_percentiles
+        if not 0.0 <= low < high <= 100.0:
+            raise FieldError("mri_percentiles", f"{[low, high]} must be [low, high] with 0 <= low < high <= 100")
+        if not self.ct_window[0] < self.ct_window[1]:
+            raise FieldError("ct_window", f"{list(self.ct_window)} must be [low, high] HU with low < high")
+        return self
+
 
 class ModelConfig(_Frozen):
     """The slice denoiser (a MONAI ``DiffusionModelUNet``, 2D) and its stage-2 inflation."""
 
-    channels: IntList = (32, 64)
+    channels: ChannelList = (32, 64)
     attention_levels: BoolList = (False, True)
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
@@ -72,17 +132,27 @@ class ModelConfig(_Frozen):
     temporal_kernel: int = Field(3, ge=1, description="kernel of the slice-axis 1D convs added in stage 2")
     temporal_attention: bool = Field(True, description="add slice-axis self-attention where there is spatial attention")
 
+    @model_validator(mode="after")
+    def _fits_the_unet(self) -> Self:
+        _check_unet(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
+        return self
+
 
 class InformedModelConfig(_Frozen):
     """The informed-slice generator: a 2D diffusion model conditioned on slice position."""
 
-    channels: IntList = (32, 64)
+    channels: ChannelList = (32, 64)
     attention_levels: BoolList = (False, True)
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
     num_head_channels: int = Field(16, ge=1)
     position_bins: int = Field(64, ge=2, description="normalised slice position is quantised into this many classes")
     condition_on_mask: bool = Field(True, description="also condition on the mask slice at that position")
+
+    @model_validator(mode="after")
+    def _fits_the_unet(self) -> Self:
+        _check_unet(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
+        return self
 
 
 class DiffusionConfig(_Frozen):
@@ -95,6 +165,18 @@ class DiffusionConfig(_Frozen):
     prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
     inference_steps: int = Field(20, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta: 0 is deterministic given the initial noise")
+
+    @model_validator(mode="after")
+    def _schedule_is_consistent(self) -> Self:
+        if self.inference_steps > self.num_train_timesteps:
+            raise FieldError(
+                "inference_steps",
+                f"{self.inference_steps} exceeds num_train_timesteps = {self.num_train_timesteps} "
+                f"(valid: 1..{self.num_train_timesteps})",
+            )
+        if self.schedule != "cosine" and self.beta_end <= self.beta_start:  # the cosine schedule ignores both
+            raise FieldError("beta_end", f"{self.beta_end} must be greater than beta_start = {self.beta_start}")
+        return self
 
 
 class TrainConfig(_Frozen):
@@ -110,7 +192,9 @@ class TrainConfig(_Frozen):
     ema_decay: float = Field(0.999, ge=0, lt=1)
     seed: int = 0
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
-    checkpoint_every: int = Field(0, ge=0, description="also checkpoint every N steps (0: only at the end)")
+    checkpoint_every: int = Field(
+        100, ge=0, description="also checkpoint every N steps, so a kill loses at most N (0: only at the end)"
+    )
     volume_train_all: bool = Field(False, description="stage 2 trains every parameter, not only the slice-axis layers")
     volume_t_power: float = Field(
         1.0, gt=0, description="stage 2 draws t = T * u**p; p > 1 favours small t, as the reference does"
@@ -185,12 +269,45 @@ class Config(_Frozen):
     release: ReleaseConfig = ReleaseConfig()
     federation: FederationConfig = FederationConfig()
 
+    @model_validator(mode="after")
+    def _sections_agree(self) -> Self:
+        levels = max(len(self.model.channels), len(self.informed.channels))
+        factor = 2 ** (levels - 1)  # every level but the last halves the slice
+        if self.data.image_size % factor:
+            which = "model" if len(self.model.channels) == levels else "informed"
+            raise FieldError(
+                "data.image_size",
+                f"{self.data.image_size} is not divisible by {factor}, which the {levels} levels of "
+                f"{which}.channels need (valid: a multiple of {factor}, at least 8)",
+            )
+        if self.sampler.overlap >= self.data.window:
+            raise FieldError(
+                "sampler.overlap",
+                f"{self.sampler.overlap} carried slices leave no new slice in a window of data.window = "
+                f"{self.data.window} (valid: 0..{self.data.window - 1})",
+            )
+        return self
 
-def _format_validation_error(source: str, error: ValidationError) -> str:
+
+def _error_field(error: Any) -> str:
+    """The dotted field a pydantic error blames; a ``FieldError`` names its own, below the model's location."""
+    parts = [str(part) for part in error["loc"]]
+    cause = (error.get("ctx") or {}).get("error")
+    if isinstance(cause, FieldError):
+        parts.append(cause.field)
+    return ".".join(parts) or "(top level)"
+
+
+def _error_message(error: Any) -> str:
+    cause = (error.get("ctx") or {}).get("error")
+    return str(cause) if isinstance(cause, FieldError) else str(error["msg"])
+
+
+def format_validation_error(source: str, error: ValidationError) -> str:
+    """One line: the source, the first failing field and its problem (and how many more there are)."""
     first = error.errors()[0]
-    field = ".".join(str(part) for part in first["loc"]) or "(top level)"
     more = f" (and {error.error_count() - 1} more)" if error.error_count() > 1 else ""
-    return f"{source}: field '{field}': {first['msg']}{more}"
+    return f"{source}: field '{_error_field(first)}': {_error_message(first)}{more}"
 
 
 def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
@@ -198,16 +315,22 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>") -> Config:
     try:
         return Config.model_validate(raw)
     except ValidationError as error:
-        raise ConfigError(_format_validation_error(source, error)) from None
+        raise ConfigError(format_validation_error(source, error)) from None
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+def load_config(
+    path: str | Path | None = None, overrides: dict[str, Any] | None = None, override_source: str = "override"
+) -> Config:
     """Load a TOML config (defaults when ``path`` is None) and apply dotted overrides.
+
+    An invalid result is blamed on the override that set the failing field; failing that, on the
+    overrides of its section when the file alone is valid; otherwise on the file.
 
     Args:
         path: a TOML file with the sections of ``Config``.
         overrides: ``{"train.steps_slice": 10, ...}``; Flower run_config keys in kebab-case
             (``"train.steps-slice"``) are accepted too.
+        override_source: how an error names an override, e.g. ``"--set"`` for the CLI's option.
     """
     raw: dict[str, Any] = {}
     source = "<defaults>"
@@ -220,9 +343,38 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             raise ConfigError(f"{path}: config file not found") from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
             raise ConfigError(f"{path}: not valid TOML: {error}") from None
-    for key, value in (overrides or {}).items():
-        apply_override(raw, key, value)
-    return config_from_dict(raw, source)
+    if not overrides:
+        return config_from_dict(raw, source)
+    combined = copy.deepcopy(raw)  # the file's own dict stays as it is, to be validated alone on an error
+    for key, value in overrides.items():
+        apply_override(combined, key, value)
+    try:
+        return Config.model_validate(combined)
+    except ValidationError as error:
+        blamed = _blamed_overrides(error, overrides, raw)
+        if blamed:
+            source = ", ".join(f"{override_source} {key}={_shown(overrides[key])}" for key in blamed)
+        raise ConfigError(format_validation_error(source, error)) from None
+
+
+def _blamed_overrides(error: ValidationError, overrides: dict[str, Any], raw: dict[str, Any]) -> list[str]:
+    """The overrides a validation error is theirs, or [] when the file is to blame."""
+    field = _error_field(error.errors()[0])
+    names = {key: key.replace("-", "_") for key in overrides}
+    exact = [key for key, name in names.items() if field == name or field.startswith(name + ".")]
+    if exact:
+        return exact
+    try:
+        Config.model_validate(raw)
+    except ValidationError:
+        return []  # the file is invalid on its own
+    section = field.split(".")[0]
+    same_section = [key for key, name in names.items() if name.split(".")[0] == section]
+    return same_section or list(overrides)
+
+
+def _shown(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def apply_override(raw: dict[str, Any], key: str, value: Any) -> None:

@@ -7,9 +7,6 @@ A run folder holds ``slice.safetensors``, ``volume.safetensors`` and ``informed.
 
 from __future__ import annotations
 
-import json
-import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,6 +18,7 @@ from gem3d.checkpoint import (
     library_versions,
     load_checkpoint,
     load_optimizer_tensors,
+    load_weights,
     optimizer_tensors,
     prefixed,
     read_metadata,
@@ -32,6 +30,7 @@ from gem3d.data.volume import Volume, fingerprint
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.errors import CheckpointError, ConfigError
+from gem3d.files import write_json
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser
 from gem3d.training import STAGES, OnStep, Stage, TrainFn, TrainState, freeze_for_stage, new_state, train
 
@@ -40,6 +39,10 @@ STAGE_FILES: dict[Stage, str] = {stage: f"{stage}.safetensors" for stage in STAG
 _SHAPING_SECTIONS = ("data", "model", "informed", "diffusion")
 # Fields of those sections that only steer sampling: a run may be resumed or fine-tuned with others.
 _SAMPLING_ONLY = {"diffusion": ("inference_steps", "eta")}
+# [train] fields a resume may change: how long, where, how often to checkpoint. Any other (lr, weight
+# decay, batch size, EMA decay, seed, ...) is refused: the restored optimizer, EMA and generator would
+# keep the old values while the checkpoint recorded the new ones (issue 13).
+_RESUME_MAY_CHANGE = ("steps_slice", "steps_volume", "steps_informed", "device", "checkpoint_every")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -74,20 +77,53 @@ def build_model(stage: Stage, cfg: Config) -> nn.Module:
     return model
 
 
+def checkpoint_config(metadata: dict[str, Any], path: Path) -> Config:
+    """The config embedded in a checkpoint's metadata, validated."""
+    if metadata.get("config") is None:
+        raise CheckpointError(f"{path}: metadata has no embedded config")
+    try:
+        return config_from_dict(metadata["config"], f"{path} (embedded config)")
+    except ConfigError as error:
+        raise CheckpointError(str(error)) from None
+
+
+def checkpoint_stage(metadata: dict[str, Any], path: Path) -> Stage:
+    """The stage a checkpoint holds; it must be one of ``STAGES`` and agree with a stage file's name."""
+    stage = metadata["stage"]
+    if stage not in STAGES:
+        raise CheckpointError(f"{path}: metadata stage '{stage}' is not one of {', '.join(STAGES)}")
+    named = next((s for s, name in STAGE_FILES.items() if path.name == name), None)
+    if named is not None and named != stage:
+        raise CheckpointError(f"{path}: holds a '{stage}'-stage checkpoint but is named {path.name}")
+    return stage  # type: ignore[no-any-return]
+
+
 def _check_compatible(metadata: dict[str, Any], cfg: Config, path: Path) -> None:
-    saved = metadata["config"]
+    saved = checkpoint_config(metadata, path).model_dump(mode="json")
     current = cfg.model_dump(mode="json")
     for section in _SHAPING_SECTIONS:
         ignored = _SAMPLING_ONLY.get(section, ())
-        if _without(saved.get(section), ignored) != _without(current[section], ignored):
+        if _without(saved[section], ignored) != _without(current[section], ignored):
             raise CheckpointError(
                 f"{path}: checkpoint was trained with a different [{section}] config; "
                 "use the run's own config.json or a new --out"
             )
 
 
-def _without(fields: dict[str, Any] | None, names: tuple[str, ...]) -> dict[str, Any] | None:
-    return None if fields is None else {k: v for k, v in fields.items() if k not in names}
+def _check_resumable(metadata: dict[str, Any], cfg: Config, path: Path) -> None:
+    """A resume continues the saved optimisation: its [train] settings must be the checkpoint's."""
+    saved = checkpoint_config(metadata, path).train.model_dump(mode="json")
+    current = cfg.train.model_dump(mode="json")
+    for name, value in current.items():
+        if name not in _RESUME_MAY_CHANGE and saved[name] != value:
+            raise CheckpointError(
+                f"{path}: --resume with train.{name} = {value!r}, but the checkpoint was trained with "
+                f"train.{name} = {saved[name]!r}; resume with the run's value or train into a new --out"
+            )
+
+
+def _without(fields: dict[str, Any], names: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in fields.items() if k not in names}
 
 
 def load_model(
@@ -100,12 +136,10 @@ def load_model(
     """
     path = Path(path)
     tensors, metadata = load_checkpoint(path)
-    cfg = config_from_dict(metadata["config"], f"{path} (embedded config)")
-    model = build_model(metadata["stage"], cfg)
-    try:
-        model.load_state_dict(subset(tensors, weights))
-    except RuntimeError as error:
-        raise CheckpointError(f"{path}: weights do not fit the network of its config ({error})") from None
+    stage = checkpoint_stage(metadata, path)
+    cfg = checkpoint_config(metadata, path)
+    model = build_model(stage, cfg)
+    load_weights(model, subset(tensors, weights), f"{path} ({weights} weights)")
     return model.to(device).eval(), cfg, metadata
 
 
@@ -135,22 +169,28 @@ def save_state(path: Path, state: TrainState, stage: Stage, cfg: Config, data_fi
     return save_checkpoint(path, tensors, metadata)
 
 
-def restore_state(state: TrainState, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]) -> None:
-    """Load a saved ``TrainState`` in place (model, EMA, optimizer, generator, step)."""
+def restore_state(
+    state: TrainState, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "checkpoint"
+) -> None:
+    """Load a saved ``TrainState`` in place (model, EMA, optimizer, generator, step).
+
+    Raises:
+        CheckpointError: naming ``source``, when the checkpoint is not a complete training state.
+    """
+    absent = [name for name in ("ema_n_averaged", "rng.cpu") if name not in tensors]
+    absent += [name for name in ("step", "optimizer") if metadata.get(name) is None]
+    if absent:
+        raise CheckpointError(f"{source}: not a resumable training checkpoint (no {', '.join(absent)})")
     device = next(state.model.parameters()).device
-    state.model.load_state_dict(subset(tensors, "model"))
-    state.ema.module.load_state_dict(subset(tensors, "ema"))
-    state.ema.n_averaged.copy_(tensors["ema_n_averaged"].to(device))
-    load_optimizer_tensors(state.optimizer, tensors, metadata["optimizer"])
-    state.generator.set_state(tensors["rng.cpu"])
+    load_weights(state.model, subset(tensors, "model"), f"{source} (model weights)")
+    load_weights(state.ema.module, subset(tensors, "ema"), f"{source} (ema weights)")
+    try:
+        state.ema.n_averaged.copy_(tensors["ema_n_averaged"].to(device))
+        load_optimizer_tensors(state.optimizer, tensors, metadata["optimizer"])
+        state.generator.set_state(tensors["rng.cpu"])
+    except (RuntimeError, ValueError, KeyError) as error:
+        raise CheckpointError(f"{source}: optimizer or generator state does not fit ({error})") from None
     state.step = int(metadata["step"])
-
-
-def _write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-    os.replace(tmp, path)
 
 
 def init_checkpoint(init: str | Path, stage: Stage) -> Path:
@@ -249,8 +289,10 @@ def train_stage(
     data_fingerprint = fingerprint(volumes, fingerprint_key)
     if resume:
         tensors, metadata = load_checkpoint(path)
+        checkpoint_stage(metadata, path)
         _check_compatible(metadata, cfg, path)
-        if metadata["data_fingerprint"] != data_fingerprint:
+        _check_resumable(metadata, cfg, path)
+        if metadata.get("data_fingerprint") != data_fingerprint:
             raise CheckpointError(f"{path}: was trained on different data (fingerprint mismatch)")
         model = build_model(stage, cfg).to(device)
     else:
@@ -258,11 +300,11 @@ def train_stage(
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     state = new_state(model, cfg.train)
     if resume:
-        restore_state(state, tensors, metadata)
+        restore_state(state, tensors, metadata, str(path))
 
     source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
     scheduler = train_scheduler(cfg.diffusion)
-    _write_json_atomic(run / "config.json", cfg.model_dump(mode="json"))
+    write_json(run / "config.json", cfg.model_dump(mode="json"))
     every = cfg.train.checkpoint_every
     metrics: dict[str, float] = {}
 
