@@ -54,12 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a subcommand. A ``Gem3dError`` becomes one line on stderr and exit code 2."""
+    """Run a subcommand. A ``Gem3dError`` or ``OSError`` becomes one line on stderr and exit code 2."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.handler(args) or 0)
     except Gem3dError as error:
         print(f"gem3d {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except OSError as error:  # a full disk, a read-only folder, a permission: one line naming the path
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"gem3d {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"gem3d {args.command}: interrupted", file=sys.stderr)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gem3d.data.geometry import CaseGeometry
+from gem3d.files import atomic_write
 
 
 def _centre(label: np.ndarray) -> tuple[int, int, int]:
@@ -82,16 +81,10 @@ def save_figure(figure: Any, path: Path, dpi: int = 100) -> Path:
     """Save a matplotlib figure as PNG atomically (temp file, then rename) and close it."""
     import matplotlib.pyplot as plt
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(handle)
     try:
-        figure.savefig(tmp, dpi=dpi)
-        os.replace(tmp, path)
+        return atomic_write(path, lambda tmp: figure.savefig(tmp, dpi=dpi, format="png"))
     finally:
         plt.close(figure)
-        Path(tmp).unlink(missing_ok=True)
-    return path
 
 
 def loss_curve_png(path: Path, rounds: list[dict[str, Any]]) -> Path:

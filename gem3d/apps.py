@@ -13,10 +13,8 @@ with a provenance record: config, checkpoint hashes, seed, informed-slice source
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,6 +30,7 @@ from gem3d.data.layouts import check_case_headers, discover, read_case
 from gem3d.data.nifti import read_image, save_nifti
 from gem3d.diffusion import sample_scheduler
 from gem3d.errors import CheckpointError, DataError
+from gem3d.files import work_folder_beside, write_json
 from gem3d.informed import (
     SourceSpec,
     generated_slices,
@@ -269,24 +268,6 @@ def write_volume(path: Path, image: np.ndarray, geometry: CaseGeometry, provenan
     return path
 
 
-def write_json(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON atomically (sorted keys, so a seed gives identical bytes)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(handle, "w") as stream:
-        json.dump(payload, stream, indent=2, sort_keys=True, default=_json_default)
-        stream.write("\n")
-    os.replace(tmp, path)
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, Path):
-        return value.name
-    raise TypeError(f"not JSON-serialisable: {type(value).__name__}")
-
-
 # ---------------------------------------------------------------------------------------------
 # Datasets in, datasets out (nnU-Net v2 raw layout).
 
@@ -348,7 +329,7 @@ class DatasetWriter:
         if not os.access(out.parent, os.W_OK):
             raise DataError(f"{out.parent}: output folder is not writable")
         self.out = out
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        self.tmp = work_folder_beside(out)
         self.label_names = label_names or {}
         self.preview = preview
         self.count = 0

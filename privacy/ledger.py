@@ -39,9 +39,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import secrets
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,6 +49,7 @@ from filelock import FileLock
 from opacus.accountants import IAccountant, create_accountant
 
 from gem3d.config import PrivacyConfig
+from gem3d.files import write_json
 from privacy.errors import PrivacyBudgetError, PrivacyLedgerError
 
 __all__ = [
@@ -379,18 +378,8 @@ class PrivacyLedger:
 
     def save(self) -> Path:
         """Write the ledger atomically to ``self.path``."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w") as handle:
-                json.dump(self.as_dict(), handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return self.path
+        # durable: a crash after a step must not forget the budget that step spent
+        return write_json(self.path, self.as_dict(), durable=True)
 
 
 def _load(path: Path) -> dict[str, Any]:

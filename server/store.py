@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +22,7 @@ from torch import nn
 from gem3d.checkpoint import load_checkpoint, subset
 from gem3d.config import Config
 from gem3d.errors import CheckpointError
+from gem3d.files import write_json
 from gem3d.runs import STAGE_FILES, save_state
 from gem3d.training import STAGES, Stage, new_state
 
@@ -32,19 +32,6 @@ CONFIG_FILE = "config.json"
 CLIENT_DP_KEY = "client-dp-accountant"  # Flower's accountant state_dict() in server_state.json
 # A resumed run may change these (more rounds, another strategy or minimum of sites); not the model or data.
 _RESUMABLE_SECTIONS = ("federation",)
-
-
-def write_json_atomic(path: Path, payload: dict[str, Any]) -> None:
-    """Write JSON to a temp file in the same folder, then rename over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=2, sort_keys=True)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class RunStore:
@@ -81,13 +68,13 @@ class RunStore:
                     f"{config_path}: the run in this folder used a different [{', '.join(changed)}] config; "
                     "resume it with the same config (only [federation] may change), or choose another out-dir"
                 )
-            write_json_atomic(config_path, current)
+            write_json(config_path, current)
             progress = json.loads(self.state_path.read_text())
             self.client_dp_state = progress.get(CLIENT_DP_KEY)
             return {stage: int(progress.get("completed", {}).get(stage, 0)) for stage in STAGES}
         if any(self.out_dir.glob("*.safetensors")):
             raise CheckpointError(f"{self.out_dir}: holds checkpoints but no {STATE_FILE}; choose another out-dir")
-        write_json_atomic(config_path, current)
+        write_json(config_path, current)
         return dict.fromkeys(STAGES, 0)
 
     def load_global(self, model: nn.Module, stage: Stage) -> None:
@@ -140,7 +127,7 @@ class RunStore:
             self.client_dp_state = client_dp
         if self.client_dp_state is not None:
             progress[CLIENT_DP_KEY] = self.client_dp_state
-        write_json_atomic(self.state_path, progress)
+        write_json(self.state_path, progress)
         return path
 
     def append_metrics(self, record: dict[str, Any]) -> None:

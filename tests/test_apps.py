@@ -193,3 +193,42 @@ def test_existing_output_is_never_overwritten(run: Path, phantom_dir: Path, tmp_
 
     assert code == 2
     assert (out / "precious.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize(
+    ("command", "sidecar"),
+    [
+        ("sample", "x.png"),
+        ("sample", "x.provenance.json"),
+        ("counterfactual", "x_mask.nii.gz"),
+    ],
+)
+def test_an_existing_sidecar_is_refused_before_any_work(
+    run: Path, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str, sidecar: str
+) -> None:
+    # prepare: a file the command would write beside --out, already there
+    (tmp_path / sidecar).write_text("keep me")
+    mask = phantom_dir / "labelsTr" / "phantom_001.nii.gz"
+    extra = ["--remove-label", "3"] if command == "counterfactual" else []
+
+    code = _gem3d(command, "--checkpoint", run, "--mask", mask, "--informed", "generate", *extra,
+                  "--out", tmp_path / "x.nii.gz")  # fmt: skip
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"{tmp_path / sidecar} already exists" in err
+    assert (tmp_path / sidecar).read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [sidecar]
+
+
+def test_an_output_under_a_file_is_one_line(
+    run: Path, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "afile").write_text("not a folder")
+
+    code = _gem3d("sample", "--checkpoint", run, "--mask", phantom_dir / "labelsTr" / "phantom_001.nii.gz",
+                  "--informed", "generate", "--out", tmp_path / "afile" / "x.nii.gz")  # fmt: skip
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "is not a folder" in err and "--out" in err

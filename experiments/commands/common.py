@@ -19,6 +19,76 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 _NOT_PARAMS = ("handler", "command", "track")
 
 
+def _number(text: str, kind: type[int] | type[float]) -> float:
+    try:
+        return kind(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a{'n integer' if kind is int else ' number'}") from None
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(_number(text, int))
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 1")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type: a finite number > 0."""
+    value = _number(text, float)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text}: expected a number > 0")
+    return value
+
+
+def fraction(text: str) -> float:
+    """argparse type: a number strictly between 0 and 1."""
+    value = _number(text, float)
+    if not 0 < value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: expected a number strictly between 0 and 1")
+    return value
+
+
+GRID_RANGE = (8, 128)  # an audit grid below 8^3 sees nothing; above 128^3 its features do not fit in memory
+
+
+def grid_size(text: str) -> int:
+    """argparse type: an audit grid edge within ``GRID_RANGE``."""
+    value = int(_number(text, int))
+    low, high = GRID_RANGE
+    if not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"{value}: expected {low}..{high} voxels")
+    return value
+
+
+def check_new_outputs(paths: Sequence[Path], option: str = "--out") -> None:
+    """Before any work: none of ``paths`` exists, and their folder is (or can be made) a writable folder.
+
+    Every file a command would write counts, sidecars included (provenance, previews, an edited
+    mask). Raises ``DataError`` naming ``option``, the path and the problem.
+    """
+    import tempfile
+
+    from gem3d.errors import DataError
+
+    for path in paths:
+        if path.exists() or path.is_symlink():
+            raise DataError(
+                f"{option} {paths[0]}: {path} already exists; choose a new {option} (nothing is overwritten)"
+            )
+    folder = paths[0].parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise DataError(f"{option} {paths[0]}: {folder} is not a folder")
+    try:  # a probe finds what permission bits do not: a read-only mount, no inodes left, root squash
+        with tempfile.TemporaryFile(dir=folder, prefix=".gem3d-probe."):
+            pass
+    except OSError as error:
+        raise DataError(f"{option} {paths[0]}: cannot write in {folder} ({error.strerror})") from None
+
+
 def add_config_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument(
         "--config",
@@ -63,11 +133,28 @@ def parse_set(items: list[str]) -> dict[str, Any]:
     return overrides
 
 
-def load_cli_config(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
-    """The config named by ``--config`` with ``--set`` and command-specific overrides applied."""
+def load_cli_config(
+    args: argparse.Namespace, extra: dict[str, Any] | None = None, dataset: Path | None = None
+) -> Config:
+    """The config named by ``--config`` with ``--set`` and command-specific overrides applied.
+
+    Args:
+        dataset: a dataset folder whose declarations (``gem3d.data.layouts.declared_data``: its
+            number of labels, its modality) decide those fields; a ``--set`` that contradicts
+            them is refused.
+    """
     overrides = parse_set(args.set)
+    if dataset is not None and dataset.is_dir():
+        from gem3d.data.layouts import declared_data
+
+        for key, value in declared_data(dataset).items():
+            if key in overrides and overrides[key] != value:
+                raise ConfigError(
+                    f"--set {key}={overrides[key]}: {dataset} declares {key.removeprefix('data.')} = {value}"
+                )
+            overrides[key] = value
     overrides.update(extra or {})
-    return load_config(resolve_config_path(args.config), overrides)
+    return load_config(resolve_config_path(args.config), overrides, override_source="--set")
 
 
 def add_track_argument(parser: argparse.ArgumentParser, default: str) -> None:

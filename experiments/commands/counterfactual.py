@@ -40,9 +40,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_track_option(parser)
 
 
+def edited_mask_path(out: Path) -> Path:
+    """Where the edited mask goes: ``X_mask.nii.gz`` beside ``X.nii.gz``."""
+    return out.with_name(out.name.replace(".nii", "_mask.nii", 1))
+
+
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    check_output(args.out)
+    edited = args.remove_label is not None or bool(args.mask_edit)
+    check_output(args.out, *([edited_mask_path(args.out)] if edited else []))
     source = parse_source(args.informed, ("real", "file", "generate"))
     synth = open_synthesiser(args)
     spec = ",".join(
@@ -55,7 +61,7 @@ def run(args: argparse.Namespace) -> int:
         if edit is not None:
             from gem3d.data.nifti import save_nifti
 
-            mask_out = args.out.with_name(args.out.name.replace(".nii", "_mask.nii", 1))
+            mask_out = edited_mask_path(args.out)
             save_nifti(mask_out, label.astype("int16"), geometry.affine_array)
             print(f"wrote {mask_out} (the edited mask)")
         provenance, preview = single_outputs(args.out)

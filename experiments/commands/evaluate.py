@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from experiments.commands.common import CommandRun, add_track_option, tracked
+from experiments.commands.common import CommandRun, add_track_option, check_new_outputs, tracked
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.report import write_report
 from experiments.evaluation.run import BASELINE_NAMES, BASELINES, Settings, evaluate, montage, quick_settings
@@ -122,7 +122,8 @@ def _check_inputs(args: argparse.Namespace) -> None:
     if not args.data.is_dir():
         raise DataError(f"{args.data}: evaluation data folder not found")
     if args.out.suffix != ".json":
-        raise DataError(f"{args.out}: the report must be a .json file")
+        raise DataError(f"--out {args.out}: the report must be a .json file")
+    check_new_outputs([args.out, args.out.with_suffix(".png")])
     if args.train_data is not None and not args.train_data.is_dir():
         raise DataError(f"{args.train_data}: training data folder not found")
     if args.threads is not None and args.threads < 1:

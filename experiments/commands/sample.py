@@ -13,7 +13,7 @@ import argparse
 import time
 from pathlib import Path
 
-from experiments.commands.common import add_track_option, tracked
+from experiments.commands.common import add_track_option, check_new_outputs, tracked
 from experiments.commands.sampling import add_sampling_arguments, open_synthesiser, single_outputs, write_single
 from gem3d.apps import mask_job
 from gem3d.errors import DataError
@@ -34,11 +34,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_track_option(parser)
 
 
-def check_output(out: Path) -> None:
-    if out.exists():
-        raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
+def check_output(out: Path, *also: Path) -> None:
+    """``--out`` is a new NIfTI path in a writable folder, and so are its sidecars and ``also``."""
     if not out.name.endswith((".nii.gz", ".nii")):
-        raise DataError(f"{out}: output must end in .nii.gz or .nii")
+        raise DataError(f"--out {out}: must end in .nii.gz or .nii")
+    check_new_outputs([out, *single_outputs(out), *also])
 
 
 def run(args: argparse.Namespace) -> int:

@@ -69,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         extra["train.device"] = args.device
     if args.seed is not None:
         extra["train.seed"] = args.seed
-    cfg = load_cli_config(args, extra)
+    cfg = load_cli_config(args, extra, dataset=args.data)  # the dataset decides its labels and modality
     if args.public_data and args.site_state is not None:
         raise ConfigError("--public-data and --site-state: public data has no site state; pass one of them")
     site = None if args.public_data else SiteState(args.site_state or default_state_dir(args.data))

@@ -12,7 +12,6 @@ import dataclasses
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,6 +45,7 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume, fingerprint
 from gem3d.diffusion import sample_scheduler
 from gem3d.errors import CheckpointError, DataError
+from gem3d.files import work_folder_beside
 from gem3d.runs import STAGE_FILES
 from gem3d.sampler import InformedSlice, SampleRequest, Window, default_start, plan_windows, sample_volumes
 from privacy.site_state import SiteState, default_state_dir, fingerprint_matches
@@ -243,7 +243,7 @@ def _train_baselines_into(
 ) -> dict[str, Path]:
     """Train the requested trainable baselines into ``folder`` (atomically: a temp folder, then rename)."""
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = work_folder_beside(folder)
     try:
         made: dict[str, Path] = {}
         if "mask_only" in wanted:

@@ -27,7 +27,6 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -40,6 +39,7 @@ from scipy.ndimage import gaussian_filter
 
 from gem3d.data.nifti import save_nifti
 from gem3d.errors import DataError
+from gem3d.files import work_folder_beside
 
 LABEL_NAMES = ("background", "CSF", "GM", "WM", "lesion")
 ORIENTATIONS = ("RAS", "LAS", "LPS")
@@ -280,7 +280,7 @@ def write_demo_site(
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_ROOT_MARKER).touch()
     character = site_characters(sites, seed)[index]
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=root))
+    tmp = work_folder_beside(target)
     try:
         written = _write_split(tmp, character, index, cases_per_site, False, seed, size, lesion=False)
         (tmp / "dataset.json").write_text(
@@ -319,7 +319,7 @@ def write_demo_cohort(
         raise DataError(f"{out}: already exists; choose a new folder")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tmp = work_folder_beside(out)
     except OSError as error:
         raise DataError(f"{out}: output folder not writable ({error.strerror})") from None
     num_labels = 5 if lesion else 4

@@ -127,6 +127,37 @@ def _declared_labels(path: Path, labels: Any, msd: bool) -> tuple[tuple[int, ...
     return tuple(sorted(values)), names
 
 
+def declared_data(root: str | Path) -> dict[str, Any]:
+    """The data config a dataset declares: ``{"data.num_labels": n, "data.modality": "ct" | "mri"}``.
+
+    From a prepared cache's manifest (its label table and data config) or a raw nnU-Net / MSD
+    ``dataset.json`` (its ``labels``; CT when its ``channel_names`` / ``modality`` says ``CT``).
+    Empty for folders that declare nothing (BraTS, AbdomenCT-1K layouts, a folder of sites).
+    """
+    root = Path(root)
+    manifest, meta_path = root / "manifest.json", root / "dataset.json"
+    if manifest.is_file():
+        data = _read_dataset_json(manifest)
+        declared: dict[str, Any] = {}
+        if data.get("label_values"):
+            declared["data.num_labels"] = len(data["label_values"])
+        if data.get("data", {}).get("modality") in ("ct", "mri"):
+            declared["data.modality"] = data["data"]["modality"]
+        return declared
+    if not meta_path.is_file():
+        return {}
+    meta = _read_dataset_json(meta_path)
+    msd = "training" in meta
+    declared = {}
+    if "labels" in meta:
+        values, _ = _declared_labels(meta_path, meta["labels"], msd=msd)
+        declared["data.num_labels"] = len(values)
+    channels = meta.get("modality" if msd else "channel_names")
+    if isinstance(channels, dict) and channels:
+        declared["data.modality"] = "ct" if str(next(iter(channels.values()))).strip().upper() == "CT" else "mri"
+    return declared
+
+
 def _check_num_training(path: Path, data: dict[str, Any], found: int) -> None:
     declared = data.get("numTraining")
     if declared is not None and declared != found:

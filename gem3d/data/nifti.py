@@ -7,8 +7,6 @@ voxel is read; voxel checks (``read_image``, ``read_label``) run when a case is 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import nibabel as nib
 import numpy as np
 
 from gem3d.errors import DataError
+from gem3d.files import atomic_write
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 
@@ -208,14 +207,4 @@ def save_nifti(path: str | Path, data: np.ndarray, affine: np.ndarray, header: n
     image = nib.Nifti1Image(np.asarray(data), np.asarray(affine, dtype=np.float64), header=header)
     image.set_sform(np.asarray(affine, dtype=np.float64), code=1)
     image.set_qform(np.asarray(affine, dtype=np.float64), code=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    suffix = ".nii.gz" if name.endswith(".nii.gz") else ".nii"
-    handle, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=suffix, dir=path.parent)
-    os.close(handle)
-    try:
-        nib.save(image, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: nib.save(image, tmp))

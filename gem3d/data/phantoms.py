@@ -10,11 +10,12 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+
+from gem3d.files import work_folder_beside
 
 
 def make_phantom(shape: tuple[int, int, int], num_labels: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -67,7 +68,7 @@ def write_phantom_dataset(
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = work_folder_beside(out)
     try:
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +32,7 @@ from gem3d.data.geometry import CaseGeometry, map_labels, to_model_grid
 from gem3d.data.layouts import SEQUENCES, Layout, Listing, Sequence_, check_case_headers, discover, read_case
 from gem3d.data.volume import Volume
 from gem3d.errors import DataError
+from gem3d.files import work_folder_beside
 
 MANIFEST = "manifest.json"
 FORMAT = "gem3d-prepared-v1"
@@ -147,7 +147,7 @@ def prepare_dataset(
     missing = [folder for folder in output.parents if not folder.exists()]
     created = missing[-1] if missing else None  # the top-most folder this call creates
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.", dir=output.parent))
+    tmp = work_folder_beside(output)
     try:
         (tmp / "cases").mkdir()
         records = _process_cases(listing, valid, cfg, options, tmp, report, on_case)

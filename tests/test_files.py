@@ -1,0 +1,73 @@
+"""The one atomic writer: whole or nothing, umask permissions, stale work folders of killed runs removed (issue 13)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from gem3d.data.nifti import save_nifti
+from gem3d.files import WORK_PREFIX, atomic_write, remove_stale_work, work_folder_beside, work_prefix, write_json
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    yield
+    os.umask(old)
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_outputs_follow_the_umask_not_tempfiles_private_modes(tmp_path: Path, umask_022: None) -> None:
+    json_file = write_json(tmp_path / "a.json", {"b": 1, "a": np.float32(2.0)})
+    nifti = save_nifti(tmp_path / "x.nii.gz", np.zeros((4, 4, 4), np.float32), np.eye(4))
+    folder = work_folder_beside(tmp_path / "out")
+
+    assert _mode(json_file) == 0o644 and _mode(nifti) == 0o644
+    assert _mode(folder) == 0o755
+    assert json_file.read_text() == '{\n  "a": 2.0,\n  "b": 1\n}\n'
+
+
+def test_a_secret_keeps_its_own_mode(tmp_path: Path, umask_022: None) -> None:
+    key = atomic_write(tmp_path / "site.key", lambda tmp: tmp.write_bytes(b"k"), mode=0o600)
+
+    assert _mode(key) == 0o600
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path: Path) -> None:
+    target = write_json(tmp_path / "kept.json", {"v": 1})
+
+    def fail(tmp: Path) -> None:
+        tmp.write_text("half")
+        raise OSError(28, "No space left on device", str(tmp))
+
+    with pytest.raises(OSError):
+        atomic_write(target, fail)
+
+    assert target.read_text() == '{\n  "v": 1\n}\n'
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept.json"]
+
+
+def test_only_work_folders_of_dead_processes_on_this_host_are_removed(tmp_path: Path) -> None:
+    # prepare: a process that has exited, this (live) process, and a folder of another host
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    killed = tmp_path / f"{work_prefix(int(dead.stdout))}x"
+    alive = tmp_path / f"{work_prefix()}y"
+    elsewhere = tmp_path / f"{WORK_PREFIX}{int(dead.stdout)}@not-{socket.gethostname()}.z"
+    for folder in (killed, alive, elsewhere):
+        folder.mkdir()
+
+    removed = remove_stale_work(tmp_path)
+
+    assert removed == [killed]
+    assert alive.exists() and elsewhere.exists() and not killed.exists()
