@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from types import ModuleType
+from typing import NoReturn
 
 from experiments.commands import (
     audit,
@@ -36,8 +37,15 @@ COMMANDS: list[ModuleType] = [
 ]
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with one line for a bad option (no usage dump): the option, the value, the valid range."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="gem3d", description="Federated, privacy-preserving synthesis of 3D medical images (GEM-3D)."
     )
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -12,6 +12,7 @@ import torch
 from monai.networks.schedulers import DDIMScheduler, DDPMScheduler
 
 from gem3d.config import DiffusionConfig
+from gem3d.errors import ConfigError
 
 
 def _schedule_args(cfg: DiffusionConfig) -> dict[str, Any]:
@@ -40,7 +41,12 @@ def sample_scheduler(cfg: DiffusionConfig, steps: int | None = None) -> DDIMSche
         clip_sample=True,
         **_schedule_args(cfg),
     )
-    scheduler.set_timesteps(steps or cfg.inference_steps)
+    count = cfg.inference_steps if steps is None else steps
+    if not 1 <= count <= cfg.num_train_timesteps:
+        raise ConfigError(
+            f"--steps {count}: expected 1..{cfg.num_train_timesteps} (the run's diffusion.num_train_timesteps)"
+        )
+    scheduler.set_timesteps(count)
     return scheduler
 
 

@@ -50,6 +50,25 @@ def fraction(text: str) -> float:
     return value
 
 
+def nonnegative_int(text: str) -> int:
+    """argparse type: an integer >= 0."""
+    value = int(_number(text, int))
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value}: expected an integer >= 0")
+    return value
+
+
+SEED_MAX = 2**63 - 1  # torch.manual_seed and numpy's generators take any seed up to here
+
+
+def seed_int(text: str) -> int:
+    """argparse type: a seed within 0..2**63-1."""
+    value = int(_number(text, int))
+    if not 0 <= value <= SEED_MAX:
+        raise argparse.ArgumentTypeError(f"{value}: expected a seed within 0..2**63-1")
+    return value
+
+
 GRID_RANGE = (8, 128)  # an audit grid below 8^3 sees nothing; above 128^3 its features do not fit in memory
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from experiments.commands.common import nonnegative_int, positive_int, seed_int
 from gem3d.data.demo_cohort import write_demo_cohort
 
 NAME = "demo-data"
@@ -19,11 +20,13 @@ HELP = "write the multi-site demo cohort (MNI152 anatomy, deformed; nnU-Net v2 r
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="folder to create (site_0 .. site_K-1, test)")
-    parser.add_argument("--sites", type=int, default=3, help="number of sites (default 3)")
-    parser.add_argument("--cases-per-site", type=int, default=5, help="training cases per site (default 5)")
-    parser.add_argument("--test-per-site", type=int, default=1, help="held-out test cases per site (default 1)")
+    parser.add_argument("--sites", type=positive_int, default=3, help="number of sites (default 3)")
+    parser.add_argument("--cases-per-site", type=positive_int, default=5, help="training cases per site (default 5)")
+    parser.add_argument(
+        "--test-per-site", type=nonnegative_int, default=1, help="held-out test cases per site (default 1)"
+    )
     parser.add_argument("--size", type=int, default=32, help="voxels across the longest in-plane extent (default 32)")
-    parser.add_argument("--seed", type=int, default=0, help="the cohort is a pure function of the seed")
+    parser.add_argument("--seed", type=seed_int, default=0, help="the cohort is a pure function of the seed")
     parser.add_argument("--lesion", action="store_true", help="add a synthetic white-matter lesion label (4)")
 
 

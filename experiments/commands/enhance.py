@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from experiments.commands.common import add_track_option, tracked
+from experiments.commands.common import add_track_option, positive_int, tracked
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import case_preview
 from gem3d.apps import enhance
@@ -28,7 +28,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--data", required=True, type=Path, help="nnU-Net v2 raw dataset (or a folder of site datasets)"
     )
-    parser.add_argument("--per-case", type=int, default=1, help="new pairs per case (default 1)")
+    parser.add_argument("--per-case", type=positive_int, default=1, help="new pairs per case (default 1)")
     parser.add_argument("--informed", choices=("copy", "generate"), default="copy", help="informed-slice source")
     parser.add_argument("--mask-edit", help="mask edits, e.g. 'rotate:10,flip,elastic:2,shift-lesion:0.5'")
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from experiments.commands.common import CommandRun, add_track_option, check_new_outputs, tracked
+from experiments.commands.common import CommandRun, add_track_option, check_new_outputs, positive_int, tracked
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.report import write_report
 from experiments.evaluation.run import BASELINE_NAMES, BASELINES, Settings, evaluate, montage, quick_settings
@@ -74,7 +74,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true", help="CPU smoke setting (reported as deviations)")
     parser.add_argument("--no-downstream", action="store_true", help="skip the segmentation task (a deviation)")
     parser.add_argument("--device", help="override train.device for sampling (cpu, cuda)")
-    parser.add_argument("--threads", type=int, help="torch intra-op threads (1 is fastest on a shared small CPU)")
+    parser.add_argument(
+        "--threads", type=positive_int, help="torch intra-op threads (1 is fastest on a shared small CPU)"
+    )
     add_track_option(parser)
 
 

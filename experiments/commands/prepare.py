@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.commands.common import add_config_argument, load_cli_config
+from experiments.commands.common import add_config_argument, load_cli_config, nonnegative_int
 from gem3d.data.layouts import LAYOUTS, SEQUENCES
 from gem3d.data.prepare import PrepareOptions, prepare_dataset
 from gem3d.errors import DataError
@@ -31,7 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--sequence", default="flair", metavar="{" + ",".join(SEQUENCES) + "}", help="BraTS sequence (default flair)"
     )
     parser.add_argument("--skip-invalid", action="store_true", help="report bad cases and go on with the rest")
-    parser.add_argument("--margin", type=int, default=2, help="voxels kept around the foreground box (default 2)")
+    parser.add_argument(
+        "--margin", type=nonnegative_int, default=2, help="voxels kept around the foreground box (default 2)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:

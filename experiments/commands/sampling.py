@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
+from experiments.commands.common import positive_int, seed_int
 from experiments.previews import case_preview
 from experiments.progress import progress_bar
 from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
@@ -18,8 +19,10 @@ from gem3d.data.geometry import CaseGeometry
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or a volume checkpoint file)")
-    parser.add_argument("--seed", type=int, default=0, help="seeds all sampling noise (default 0)")
-    parser.add_argument("--steps", type=int, help="sampler steps (default: diffusion.inference_steps of the run)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seeds all sampling noise (default 0)")
+    parser.add_argument(
+        "--steps", type=positive_int, help="sampler steps (default: diffusion.inference_steps of the run)"
+    )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the run's train.device)")
 
 

@@ -17,7 +17,14 @@ from typing import Any
 
 from tqdm import tqdm
 
-from experiments.commands.common import add_config_argument, add_track_argument, load_cli_config, open_tracker
+from experiments.commands.common import (
+    add_config_argument,
+    add_track_argument,
+    load_cli_config,
+    open_tracker,
+    positive_int,
+    seed_int,
+)
 from experiments.progress import progress_bar
 from gem3d.checkpoint import read_metadata
 from gem3d.data.dataset import load_volumes
@@ -39,7 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (nnU-Net v2 raw layout or prepared)")
     parser.add_argument("--stage", required=True, choices=STAGES, help="slice (stage 1), volume (stage 2), informed")
     parser.add_argument("--out", required=True, type=Path, help="run folder shared by the stages")
-    parser.add_argument("--steps", type=int, help="total steps for this stage (default: train.steps_<stage>)")
+    parser.add_argument("--steps", type=positive_int, help="total steps for this stage (default: train.steps_<stage>)")
     parser.add_argument("--resume", action="store_true", help="continue this stage's checkpoint up to --steps")
     parser.add_argument(
         "--init",
@@ -59,7 +66,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="declare --data public (e.g. for pre-training): recorded as such in the checkpoint; no site state",
     )
     parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
-    parser.add_argument("--seed", type=int, help="override train.seed")
+    parser.add_argument("--seed", type=seed_int, help="override train.seed")
     add_track_argument(parser, "OUT/mlflow")
 
 
