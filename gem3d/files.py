@@ -14,7 +14,8 @@ import os
 import shutil
 import socket
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -122,3 +123,33 @@ def work_folder_beside(out: str | Path) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=work_prefix(), dir=out.parent))
     os.chmod(folder, default_mode(folder=True))
     return folder
+
+
+RUN_LOCK = ".gem3d-writer.lock"
+
+
+@contextmanager
+def writer_lock(folder: str | Path, what: str = "--out") -> Iterator[None]:
+    """Hold ``folder``'s writer lock while writing it: a second writer is refused at once, not silently raced.
+
+    Raises:
+        ConfigError: another process holds it (naming the folder and how to proceed).
+    """
+    from filelock import FileLock, Timeout
+
+    from gem3d.errors import ConfigError
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    # a singleton per path: the same process may nest it (a command around a library call), others may not
+    lock = FileLock(str(folder / RUN_LOCK), timeout=0, is_singleton=True)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise ConfigError(
+            f"{what} {folder}: another gem3d process is writing it (lock {RUN_LOCK}); wait for it or choose another"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -30,7 +30,7 @@ from gem3d.data.volume import Volume, fingerprint
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.errors import CheckpointError, ConfigError
-from gem3d.files import write_json
+from gem3d.files import write_json, writer_lock
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser
 from gem3d.training import STAGES, OnStep, Stage, TrainFn, TrainState, freeze_for_stage, new_state, train
 
@@ -277,14 +277,32 @@ def train_stage(
         the metrics of ``gem3d.training.train`` plus ``step`` (the stage's total steps).
     """
     run = Path(run)
-    path = run / STAGE_FILES[stage]
     total = steps if steps is not None else getattr(cfg.train, f"steps_{stage}")
+    device = resolve_device(cfg.train.device)
+    with writer_lock(run):  # two trainings into one run folder: the second is refused, not raced
+        return _train_stage(cfg, volumes, stage, run, total, resume, init, on_step, train_fn, fingerprint_key,
+                            extra_metadata, device)  # fmt: skip
+
+
+def _train_stage(
+    cfg: Config,
+    volumes: list[Volume],
+    stage: Stage,
+    run: Path,
+    total: int,
+    resume: bool,
+    init: str | Path | None,
+    on_step: OnStep | None,
+    train_fn: TrainFn,
+    fingerprint_key: bytes | None,
+    extra_metadata: Callable[[], dict[str, Any]] | None,
+    device: torch.device,
+) -> dict[str, float]:
+    path = run / STAGE_FILES[stage]
     if path.exists() and not resume:
         raise CheckpointError(f"{path}: already exists; pass --resume to continue it, or choose another --out")
     if resume and not path.exists():
         raise CheckpointError(f"{path}: nothing to resume")
-    device = resolve_device(cfg.train.device)
-    run.mkdir(parents=True, exist_ok=True)
 
     data_fingerprint = fingerprint(volumes, fingerprint_key)
     if resume:

@@ -106,3 +106,21 @@ def test_sampling_only_fields_may_differ_from_the_checkpoint_but_the_schedule_ma
     assert model is not None
     with pytest.raises(CheckpointError, match=r"different \[diffusion\]"):
         initial_model("slice", other_schedule, None, micro_run, torch.device("cpu"))
+
+
+def test_a_training_that_fails_before_its_first_checkpoint_leaves_no_run_folder(
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # prepare: a start checkpoint that is not one (found only once training sets up its model)
+    bogus = tmp_path / "bogus.safetensors"
+    bogus.write_bytes(b"not a checkpoint")
+    micro = ["--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels='8,16'"]
+    micro += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
+    micro += ["--set", "model.num_head_channels=8", "--site-state", str(tmp_path / "site")]
+
+    code = main(["train", *micro, "--data", str(phantom_dir), "--stage", "slice", "--init", str(bogus),
+                 "--out", str(tmp_path / "run"), "--steps", "2"])  # fmt: skip
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and str(bogus) in err
+    assert not (tmp_path / "run").exists()

@@ -71,3 +71,23 @@ def test_only_work_folders_of_dead_processes_on_this_host_are_removed(tmp_path: 
 
     assert removed == [killed]
     assert alive.exists() and elsewhere.exists() and not killed.exists()
+
+
+def test_a_second_writer_of_a_folder_is_refused_while_the_first_holds_it(tmp_path: Path) -> None:
+    from gem3d.errors import ConfigError
+    from gem3d.files import writer_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gem3d.files import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)", str(tmp_path / "run")],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        with pytest.raises(ConfigError, match="another gem3d process is writing it"), writer_lock(tmp_path / "run"):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with writer_lock(tmp_path / "run"), writer_lock(tmp_path / "run"):  # free again, and nestable in one process
+        pass

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ from experiments.progress import progress_bar
 from gem3d.checkpoint import read_metadata
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import ConfigError
+from gem3d.files import writer_lock
 from gem3d.runs import STAGE_FILES, init_checkpoint, train_stage
 from gem3d.training import STAGES, train
 from privacy.dp_sgd import train_private
@@ -71,6 +73,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    fresh = not args.out.exists()
+    with writer_lock(args.out):  # held from the first file written (the MLflow store) to the last
+        try:
+            return _run(args)
+        except BaseException:
+            # a training that fails before its first checkpoint leaves no run folder behind (only
+            # the lock's holder gets here: a refused second writer never touches the folder)
+            if fresh and not any(args.out.glob("*.safetensors")):
+                shutil.rmtree(args.out, ignore_errors=True)
+            raise
+
+
+def _run(args: argparse.Namespace) -> int:
     extra = {}
     if args.device:
         extra["train.device"] = args.device
