@@ -8,15 +8,13 @@ The server sends the resolved config to the sites with every message, so there i
 
 from __future__ import annotations
 
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from experiments.configs import parse_overrides, resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.errors import ConfigError
-
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
 # Keys the app itself understands; any other key containing a dot is a gem3d config override.
 APP_KEYS = {
@@ -50,30 +48,9 @@ APP_KEYS = {
 }
 
 
-def resolve_config_path(name: str) -> Path:
-    """A TOML path as given, or ``experiments/configs/<name>.toml`` for a bundled name."""
-    path = Path(name).expanduser()
-    if path.suffix == ".toml" or path.exists():
-        return path
-    bundled = CONFIG_DIR / f"{name}.toml"
-    if bundled.exists():
-        return bundled
-    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-    raise ConfigError(f"run config 'config': {name} is neither a TOML file nor a bundled config ({known})")
-
-
 def parse_set(text: str) -> dict[str, Any]:
-    """``"train.lr=1e-3 model.channels=16,32"`` -> ``{"train.lr": 0.001, "model.channels": "16,32"}``."""
-    overrides: dict[str, Any] = {}
-    for item in text.split():
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"run config 'set': '{item}' is not SECTION.FIELD=VALUE")
-        try:
-            overrides[key] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key] = value  # bare strings (cuda, fedprox) and "1,2,4" lists
-    return overrides
+    """The run config's ``set``: space-separated ``SECTION.FIELD=VALUE`` (``experiments.configs.parse_overrides``)."""
+    return parse_overrides(text.split(), "run config 'set':")
 
 
 def _path(value: Any) -> Path | None:
@@ -100,7 +77,7 @@ class ServerSettings:
         merged = {**APP_KEYS, **run_config}
         overrides = {key: value for key, value in merged.items() if "." in key}
         overrides.update(parse_set(str(merged["set"])))
-        cfg = load_config(resolve_config_path(str(merged["config"])), overrides)
+        cfg = load_config(resolve_config_path(str(merged["config"]), "run config 'config':"), overrides)
         out_dir = _path(merged["out-dir"])
         if out_dir is None:
             raise ConfigError("run config 'out-dir' is empty")

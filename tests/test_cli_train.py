@@ -48,7 +48,7 @@ def test_train_three_stages_into_one_run_folder(phantom_dir: Path, tmp_path: Pat
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (["--config", "nope"], "nope: no such config file"),
+        (["--config", "nope"], "--config nope: neither a TOML file nor a bundled config"),
         (["--set", "train.lr=-1"], "field 'train.lr'"),
         (["--data", "/nonexistent/data"], "/nonexistent/data"),
     ],

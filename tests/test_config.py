@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.commands.common import CONFIG_DIR
+from experiments.configs import CONFIG_DIR
 from gem3d.config import flatten_config, load_config
 from gem3d.errors import ConfigError
 

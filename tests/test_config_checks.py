@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from experiments.cli import main
-from experiments.commands.common import CONFIG_DIR
+from experiments.configs import CONFIG_DIR
 from gem3d.config import TrainConfig, load_config
 from gem3d.errors import ConfigError
 

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.commands.common import resolve_config_path
+from experiments.configs import resolve_config_path
 from gem3d.config import load_config
 from gem3d.data.dataset import load_raw, load_volumes
 from gem3d.data.demo_cohort import write_demo_cohort

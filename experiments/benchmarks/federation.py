@@ -63,7 +63,7 @@ from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from experiments.benchmarks import MID, machine, markdown_table
-from experiments.commands.common import resolve_config_path
+from experiments.configs import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset

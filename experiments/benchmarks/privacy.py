@@ -52,7 +52,7 @@ from opacus.optimizers import DPOptimizer, DPOptimizerFastGradientClipping
 from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 
 from experiments.benchmarks import MID, emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
-from experiments.commands.common import resolve_config_path
+from experiments.configs import resolve_config_path
 from gem3d.config import Config, PrivacyConfig, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset

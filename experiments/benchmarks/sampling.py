@@ -39,7 +39,7 @@ from monai.networks.nets import DiffusionModelUNet
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
-from experiments.commands.common import resolve_config_path
+from experiments.configs import resolve_config_path
 from experiments.evaluation.fidelity import psnr
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import MID, emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
-from experiments.commands.common import resolve_config_path
+from experiments.configs import resolve_config_path
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset

@@ -9,11 +9,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from experiments.configs import parse_overrides, resolve_config_path
 from experiments.tracking import Tracker
 from gem3d.config import Config, flatten_config, load_config
 from gem3d.errors import ConfigError
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 # argparse fields that are not the command's own options: the dispatcher's handler and name, and
 # --track (where the run is logged says nothing about the run).
 _NOT_PARAMS = ("handler", "command", "track")
@@ -124,34 +124,6 @@ def add_config_argument(parser: argparse.ArgumentParser, required: bool = False)
     )
 
 
-def resolve_config_path(name: str) -> Path:
-    """A path as given, or ``experiments/configs/<name>.toml`` for a bundled config name."""
-    path = Path(name)
-    if path.suffix != ".toml" and not path.exists():
-        bundled = CONFIG_DIR / f"{name}.toml"
-        if bundled.exists():
-            return bundled
-        known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.toml")))
-        raise ConfigError(f"{name}: no such config file, and not a bundled config ({known})")
-    return path
-
-
-def parse_set(items: list[str]) -> dict[str, Any]:
-    """``["train.lr=1e-3"]`` -> ``{"train.lr": 0.001}``, values parsed as TOML scalars."""
-    import tomllib
-
-    overrides: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ConfigError(f"--set {item}: expected SECTION.FIELD=VALUE")
-        try:
-            overrides[key.strip()] = tomllib.loads(f"v = {value}")["v"]
-        except tomllib.TOMLDecodeError:
-            overrides[key.strip()] = value  # a bare string such as cuda
-    return overrides
-
-
 def load_cli_config(
     args: argparse.Namespace, extra: dict[str, Any] | None = None, dataset: Path | None = None
 ) -> Config:
@@ -162,7 +134,7 @@ def load_cli_config(
             number of labels, its modality) decide those fields; a ``--set`` that contradicts
             them is refused.
     """
-    overrides = parse_set(args.set)
+    overrides = parse_overrides(args.set)
     if dataset is not None and dataset.is_dir():
         from gem3d.data.layouts import declared_data
 
