@@ -15,6 +15,10 @@ Mask encoding (``ModelConfig.mask_encoding``), for label ids 0..L-1 with 0 the b
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import SpatialAttentionBlock
@@ -100,10 +104,35 @@ def _from_sequences(seq: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.movedim(-1, 1).reshape(shape)
 
 
+# The window length D of the call in progress. MONAI's UNet passes nothing but the tensor and the
+# time embedding down to its blocks, so the slice-axis layers read D from this scope, which
+# ``SliceDenoiser.forward`` opens for exactly its own call (``slice_frames``): no module state is
+# written, concurrent calls (threads, async) each see their own D, and a layer called outside a
+# denoiser's forward fails loudly instead of using a stale length (issue 14).
+_FRAMES: ContextVar[int | None] = ContextVar("gem3d_slice_frames", default=None)
+
+
+@contextmanager
+def slice_frames(depth: int) -> Iterator[None]:
+    """Run slice-axis layers on ``[B*depth, C, H, W]`` inputs inside this block."""
+    token = _FRAMES.set(depth)
+    try:
+        yield
+    finally:
+        _FRAMES.reset(token)
+
+
+def _frames() -> int:
+    depth = _FRAMES.get()
+    if depth is None:
+        raise RuntimeError("slice-axis layers run inside SliceDenoiser.forward or a slice_frames(depth) block")
+    return depth
+
+
 class SliceAxisConv(nn.Module):
     """A 1D convolution across slices, initialised to the identity.
 
-    Input and output ``[B*D, C, H, W]``; ``num_frames`` (D) is set by the owning denoiser.
+    Input and output ``[B*D, C, H, W]``; D comes from the enclosing ``slice_frames`` scope.
     """
 
     def __init__(self, channels: int, kernel_size: int) -> None:
@@ -113,10 +142,9 @@ class SliceAxisConv(nn.Module):
         identity[:, :, kernel_size // 2] = torch.eye(channels)
         self.conv.weight = nn.Parameter(identity)
         self.conv.bias = nn.Parameter(torch.zeros(channels))
-        self.num_frames = 1
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _from_sequences(self.conv(_to_sequences(h, self.num_frames)), h.shape)
+        return _from_sequences(self.conv(_to_sequences(h, _frames())), h.shape)
 
 
 class SliceAxisAttention(nn.Module):
@@ -135,10 +163,9 @@ class SliceAxisAttention(nn.Module):
         assert isinstance(out_proj, nn.Linear)
         nn.init.zeros_(out_proj.weight)
         nn.init.zeros_(out_proj.bias)
-        self.num_frames = 1
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _from_sequences(self.attention(_to_sequences(h, self.num_frames)), h.shape)
+        return _from_sequences(self.attention(_to_sequences(h, _frames())), h.shape)
 
 
 class InflatedResnetBlock(nn.Module):
@@ -236,12 +263,10 @@ class SliceDenoiser(nn.Module):
         batch, depth = x.shape[0], x.shape[2]
         if t.dim() == 1:
             t = t[:, None].expand(batch, depth)
-        for module in self.modules():
-            if isinstance(module, SliceAxisConv | SliceAxisAttention):
-                module.num_frames = depth
         slices = torch.cat([x, cond], dim=1).movedim(2, 1)  # [B, D, C, H, W]
         slices = slices.reshape(batch * depth, *slices.shape[2:])  # [B*D, C, H, W]
-        out = self.unet(slices, t.reshape(batch * depth))  # [B*D, 1, H, W]
+        with slice_frames(depth):
+            out = self.unet(slices, t.reshape(batch * depth))  # [B*D, 1, H, W]
         return out.reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
 
 

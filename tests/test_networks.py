@@ -154,3 +154,32 @@ def test_informed_generator_shape_and_position_conditioning(micro_cfg: Config) -
     assert (low - high).abs().max() > 1e-4
     with pytest.raises(ValueError, match="mask"):
         model(x, t, torch.zeros(2), None)
+
+
+def test_windows_of_different_lengths_in_concurrent_threads_give_their_sequential_results(micro_cfg: Config) -> None:
+    # the window length is the call's own (no state written into the layers): threads do not mix it up
+    from concurrent.futures import ThreadPoolExecutor
+
+    model = SliceDenoiser(micro_cfg.model, micro_cfg.data.num_labels)
+    model.inflate()
+    _randomise(model)
+    inputs = [_window(micro_cfg, (1, 1, depth, 16, 16), seed=depth) for depth in (2, 3, 5, 7)]
+    with torch.no_grad():
+        sequential = [model(*window) for window in inputs]
+        with ThreadPoolExecutor(max_workers=4) as pool:
+            concurrent = list(pool.map(lambda window: model(*window), inputs * 3))
+
+    for index, out in enumerate(concurrent):
+        torch.testing.assert_close(out, sequential[index % len(inputs)], atol=0, rtol=0)
+
+
+def test_a_slice_axis_layer_outside_a_denoiser_call_fails_loudly() -> None:
+    from gem3d.networks import SliceAxisConv, slice_frames
+
+    layer = SliceAxisConv(4, 3)
+    h = torch.randn(6, 4, 8, 8)
+
+    with pytest.raises(RuntimeError, match="slice_frames"):
+        layer(h)
+    with slice_frames(3):
+        assert layer(h).shape == h.shape
