@@ -44,7 +44,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -54,8 +54,6 @@ from monai.utils import convert_to_numpy
 from scipy import ndimage, signal
 
 from gem3d.errors import ConfigError, DataError
-
-EDIT_NAMES = ("rotate", "flip", "elastic", "shift-lesion", "transplant", "remove", "relabel")
 
 # Smoothness of the elastic field: the spacing of its random control points, a quarter of the
 # smallest array side (at least 4 voxels), so it bends the organ rather than roughening its border.
@@ -101,76 +99,66 @@ def parse_edits(spec: str, slice_axis: int = 2) -> list[MaskEdit]:
     Raises:
         ConfigError: one line naming the bad token and what is wrong with it.
     """
-    edits: list[MaskEdit] = []
     if not spec.strip():
-        return edits
-    for token in spec.split(","):
-        edits.append(_parse_token(token.strip(), slice_axis))
-    return edits
+        return []
+    return [_parse_token(token.strip(), slice_axis) for token in spec.split(",")]
 
 
 def _parse_token(token: str, slice_axis: int) -> MaskEdit:
-    name, _, arg = token.partition(":")
-    name = name.strip()
-    arg = arg.strip()
-    has_arg = ":" in token
+    name, has_arg, arg = (part.strip() for part in token.partition(":"))
 
     def bad(problem: str) -> ConfigError:
         return ConfigError(f"mask edit {token!r}: {problem}")
 
     if not token:
         raise bad("empty edit (two commas in a row, or a trailing comma?)")
-    if name not in EDIT_NAMES:
-        raise bad(f"unknown edit {name!r}; known: {', '.join(EDIT_NAMES)}")
-    if name == "transplant":
-        if has_arg:
-            raise bad("takes no argument")
-        return MaskEdit(name, ())
-    if name == "flip":
-        if not has_arg:
-            return MaskEdit(name, (left_right_axis(slice_axis),))
-        axis = _parse_int(arg, bad, "AXIS")
-        if axis not in (0, 1, 2):
-            raise bad("AXIS must be 0 (D), 1 (H) or 2 (W)")
-        return MaskEdit(name, (axis,))
-    if not has_arg or not arg:
-        usage = {
-            "rotate": "rotate:DEG",
-            "elastic": "elastic:MAG",
-            "shift-lesion": "shift-lesion:FRAC",
-            "remove": "remove:LABEL",
-            "relabel": "relabel:A=B",
-        }[name]
-        raise bad(f"needs an argument: {usage}")
-    if name == "rotate":
-        degrees = _parse_float(arg, bad, "DEG")
-        if not 0.0 <= degrees <= 180.0:
-            raise bad("DEG must be within 0..180")
-        return MaskEdit(name, (degrees,))
-    if name == "elastic":
-        magnitude = _parse_float(arg, bad, "MAG")
-        if magnitude < 0.0:
-            raise bad("MAG (largest displacement in voxels) must be >= 0")
-        return MaskEdit(name, (magnitude,))
-    if name == "shift-lesion":
-        fraction = _parse_float(arg, bad, "FRAC")
-        if not 0.0 <= fraction <= 1.0:
-            raise bad("FRAC must be within 0..1")
-        return MaskEdit(name, (fraction,))
-    if name == "remove":
-        label = _parse_int(arg, bad, "LABEL")
-        if label < 1:
-            raise bad("LABEL must be a foreground label id >= 1")
-        return MaskEdit(name, (label,))
-    # relabel
-    source, equals, target = arg.partition("=")
+    kind = EDITS.get(name)
+    if kind is None:
+        raise bad(f"unknown edit {name!r}; known: {', '.join(EDITS)}")
+    if kind.argument == "required" and not arg:
+        raise bad(f"needs an argument: {kind.usage}")
+    if kind.argument == "none" and has_arg:
+        raise bad("takes no argument")
+    return MaskEdit(name, kind.parse(arg if has_arg else None, bad, slice_axis))
+
+
+Bad = Callable[[str], ConfigError]
+
+
+def _bounded(what: str, low: float, high: float, kind: type[int] | type[float] = float) -> Callable[..., tuple]:
+    """A parser of one number ``what`` within ``low..high``."""
+
+    def parse(arg: str | None, bad: Bad, slice_axis: int) -> tuple[float | int, ...]:
+        value = (_parse_int if kind is int else _parse_float)(str(arg), bad, what)
+        if not low <= value <= high:
+            bounds = f">= {low:g}" if high == math.inf else f"within {low:g}..{high:g}"
+            raise bad(f"{what} must be {bounds}")
+        return (value,)
+
+    return parse
+
+
+def _parse_flip(arg: str | None, bad: Bad, slice_axis: int) -> tuple[int, ...]:
+    if arg is None:
+        return (left_right_axis(slice_axis),)
+    axis = _parse_int(arg, bad, "AXIS")
+    if axis not in (0, 1, 2):
+        raise bad("AXIS must be 0 (D), 1 (H) or 2 (W)")
+    return (axis,)
+
+
+def _parse_relabel(arg: str | None, bad: Bad, slice_axis: int) -> tuple[int, ...]:
+    source, equals, target = str(arg).partition("=")
     if not equals:
         raise bad("expected relabel:A=B")
-    a = _parse_int(source.strip(), bad, "A")
-    b = _parse_int(target.strip(), bad, "B")
+    a, b = _parse_int(source.strip(), bad, "A"), _parse_int(target.strip(), bad, "B")
     if a < 0 or b < 0:
         raise bad("label ids must be >= 0")
-    return MaskEdit(name, (a, b))
+    return (a, b)
+
+
+def _no_args(arg: str | None, bad: Bad, slice_axis: int) -> tuple[()]:
+    return ()
 
 
 def _parse_float(text: str, bad: Callable[[str], ConfigError], what: str) -> float:
@@ -231,10 +219,11 @@ def apply_edits(
         raise ConfigError(f"num_labels {num_labels}: must be within 1..256")
     current = _checked_label(label, num_labels, "label map")
     lesion = num_labels - 1 if lesion_label is None else int(lesion_label)
+    context = EditContext(num_labels, rng, lesion, donors)
     records: list[dict[str, Any]] = []
     for edit in edits:
         before = current
-        current, params = _apply_one(current, edit, num_labels, rng, lesion, donors)
+        current, params = _apply_one(current, edit, context)
         if not is_valid_label_map(current, num_labels) or current.shape != before.shape:
             raise AssertionError(f"mask edit {edit.name} produced an invalid label map")
         record: dict[str, Any] = {"name": edit.name, "args": [_plain(a) for a in edit.args]}
@@ -268,42 +257,45 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _apply_one(
-    label: np.ndarray,
-    edit: MaskEdit,
-    num_labels: int,
-    rng: np.random.Generator,
-    lesion: int,
-    donors: Sequence[np.ndarray],
-) -> tuple[np.ndarray, dict[str, Any]]:
-    name, args = edit.name, edit.args
-    if name == "rotate":
-        return rotate(label, float(_arg(edit, 0)), rng)
-    if name == "flip":
-        axis = int(args[0]) if args else 1
-        if axis not in (0, 1, 2):
-            raise ConfigError(f"mask edit flip:{axis}: axis must be 0, 1 or 2")
-        return flip(label, axis), {"axis": axis}
-    if name == "elastic":
-        return elastic(label, float(_arg(edit, 0)), rng)
-    if name == "shift-lesion":
-        return shift_lesion(label, float(_arg(edit, 0)), _lesion_id(lesion, num_labels, edit))
-    if name == "transplant":
-        return transplant(label, donors, _lesion_id(lesion, num_labels, edit), rng)
-    if name == "remove":
-        target = int(_arg(edit, 0))
-        if not 1 <= target < num_labels:
-            raise ConfigError(f"mask edit remove:{target}: label must be within 1..{num_labels - 1}")
-        return remove_label(label, target), {"label": target}
-    if name == "relabel":
-        a, b = int(_arg(edit, 0)), int(_arg(edit, 1))
-        for value in (a, b):
-            if not 0 <= value < num_labels:
-                raise ConfigError(f"mask edit relabel:{a}={b}: label {value} is outside 0..{num_labels - 1}")
-        out = label.copy()
-        out[label == a] = b
-        return out, {"from": a, "to": b}
-    raise ConfigError(f"mask edit {name!r}: unknown; known: {', '.join(EDIT_NAMES)}")
+@dataclass(frozen=True)
+class EditContext:
+    """What an edit may use besides the label map: the label count, the randomness, the lesion id, donors."""
+
+    num_labels: int
+    rng: np.random.Generator
+    lesion: int
+    donors: Sequence[np.ndarray]
+
+
+def _apply_one(label: np.ndarray, edit: MaskEdit, context: EditContext) -> tuple[np.ndarray, dict[str, Any]]:
+    kind = EDITS.get(edit.name)
+    if kind is None:
+        raise ConfigError(f"mask edit {edit.name!r}: unknown; known: {', '.join(EDITS)}")
+    return kind.apply(label, edit, context)
+
+
+def _apply_flip(label: np.ndarray, edit: MaskEdit, context: EditContext) -> tuple[np.ndarray, dict[str, Any]]:
+    axis = int(edit.args[0]) if edit.args else 1
+    if axis not in (0, 1, 2):
+        raise ConfigError(f"mask edit flip:{axis}: axis must be 0, 1 or 2")
+    return flip(label, axis), {"axis": axis}
+
+
+def _apply_remove(label: np.ndarray, edit: MaskEdit, context: EditContext) -> tuple[np.ndarray, dict[str, Any]]:
+    target = int(_arg(edit, 0))
+    if not 1 <= target < context.num_labels:
+        raise ConfigError(f"mask edit remove:{target}: label must be within 1..{context.num_labels - 1}")
+    return remove_label(label, target), {"label": target}
+
+
+def _apply_relabel(label: np.ndarray, edit: MaskEdit, context: EditContext) -> tuple[np.ndarray, dict[str, Any]]:
+    a, b = int(_arg(edit, 0)), int(_arg(edit, 1))
+    for value in (a, b):
+        if not 0 <= value < context.num_labels:
+            raise ConfigError(f"mask edit relabel:{a}={b}: label {value} is outside 0..{context.num_labels - 1}")
+    out = label.copy()
+    out[label == a] = b
+    return out, {"from": a, "to": b}
 
 
 def _arg(edit: MaskEdit, index: int) -> float | int:
@@ -498,3 +490,53 @@ def _crop_to_content(mask: np.ndarray) -> np.ndarray | None:
         return None
     lo, hi = points.min(axis=0), points.max(axis=0) + 1
     return mask[tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))]
+
+
+@dataclass(frozen=True)
+class EditKind:
+    """One registered mask edit: its spec syntax, its argument parser and what it does.
+
+    Attributes:
+        usage: the spec syntax, e.g. ``rotate:DEG`` (``flip`` takes an optional axis).
+        argument: whether ``NAME:ARG`` is ``required``, ``optional`` or takes ``none``.
+        parse: ``(arg or None, bad, slice_axis) -> args`` for ``MaskEdit.args``.
+        apply: ``(label, edit, context) -> (edited label, drawn parameters)``.
+    """
+
+    usage: str
+    argument: Literal["required", "optional", "none"]
+    parse: Callable[[str | None, Bad, int], tuple[float | int, ...]]
+    apply: Callable[[np.ndarray, MaskEdit, EditContext], tuple[np.ndarray, dict[str, Any]]]
+
+
+EDITS: dict[str, EditKind] = {
+    "rotate": EditKind(
+        "rotate:DEG", "required", _bounded("DEG", 0.0, 180.0), lambda m, e, c: rotate(m, float(_arg(e, 0)), c.rng)
+    ),
+    "flip": EditKind("flip[:AXIS]", "optional", _parse_flip, _apply_flip),
+    "elastic": EditKind(
+        "elastic:MAG",
+        "required",
+        _bounded("MAG (largest displacement in voxels)", 0.0, math.inf),
+        lambda m, e, c: elastic(m, float(_arg(e, 0)), c.rng),
+    ),
+    "shift-lesion": EditKind(
+        "shift-lesion:FRAC",
+        "required",
+        _bounded("FRAC", 0.0, 1.0),
+        lambda m, e, c: shift_lesion(m, float(_arg(e, 0)), _lesion_id(c.lesion, c.num_labels, e)),
+    ),
+    "transplant": EditKind(
+        "transplant",
+        "none",
+        _no_args,
+        lambda m, e, c: transplant(m, c.donors, _lesion_id(c.lesion, c.num_labels, e), c.rng),
+    ),
+    "remove": EditKind(
+        "remove:LABEL", "required", _bounded("LABEL (a foreground label id)", 1, math.inf, int), _apply_remove
+    ),
+    "relabel": EditKind("relabel:A=B", "required", _parse_relabel, _apply_relabel),
+}
+"""The mask edits by spec name (``parse_edits``); an unknown name is refused with the known ones."""
+
+EDIT_NAMES = tuple(EDITS)

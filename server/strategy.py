@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
@@ -122,6 +122,31 @@ def client_dp_accountant(
     return accountant
 
 
+StrategyBuilder = Callable[[dict[str, Any], Config, dict[str, Any]], Strategy]
+"""``(common Flower arguments, gem3d config, run-config options) -> strategy``."""
+
+
+def _fedadam(common: dict[str, Any], cfg: Config, options: dict[str, Any]) -> Strategy:
+    # Flower's defaults (eta = 0.1) are sized for small classifiers; a diffusion UNet needs
+    # server steps on the scale of its own learning rate.
+    return FedAdam(
+        **common,
+        eta=float(options.get("fedadam-eta", 1e-3)),
+        eta_l=float(options.get("fedadam-eta-l", 1e-3)),
+        tau=float(options.get("fedadam-tau", 1e-6)),
+    )
+
+
+STRATEGIES: dict[str, StrategyBuilder] = {
+    "fedavg": lambda common, cfg, options: FedAvg(**common),
+    "fedprox": lambda common, cfg, options: FedProx(**common, proximal_mu=cfg.federation.proximal_mu),
+    "fedadam": _fedadam,
+    "fedmedian": lambda common, cfg, options: FedMedian(**common),
+    "krum": lambda common, cfg, options: Krum(**common, num_malicious_nodes=int(options.get("krum-malicious", 0))),
+}
+"""``federation.strategy`` names -> how the strategy is built (the config's Literal lists the same names)."""
+
+
 def build_strategy(
     cfg: Config, options: dict[str, Any], num_nodes: int, accountant: RdpAccountant | None = None
 ) -> Strategy:
@@ -145,26 +170,10 @@ def build_strategy(
         "min_evaluate_nodes": fed.min_clients,
         "min_available_nodes": fed.min_clients,
     }
-    strategy: Strategy
-    if fed.strategy == "fedavg":
-        strategy = FedAvg(**common)
-    elif fed.strategy == "fedprox":
-        strategy = FedProx(**common, proximal_mu=fed.proximal_mu)
-    elif fed.strategy == "fedadam":
-        # Flower's defaults (eta = 0.1) are sized for small classifiers; a diffusion UNet needs
-        # server steps on the scale of its own learning rate.
-        strategy = FedAdam(
-            **common,
-            eta=float(options.get("fedadam-eta", 1e-3)),
-            eta_l=float(options.get("fedadam-eta-l", 1e-3)),
-            tau=float(options.get("fedadam-tau", 1e-6)),
-        )
-    elif fed.strategy == "fedmedian":
-        strategy = FedMedian(**common)
-    elif fed.strategy == "krum":
-        strategy = Krum(**common, num_malicious_nodes=int(options.get("krum-malicious", 0)))
-    else:  # the config's Literal makes this unreachable; kept so a new name fails loudly
-        raise Gem3dError(f"federation.strategy: unknown strategy '{fed.strategy}'")
+    builder = STRATEGIES.get(fed.strategy)
+    if builder is None:  # the config's Literal makes this unreachable; kept so a new name fails loudly
+        raise Gem3dError(f"federation.strategy: unknown strategy '{fed.strategy}' (known: {', '.join(STRATEGIES)})")
+    strategy = builder(common, cfg, options)
     noise = float(options.get("server-dp-noise", 0.0))
     if noise > 0:
         # FedAvg.configure_train's sample size: Flower's accounting requires the exact count.

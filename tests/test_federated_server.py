@@ -101,3 +101,13 @@ def test_stages_start_from_the_init_run_when_it_has_their_weights(
     assert torch.equal(volume.state_dict()["unet.conv_in.conv.weight"], expected["unet.conv_in.conv.weight"])
     fresh = build_model("informed", micro_cfg).state_dict()
     assert all(torch.equal(v, fresh[k]) for k, v in informed.state_dict().items())
+
+
+def test_every_configurable_strategy_has_a_builder_and_no_other() -> None:
+    # the registry and the config's Literal name the same strategies: a new name cannot be half-added
+    from typing import get_args
+
+    from gem3d.config import FederationConfig
+    from server.strategy import STRATEGIES
+
+    assert set(STRATEGIES) == set(get_args(FederationConfig.model_fields["strategy"].annotation))
