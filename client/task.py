@@ -51,8 +51,7 @@ from gem3d.diffusion import train_scheduler
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import build_model
-from gem3d.training import STAGES, Stage, TrainFn, freeze_for_stage, new_state, train
-from gem3d.training import validation_loss as fixed_draw_loss
+from gem3d.training import STAGES, Stage, TrainFn, freeze_for_stage, held_out_loss, new_state, train, travelling_names
 
 logger = logging.getLogger("flwr").getChild("gem3d.client")
 
@@ -236,12 +235,6 @@ def install_base(site: Site, base_id: str, weights: dict[str, torch.Tensor]) -> 
     if not path.exists():
         save_checkpoint(path, weights, {"stage": "slice", "base_id": base_id})
     return path
-
-
-def travelling_names(model: nn.Module) -> list[str]:
-    """Names of the tensors that cross the network: the trainable parameters, in state-dict order."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return [name for name in model.state_dict() if name in trainable]
 
 
 # Built networks per (stage, stage-2 base, config): one process's rounds reuse them (weights reloaded each time).
@@ -443,14 +436,6 @@ def dp_reply(reply: dict[str, float], metrics: dict[str, float]) -> dict[str, fl
     }
 
 
-def validation_loss(
-    model: nn.Module, stage: Stage, volumes: list[Volume], cfg: Config, batches: int, seed: int
-) -> float:
-    """Mean denoising loss of ``model`` on fixed draws from ``volumes`` (same seed, same draws)."""
-    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    return fixed_draw_loss(model, train_scheduler(cfg.diffusion), source, stage, cfg.train, batches, seed)
-
-
 def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dict[str, float]:
     """Validation loss of the global weights on this site's held-out cases (and the seconds it took)."""
     started = time.perf_counter()
@@ -460,7 +445,7 @@ def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dic
         return {"num-examples": 1.0, "dp": 1.0, "telemetry-withheld": 1.0}
     volumes = held_out or train_volumes
     model = site_model(site, job, arrays)
-    loss = validation_loss(model, job.stage, volumes, job.cfg, job.eval_batches, job.cfg.train.seed + _EVAL_SEED_OFFSET)
+    loss = held_out_loss(model, job.stage, volumes, job.cfg, job.eval_batches, job.cfg.train.seed + _EVAL_SEED_OFFSET)
     return {
         "num-examples": float(len(volumes)),
         "eval-loss": loss,

@@ -22,7 +22,8 @@ from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from gem3d.config import TrainConfig
+from gem3d.config import Config, TrainConfig
+from gem3d.data.volume import Volume
 from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
 from gem3d.diffusion import training_target
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
@@ -69,6 +70,12 @@ def freeze_for_stage(model: nn.Module, stage: Stage, train_all: bool) -> None:
         model.requires_grad_(True)
 
 
+def travelling_names(model: nn.Module) -> list[str]:
+    """State-dict names of the trainable parameters (``freeze_for_stage``): what crosses the network in a round."""
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    return [name for name in model.state_dict() if name in trainable]
+
+
 def draw_timesteps(
     num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator, power: float = 1.0
 ) -> torch.Tensor:
@@ -105,17 +112,22 @@ def window_inputs(
     generator: torch.Generator,
     per_slice_t: bool,
     t_power: float = 1.0,
+    timestep: int | None = None,
 ) -> DenoisingInputs:
     """Noise a batch of windows.
 
     Args:
         batch: windows with ``image`` ``[B, 1, D, H, W]``.
         per_slice_t: stage 1 draws a timestep per slice ``[B, D]``; stage 2 one per window.
+        timestep: noise every slice to this timestep instead of drawing one (the audit's
+            membership-inference attack, ``privacy.audit``); training leaves it ``None``.
     """
     batch_size, depth = batch.image.shape[0], batch.image.shape[2]
     device = batch.image.device
     steps = scheduler.num_train_timesteps
-    if per_slice_t:
+    if timestep is not None:
+        t = torch.full((batch_size, depth), timestep, dtype=torch.long)
+    elif per_slice_t:
         t = draw_timesteps(steps, (batch_size, depth), generator, t_power)
     else:
         t = draw_timesteps(steps, (batch_size,), generator, t_power)[:, None].expand(batch_size, depth)
@@ -130,11 +142,18 @@ def window_inputs(
 
 
 def slice_inputs(
-    model: InformedSliceGenerator, scheduler: DDPMScheduler, batch: SliceBatch, generator: torch.Generator
+    model: InformedSliceGenerator,
+    scheduler: DDPMScheduler,
+    batch: SliceBatch,
+    generator: torch.Generator,
+    timestep: int | None = None,
 ) -> DenoisingInputs:
-    """Noise a batch of single slices for the informed-slice generator."""
+    """Noise a batch of single slices for the informed-slice generator (at ``timestep``, if given)."""
     device = batch.image.device
-    t = draw_timesteps(scheduler.num_train_timesteps, (len(batch),), generator).to(device)
+    if timestep is not None:
+        t = torch.full((len(batch),), timestep, dtype=torch.long, device=device)
+    else:
+        t = draw_timesteps(scheduler.num_train_timesteps, (len(batch),), generator).to(device)
     noise = torch.randn(batch.image.shape, generator=generator).to(device)
     return DenoisingInputs(
         noisy=scheduler.add_noise(batch.image, noise, t),
@@ -155,16 +174,19 @@ def draw_inputs(
     generator: torch.Generator,
     cfg: TrainConfig,
     device: torch.device,
+    timestep: int | None = None,
 ) -> DenoisingInputs:
-    """Draw one sample per volume index for ``stage`` and noise it."""
+    """Draw one sample per volume index for ``stage`` and noise it (to ``timestep``, if given, else a drawn one)."""
     if stage == "informed":
         assert isinstance(model, InformedSliceGenerator)
-        return slice_inputs(model, scheduler, source.slices(indices, generator).to(device), generator)
+        return slice_inputs(model, scheduler, source.slices(indices, generator).to(device), generator, timestep)
     assert isinstance(model, SliceDenoiser)
     batch = source.windows(indices, generator).to(device)
     if stage == "slice":
-        return window_inputs(model, scheduler, batch, generator, per_slice_t=True)
-    return window_inputs(model, scheduler, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power)
+        return window_inputs(model, scheduler, batch, generator, per_slice_t=True, timestep=timestep)
+    return window_inputs(
+        model, scheduler, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power, timestep=timestep
+    )
 
 
 def predict(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
@@ -253,3 +275,11 @@ def validation_loss(
         )
     model.train(was_training)
     return total / max(batches, 1)
+
+
+def held_out_loss(model: nn.Module, stage: Stage, volumes: list[Volume], cfg: Config, batches: int, seed: int) -> float:
+    """``validation_loss`` on windows of ``volumes`` under ``cfg`` (the sites' and the server's evaluation)."""
+    from gem3d.diffusion import train_scheduler
+
+    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
+    return validation_loss(model, train_scheduler(cfg.diffusion), source, stage, cfg.train, batches, seed)

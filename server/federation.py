@@ -27,9 +27,8 @@ from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import STAGE_FILES, build_model, init_checkpoint, initial_model
-from gem3d.training import STAGES, Stage, freeze_for_stage
+from gem3d.training import STAGES, Stage, freeze_for_stage, held_out_loss, travelling_names
 from privacy.model_privacy import site_entry, stage_record
-from server.evaluation import validation_loss
 from server.settings import ServerSettings
 from server.store import RunStore, global_tensors
 from server.strategy import ObservedStrategy, RoundFailed, build_strategy, check_client_dp, client_dp_accountant
@@ -39,17 +38,13 @@ OnRound = Callable[[dict[str, Any]], None]
 """Called with each round's metrics; the hook for experiment tracking (MLflow lives in experiments/tracking.py)."""
 
 _STAGE_SEED_STRIDE = 1_000_000
+# Server-side evaluation (run config server-data) is scored on the same noise and windows every round.
+EVAL_SEED_OFFSET = 2_000_003
 _ROUND_SEED_STRIDE = 1_000
 
 
 def rounds_for(settings: ServerSettings, stage: Stage) -> int:
     return int(getattr(settings.cfg.federation, f"rounds_{stage}"))
-
-
-def trainable_names(model: nn.Module) -> list[str]:
-    """State-dict names of the trainable parameters: exactly what travels in a round."""
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    return [name for name in model.state_dict() if name in trainable]
 
 
 def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done: int) -> nn.Module:
@@ -246,7 +241,7 @@ def _run_stage(
     start = start_checkpoint(settings, store, stage) if done == 0 else None  # a resumed stage's record has it
     model = initial_global(settings, store, stage, done)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
-    names = trainable_names(model)
+    names = travelling_names(model)
     record = job_config(settings, stage)
     if stage == "volume" and not cfg.train.volume_train_all:
         record["base-id"] = install_base(grid, settings, store, timeout)
@@ -270,7 +265,8 @@ def _run_stage(
         if server_volumes:
             evaluating = time.perf_counter()
             batches = int(options["eval-batches"])
-            metrics["server-eval-loss"] = validation_loss(model, stage, server_volumes, cfg, batches)
+            seed = cfg.train.seed + EVAL_SEED_OFFSET
+            metrics["server-eval-loss"] = held_out_loss(model, stage, server_volumes, cfg, batches, seed)
             metrics["server-eval-seconds"] = time.perf_counter() - evaluating
         steps = stage_round * cfg.federation.local_steps
         saving = time.perf_counter()

@@ -25,7 +25,7 @@ from flwr.simulation import run_simulation
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.app import app as client_app
-from client.task import Job, Site, train_round, travelling_names
+from client.task import Job, Site, train_round
 from gem3d.checkpoint import read_metadata
 from gem3d.config import Config, PrivacyConfig, config_from_dict
 from gem3d.data.dataset import load_volumes
@@ -34,7 +34,7 @@ from gem3d.data.volume import fingerprint
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import train_scheduler
 from gem3d.runs import build_model
-from gem3d.training import freeze_for_stage, new_state
+from gem3d.training import freeze_for_stage, new_state, travelling_names
 from privacy.dp_sgd import train_private
 from privacy.errors import PolicyRefusedError, PrivacyBudgetError
 from privacy.ledger import PrivacyLedger
