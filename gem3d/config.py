@@ -111,14 +111,24 @@ class DataConfig(_Frozen):
         return self
 
 
-class ModelConfig(_Frozen):
-    """The slice denoiser (a MONAI ``DiffusionModelUNet``, 2D) and its stage-2 inflation."""
+class UNetConfig(_Frozen):
+    """The MONAI ``DiffusionModelUNet`` (2D) shared by the slice denoiser and the informed-slice generator."""
 
     channels: ChannelList = (32, 64)
     attention_levels: BoolList = (False, True)
     num_res_blocks: int = Field(1, ge=1)
     norm_num_groups: int = Field(8, ge=1)
     num_head_channels: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _fits_the_unet(self) -> Self:
+        _check_unet(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
+        return self
+
+
+class ModelConfig(UNetConfig):
+    """The slice denoiser (a MONAI ``DiffusionModelUNet``, 2D) and its stage-2 inflation."""
+
     mask_encoding: Literal["onehot", "scaled"] = Field(
         "onehot",
         description="onehot: one channel per foreground label; scaled: one channel, label / (L-1) in [-1, 1]",
@@ -132,27 +142,12 @@ class ModelConfig(_Frozen):
     temporal_kernel: int = Field(3, ge=1, description="kernel of the slice-axis 1D convs added in stage 2")
     temporal_attention: bool = Field(True, description="add slice-axis self-attention where there is spatial attention")
 
-    @model_validator(mode="after")
-    def _fits_the_unet(self) -> Self:
-        _check_unet(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
-        return self
 
-
-class InformedModelConfig(_Frozen):
+class InformedModelConfig(UNetConfig):
     """The informed-slice generator: a 2D diffusion model conditioned on slice position."""
 
-    channels: ChannelList = (32, 64)
-    attention_levels: BoolList = (False, True)
-    num_res_blocks: int = Field(1, ge=1)
-    norm_num_groups: int = Field(8, ge=1)
-    num_head_channels: int = Field(16, ge=1)
     position_bins: int = Field(64, ge=2, description="normalised slice position is quantised into this many classes")
     condition_on_mask: bool = Field(True, description="also condition on the mask slice at that position")
-
-    @model_validator(mode="after")
-    def _fits_the_unet(self) -> Self:
-        _check_unet(self.channels, self.attention_levels, self.norm_num_groups, self.num_head_channels)
-        return self
 
 
 class DiffusionConfig(_Frozen):

@@ -26,7 +26,7 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 
-from gem3d.config import InformedModelConfig, ModelConfig
+from gem3d.config import InformedModelConfig, ModelConfig, UNetConfig
 
 
 def mask_channels(num_labels: int, encoding: str) -> int:
@@ -192,28 +192,17 @@ class InflatedAttentionBlock(nn.Module):
         return self.slice_attn(self.spatial(x))
 
 
-def _unet(
-    in_channels: int,
-    channels: tuple[int, ...],
-    attention_levels: tuple[bool, ...],
-    num_res_blocks: int,
-    norm_num_groups: int,
-    num_head_channels: int,
-    num_class_embeds: int | None = None,
-) -> DiffusionModelUNet:
-    if len(channels) != len(attention_levels):
-        raise ValueError(
-            f"model.channels has {len(channels)} levels but model.attention_levels has {len(attention_levels)}"
-        )
+def _unet(in_channels: int, cfg: UNetConfig, num_class_embeds: int | None = None) -> DiffusionModelUNet:
+    """The 2D ``DiffusionModelUNet`` both networks are built on (``UNetConfig`` has checked its shape)."""
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=in_channels,
         out_channels=1,
-        channels=channels,
-        attention_levels=attention_levels,
-        num_res_blocks=num_res_blocks,
-        norm_num_groups=norm_num_groups,
-        num_head_channels=num_head_channels,
+        channels=cfg.channels,
+        attention_levels=cfg.attention_levels,
+        num_res_blocks=cfg.num_res_blocks,
+        norm_num_groups=cfg.norm_num_groups,
+        num_head_channels=cfg.num_head_channels,
         num_class_embeds=num_class_embeds,
     )
 
@@ -229,14 +218,7 @@ class SliceDenoiser(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.num_labels = num_labels
-        self.unet = _unet(
-            1 + condition_channels(cfg, num_labels),
-            cfg.channels,
-            cfg.attention_levels,
-            cfg.num_res_blocks,
-            cfg.norm_num_groups,
-            cfg.num_head_channels,
-        )
+        self.unet = _unet(1 + condition_channels(cfg, num_labels), cfg)
         self.inflated = False
 
     def inflate(self) -> None:
@@ -289,15 +271,7 @@ class InformedSliceGenerator(nn.Module):
         self.num_labels = num_labels
         self.mask_encoding = mask_encoding
         cond = mask_channels(num_labels, mask_encoding) if cfg.condition_on_mask else 0
-        self.unet = _unet(
-            1 + cond,
-            cfg.channels,
-            cfg.attention_levels,
-            cfg.num_res_blocks,
-            cfg.norm_num_groups,
-            cfg.num_head_channels,
-            num_class_embeds=cfg.position_bins,
-        )
+        self.unet = _unet(1 + cond, cfg, num_class_embeds=cfg.position_bins)
 
     def position_bin(self, position: torch.Tensor) -> torch.Tensor:
         """``[B]`` positions in [0, 1] -> ``[B]`` class ids in 0..position_bins-1."""
