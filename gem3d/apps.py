@@ -193,7 +193,7 @@ def _informed_for(
         record = {"kind": "real", "file": source.path.name, "index": source.index}
         if target.image is not None:
             z = (
-                model_slice_index(source.index, target.geometry)
+                model_slice_index(source.index, target.geometry, f"--informed {source.path}@{source.index}")
                 if source.index is not None
                 else default_start(target.label)
             )
@@ -203,7 +203,11 @@ def _informed_for(
         other = to_model_grid(image, None, header.affine, cfg, source=str(source.path))
         assert other.image is not None
         d_other = other.image.shape[0]
-        z_other = model_slice_index(source.index, other.geometry) if source.index is not None else d_other // 2
+        z_other = (
+            model_slice_index(source.index, other.geometry, f"--informed {source.path}@{source.index}")
+            if source.index is not None
+            else d_other // 2
+        )
         informed = InformedSlice(other.image[z_other], None, "real", record)
         intensity = (other.geometry.intensity_low, other.geometry.intensity_high)
         return informed, intensity, proportional_index(z_other, d_other, depth)
@@ -247,7 +251,7 @@ def mask_job(
     if edit is not None:
         label, applied = edit(target.label)
         target = ModelGridCase(target.image, label, target.geometry)
-    z = model_slice_index(start, target.geometry) if start is not None else None
+    z = model_slice_index(start, target.geometry, f"--start {start} of {mask_path}") if start is not None else None
     informed, intensity, natural = _informed_for(synth, source, target, z, seed)
     start_model = z if z is not None else natural
     provenance = synth.provenance(
@@ -526,7 +530,12 @@ def deenhance(
     image, header = read_image(reference.path)
     ref = to_model_grid(image, None, header.affine, cfg.data, source=str(reference.path))
     assert ref.image is not None
-    z_ref = model_slice_index(reference.index, ref.geometry) if reference.index is not None else ref.image.shape[0] // 2
+    where = f"--reference {reference.path}@{reference.index}"
+    z_ref = (
+        model_slice_index(reference.index, ref.geometry, where)
+        if reference.index is not None
+        else ref.image.shape[0] // 2
+    )
     base = InformedSlice(
         ref.image[z_ref], None, "real", {"kind": "reference", "file": reference.path.name, "index": reference.index}
     )

@@ -59,17 +59,26 @@ def parse_source(spec: str, allowed: tuple[SourceKind, ...] = SOURCE_KINDS) -> S
         except ValueError:
             raise DataError(f"--informed {spec}: slice index '{z}' is not an integer") from None
     path = Path(rest)
+    if path.is_dir():
+        raise DataError(f"--informed {spec}: {path} is a folder, an image file was expected")
     if not path.is_file():
-        raise DataError(f"{path}: informed-slice file not found")
+        raise DataError(f"--informed {spec}: {path}: informed-slice file not found")
     return SourceSpec(kind, path, index)  # type: ignore[arg-type]
 
 
-def model_slice_index(z: int, geometry: CaseGeometry) -> int:
-    """A canonical voxel index along the slice axis -> the model-grid slice that covers it."""
+def model_slice_index(z: int, geometry: CaseGeometry, where: str = "slice") -> int:
+    """A canonical voxel index along the slice axis -> the model-grid slice that covers it.
+
+    Args:
+        where: the option and file the index came from, for the message (``--informed x.nii.gz@9``).
+    """
     axis = geometry.slice_axis
     lo, hi = geometry.box_lo[axis], geometry.box_hi[axis]
     if not lo <= z < hi:
-        raise DataError(f"slice {z} is outside the volume's field of view along the slice axis ({lo}..{hi - 1})")
+        raise DataError(
+            f"{where}: slice {z} is outside what the model sees of this volume along the slice axis: slices "
+            f"{lo}..{hi - 1} (the anatomy's box with its margin; slices beyond it hold no foreground)"
+        )
     return min(int((z - lo) * geometry.model_shape[0] / (hi - lo)), geometry.model_shape[0] - 1)
 
 

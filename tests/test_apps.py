@@ -165,6 +165,9 @@ def test_deenhance_reports_site_spread(run: Path, phantom_dir: Path, two_site_di
         (["--informed", "copy"], "unknown source 'copy'"),
         (["--informed", "real:/nonexistent.nii.gz"], "/nonexistent.nii.gz: informed-slice file not found"),
         (["--informed", "generate", "--mask", "/nonexistent_mask.nii.gz"], "/nonexistent_mask.nii.gz"),
+        (["--informed", "generate", "--mask", "/tmp"], "/tmp: is a folder"),
+        (["--informed", "real:/tmp@3"], "/tmp is a folder"),
+        (["--informed", "generate", "--start", "9999"], "--start 9999 of"),
     ],
 )
 def test_sample_bad_input_is_one_clear_error(

@@ -52,6 +52,8 @@ class Header:
 
 
 def _load(path: Path) -> nib.Nifti1Image:
+    if path.is_dir():
+        raise DataError(f"{path}: is a folder, a NIfTI file was expected")
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
