@@ -235,3 +235,15 @@ def test_an_output_under_a_file_is_one_line(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1
     assert "is not a folder" in err and "--out" in err
+
+
+def test_an_output_on_a_read_only_file_system_is_refused_before_any_work(
+    run: Path, phantom_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # /proc refuses new files even to root: a real read-only file system, no mock
+    code = _gem3d("sample", "--checkpoint", run, "--mask", phantom_dir / "labelsTr" / "phantom_001.nii.gz",
+                  "--informed", "generate", "--out", "/proc/gem3d-test/x.nii.gz")  # fmt: skip
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
+    assert "--out /proc/gem3d-test/x.nii.gz: cannot write in /proc" in err
