@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client.task import Job, evaluate_round, install_base, locate_site, train_round
+from client.task import Job, audit_round, evaluate_round, install_base, locate_site, train_round
 from gem3d.errors import Gem3dError
 
 # torch, MONAI and Flower leave ~500k long-lived objects after import; every full garbage
@@ -90,5 +90,20 @@ def install(msg: Message, context: Context) -> Message:
         site = locate_site(dict(context.node_config), record)
         path = install_base(site, str(record.get("base-id", "")), msg.content["base"].to_torch_state_dict())
         return RecordDict({"result": ConfigRecord({"path": str(path)})})
+
+    return _answer(msg, context, work)
+
+
+@app.query("audit")
+def audit(msg: Message, context: Context) -> Message:
+    """Audit a release's candidates against this site's patients; reply with the verdict only (``server/audit.py``)."""
+
+    def work() -> RecordDict:
+        record = dict(msg.content["config"])
+        torch.set_num_threads(max(int(record.get("torch-threads", torch.get_num_threads())), 1))
+        site = locate_site(dict(context.node_config), record)
+        arrays = msg.content["candidates"].to_torch_state_dict()
+        candidates = [arrays[name] for name in sorted(arrays)]
+        return RecordDict({"verdict": ConfigRecord(audit_round(site, record, candidates))})
 
     return _answer(msg, context, work)

@@ -6,10 +6,11 @@
    starting from the public model; each hospital first writes its own privacy policy, which the
    server's request must meet;
 3. a privacy release of an enhanced cohort from one site (generated informed slices, edited
-   masks, audit and the model's privacy record checked before anything is written);
+   masks, the model's privacy record checked, and a federated audit round in which every site
+   audits the candidates against its own patients, before anything is written);
 4. a de-enhancement across the sites with one reference slice;
 5. the memorization audit, with a membership-inference test on the model;
-6. the evaluation against baselines (when ``gem3d evaluate`` is available);
+6. the evaluation against baselines;
 7. everything tracked in MLflow (a local store in the output folder).
 
 Each step is the same ``gem3d`` command a user would run; the demo only chains them and prints a
@@ -20,7 +21,9 @@ template: they show the machinery end to end, not clinical quality.
 from __future__ import annotations
 
 import json
+import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -28,11 +31,17 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
-from experiments.cli import main as gem3d
+from experiments.commands import audit as audit_command
+from experiments.commands import deenhance as deenhance_command
+from experiments.commands import demo_data, train
+from experiments.commands import evaluate as evaluate_command
+from experiments.commands import release as release_command
+from experiments.commands.runner import run_command
 from experiments.previews import loss_curve_png
 from experiments.tracking import Tracker, ui_command
 from gem3d.errors import Gem3dError
@@ -57,6 +66,15 @@ SMALL_SET = (
 
 
 # Pre-training on public data: no DP (no patient data), the tiny config's own learning rate.
+
+
+def lowest_quantile(cases: int) -> float:
+    """The lowest audit quantile ``cases`` reference patients can place (``AuditSettings``: ceil(1 / q) <= cases).
+
+    The demo's sites hold a handful of patients, far fewer than the 20 the default 0.05 needs, so
+    its audits use the lowest quantile they can honestly place, and their reports say which.
+    """
+    return math.ceil(100 / cases) / 100
 PRETRAIN_SET = "privacy.enabled=false train.batch_size=4 train.lr=1e-3"
 
 
@@ -128,10 +146,10 @@ def _step(state: DemoState, index: int, total: int, title: str, work: Callable[[
     print(f"[{index}/{total}] done in {state.timings[title]:.0f} s", flush=True)
 
 
-def _run(*args: object) -> None:
-    code = gem3d([str(a) for a in args])
+def _run(command: ModuleType, *args: object) -> None:
+    code = run_command(command, [str(a) for a in args])
     if code != 0:
-        raise Gem3dError(f"gem3d {args[0]} failed (exit {code}); see the message above")
+        raise Gem3dError(f"gem3d {command.NAME} failed (exit {code}); see the message above")
 
 
 def build_cohort(state: DemoState) -> None:
@@ -139,24 +157,13 @@ def build_cohort(state: DemoState) -> None:
     if (state.data / "cohort.json").exists():
         return  # a re-run of the demo keeps its cohort
     _run(
-        "demo-data",
+        demo_data,
         "--out", state.data,
         "--sites", settings.sites,
         "--cases-per-site", settings.cases_per_site,
         "--size", settings.size,
         "--seed", 0,
     )  # fmt: skip
-
-
-# Runs gem3d commands one after the other in a child process (the argv lists come as JSON).
-_SEQUENCE = """
-import json, sys
-from experiments.cli import main
-for argv in json.loads(sys.argv[1]):
-    code = main(argv)
-    if code:
-        sys.exit(code)
-"""
 
 
 def pretrain_public(state: DemoState, tracking: Path) -> None:
@@ -169,7 +176,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     settings = state.settings
     if not state.public.exists():
         _run(
-            "demo-data",
+            demo_data,
             "--out", state.public,
             "--sites", 1,
             "--cases-per-site", settings.public_cases,
@@ -192,8 +199,10 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
         ]
         print(f"mask-only baseline: pre-training in a second process (log: {log})", flush=True)
         with open(log, "w") as handle:
+            # the gem3d commands one after the other, in one child process; the first failure stops it
+            chain = " && ".join(shlex.join([sys.executable, "-m", "experiments.cli", *argv]) for argv in commands)
             baseline = subprocess.Popen(
-                [sys.executable, "-c", _SEQUENCE, json.dumps(commands)],
+                ["/bin/sh", "-c", chain],
                 stdout=handle,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "OMP_NUM_THREADS": "1"},
@@ -202,7 +211,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
         for stage, steps in zip(("slice", "informed"), settings.pretrain_steps, strict=True):
             if (state.pretrained / f"{stage}.safetensors").exists():
                 continue  # a re-run of the demo keeps what it trained
-            _run("train", *common, "--stage", stage, "--out", state.pretrained, "--steps", steps, "--track", tracking)
+            _run(train, *common, "--stage", stage, "--out", state.pretrained, "--steps", steps, "--track", tracking)
     except BaseException:
         if baseline is not None:
             baseline.kill()
@@ -287,10 +296,13 @@ def train_federated(state: DemoState, tracking: Path) -> None:
 def release(state: DemoState) -> None:
     if not (state.out / "release" / "privacy_report.json").exists():  # a re-run keeps the release
         _run(
-            "release",
+            release_command,
             "--checkpoint", state.run,
             "--data", state.data / "site_0",
-            "--holdout", state.data / "test",
+            # every site audits the candidates against its own patients (a Flower audit round),
+            # each with its patients as a leave-one-out reference
+            "--audit-sites", state.data,
+            "--quantile", lowest_quantile(state.settings.cases_per_site),
             "--per-case", 1,
             "--seed", 0,
             "--out", state.out / "release",
@@ -303,7 +315,7 @@ def deenhance(state: DemoState) -> None:
     reference = sorted((state.data / "test" / "imagesTr").glob("*_0000.nii.gz"))[0]
     if not (state.out / "deenhanced" / "deenhance_report.json").exists():  # a re-run keeps it
         _run(
-            "deenhance",
+            deenhance_command,
             "--checkpoint",
             state.run,
             "--data",
@@ -317,12 +329,14 @@ def deenhance(state: DemoState) -> None:
 
 
 def audit(state: DemoState) -> None:
-    code = gem3d(
+    code = run_command(
+        audit_command,
         [
-            "audit",
             "--synthetic", str(state.out / "release"),
             "--train", str(state.data / "site_0"),
             "--holdout", str(state.data / "test"),
+            # the test split (one patient per site) is the reference
+            "--quantile", str(lowest_quantile(state.settings.sites)),
             "--checkpoint", str(state.run),
             "--out", str(state.out / "audit" / "audit.json"),
             "--track", str(state.out / "mlflow"),
@@ -334,13 +348,11 @@ def audit(state: DemoState) -> None:
 
 
 def evaluate(state: DemoState, tracking: Path) -> None:
-    from experiments.cli import COMMANDS
-
-    if "evaluate" not in {module.NAME for module in COMMANDS}:
-        print("gem3d evaluate is not available in this version: skipped")
+    if (state.out / "evaluation" / "report.json").exists():  # a re-run keeps the evaluation
+        state.summary["evaluation"] = json.loads((state.out / "evaluation" / "report.json").read_text())
         return
     _run(
-        "evaluate",
+        evaluate_command,
         "--checkpoint", state.run,
         "--data", state.data,
         "--train-data", state.data / "site_0",
@@ -384,6 +396,10 @@ def summary_lines(state: DemoState) -> list[str]:
     release = s.get("release", {})
     if release:
         rows.append(("released synthetic cases", _fmt(release.get("cases", release.get("num_cases")))))
+        federated = release.get("federated_audit") or {}
+        if federated.get("run"):
+            sites = ", ".join(f"{v['site']} {'pass' if v['passed'] else 'FAIL'}" for v in federated["sites"])
+            rows.append(("federated audit of the release (each site, its own patients)", sites))
     audit = s.get("audit", {})
     if audit:
         rows.append(

@@ -134,15 +134,17 @@ def statement(records: list[tuple[str, dict[str, Any] | None]]) -> dict[str, Any
     Returns:
         ``{"patient_level": {"epsilon", "delta", "sites": {site: {"epsilon", "delta"}}},
         "client_level": {...} | None, "non_dp_private": [what trained on private data without
-        DP], "public": [stages trained on declared-public data], "stages": [...]}``. The
-        patient-level ε is ``None`` where no DP-SGD ran at all.
+        DP], "public": [stages trained on declared-public data], "trained_at": [every site whose
+        private data trained a stage, with or without DP], "stages": [...]}``. The patient-level
+        ε is ``None`` where no DP-SGD ran at all.
     """
     sites: dict[str, dict[str, Any]] = {}
+    trained_at: set[str] = set()
     non_dp: list[str] = []
     public: list[str] = []
     client_levels: list[dict[str, Any]] = []
     for name, record in records:
-        _collect(record, name, sites, non_dp, public, client_levels)
+        _collect(record, name, sites, non_dp, public, client_levels, trained_at)
     patient_eps = [e["epsilon"] for e in sites.values() if e["epsilon"] is not None]
     patient_delta = [e["delta"] for e in sites.values() if e["delta"] is not None]
     client = max(client_levels, key=lambda c: float(c.get("epsilon") or 0.0)) if client_levels else None
@@ -156,6 +158,7 @@ def statement(records: list[tuple[str, dict[str, Any] | None]]) -> dict[str, Any
         "client_level": client,
         "non_dp_private": sorted(set(non_dp)),
         "public": sorted(set(public)),
+        "trained_at": sorted(trained_at),
         "stages": [name for name, _ in records],
     }
 
@@ -167,6 +170,7 @@ def _collect(
     non_dp: list[str],
     public: list[str],
     client_levels: list[dict[str, Any]],
+    trained_at: set[str],
 ) -> None:
     """Fold one record (and, recursively, the records of the weights it started from) into the statement."""
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
@@ -175,6 +179,8 @@ def _collect(
     if record.get("data") == "public":
         public.append(where)
     for name, entry in (record.get("sites") or {}).items():
+        if record.get("data") != "public":
+            trained_at.add(name)
         if not entry.get("dp"):
             non_dp.append(f"{where}: trained on {name}'s data without DP-SGD")
             continue
@@ -194,4 +200,5 @@ def _collect(
             non_dp,
             public,
             client_levels,
+            trained_at,
         )

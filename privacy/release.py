@@ -18,7 +18,10 @@ Given already-generated cases (image, label, affine, provenance, informed slice)
    db_name and intent_name empty; no extensions) and pseudonymous case ids: sorted random ids
    given to the cases in a secret random order, so neither names nor order follow the sources;
 4. runs the memorization audit on exactly those files against the training set (and a
-   holdout, if given) and refuses if any copy is found;
+   holdout, if given) and refuses if any copy is found; for a model trained at several sites,
+   every site audits the same candidates against its own patients (``site_audit``, a Flower
+   audit round: ``server/audit.py``) and the release is refused unless every site that
+   trained the model passes;
 5. only then moves the folder into place, with ``privacy_report.json`` (ε, δ, accountant, what
    they guarantee, audit figures without case ids, the policy applied) and per-case
    provenance that names no source case, site, path or date.
@@ -37,8 +40,7 @@ import json
 import os
 import secrets
 import shutil
-import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -53,8 +55,9 @@ from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.errors import ConfigError, DataError
+from gem3d.files import work_folder_beside, write_json
 from gem3d.sampler import OnProgress
-from privacy.audit import AuditSettings, memorization_audit
+from privacy.audit import AuditSettings, check_reference, dihedral, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.linkage import linkage_test
 from privacy.model_privacy import statement
@@ -76,12 +79,60 @@ class ReleasePolicy:
         require_dp: refuse a model with a stage trained on private data without DP-SGD.
         max_linkage_rate: refuse when more than this fraction of released masks have their
             source as nearest training mask (``privacy.linkage``); chance is 1 / training cases.
+        audit_every_site: refuse a model trained at several sites unless every one of them
+            passed the federated audit (``site_audit`` of ``release_cohort``).
     """
 
     min_mask_edits: int = 1
     informed_copy_rms: float = 0.02
     require_dp: bool = True
     max_linkage_rate: float = 0.5
+    audit_every_site: bool = True
+
+
+SiteAudit = Callable[[list[np.ndarray]], list[dict[str, Any]]]
+"""Candidates (``[D, H, W]`` float32 in [-1, 1], release order) -> one verdict per site (``server/audit.py``)."""
+
+
+def _failure(verdict: dict[str, Any]) -> str:
+    if verdict.get("reason"):
+        return str(verdict["reason"])
+    return f"{verdict.get('copies', '?')} copied volume(s), {verdict.get('slice_copies', '?')} copied slice(s)"
+
+
+def check_site_verdicts(
+    verdicts: Sequence[dict[str, Any]] | None, trained_at: Sequence[str], policy: ReleasePolicy
+) -> dict[str, Any]:
+    """The report's ``federated_audit`` section; refuses unless every site that trained the model passed.
+
+    Args:
+        verdicts: the sites' verdicts, or ``None`` where no federated audit ran.
+        trained_at: the sites whose private data trained the model (``model_statement``).
+    """
+    if verdicts is None:
+        if len(trained_at) > 1 and policy.audit_every_site:
+            raise ReleaseRefusedError(
+                f"release: the model was trained at {len(trained_at)} sites ({', '.join(trained_at)}) and only "
+                "this site's patients were audited; run the federated audit (--audit-sites DATA_ROOT) so "
+                "that every site checks the candidates against its own patients"
+            )
+        return {"run": False, "why": "the model was trained at one site" if len(trained_at) <= 1 else "waived"}
+    failed = [v for v in verdicts if not v.get("passed")]
+    passed = {str(v["site"]) for v in verdicts if v.get("passed")}
+    missing = [site for site in trained_at if site not in passed and site not in {str(v["site"]) for v in failed}]
+    if failed or missing or not verdicts:
+        what = [f"{v['site']} ({_failure(v)})" for v in failed]
+        what += [f"{site} (no verdict)" for site in missing]
+        raise ReleaseRefusedError(
+            f"release: the federated audit failed at {len(what)} of {len(verdicts) + len(missing)} sites: "
+            f"{', '.join(what) or 'no site answered'}; nothing was written"
+        )
+    return {
+        "run": True,
+        "rule": "every site audited the candidates against all its own patients; only verdicts left the sites",
+        "sites": [dict(v) for v in verdicts],
+        "passed": True,
+    }
 
 
 @dataclass(frozen=True)
@@ -174,12 +225,6 @@ def check_policy(cases: Sequence[GeneratedCase], policy: ReleasePolicy) -> None:
             )
 
 
-def dihedral(image: np.ndarray) -> list[np.ndarray]:
-    """The 8 flips and 90-degree rotations of a square ``[H, W]`` slice (the slice itself first)."""
-    rotations = [np.rot90(image, k) for k in range(4)]
-    return rotations + [np.flip(r, axis=1) for r in rotations]
-
-
 def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume], policy: ReleasePolicy) -> None:
     """Refuse any informed slice that (nearly) equals a real training slice, at any position, flipped or rotated.
 
@@ -195,7 +240,8 @@ def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume]
                 f"generated case {index}: its informed slice did not reach the release gate, so its pixels "
                 "cannot be checked against the real slices; refused"
             )
-        variants = np.stack(dihedral(np.asarray(case.informed_slice, dtype=np.float32)))  # [8, H, W]
+        informed = torch.from_numpy(np.asarray(case.informed_slice, dtype=np.float32))[None, None]
+        variants = torch.cat(list(dihedral(informed)))[:, 0].numpy()  # [8, H, W]: 4 rotations, each mirrored
         best = np.inf
         for volume in slices:
             if volume.shape[1:] != variants.shape[1:]:
@@ -300,36 +346,20 @@ def _what_holds(patient: dict[str, Any], client: dict[str, Any] | None, non_dp: 
     return lines
 
 
-WORK_PREFIX = ".gem3d-release-work."
 INCOMPLETE = "INCOMPLETE-NOT-A-RELEASE"
 
 
 def work_folder(out: Path) -> Path:
     """A new working folder beside ``out`` (never in the system temp dir), after removing stale ones.
 
-    Its name carries the owner's process id: a folder whose process is gone was left by a killed
-    release and is removed here, by the next release into the same parent folder. It is marked
-    ``INCOMPLETE-NOT-A-RELEASE`` until it is renamed to ``out``, and it only ever holds
-    pseudonymous, scrubbed files: no source id, site or path.
+    ``gem3d.files.work_folder_beside``: its name carries the owner's process id, so a folder
+    whose process is gone (a killed release) is removed by the next run into the same parent
+    folder. It is marked ``INCOMPLETE-NOT-A-RELEASE`` until it is renamed to ``out``, and it only
+    ever holds pseudonymous, scrubbed files: no source id, site or path.
     """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f"{WORK_PREFIX}*"):
-        pid = stale.name.removeprefix(WORK_PREFIX).partition(".")[0]
-        if pid.isdigit() and not _alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f"{WORK_PREFIX}{os.getpid()}.", dir=out.parent))
+    tmp = work_folder_beside(out)
     (tmp / INCOMPLETE).write_text("a release in progress or killed: not audited, not a release\n")
     return tmp
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's live process
-        return True
-    return True
 
 
 def secret_order(count: int, seed: int | None = None) -> list[int]:
@@ -385,11 +415,6 @@ def _case_provenance(case: GeneratedCase, generator: dict[str, Any]) -> dict[str
     return record
 
 
-def _write_json(path: Path, payload: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(payload, indent=2, sort_keys=True) + "\n")
-
-
 def release_cohort(
     cases: Sequence[GeneratedCase],
     out: str | Path,
@@ -404,6 +429,7 @@ def release_cohort(
     seed: int | None = None,
     label_names: dict[int, str] | None = None,
     mask_linkage: dict[str, Any] | None = None,
+    site_audit: SiteAudit | None = None,
 ) -> Path:
     """Check, write, audit and publish a synthetic cohort in nnU-Net v2 raw layout at ``out``.
 
@@ -415,6 +441,8 @@ def release_cohort(
             stage trained on private data without DP is refused unless ``policy.require_dp`` is off.
         holdout: real cases the model never saw; default: leave-one-out training distances.
         mask_linkage: the ``check_linkage`` report for these cases (``release_dataset`` always runs it).
+        site_audit: the federated audit (``SiteAudit``): called with the written candidates after
+            the local audit passed; required for a model trained at several sites.
         generator: non-identifying facts about the generator (checkpoint sha256, versions).
         seed: for reproducible pseudonymous ids (tests); default random.
     Returns:
@@ -429,6 +457,9 @@ def release_cohort(
     check_policy(cases, policy)
     check_informed_pixels(cases, train, policy)
     dp = check_model_privacy(privacy_statement, policy)
+    trained_at = list((privacy_statement or {}).get("trained_at", []))
+    if site_audit is None:
+        check_site_verdicts(None, trained_at, policy)  # refuse before writing anything
 
     tmp = work_folder(out)
     try:
@@ -443,9 +474,9 @@ def release_cohort(
             nib.save(image, tmp / "imagesTr" / f"{case_id}_0000.nii.gz")
             label = scrubbed_image(np.asarray(case.label, dtype=np.uint8), case.affine)
             nib.save(label, tmp / "labelsTr" / f"{case_id}.nii.gz")
-            _write_json(tmp / "provenance" / f"{case_id}.json", _case_provenance(case, generator or {}))
+            write_json(tmp / "provenance" / f"{case_id}.json", _case_provenance(case, generator or {}))
         names = label_names or {}
-        _write_json(
+        write_json(
             tmp / "dataset.json",
             {
                 "channel_names": {"0": "CT" if data_cfg.modality == "ct" else "MRI"},
@@ -456,13 +487,16 @@ def release_cohort(
                 "file_ending": ".nii.gz",
             },
         )
-        audit = memorization_audit(load_volumes(tmp, data_cfg), train, holdout, audit_settings or AuditSettings())
+        candidates = load_volumes(tmp, data_cfg)
+        audit = memorization_audit(candidates, train, holdout, audit_settings or AuditSettings())
         if not audit.passed:
             raise ReleaseRefusedError(
                 f"release: the memorization audit found {len(audit.copies)} of {len(cases)} generated volumes "
                 "closer to a training volume than the copy threshold; nothing was written"
             )
-        _write_json(
+        verdicts = site_audit([v.image for v in candidates]) if site_audit is not None else None
+        federated = check_site_verdicts(verdicts, trained_at, policy)
+        write_json(
             tmp / "privacy_report.json",
             {
                 "format": REPORT_FORMAT,
@@ -470,6 +504,7 @@ def release_cohort(
                 "differential_privacy": dp,
                 "audit": audit.report(include_ids=False),
                 "mask_linkage": mask_linkage or {"attack": "not run"},
+                "federated_audit": federated,
                 "labels": "edited copies of real segmentations; differential privacy does not cover them",
                 "policy": {
                     **asdict(policy),
@@ -582,6 +617,7 @@ def release_dataset(
     audit_settings: AuditSettings | None = None,
     seed: int = 0,
     on_progress: OnProgress | None = None,
+    site_audit: SiteAudit | None = None,
 ) -> ReleaseResult:
     """Enhance ``data`` under the privacy policy and release the result at ``out`` (``gem3d release``).
 
@@ -597,6 +633,7 @@ def release_dataset(
         privacy_statement: the model's privacy statement (``privacy.model_privacy.model_statement``).
         holdout: real cases the model never saw, the audit's reference.
         seed: seeds the generation.
+        site_audit: the federated audit round (``SiteAudit``; ``server.audit.simulate_audit_round``).
     Returns:
         the published folder, its case count and its privacy report.
     Raises:
@@ -612,12 +649,18 @@ def release_dataset(
             f"--mask-edit {mask_edit!r}: {len(shaping)} edit(s) that change the anatomy's shape, the policy needs "
             f"at least {policy.min_mask_edits} ({', '.join(SHAPE_PRESERVING_EDITS)} keep it: they do not count)"
         )
-    check_model_privacy(privacy_statement, policy)  # refuse before spending time on generation
+    # refuse before spending time on generation
+    check_model_privacy(privacy_statement, policy)
+    if site_audit is None:
+        check_site_verdicts(None, list((privacy_statement or {}).get("trained_at", [])), policy)
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
     train = load_site_volumes(data, synth.cfg)
     holdout_volumes = load_site_volumes(holdout, synth.cfg) if holdout else None
+    # enough reference cases for the audit's threshold, before any generation
+    reference = (len(holdout_volumes), "holdout") if holdout_volumes is not None else (len(train), "leave-one-out")
+    check_reference(audit_settings or AuditSettings(), *reference)
     # Generated in memory, informed slices included, so the gate checks their pixels; nothing
     # un-audited, and nothing carrying a source id, is ever written to disk.
     jobs = enhancement_jobs(synth, data, per_case, "generate", edits, seed)
@@ -636,6 +679,7 @@ def release_dataset(
         audit_settings=audit_settings,
         generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
         mask_linkage=linkage,
+        site_audit=site_audit,
     )
     report = json.loads((published / "privacy_report.json").read_text())
     return ReleaseResult(out=published, cases=len(cases), report=report)
@@ -649,6 +693,7 @@ __all__ = [
     "check_linkage",
     "check_model_privacy",
     "check_policy",
+    "check_site_verdicts",
     "generated_cases",
     "load_site_volumes",
     "pseudonymous_ids",

@@ -8,6 +8,7 @@ in-process simulations (``flwr.simulation.run_simulation`` passes no run config)
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from experiments.tracking import Tracker
-from gem3d.errors import Gem3dError
+from gem3d.errors import ConfigError, Gem3dError
 from server.federation import OnRound, run_federation
 from server.round_log import RoundLogger
 from server.settings import ServerSettings
@@ -40,6 +41,9 @@ def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | Non
     def main(grid: Grid, context: Context) -> None:
         try:
             settings = ServerSettings.from_run_config({**dict(context.run_config), **(run_config or {})})
+            if settings.options["audit-candidates"]:
+                _audit(grid, settings)
+                return
             summary = _tracked_federation(grid, settings, on_round)
         except Gem3dError as error:
             # One clear line in the run's log; re-raised as an ordinary exception so that Flower
@@ -51,6 +55,25 @@ def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | Non
         print(message, flush=True)
 
     return app
+
+
+def _audit(grid: Grid, settings: ServerSettings) -> None:
+    """A deployment's audit round (``server/audit.py``): the sites' verdicts on the candidates, as JSON."""
+    from privacy.audit import AuditSettings, settings_from_json
+    from server.audit import audit_record, audit_round, load_candidates
+
+    options = settings.options
+    out = Path(str(options["audit-verdicts"]) or "audit_verdicts.json").expanduser()
+    if out.exists():
+        raise ConfigError(f"run config 'audit-verdicts': {out} already exists (nothing is overwritten)")
+    text = str(options["audit-settings"])
+    audit_settings = settings_from_json(text) if text else AuditSettings()
+    candidates = load_candidates(Path(str(options["audit-candidates"])).expanduser())
+    record = audit_record(settings.cfg, audit_settings, settings.data_root)
+    verdicts = audit_round(grid, candidates, record, settings.cfg.federation.min_clients)
+    out.write_text(json.dumps({"passed": all(v["passed"] for v in verdicts), "sites": verdicts}, indent=2) + "\n")
+    logger.info("audit round: %d site(s), verdicts in %s", len(verdicts), out)
+    print(f"audit verdicts: {out}", flush=True)
 
 
 def _tracked_federation(grid: Grid, settings: ServerSettings, on_round: OnRound | None) -> dict[str, Any]:

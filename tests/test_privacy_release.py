@@ -15,6 +15,7 @@ import pytest
 from gem3d.config import Config, PrivacyConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
+from privacy.audit import AuditSettings
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.ledger import PrivacyLedger
 from privacy.model_privacy import site_entry, stage_record, statement
@@ -30,6 +31,8 @@ from privacy.release import (
 )
 
 SHAPE = (16, 16, 12)
+# six training patients, leave-one-out: six reference distances place the 0.2 quantile (0.05 needs 20)
+SIX_CASES = AuditSettings(quantile=0.2)
 EDITED = [{"name": "rotate", "changed": True}]
 
 
@@ -163,6 +166,7 @@ def test_informed_slice_equal_to_a_real_slice_is_refused_whatever_its_label(
         with pytest.raises(ReleasePolicyError, match="generated case 1: its informed slice matches a real training"):
             release_cohort(
                 cases, tmp_path / "out", train=train, data_cfg=micro_cfg.data,
+            audit_settings=SIX_CASES,
                 privacy_statement=_dp_statement(_ledger(tmp_path)),
             )  # fmt: skip
 
@@ -170,7 +174,14 @@ def test_informed_slice_equal_to_a_real_slice_is_refused_whatever_its_label(
     unchecked = _cases(site["generated"])
     unchecked[2] = GeneratedCase(**{**unchecked[2].__dict__, "informed_slice": None})
     with pytest.raises(ReleasePolicyError, match="generated case 2: its informed slice did not reach the release gate"):
-        release_cohort(unchecked, tmp_path / "out", train=train, data_cfg=micro_cfg.data, privacy_statement=None)
+        release_cohort(
+            unchecked,
+            tmp_path / "out",
+            train=train,
+            data_cfg=micro_cfg.data,
+            audit_settings=SIX_CASES,
+            privacy_statement=None,
+        )
 
 
 def test_release_writes_a_scrubbed_pseudonymous_cohort(
@@ -185,6 +196,7 @@ def test_release_writes_a_scrubbed_pseudonymous_cohort(
         out,
         train=train,
         data_cfg=micro_cfg.data,
+        audit_settings=SIX_CASES,
         privacy_statement=_dp_statement(ledger),
         generator={"checkpoint_sha256": "ab" * 32},
         seed=0,  # the secret order made reproducible for the test: permutation [2, 0, 1]
@@ -225,6 +237,7 @@ def test_release_refuses_a_planted_copy_and_writes_nothing(
             tmp_path / "out",
             train=train,
             data_cfg=micro_cfg.data,
+            audit_settings=SIX_CASES,
             privacy_statement=_dp_statement(_ledger(tmp_path)),
         )
 
@@ -246,6 +259,7 @@ def test_release_refuses_a_model_with_a_stage_trained_without_dp(
         with pytest.raises(ReleaseRefusedError, match=f"not DP-SGD trained throughout: {reason}"):
             release_cohort(
                 _cases(site["generated"]), tmp_path / "out", train=train, data_cfg=micro_cfg.data,
+            audit_settings=SIX_CASES,
                 privacy_statement=refused if refused is not None else statement([("slice", None)]),
             )  # fmt: skip
 
@@ -325,7 +339,7 @@ def test_gem3d_release_publishes_and_tracks_the_privacy_report(
 
     # execute
     args = ["release", "--checkpoint", str(run), "--data", str(site["train"]), "--out", str(out)]
-    code = main([*args, "--steps", "2", "--grid", "16", "--seed", "3"])
+    code = main([*args, "--steps", "2", "--grid", "16", "--quantile", "0.2", "--seed", "3"])
 
     # assert: the cohort and report exist, and the MLflow run beside --out carries the same figures
     assert code == 0
@@ -339,7 +353,9 @@ def test_gem3d_release_publishes_and_tracks_the_privacy_report(
     assert logged["metrics"]["delta"] == pytest.approx(cfg.privacy.delta)
     assert logged["metrics"]["cases"] == report["cases"] == len(volumes)
     assert logged["metrics"]["audit.copies"] == 0.0
-    assert logged["metrics"]["audit.threshold.image"] == pytest.approx(report["audit"]["thresholds"]["image"])
+    # the published audit holds counts, no distance between real patients (nor does the release's MLflow run)
+    assert "thresholds" not in report["audit"] and "reference_nn" not in report["audit"]
+    assert not any(key.startswith(("audit.threshold", "audit.nn_")) for key in logged["metrics"])
     assert logged["params"]["release.accountant"] == report["differential_privacy"]["accountant"] == "rdp"
     assert logged["params"]["release.policy.informed_source"] == "generate only"
     assert logged["params"]["privacy.enabled"] == "True"
@@ -402,7 +418,8 @@ def test_gem3d_release_refuses_a_generator_that_returns_real_slices(
     out = tmp_path / "released"
     # execute
     code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(out),
-                 "--steps", "2", "--grid", "16", "--track", "off", "--max-linkage-rate", "1"])  # fmt: skip
+                 "--steps", "2", "--grid", "16", "--quantile", "0.2", "--track", "off",
+                 "--max-linkage-rate", "1"])  # fmt: skip
     # assert: refused by the pixel check, one line, nothing written anywhere beside --out
     assert code == 2
     assert "its informed slice matches a real training slice" in capsys.readouterr().err
@@ -424,12 +441,30 @@ def test_a_killed_release_leaves_nothing_and_the_next_one_cleans_up(
     import tempfile
     import time
 
-    from privacy.release import INCOMPLETE, WORK_PREFIX
+    from gem3d.files import WORK_PREFIX, work_prefix
+    from privacy.release import INCOMPLETE
 
     repo = Path(__file__).resolve().parent.parent
-    argv = [sys.executable, "-m", "experiments.cli", "release", "--checkpoint", str(dp_run), "--data",
-            str(site["train"]), "--steps", "2", "--grid", "16", "--track", "off",
-            "--max-linkage-rate", "1"]  # fmt: skip; the linkage gate is not this test's subject
+    argv = [
+        sys.executable,
+        "-m",
+        "experiments.cli",
+        "release",
+        "--checkpoint",
+        str(dp_run),
+        "--data",
+        str(site["train"]),
+        "--steps",
+        "2",
+        "--grid",
+        "16",
+        "--quantile",
+        "0.2",
+        "--track",
+        "off",
+        "--max-linkage-rate",
+        "1",
+    ]  # fmt: skip; the linkage gate is not this test's subject
     temp_before = set(Path(tempfile.gettempdir()).iterdir())
     # execute: SIGKILL at several points of a release (start-up, generation, writing and audit)
     for delay in (3.0, 6.0, 9.0):
@@ -448,7 +483,7 @@ def test_a_killed_release_leaves_nothing_and_the_next_one_cleans_up(
             text = _all_text(path.parent) if path.suffix in (".gz", ".json") else path.name
             assert not any(case in text or case in str(path) for case in _source_ids(site)), path
     # a working folder left by a killed release whatever the timing above: its process is gone
-    stale = tmp_path / f"{WORK_PREFIX}{process.pid}.planted"
+    stale = tmp_path / f"{work_prefix(process.pid)}planted"
     (stale / "imagesTr").mkdir(parents=True)
     (stale / "imagesTr" / "gem3d_syn_0_0000.nii.gz").write_bytes(b"un-audited")
     # execute: the next release into the same folder
@@ -487,8 +522,23 @@ def test_gem3d_release_refuses_masks_the_linkage_attack_traces_back(
     from experiments.cli import main
 
     code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(tmp_path / "r"),
-                 "--mask-edit", "rotate:2", "--steps", "2", "--track", "off"])  # fmt: skip
+                 "--mask-edit", "rotate:2", "--steps", "2", "--quantile", "0.2", "--track", "off"])  # fmt: skip
 
     assert code == 2
     assert re.search(r"closer to their source patient|linkage attack found the source", capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gem3d_release_with_too_few_reference_patients_is_refused_before_generating(
+    site: dict[str, Path], dp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from experiments.cli import main
+
+    # six training patients, leave-one-out, the default 0.05 quantile: 20 are needed
+    code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(tmp_path / "r"),
+                 "--steps", "2", "--track", "off"])  # fmt: skip
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "6 training cases" in err and "at least 20" in err and "window" not in err  # no sampling progress
     assert list(tmp_path.iterdir()) == []

@@ -1,15 +1,18 @@
-"""Memorization audit of a synthetic cohort against the training set (issue 6).
+"""Memorization audit of a synthetic cohort against the training set (issues 6 and 12).
 
-For every synthetic volume: its nearest-neighbour distance to the training set in image space
-and in a feature space (an untrained, seeded random 3D conv net), compared with the holdout's
-distances to the training set. A synthetic volume closer to a training volume than
-``--margin`` x the ``--quantile`` quantile of the holdout-to-train distances is flagged as a
-copy. With ``--checkpoint`` a loss-based membership-inference test (AUC) is run on the model.
+A synthetic volume is a copy when it is closer to a training volume than ``--margin`` x the
+``--quantile`` quantile of the holdout-to-train distances, whole volumes compared after
+smoothing, histogram standardisation and centring under every flip and small shifts (so flipped,
+shifted, re-contrasted and noisy copies count), or when any of its slices is that close to a
+training slice (``privacy.audit``). The quantile needs ``--min-reference`` holdout cases (default
+``ceil(1 / quantile)``); fewer are refused. With ``--checkpoint`` a membership-inference attack
+on the model (denoising error at fixed timesteps) reports its AUC with a bootstrap 95% interval
+and its TPR at 1% FPR.
 
 Writes ``--out`` (JSON) and a PNG histogram next to it. Exit code 0 when no copy is found,
 3 when copies are found (the report is still written), 2 on bad input. The run is logged to MLflow
 (``--track``; default: ``mlflow/`` beside REPORT.json): the copies found, the nearest-neighbour
-figures and the membership-inference AUC as metrics, the report and histogram as artifacts.
+figures and the membership-inference figures as metrics, the report and histogram as artifacts.
 """
 
 from __future__ import annotations
@@ -21,16 +24,26 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.commands.common import add_config_argument, add_track_option, load_cli_config, tracked
+from experiments.commands.common import (
+    add_config_argument,
+    add_track_option,
+    fraction,
+    grid_size,
+    load_cli_config,
+    positive_float,
+    positive_int,
+    seed_int,
+    tracked,
+)
 from gem3d.checkpoint import file_sha256
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import CheckpointError
 from gem3d.runs import load_model, stage_path
 from gem3d.training import STAGES
-from privacy.audit import AuditSettings, membership_inference, memorization_audit, write_report
+from privacy.audit import AuditSettings, check_reference, membership_inference, memorization_audit, write_report
 
 NAME = "audit"
-HELP = "memorization audit: flag synthetic volumes that copy training volumes; membership-inference AUC"
+HELP = "memorization audit: flag synthetic volumes (or slices) that copy training data; membership inference"
 EXIT_COPIES = 3
 
 
@@ -46,26 +59,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mia-stage", choices=STAGES, default="volume", help="which stage of a run folder the MIA attacks"
     )
-    parser.add_argument("--mia-draws", type=int, default=8, help="seeded noisings per case for the MIA loss")
-    parser.add_argument("--quantile", type=float, default=0.05, help="low quantile of holdout NN distances")
-    parser.add_argument("--margin", type=float, default=0.5, help="threshold = margin x that quantile")
-    parser.add_argument("--grid", type=int, default=32, help="volumes are compared on a GRID^3 grid")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random feature network and MIA noise")
+    parser.add_argument(
+        "--mia-draws", type=positive_int, default=8, help="seeded noisings per case and timestep for the MIA (>= 1)"
+    )
+    parser.add_argument(
+        "--quantile", type=fraction, default=0.05, help="low quantile of holdout NN distances (strictly 0..1)"
+    )
+    parser.add_argument("--margin", type=positive_float, default=0.5, help="threshold = margin x that quantile (> 0)")
+    parser.add_argument(
+        "--min-reference",
+        type=positive_int,
+        help="holdout cases needed to set the threshold (default: ceil(1 / quantile))",
+    )
+    parser.add_argument("--grid", type=grid_size, default=32, help="volumes are compared on a GRID^3 grid (8..128)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the feature network, MIA noise and bootstrap")
     add_track_option(parser)
 
 
 def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
-    """The report's figures as MLflow metrics: copies, thresholds, NN-distance summaries, MIA.
+    """The report's figures as MLflow metrics: copies, thresholds, NN-distance summaries (where it has them), MIA.
 
-    Keys: ``copies``, ``copy_fraction``, ``threshold.<space>``, ``nn_synthetic.<space>.<stat>``,
-    ``nn_reference.<space>.<stat>`` (stat: min, the quantile, median, max) and ``mia.<figure>``.
+    Keys: ``copies``, ``volume_copies``, ``slice_copies``, ``copy_fraction``, ``volumes.<set>``,
+    ``threshold.<space>``, ``nn_synthetic.<space>.<stat>``, ``nn_reference.<space>.<stat>`` (the
+    stats the report holds: the quantile and median; min and max in an unpublished report) and
+    ``mia.<figure>`` (its scalar figures).
     """
     metrics: dict[str, float] = {"copies": report["copies"], "copy_fraction": report["copy_fraction"]}
+    for key in ("volume_copies", "slice_copies", "volumes_with_copied_slices"):
+        if key in report:
+            metrics[key] = report[key]
     metrics.update({f"volumes.{k}": v for k, v in report["counts"].items()})
-    metrics.update({f"threshold.{space}": v for space, v in report["thresholds"].items()})
+    metrics.update({f"threshold.{space}": v for space, v in report.get("thresholds", {}).items()})
     for which in ("synthetic", "reference"):
-        for space, summary in report[f"{which}_nn"].items():
-            metrics.update({f"nn_{which}.{space}.{stat}": v for stat, v in summary.items()})
+        for space, summary in report.get(f"{which}_nn", {}).items():
+            metrics.update({f"nn_{which}.{space}.{stat}": v for stat, v in (summary or {}).items()})
     mia = report["membership_inference"] or {}
     metrics.update({f"mia.{k}": v for k, v in mia.items() if isinstance(v, int | float) and not isinstance(v, bool)})
     return metrics
@@ -73,6 +100,13 @@ def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    settings = AuditSettings(
+        grid=(args.grid,) * 3,
+        quantile=args.quantile,
+        margin=args.margin,
+        min_reference=args.min_reference,
+        feature_seed=args.seed,
+    )
     model = None
     checkpoints = {}
     if args.checkpoint is not None:
@@ -83,10 +117,10 @@ def run(args: argparse.Namespace) -> int:
         checkpoints[args.mia_stage] = file_sha256(path)
     else:
         cfg = load_cli_config(args)
-    settings = AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin, feature_seed=args.seed)
+    holdout = load_volumes(args.holdout, cfg.data)
+    check_reference(settings, len(holdout), "holdout")  # before the expensive part
     synthetic = load_volumes(args.synthetic, cfg.data)
     train = load_volumes(args.train, cfg.data)
-    holdout = load_volumes(args.holdout, cfg.data)
     with tracked(args, NAME, cfg, started, checkpoints) as run_log:
         result = memorization_audit(synthetic, train, holdout, settings)
         if model is not None:
@@ -95,11 +129,18 @@ def run(args: argparse.Namespace) -> int:
         report, png = write_report(result, args.out)
         figures = audit_metrics(result.report())
         run_log.finish(None, figures, [(report, None), (png, None)], {"audit.passed": result.passed})
-    mia_text = f", membership-inference AUC {result.mia['auc']:.3f}" if result.mia else ""
+    mia = result.mia
+    mia_text = (
+        f", membership-inference AUC {mia['auc']:.3f} (95% CI {mia['auc_ci95'][0]:.2f}-{mia['auc_ci95'][1]:.2f})"
+        if mia
+        else ""
+    )
     if result.copies:
+        verdict = result.verdict()
         print(
             f"gem3d audit: {len(result.copies)} of {len(synthetic)} synthetic volumes copy training volumes "
-            f"({', '.join(result.copies[:5])}{' ...' if len(result.copies) > 5 else ''}); report: {report}",
+            f"({', '.join(result.copies[:5])}{' ...' if len(result.copies) > 5 else ''}): "
+            f"{verdict['volume_copies']} as whole volumes, {verdict['slice_copies']} copied slices; report: {report}",
             file=sys.stderr,
         )
         return EXIT_COPIES

@@ -25,7 +25,16 @@ import nibabel as nib
 import numpy as np
 
 from experiments.commands.audit import audit_metrics
-from experiments.commands.common import add_track_argument, default_store, open_tracker
+from experiments.commands.common import (
+    add_track_argument,
+    default_store,
+    fraction,
+    grid_size,
+    nonnegative_int,
+    open_tracker,
+    positive_float,
+    positive_int,
+)
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
@@ -42,7 +51,7 @@ MAX_PREVIEWS = 8  # previews logged to MLflow: enough to eyeball a release, few 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
     parser.add_argument("--data", required=True, type=Path, help="the site's training data (nnU-Net v2 raw)")
-    parser.add_argument("--per-case", type=int, default=1, help="new pairs per case (default 1)")
+    parser.add_argument("--per-case", type=positive_int, default=1, help="new pairs per case (default 1)")
     parser.add_argument(
         "--mask-edit",
         default="rotate:45,elastic:10",
@@ -55,16 +64,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.5,
         help="refuse when more than this fraction of released masks link back to their source (default 0.5)",
     )
-    parser.add_argument("--min-mask-edits", type=int, default=1, help="edits that must change each mask")
+    parser.add_argument("--min-mask-edits", type=nonnegative_int, default=1, help="edits that must change each mask")
     parser.add_argument("--holdout", type=Path, help="real cases the model never saw, for the audit's reference")
     parser.add_argument(
         "--allow-non-dp",
         action="store_true",
         help="release from a model with a stage trained on private data without DP-SGD (no formal guarantee)",
     )
-    parser.add_argument("--quantile", type=float, default=0.05, help="audit: low quantile of reference NN distances")
-    parser.add_argument("--margin", type=float, default=0.5, help="audit: copy threshold = margin x that quantile")
-    parser.add_argument("--grid", type=int, default=32, help="audit: volumes are compared on a GRID^3 grid")
+    parser.add_argument(
+        "--audit-sites",
+        type=Path,
+        help="federated audit: the data root of the sites that trained the model (site_0, site_1, ...); every "
+        "site audits the candidates against its own patients in a Flower audit round (simulated on this machine)",
+    )
+    parser.add_argument(
+        "--allow-single-site-audit",
+        action="store_true",
+        help="release a model trained at several sites after auditing only --data's patients (no check of the others)",
+    )
+    parser.add_argument(
+        "--quantile", type=fraction, default=0.05, help="audit: low quantile of reference NN distances (0..1)"
+    )
+    parser.add_argument(
+        "--margin", type=positive_float, default=0.5, help="audit: copy threshold = margin x that quantile"
+    )
+    parser.add_argument("--grid", type=grid_size, default=32, help="audit: volumes are compared on a GRID^3 grid")
+    parser.add_argument(
+        "--min-reference",
+        type=positive_int,
+        help="audit: reference cases needed to certify (default: enough for the quantile, ceil(1 / quantile))",
+    )
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")
     add_track_argument(parser, "OUT/../mlflow")
 
@@ -74,8 +103,24 @@ def run(args: argparse.Namespace) -> int:
     if not 0.0 <= args.max_linkage_rate <= 1.0:
         raise ConfigError(f"--max-linkage-rate {args.max_linkage_rate:g}: expected a fraction within 0..1")
     policy = ReleasePolicy(
-        min_mask_edits=args.min_mask_edits, require_dp=not args.allow_non_dp, max_linkage_rate=args.max_linkage_rate
+        min_mask_edits=args.min_mask_edits,
+        require_dp=not args.allow_non_dp,
+        max_linkage_rate=args.max_linkage_rate,
+        audit_every_site=not args.allow_single_site_audit,
     )
+    settings = AuditSettings(
+        grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin, min_reference=args.min_reference
+    )
+    site_audit = None
+    if args.audit_sites is not None:
+        from server.audit import simulate_audit_round, site_folders
+
+        site_folders(args.audit_sites)  # checked before any work
+        root, cfg = args.audit_sites, synth.cfg
+
+        def site_audit(candidates: list[np.ndarray]) -> list[dict[str, Any]]:
+            return simulate_audit_round(candidates, root, cfg, settings)
+
     bars = ProgressBars([])
     try:
         result = release_dataset(
@@ -87,9 +132,10 @@ def run(args: argparse.Namespace) -> int:
             policy=policy,
             privacy_statement=model_statement(args.checkpoint),
             holdout=args.holdout,
-            audit_settings=AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin),
+            audit_settings=settings,
             seed=args.seed,
             on_progress=bars,
+            site_audit=site_audit,
         )
     finally:
         bars.close()
@@ -100,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
             _track(tracker, args, result)
     epsilon = result.report["differential_privacy"]["epsilon"]
     privacy_text = f"ε = {epsilon:.3f}" if epsilon is not None else "no DP guarantee (--allow-non-dp)"
-    print(f"released {result.cases} cases to {result.out} ({privacy_text}; audit passed)")
+    federated = result.report.get("federated_audit", {})
+    audited = f"audit passed at {len(federated['sites'])} sites" if federated.get("run") else "audit passed"
+    print(f"released {result.cases} cases to {result.out} ({privacy_text}; {audited})")
     return 0
 
 

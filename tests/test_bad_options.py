@@ -1,0 +1,63 @@
+"""Numeric options are range-checked before any work: one line naming the option and the valid range (issue 13)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from experiments.cli import main
+
+SAMPLE = ["sample", "--checkpoint", "run", "--mask", "m.nii.gz", "--informed", "generate", "--out", "x.nii.gz"]
+BAD = [
+    ([*SAMPLE, "--steps", "0"], "--steps", ">= 1"),
+    ([*SAMPLE, "--steps", "-1"], "--steps", ">= 1"),
+    ([*SAMPLE, "--steps", "two"], "--steps", "not an integer"),
+    ([*SAMPLE, "--seed", str(2**70)], "--seed", "0..2**63-1"),
+    ([*SAMPLE, "--seed", "-3"], "--seed", "0..2**63-1"),
+    (["enhance", "--checkpoint", "r", "--data", "d", "--out", "o", "--per-case", "0"], "--per-case", ">= 1"),
+    (["release", "--checkpoint", "r", "--data", "d", "--out", "o", "--per-case", "-1"], "--per-case", ">= 1"),
+    (["release", "--checkpoint", "r", "--data", "d", "--out", "o", "--quantile", "2"], "--quantile", "between 0 and 1"),
+    (["release", "--checkpoint", "r", "--data", "d", "--out", "o", "--grid", "4096"], "--grid", "8..128"),
+    (["release", "--checkpoint", "r", "--data", "d", "--out", "o", "--margin", "0"], "--margin", "> 0"),
+    (["release", "--checkpoint", "r", "--data", "d", "--out", "o", "--min-reference", "0"], "--min-reference", ">= 1"),
+    (["train", "--config", "tiny", "--stage", "slice", "--data", "d", "--out", "o", "--steps", "0"], "--steps", ">= 1"),
+    (["demo-data", "--out", "o", "--sites", "0"], "--sites", ">= 1"),
+    (["demo-data", "--out", "o", "--test-per-site", "-1"], "--test-per-site", ">= 0"),
+    (["evaluate", "--checkpoint", "r", "--data", "d", "--out", "o.json", "--threads", "0"], "--threads", ">= 1"),
+]
+
+
+@pytest.mark.parametrize(("argv", "option", "valid"), BAD, ids=[f"{a[0]} {a[-2]} {a[-1]}" for a, _, _ in BAD])
+def test_a_bad_number_is_one_line_naming_the_option_and_range(
+    argv: list[str],
+    option: str,
+    valid: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert option in err and valid in err, err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("steps", ["5000", "1001"])
+def test_more_sampler_steps_than_training_timesteps_is_refused_before_sampling(
+    micro_run: Path, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], steps: str
+) -> None:
+    mask = phantom_dir / "labelsTr" / "phantom_001.nii.gz"
+    argv = ["sample", "--checkpoint", micro_run, "--mask", mask, "--informed", "generate", "--steps", steps]
+    code = main([str(a) for a in argv] + ["--out", str(tmp_path / "x.nii.gz"), "--track", "off"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--steps {steps}: expected 1.." in err
+    assert list(tmp_path.iterdir()) == []
