@@ -75,6 +75,8 @@ def lowest_quantile(cases: int) -> float:
     its audits use the lowest quantile they can honestly place, and their reports say which.
     """
     return math.ceil(100 / cases) / 100
+
+
 PRETRAIN_SET = "privacy.enabled=false train.batch_size=4 train.lr=1e-3"
 
 
