@@ -247,3 +247,23 @@ def test_an_output_on_a_read_only_file_system_is_refused_before_any_work(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "Traceback" not in err
     assert "--out /proc/gem3d-test/x.nii.gz: cannot write in /proc" in err
+
+
+def test_a_mask_with_label_ids_the_model_was_not_trained_on_is_refused_by_name(
+    run: Path, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # prepare: a phantom mask with one tissue relabelled 7 (the model knows ids 0..3)
+    source = nib.load(phantom_dir / "labelsTr" / "phantom_001.nii.gz")
+    label = np.asarray(source.dataobj).copy()
+    label[label == 2] = 7
+    mask = tmp_path / "mask7.nii.gz"
+    nib.save(nib.Nifti1Image(label, source.affine), mask)
+
+    code = _gem3d(
+        "sample", "--checkpoint", run, "--mask", mask, "--informed", "generate", "--out", tmp_path / "x.nii.gz"
+    )
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert str(mask) in err and "unexpected label values [7]" in err
+    assert not (tmp_path / "x.nii.gz").exists()

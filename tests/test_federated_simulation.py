@@ -167,7 +167,7 @@ def test_run_config_maps_onto_the_gem3d_config(tmp_path: Path) -> None:
     run_config = {
         "config": "tiny",
         "out-dir": str(tmp_path / "run"),
-        "set": "model.channels=8,16 train.lr=0.01",
+        "set": "model.channels=8,16 model.attention_levels=false,true train.lr=0.01",
         "federation.strategy": "krum",
     }
     settings = ServerSettings.from_run_config(run_config)
