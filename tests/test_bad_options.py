@@ -61,3 +61,18 @@ def test_more_sampler_steps_than_training_timesteps_is_refused_before_sampling(
     assert code == 2 and len(err.splitlines()) == 1
     assert f"--steps {steps}: expected 1.." in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("existing", ["audit.json", "audit.png"])
+def test_gem3d_audit_never_overwrites_its_report_or_histogram(
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], existing: str
+) -> None:
+    (tmp_path / existing).write_text("keep me")
+    data = str(phantom_dir)
+
+    out = str(tmp_path / "audit.json")
+    code = main(["audit", "--synthetic", data, "--train", data, "--holdout", data, "--out", out, "--track", "off"])
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "already exists" in err
+    assert (tmp_path / existing).read_text() == "keep me"

@@ -27,6 +27,7 @@ from typing import Any
 from experiments.commands.common import (
     add_config_argument,
     add_track_option,
+    check_new_outputs,
     fraction,
     grid_size,
     load_cli_config,
@@ -37,7 +38,7 @@ from experiments.commands.common import (
 )
 from gem3d.checkpoint import file_sha256
 from gem3d.data.dataset import load_volumes
-from gem3d.errors import CheckpointError
+from gem3d.errors import CheckpointError, DataError
 from gem3d.runs import load_model, stage_path
 from gem3d.training import STAGES
 from privacy.audit import AuditSettings, check_reference, membership_inference, memorization_audit, write_report
@@ -62,18 +63,38 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--mia-draws", type=positive_int, default=8, help="seeded noisings per case and timestep for the MIA (>= 1)"
     )
+    add_copy_rule_arguments(parser)
+    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the feature network, MIA noise and bootstrap")
+    add_track_option(parser)
+
+
+def add_copy_rule_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """The copy rule's options (``--quantile``, ``--margin``, ``--min-reference``, ``--grid``): audit and release."""
     parser.add_argument(
-        "--quantile", type=fraction, default=0.05, help="low quantile of holdout NN distances (strictly 0..1)"
+        "--quantile", type=fraction, default=0.05, help=f"{prefix}low quantile of reference NN distances (0..1)"
     )
-    parser.add_argument("--margin", type=positive_float, default=0.5, help="threshold = margin x that quantile (> 0)")
+    parser.add_argument(
+        "--margin", type=positive_float, default=0.5, help=f"{prefix}copy threshold = margin x that quantile (> 0)"
+    )
     parser.add_argument(
         "--min-reference",
         type=positive_int,
-        help="holdout cases needed to set the threshold (default: ceil(1 / quantile))",
+        help=f"{prefix}reference cases needed to certify (default: enough for the quantile, ceil(1 / quantile))",
     )
-    parser.add_argument("--grid", type=grid_size, default=32, help="volumes are compared on a GRID^3 grid (8..128)")
-    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the feature network, MIA noise and bootstrap")
-    add_track_option(parser)
+    parser.add_argument(
+        "--grid", type=grid_size, default=32, help=f"{prefix}volumes are compared on a GRID^3 grid (8..128)"
+    )
+
+
+def copy_rule_settings(args: argparse.Namespace, seed: int = 0) -> AuditSettings:
+    """``AuditSettings`` from the options of ``add_copy_rule_arguments``."""
+    return AuditSettings(
+        grid=(args.grid,) * 3,
+        quantile=args.quantile,
+        margin=args.margin,
+        min_reference=args.min_reference,
+        feature_seed=seed,
+    )
 
 
 def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
@@ -100,13 +121,10 @@ def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
-    settings = AuditSettings(
-        grid=(args.grid,) * 3,
-        quantile=args.quantile,
-        margin=args.margin,
-        min_reference=args.min_reference,
-        feature_seed=args.seed,
-    )
+    if args.out.suffix != ".json":
+        raise DataError(f"--out {args.out}: the report must be a .json file")
+    check_new_outputs([args.out, args.out.with_suffix(".png")])
+    settings = copy_rule_settings(args, args.seed)
     model = None
     checkpoints = {}
     if args.checkpoint is not None:

@@ -24,22 +24,18 @@ from typing import Any
 import nibabel as nib
 import numpy as np
 
-from experiments.commands.audit import audit_metrics
+from experiments.commands.audit import add_copy_rule_arguments, audit_metrics, copy_rule_settings
 from experiments.commands.common import (
     add_track_argument,
     default_store,
-    fraction,
-    grid_size,
     nonnegative_int,
     open_tracker,
-    positive_float,
     positive_int,
 )
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
 from gem3d.errors import ConfigError
-from privacy.audit import AuditSettings
 from privacy.model_privacy import model_statement
 from privacy.release import ReleasePolicy, ReleaseResult, release_dataset
 
@@ -82,18 +78,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="release a model trained at several sites after auditing only --data's patients (no check of the others)",
     )
-    parser.add_argument(
-        "--quantile", type=fraction, default=0.05, help="audit: low quantile of reference NN distances (0..1)"
-    )
-    parser.add_argument(
-        "--margin", type=positive_float, default=0.5, help="audit: copy threshold = margin x that quantile"
-    )
-    parser.add_argument("--grid", type=grid_size, default=32, help="audit: volumes are compared on a GRID^3 grid")
-    parser.add_argument(
-        "--min-reference",
-        type=positive_int,
-        help="audit: reference cases needed to certify (default: enough for the quantile, ceil(1 / quantile))",
-    )
+    add_copy_rule_arguments(parser, "audit: ")
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")
     add_track_argument(parser, "OUT/../mlflow")
 
@@ -108,9 +93,7 @@ def run(args: argparse.Namespace) -> int:
         max_linkage_rate=args.max_linkage_rate,
         audit_every_site=not args.allow_single_site_audit,
     )
-    settings = AuditSettings(
-        grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin, min_reference=args.min_reference
-    )
+    settings = copy_rule_settings(args)
     site_audit = None
     if args.audit_sites is not None:
         from server.audit import simulate_audit_round, site_folders
