@@ -409,7 +409,11 @@ def summary_lines(state: DemoState) -> list[str]:
         )
         mia = audit.get("membership_inference") or {}
         if mia:
-            rows.append(("membership-inference AUC (0.5 = no signal)", _fmt(mia.get("auc"))))
+            low, high = mia.get("auc_ci95") or (None, None)
+            interval = (
+                f" (95% CI {_fmt(low, 2)}-{_fmt(high, 2)}, {mia.get('train_cases')} vs {mia.get('holdout_cases')})"
+            )
+            rows.append(("membership-inference AUC (0.5 = no signal)", _fmt(mia.get("auc")) + interval))
     de = s.get("deenhance", {})
     if de:
         before, after = de["site_spread_before"]["mean"], de["site_spread_after"]["mean"]
