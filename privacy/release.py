@@ -633,7 +633,7 @@ def release_dataset(
         privacy_statement: the model's privacy statement (``privacy.model_privacy.model_statement``).
         holdout: real cases the model never saw, the audit's reference.
         seed: seeds the generation.
-        site_audit: the federated audit round (``SiteAudit``; ``server.audit.simulate_audit_round``).
+        site_audit: the federated audit round (``SiteAudit``; ``experiments.simulation.simulate_audit_round``).
     Returns:
         the published folder, its case count and its privacy report.
     Raises:

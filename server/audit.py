@@ -14,8 +14,8 @@ refused release has shown its candidates to the federation's sites (not to anyon
 
 Deployment: a ServerApp run with run config ``audit-candidates`` (an ``.npz`` of ``[D, H, W]``
 float32 arrays) runs this round instead of training and writes the verdicts to ``audit-verdicts``
-(``server/app.py``). On one machine, ``simulate_audit_round`` runs it as a Flower simulation,
-one SuperNode per site folder (``gem3d release --audit-sites``).
+(``server/app.py``). On one machine, ``experiments.simulation.simulate_audit_round`` runs it as a
+Flower simulation, one SuperNode per site folder (``gem3d release --audit-sites``).
 """
 
 from __future__ import annotations
@@ -108,30 +108,6 @@ def site_folders(data_root: Path) -> list[Path]:
 def _site_number(name: str) -> int:
     suffix = name.removeprefix("site_")
     return int(suffix) if suffix.isdigit() else 1 << 30
-
-
-def simulate_audit_round(
-    candidates: Sequence[np.ndarray], data_root: Path, cfg: Config, settings: AuditSettings
-) -> list[dict[str, Any]]:
-    """The audit round as a Flower simulation on this machine: one SuperNode per ``site_*`` folder of ``data_root``.
-
-    Returns:
-        one verdict per site (``client.task.audit_round``), ``site`` named ``site_<index>``.
-    """
-    from flwr.simulation import run_simulation
-
-    from client.app import app as client_app
-
-    sites = len(site_folders(data_root))
-    verdicts: list[dict[str, Any]] = []
-    server = create_audit_app(candidates, audit_record(cfg, settings, data_root.resolve()), sites, verdicts)
-    backend = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
-    run_simulation(server_app=server, client_app=client_app, num_supernodes=sites, backend_config=backend)
-    if len(verdicts) < sites:  # the server app stopped early: every missing site fails
-        verdicts += [{"site": "unknown", "passed": False, "reason": "the audit round stopped"}] * (
-            sites - len(verdicts)
-        )
-    return verdicts
 
 
 def load_candidates(path: Path) -> list[np.ndarray]:

@@ -15,7 +15,7 @@ FORBIDDEN = {
     "gem3d": ("flwr", "opacus", "mlflow", "privacy", "client", "server", "experiments"),
     "privacy": ("flwr", "mlflow", "client", "server", "experiments"),
     "client": ("server", "mlflow", "experiments"),
-    "server": ("client.task", "opacus"),
+    "server": ("client", "opacus"),
 }
 
 

@@ -14,6 +14,7 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+from experiments.simulation import simulate_audit_round
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
@@ -21,7 +22,6 @@ from privacy.audit import AuditSettings
 from privacy.errors import ReleaseRefusedError
 from privacy.model_privacy import site_entry, stage_record, statement
 from privacy.release import GeneratedCase, ReleasePolicy, check_site_verdicts, release_cohort
-from server.audit import simulate_audit_round
 
 SHAPE = (16, 16, 12)
 # six patients per site: leave-one-out gives six reference distances, enough for the 0.2 quantile

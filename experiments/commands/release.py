@@ -96,7 +96,8 @@ def run(args: argparse.Namespace) -> int:
     settings = copy_rule_settings(args)
     site_audit = None
     if args.audit_sites is not None:
-        from server.audit import simulate_audit_round, site_folders
+        from experiments.simulation import simulate_audit_round
+        from server.audit import site_folders
 
         site_folders(args.audit_sites)  # checked before any work
         root, cfg = args.audit_sites, synth.cfg
