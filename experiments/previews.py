@@ -48,10 +48,10 @@ def triplanar_png(
     rows = [("synthetic", image, None), ("synthetic + mask", image, label)]
     if real is not None:
         rows.append(("real", real, None))
-    low, high = np.percentile(image, (1, 99))
     aspects = [spacing[1] / spacing[0], spacing[2] / spacing[0], spacing[2] / spacing[1]]
     figure, axes = plt.subplots(len(rows), 3, figsize=(7.5, 2.6 * len(rows)), squeeze=False)
     for row, (name, volume, overlay) in enumerate(rows):
+        low, high = np.percentile(volume, (1, 99))  # each row on its own range: real and synthetic scales differ
         masks = _views(overlay, centre) if overlay is not None else [None] * 3
         for col, (plane, mask, aspect) in enumerate(zip(_views(volume, centre), masks, aspects, strict=True)):
             ax = axes[row][col]
