@@ -14,7 +14,7 @@ from opacus.validators import ModuleValidator
 from gem3d.config import Config, PrivacyConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.errors import ConfigError
 from gem3d.runs import build_model, load_model, train_stage
 from gem3d.training import DenoisingInputs, draw_inputs, freeze_for_stage, new_state, per_sample_loss
@@ -80,7 +80,7 @@ def _model_with_gradients(cfg: Config, stage: str) -> torch.nn.Module:
 def _inputs(cfg: Config, phantom_dir: Path, model: torch.nn.Module, stage: str, indices: list[int]) -> DenoisingInputs:
     return draw_inputs(
         model,
-        train_scheduler(cfg.diffusion),
+        noise_process(cfg.diffusion),
         WindowSource(load_volumes(phantom_dir, cfg.data), cfg.data.window),
         indices,
         stage,  # type: ignore[arg-type]
@@ -215,7 +215,7 @@ def test_dp_training_with_opacus_hooks_leaves_a_plain_module(
 
     metrics = train_private(
         new_state(model, cfg.train),
-        train_scheduler(cfg.diffusion),
+        noise_process(cfg.diffusion),
         WindowSource(volumes, cfg.data.window),
         "volume",
         2,
@@ -251,7 +251,7 @@ def test_over_budget_training_is_refused_before_any_step(micro_cfg: Config, phan
     with pytest.raises(PrivacyBudgetError, match="over the budget"):
         train_private(
             state,
-            train_scheduler(cfg.diffusion),
+            noise_process(cfg.diffusion),
             WindowSource(volumes, cfg.data.window),
             "slice",
             50,
@@ -298,16 +298,17 @@ def test_empty_poisson_batches_are_noise_steps_and_accounted(
 
     train_private(
         state,
-        train_scheduler(cfg.diffusion),
+        noise_process(cfg.diffusion),
         WindowSource(volumes, cfg.data.window),
         "volume",
-        6,
+        24,
         cfg.train,
         lambda metrics: sizes.append(metrics["batch_size"]),
         privacy_cfg=cfg.privacy,
         ledger=ledger,
     )
 
-    assert 0.0 in sizes and len(sizes) == 6  # seeded: at least one empty batch among the six
-    assert ledger.history == [(1.0, 0.25, 6)]
+    # the Poisson sample is secret (not seeded): P(a step is empty) = 0.75**4, P(none of 24) < 2e-4
+    assert 0.0 in sizes and len(sizes) == 24
+    assert ledger.history == [(1.0, 0.25, 24)]
     assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if p.requires_grad)
