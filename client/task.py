@@ -47,7 +47,7 @@ from gem3d.config import Config, PrivacyConfig, config_from_dict
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import build_model
@@ -384,10 +384,10 @@ def train_round(
     hooks = _proximal_hooks(model, job.proximal_mu) if job.proximal_mu > 0 else []
     source = WindowSource(volumes, job.cfg.data.window, job.cfg.train.informed_from)
     train_fn = train_fn_for(site, job, privacy_cfg)
-    scheduler = train_scheduler(job.cfg.diffusion)
+    process = noise_process(job.cfg.diffusion)
     trained = time.perf_counter()
     try:
-        metrics = train_fn(state, scheduler, source, job.stage, job.local_steps, job.cfg.train, None)
+        metrics = train_fn(state, process, source, job.stage, job.local_steps, job.cfg.train, None)
     finally:
         for hook in hooks:
             hook.remove()

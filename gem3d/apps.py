@@ -21,14 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.networks.schedulers import DDIMScheduler
 
 from gem3d.checkpoint import file_sha256, library_versions
 from gem3d.config import Config
 from gem3d.data.geometry import CaseGeometry, ModelGridCase, mask_to_model_grid, to_model_grid, to_original_grid
 from gem3d.data.layouts import check_case_headers, discover, read_case
 from gem3d.data.nifti import read_image, save_nifti
-from gem3d.diffusion import sample_scheduler
+from gem3d.diffusion import Sampler, make_sampler
 from gem3d.errors import CheckpointError, DataError
 from gem3d.files import work_folder_beside, write_json
 from gem3d.informed import (
@@ -56,7 +55,7 @@ class Synthesiser:
     volume_model: SliceDenoiser
     informed_model: InformedSliceGenerator | None
     cfg: Config
-    scheduler: DDIMScheduler
+    sampler: Sampler
     checkpoints: dict[str, str]
 
     def provenance(self, **fields: Any) -> dict[str, Any]:
@@ -65,7 +64,7 @@ class Synthesiser:
             **fields,
             "checkpoints": self.checkpoints,
             "config": self.cfg.model_dump(mode="json"),
-            "sampler": {"steps": len(self.scheduler.timesteps), "overlap": self.cfg.sampler.overlap},
+            "sampler": {"steps": len(self.sampler.timesteps), "overlap": self.cfg.sampler.overlap},
             "versions": library_versions(),
         }
 
@@ -99,8 +98,8 @@ def load_synthesiser(checkpoint: str | Path, device: str | None = None, steps: i
         assert isinstance(generator, InformedSliceGenerator)
         informed_model = generator.to(target)
         checkpoints["informed"] = file_sha256(informed_path)
-    scheduler = sample_scheduler(cfg.diffusion, steps)
-    return Synthesiser(model.to(target), informed_model, cfg, scheduler, checkpoints)
+    sampler = make_sampler(cfg.diffusion, steps)
+    return Synthesiser(model.to(target), informed_model, cfg, sampler, checkpoints)
 
 
 @dataclass(frozen=True)
@@ -125,12 +124,11 @@ def run_jobs(synth: Synthesiser, jobs: Sequence[Job], on_progress: OnProgress | 
     cfg = synth.cfg
     return sample_volumes(
         synth.volume_model,
-        synth.scheduler,
+        synth.sampler,
         requests,
         cfg.data.window,
         cfg.sampler.overlap,
         cfg.sampler.batch_volumes,
-        cfg.diffusion.eta,
         on_progress,
     )
 
@@ -154,7 +152,7 @@ def generated_informed(
     """Informed slices from the run's generator; a clear error if the run has none."""
     if synth.informed_model is None:
         raise CheckpointError("this checkpoint has no informed-slice generator (train --stage informed first)")
-    return generated_slices(synth.informed_model, synth.scheduler, masks, starts, seeds)
+    return generated_slices(synth.informed_model, synth.sampler, masks, starts, seeds)
 
 
 def default_intensity(synth: Synthesiser) -> tuple[float, float]:

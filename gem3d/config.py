@@ -151,18 +151,38 @@ class InformedModelConfig(UNetConfig):
 
 
 class DiffusionConfig(_Frozen):
-    """Noise schedule and sampler, built from ``monai.networks.schedulers``. Not model state."""
+    """Noising process, schedule and sampler (``gem3d.diffusion``). Not model state."""
 
+    process: Literal["ddpm", "rflow"] = Field(
+        "ddpm", description="ddpm: beta schedule, sampled with DDIM; rflow: rectified flow, sampled with Euler steps"
+    )
     num_train_timesteps: int = Field(1000, ge=2)
     schedule: Literal["linear_beta", "scaled_linear_beta", "sigmoid_beta", "cosine"] = "scaled_linear_beta"
     beta_start: float = Field(0.0015, gt=0)
     beta_end: float = Field(0.0195, gt=0)
-    prediction_type: Literal["epsilon", "v_prediction", "sample"] = "epsilon"
+    prediction_type: Literal["epsilon", "v_prediction", "sample"] = Field(
+        "epsilon", description="what the network predicts; rflow needs v_prediction (the velocity x0 - noise)"
+    )
+    loss_weighting: Literal["uniform", "min_snr"] = Field(
+        "uniform", description="min_snr: Min-SNR-gamma loss weights (Hang et al. 2023), ddpm only"
+    )
+    min_snr_gamma: float = Field(5.0, gt=0)
     inference_steps: int = Field(20, ge=1)
     eta: float = Field(0.0, ge=0.0, le=1.0, description="DDIM eta: 0 is deterministic given the initial noise")
 
     @model_validator(mode="after")
     def _schedule_is_consistent(self) -> Self:
+        if self.process == "rflow":
+            if self.prediction_type != "v_prediction":
+                raise FieldError(
+                    "prediction_type",
+                    f"'{self.prediction_type}' with process = 'rflow': rectified flow predicts the velocity, "
+                    "set prediction_type = 'v_prediction'",
+                )
+            if self.loss_weighting != "uniform":
+                raise FieldError("loss_weighting", f"'{self.loss_weighting}' applies to process = 'ddpm' only")
+            if self.eta > 0:
+                raise FieldError("eta", f"{self.eta}: rectified flow samples deterministically, set eta = 0")
         if self.inference_steps > self.num_train_timesteps:
             raise FieldError(
                 "inference_steps",
@@ -249,6 +269,13 @@ class FederationConfig(_Frozen):
     proximal_mu: float = Field(0.01, ge=0)
     min_clients: int = Field(1, ge=1)
     fraction_train: float = Field(1.0, gt=0, le=1)
+    ema_decay: float | None = Field(
+        None,
+        ge=0,
+        lt=1,
+        description="per-round EMA decay of the global weights (with warm-up); default train.ema_decay ** "
+        "local_steps, the horizon in local steps of centralized training",
+    )
 
 
 class Config(_Frozen):

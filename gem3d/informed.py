@@ -19,10 +19,10 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-from monai.networks.schedulers import DDIMScheduler
 
 from gem3d.config import DataConfig
 from gem3d.data.geometry import CaseGeometry, ModelGridCase, intensity_range
+from gem3d.diffusion import Sampler
 from gem3d.errors import DataError
 from gem3d.networks import InformedSliceGenerator
 from gem3d.sampler import InformedSlice, generate_informed_slices
@@ -135,7 +135,7 @@ def read_slice_file(path: Path, cfg: DataConfig) -> tuple[InformedSlice, tuple[f
 
 def generated_slices(
     model: InformedSliceGenerator,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     masks: list[np.ndarray],
     starts: list[int],
     seeds: list[int],
@@ -144,7 +144,7 @@ def generated_slices(
     positions = [start / max(mask.shape[0] - 1, 1) for mask, start in zip(masks, starts, strict=True)]
     mask_slices = [mask[start] for mask, start in zip(masks, starts, strict=True)]
     size = (int(masks[0].shape[1]), int(masks[0].shape[2]))
-    images = generate_informed_slices(model, scheduler, positions, mask_slices, seeds, size)
+    images = generate_informed_slices(model, sampler, positions, mask_slices, seeds, size)
     return [
         InformedSlice(image, mask_slice, "generate", {"position": round(position, 4), "seed": seed})
         for image, mask_slice, position, seed in zip(images, mask_slices, positions, seeds, strict=True)

@@ -28,7 +28,7 @@ from gem3d.checkpoint import (
 from gem3d.config import Config, config_from_dict
 from gem3d.data.volume import Volume, fingerprint
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.errors import CheckpointError, ConfigError
 from gem3d.files import write_json, writer_lock
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser
@@ -141,6 +141,19 @@ def load_model(
     model = build_model(stage, cfg)
     load_weights(model, subset(tensors, weights), f"{path} ({weights} weights)")
     return model.to(device).eval(), cfg, metadata
+
+
+def export_weights(source: str | Path, target: str | Path, **extra: Any) -> Path:
+    """Write ``source``'s EMA weights alone to ``target``: a small checkpoint to start from, not to resume.
+
+    Keeps ``ema.*`` and the metadata (stage, step, config, data fingerprint, privacy record), drops
+    the online weights, optimizer and generator; ``extra`` fields are added (e.g. a data recipe).
+    ``load_model``, ``--init`` and a federated run's ``init`` read it like any checkpoint.
+    """
+    tensors, metadata = load_checkpoint(source)
+    kept = {name: tensor for name, tensor in tensors.items() if name.startswith("ema.")}
+    fields = _without(metadata, ("optimizer", "format", "tensors_sha256", "metadata_sha256"))
+    return save_checkpoint(target, kept, {**fields, "weights_only": True, **extra})
 
 
 def state_tensors(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -321,7 +334,7 @@ def _train_stage(
         restore_state(state, tensors, metadata, str(path))
 
     source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    scheduler = train_scheduler(cfg.diffusion)
+    process = noise_process(cfg.diffusion)
     write_json(run / "config.json", cfg.model_dump(mode="json"))
     every = cfg.train.checkpoint_every
     metrics: dict[str, float] = {}
@@ -332,7 +345,7 @@ def _train_stage(
 
     while state.step < total:
         until = min(total, state.step + every) if every else total
-        metrics = train_fn(state, scheduler, source, stage, until, cfg.train, on_step)
+        metrics = train_fn(state, process, source, stage, until, cfg.train, on_step)
         checkpoint()
     if not path.exists():  # zero steps asked: still leave a loadable checkpoint
         checkpoint()

@@ -8,12 +8,13 @@ A volume of D slices is generated window by window in the model grid:
    each direction is aligned to the volume's end (D - W, or 0), and carries every slice already
    generated inside it, each at its true position (so it may carry more than h).
 3. A window's carried slices are imposed by replacement inpainting: before every sampler step
-   they are noised to *that step's* timestep with the scheduler's ``add_noise`` and written over
-   the window's state. (The reference implementation indexed the 1000-step alpha-bar table with
+   they are noised to *that step's* timestep (``Sampler.noisy``) and written over the window's
+   state. (The reference implementation indexed the 1000-step alpha-bar table with
    the DDIM step index, so its carried slices were nearly clean from the start.)
 4. The up and down chains are independent after the first window, so window k of both chains,
    for every volume of a batch, is denoised in one network call. Each volume has its own seeded
-   generator; the same seed gives the same bytes.
+   generator, drawn on the CPU for its initial noise, inpainting noise and (eta > 0) DDIM noise:
+   the same seed gives the same bytes on any device, whatever the volume's batch-mates.
 """
 
 from __future__ import annotations
@@ -24,8 +25,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from monai.networks.schedulers import DDIMScheduler
 
+from gem3d.diffusion import Sampler
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
 
 OnProgress = Callable[[int, int, int], None]
@@ -126,40 +127,37 @@ def default_start(mask: np.ndarray) -> int:
 @torch.no_grad()
 def sample_volumes(
     model: SliceDenoiser,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     requests: Sequence[SampleRequest],
     window: int,
     overlap: int,
     batch_volumes: int = 4,
-    eta: float = 0.0,
     on_progress: OnProgress | None = None,
 ) -> list[np.ndarray]:
     """Generate one volume per request.
 
     Args:
         model: the (inflated) denoiser, in eval mode, on its device.
-        scheduler: a DDIM scheduler with ``set_timesteps`` already called.
+        sampler: the reverse process (timesteps, eta).
         window: W; overlap: h.
         batch_volumes: volumes whose windows share a network batch.
-        eta: DDIM eta; 0 is deterministic given the initial noise.
     Returns:
         ``[D, H, W]`` float32 volumes in [-1, 1], in the order of ``requests``.
     """
     outputs: list[np.ndarray] = []
     for first in range(0, len(requests), batch_volumes):
         chunk = requests[first : first + batch_volumes]
-        outputs += _sample_chunk(model, scheduler, chunk, first, window, overlap, eta, on_progress)
+        outputs += _sample_chunk(model, sampler, chunk, first, window, overlap, on_progress)
     return outputs
 
 
 def _sample_chunk(
     model: SliceDenoiser,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     requests: Sequence[SampleRequest],
     offset: int,
     window: int,
     overlap: int,
-    eta: float,
     on_progress: OnProgress | None,
 ) -> list[np.ndarray]:
     device = next(model.parameters()).device
@@ -181,14 +179,13 @@ def _sample_chunk(
             group = [(i, w) for i, w in jobs if w.length == length]
             result = _denoise_windows(
                 model,
-                scheduler,
+                sampler,
                 known=torch.stack([volumes[i][w.start : w.stop] for i, w in group]).unsqueeze(1),
                 carried=[[z - w.start for z in w.carried] for _, w in group],
                 mask=torch.stack([masks[i][w.start : w.stop] for i, w in group]).long(),
                 informed=torch.stack([informed[i] for i, _ in group]),
                 informed_mask=torch.stack([informed_masks[i] for i, _ in group]),
                 generators=[generators[i] for i, _ in group],
-                eta=eta,
                 device=device,
             )
             for (i, w), slices in zip(group, result, strict=True):
@@ -201,17 +198,16 @@ def _sample_chunk(
 
 def _denoise_windows(
     model: SliceDenoiser,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     known: torch.Tensor,
     carried: list[list[int]],
     mask: torch.Tensor,
     informed: torch.Tensor,
     informed_mask: torch.Tensor,
     generators: list[torch.Generator],
-    eta: float,
     device: torch.device,
 ) -> torch.Tensor:
-    """Run the DDIM loop on N windows at once, inpainting their carried slices.
+    """Run the sampler loop on N windows at once, inpainting their carried slices.
 
     Args:
         known: ``[N, 1, L, H, W]`` already generated slices (valid where ``carried``).
@@ -220,33 +216,36 @@ def _denoise_windows(
     Returns:
         ``[N, 1, L, H, W]`` on the CPU, carried slices exactly as given.
     """
-    shape = known.shape[1:]
+    shape = tuple(known.shape[1:])
     carry = torch.zeros(known.shape, dtype=torch.bool)
     for n, indices in enumerate(carried):
         carry[n, :, indices] = True
     # Noise is drawn on the CPU from each volume's own generator: same seed, same bytes, any device.
-    x = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    x = _noise(generators, shape, device)
     cond = build_condition(mask.to(device), informed.to(device), informed_mask.to(device), model.num_labels, model.cfg)
     known_d, carry_d = known.to(device), carry.to(device)
     any_carried = any(carried)
-    for t in scheduler.timesteps:
+    for index, t in enumerate(sampler.timesteps):
         if any_carried:
             # 1. replacement inpainting: carried slices noised to this step's own timestep
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
-            timesteps = torch.full((known.shape[0],), int(t), dtype=torch.long, device=device)
-            x = torch.where(carry_d, scheduler.add_noise(known_d, noise, timesteps), x)
-        # 2. predict and step to the previous timestep
-        timesteps = torch.full((known.shape[0],), int(t), dtype=torch.long, device=device)
+            x = torch.where(carry_d, sampler.noisy(known_d, _noise(generators, shape, device), index), x)
+        # 2. predict and step to the noise level of the next timestep
+        timesteps = torch.full((known.shape[0],), t, dtype=torch.long, device=device)
         output = model(x, timesteps, cond)
-        x, _ = scheduler.step(output, int(t), x, eta=eta, generator=generators[0] if eta > 0 else None)
+        x = sampler.step(output, index, x, _noise(generators, shape, device) if sampler.stochastic else None)
     x = torch.where(carry_d, known_d, x).clamp(-1.0, 1.0)
     return x.cpu()
+
+
+def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """``[N, *shape]`` unit Gaussian noise, row n from ``generators[n]`` (on the CPU, then moved)."""
+    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
 
 
 @torch.no_grad()
 def generate_informed_slices(
     model: InformedSliceGenerator,
-    scheduler: DDIMScheduler,
+    sampler: Sampler,
     positions: Sequence[float],
     masks: Sequence[np.ndarray] | None,
     seeds: Sequence[int],
@@ -266,12 +265,13 @@ def generate_informed_slices(
     if model.cfg.condition_on_mask and masks is None:
         raise ValueError("this informed-slice generator is conditioned on the mask slice; pass masks")
     generators = [torch.Generator().manual_seed(s) for s in seeds]
-    x = torch.stack([torch.randn((1, *size), generator=g) for g in generators]).to(device)
+    x = _noise(generators, (1, *size), device)
     position = torch.tensor(list(positions), dtype=torch.float32, device=device)
     mask = None
     if masks is not None and model.cfg.condition_on_mask:
         mask = torch.from_numpy(np.stack(masks).astype(np.int64)).to(device)
-    for t in scheduler.timesteps:
-        timesteps = torch.full((x.shape[0],), int(t), dtype=torch.long, device=device)
-        x, _ = scheduler.step(model(x, timesteps, position, mask), int(t), x)
+    for index, t in enumerate(sampler.timesteps):
+        timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
+        output = model(x, timesteps, position, mask)
+        x = sampler.step(output, index, x, _noise(generators, (1, *size), device) if sampler.stochastic else None)
     return [s[0].clamp(-1.0, 1.0).cpu().numpy() for s in x]

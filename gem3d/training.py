@@ -18,14 +18,13 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from monai.networks.schedulers import DDPMScheduler
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gem3d.config import Config, TrainConfig
 from gem3d.data.volume import Volume
 from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
-from gem3d.diffusion import training_target
+from gem3d.diffusion import NoiseProcess, noise_process
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
 
 Stage = Literal["slice", "volume", "informed"]
@@ -48,13 +47,32 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def ema_copy(model: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
+    """An EMA of ``model``'s parameters: each ``update_parameters`` does ema = d ema + (1 - d) model.
+
+    The first update copies the model. With ``warmup``, update n (n >= 1 updates so far) uses
+    d = min(decay, (1 + n) / (10 + n)), so a short history (a few federated rounds) is not
+    dominated by its first, least trained, weights.
+    """
+    if not warmup:
+        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
+
+    Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
+
+    def update(averaged: Tensors, current: Tensors, count: torch.Tensor | int) -> None:
+        n = float(count)
+        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+
+    return AveragedModel(model, multi_avg_fn=update)
+
+
 def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None) -> TrainState:
     """AdamW over the model's trainable parameters, an EMA copy and a seeded generator.
 
     Which parameters train is the caller's choice (``requires_grad``), e.g. stage 2 freezes the base.
     """
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema_decay))
+    ema = ema_copy(model, cfg.ema_decay)
     generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
     return TrainState(model=model, ema=ema, optimizer=optimizer, generator=generator)
 
@@ -76,14 +94,6 @@ def travelling_names(model: nn.Module) -> list[str]:
     return [name for name in model.state_dict() if name in trainable]
 
 
-def draw_timesteps(
-    num_train_timesteps: int, shape: tuple[int, ...], generator: torch.Generator, power: float = 1.0
-) -> torch.Tensor:
-    """Timesteps ``T * u**power`` for u ~ U[0, 1); power 1 is uniform over 0..T-1."""
-    u = torch.rand(shape, generator=generator)
-    return (num_train_timesteps * u**power).long().clamp(max=num_train_timesteps - 1)
-
-
 @dataclass(frozen=True)
 class DenoisingInputs:
     """One noised batch: the network's inputs and what it must predict.
@@ -95,6 +105,7 @@ class DenoisingInputs:
         target: same shape as ``noisy``.
         position: ``[B]`` slice positions (informed generator only).
         mask: ``[B, H, W]`` mask slices (informed generator conditioned on the mask).
+        weight: the shape of ``t``: per-sample loss weights (``diffusion.loss_weighting``), or None.
     """
 
     noisy: torch.Tensor
@@ -103,11 +114,12 @@ class DenoisingInputs:
     target: torch.Tensor
     position: torch.Tensor | None = None
     mask: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
 
 
 def window_inputs(
     model: SliceDenoiser,
-    scheduler: DDPMScheduler,
+    process: NoiseProcess,
     batch: WindowBatch,
     generator: torch.Generator,
     per_slice_t: bool,
@@ -124,26 +136,25 @@ def window_inputs(
     """
     batch_size, depth = batch.image.shape[0], batch.image.shape[2]
     device = batch.image.device
-    steps = scheduler.num_train_timesteps
     if timestep is not None:
         t = torch.full((batch_size, depth), timestep, dtype=torch.long)
     elif per_slice_t:
-        t = draw_timesteps(steps, (batch_size, depth), generator, t_power)
+        t = process.draw_timesteps((batch_size, depth), generator, t_power)
     else:
-        t = draw_timesteps(steps, (batch_size,), generator, t_power)[:, None].expand(batch_size, depth)
+        t = process.draw_timesteps((batch_size,), generator, t_power)[:, None].expand(batch_size, depth)
     noise = torch.randn(batch.image.shape, generator=generator).to(device)
     t = t.to(device)
-    # [B, D, 1, H, W] so MONAI broadcasts the per-slice timesteps [B, D] over the leading dims.
+    # [B, D, 1, H, W] so the per-slice timesteps [B, D] are the leading dims.
     x0_slices, noise_slices = batch.image.transpose(1, 2), noise.transpose(1, 2)
-    noisy = scheduler.add_noise(x0_slices, noise_slices, t).transpose(1, 2)
-    target = training_target(scheduler, x0_slices, noise_slices, t).transpose(1, 2)
+    noisy = process.add_noise(x0_slices, noise_slices, t).transpose(1, 2)
+    target = process.target(x0_slices, noise_slices, t).transpose(1, 2)
     cond = build_condition(batch.mask, batch.informed, batch.informed_mask, model.num_labels, model.cfg)
-    return DenoisingInputs(noisy=noisy, t=t, cond=cond, target=target)
+    return DenoisingInputs(noisy=noisy, t=t, cond=cond, target=target, weight=process.loss_weight(t))
 
 
 def slice_inputs(
     model: InformedSliceGenerator,
-    scheduler: DDPMScheduler,
+    process: NoiseProcess,
     batch: SliceBatch,
     generator: torch.Generator,
     timestep: int | None = None,
@@ -153,21 +164,22 @@ def slice_inputs(
     if timestep is not None:
         t = torch.full((len(batch),), timestep, dtype=torch.long, device=device)
     else:
-        t = draw_timesteps(scheduler.num_train_timesteps, (len(batch),), generator).to(device)
+        t = process.draw_timesteps((len(batch),), generator).to(device)
     noise = torch.randn(batch.image.shape, generator=generator).to(device)
     return DenoisingInputs(
-        noisy=scheduler.add_noise(batch.image, noise, t),
+        noisy=process.add_noise(batch.image, noise, t),
         t=t,
         cond=None,
-        target=training_target(scheduler, batch.image, noise, t),
+        target=process.target(batch.image, noise, t),
         position=batch.position,
         mask=batch.mask if model.cfg.condition_on_mask else None,
+        weight=process.loss_weight(t),
     )
 
 
 def draw_inputs(
     model: nn.Module,
-    scheduler: DDPMScheduler,
+    process: NoiseProcess,
     source: WindowSource,
     indices: list[int],
     stage: Stage,
@@ -179,13 +191,13 @@ def draw_inputs(
     """Draw one sample per volume index for ``stage`` and noise it (to ``timestep``, if given, else a drawn one)."""
     if stage == "informed":
         assert isinstance(model, InformedSliceGenerator)
-        return slice_inputs(model, scheduler, source.slices(indices, generator).to(device), generator, timestep)
+        return slice_inputs(model, process, source.slices(indices, generator).to(device), generator, timestep)
     assert isinstance(model, SliceDenoiser)
     batch = source.windows(indices, generator).to(device)
     if stage == "slice":
-        return window_inputs(model, scheduler, batch, generator, per_slice_t=True, timestep=timestep)
+        return window_inputs(model, process, batch, generator, per_slice_t=True, timestep=timestep)
     return window_inputs(
-        model, scheduler, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power, timestep=timestep
+        model, process, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power, timestep=timestep
     )
 
 
@@ -199,13 +211,17 @@ def predict(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
 
 
 def per_sample_loss(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
-    """``[B]`` mean squared error of each sample (window or slice)."""
-    return ((predict(model, inputs) - inputs.target) ** 2).flatten(1).mean(dim=1)
+    """``[B]`` mean squared error of each sample (window or slice), weighted per timestep if ``inputs.weight``."""
+    error = (predict(model, inputs) - inputs.target) ** 2  # [B, 1, D, H, W] or [B, 1, H, W]
+    if inputs.weight is not None:
+        w = inputs.weight  # [B, D] (windows) or [B] (slices)
+        error = error * (w[:, None, :, None, None] if w.ndim == 2 else w.reshape(-1, *[1] * (error.ndim - 1)))
+    return error.flatten(1).mean(dim=1)
 
 
 def train(
     state: TrainState,
-    scheduler: DDPMScheduler,
+    process: NoiseProcess,
     source: WindowSource,
     stage: Stage,
     until_step: int,
@@ -226,7 +242,7 @@ def train(
     started, first_step, total = time.perf_counter(), state.step, 0.0
     while state.step < until_step:
         indices = torch.randint(len(source), (cfg.batch_size,), generator=state.generator).tolist()
-        inputs = draw_inputs(state.model, scheduler, source, indices, stage, state.generator, cfg, device)
+        inputs = draw_inputs(state.model, process, source, indices, stage, state.generator, cfg, device)
         loss = per_sample_loss(state.model, inputs).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -246,13 +262,13 @@ def train(
     }
 
 
-TrainFn = Callable[[TrainState, DDPMScheduler, WindowSource, Stage, int, TrainConfig, OnStep | None], dict[str, float]]
+TrainFn = Callable[[TrainState, NoiseProcess, WindowSource, Stage, int, TrainConfig, OnStep | None], dict[str, float]]
 
 
 @torch.no_grad()
 def validation_loss(
     model: nn.Module,
-    scheduler: DDPMScheduler,
+    process: NoiseProcess,
     source: WindowSource,
     stage: Stage,
     cfg: TrainConfig,
@@ -271,7 +287,7 @@ def validation_loss(
     for _ in range(max(batches, 1)):
         indices = torch.randint(len(source), (cfg.batch_size,), generator=generator).tolist()
         total += float(
-            per_sample_loss(model, draw_inputs(model, scheduler, source, indices, stage, generator, cfg, device)).mean()
+            per_sample_loss(model, draw_inputs(model, process, source, indices, stage, generator, cfg, device)).mean()
         )
     model.train(was_training)
     return total / max(batches, 1)
@@ -279,7 +295,5 @@ def validation_loss(
 
 def held_out_loss(model: nn.Module, stage: Stage, volumes: list[Volume], cfg: Config, batches: int, seed: int) -> float:
     """``validation_loss`` on windows of ``volumes`` under ``cfg`` (the sites' and the server's evaluation)."""
-    from gem3d.diffusion import train_scheduler
-
     source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    return validation_loss(model, train_scheduler(cfg.diffusion), source, stage, cfg.train, batches, seed)
+    return validation_loss(model, noise_process(cfg.diffusion), source, stage, cfg.train, batches, seed)

@@ -70,7 +70,7 @@ from torch import nn
 from gem3d.config import Config
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.errors import DataError
 from gem3d.files import atomic_write
 from gem3d.training import DenoisingInputs, Stage, draw_inputs, per_sample_loss, predict
@@ -748,13 +748,13 @@ def case_losses(
     """
     device = next(model.parameters()).device
     model.eval()
-    scheduler = train_scheduler(cfg.diffusion)
+    process = noise_process(cfg.diffusion)
     source = WindowSource(list(volumes), cfg.data.window, cfg.train.informed_from)
     indices = list(range(len(volumes)))
     total = np.zeros(len(volumes))
     for k in range(draws):
         generator = torch.Generator().manual_seed(seed + k)
-        inputs = draw_inputs(model, scheduler, source, indices, stage, generator, cfg.train, device)
+        inputs = draw_inputs(model, process, source, indices, stage, generator, cfg.train, device)
         total += per_sample_loss(model, inputs).double().cpu().numpy()
     return total / draws
 
@@ -786,7 +786,7 @@ def timestep_losses(
     """
     device = next(model.parameters()).device
     model.eval()
-    scheduler = train_scheduler(cfg.diffusion)
+    process = noise_process(cfg.diffusion)
     source = WindowSource(list(volumes), cfg.data.window, cfg.train.informed_from)
     out = np.zeros((len(volumes), len(timesteps)))
     for j, t in enumerate(timesteps):
@@ -795,7 +795,7 @@ def timestep_losses(
                 batch = []
                 for index in range(start, min(start + _CHUNK, len(volumes))):
                     generator = torch.Generator().manual_seed(seed + k)
-                    batch.append(draw_inputs(model, scheduler, source, [index], stage, generator, cfg.train, device, t))
+                    batch.append(draw_inputs(model, process, source, [index], stage, generator, cfg.train, device, t))
                 inputs = _stack(batch)
                 error = ((predict(model, inputs) - inputs.target) ** 2).flatten(1).mean(dim=1)
                 out[start : start + len(batch), j] += error.double().cpu().numpy() / draws

@@ -58,7 +58,6 @@ import warnings
 from typing import Literal
 
 import torch
-from monai.networks.schedulers import DDPMScheduler
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleHooks
 from opacus.optimizers import DPOptimizer
@@ -68,6 +67,7 @@ from torch.func import functional_call, grad_and_value, vmap
 
 from gem3d.config import PrivacyConfig, TrainConfig
 from gem3d.data.windows import WindowSource
+from gem3d.diffusion import NoiseProcess
 from gem3d.errors import ConfigError
 from gem3d.networks import InformedSliceGenerator
 from gem3d.training import DenoisingInputs, OnStep, Stage, TrainState, draw_inputs, per_sample_loss
@@ -271,7 +271,7 @@ class _SampleLoss(nn.Module):
 
 def train_private(
     state: TrainState,
-    scheduler: DDPMScheduler,
+    process: NoiseProcess,
     source: WindowSource,
     stage: Stage,
     until_step: int,
@@ -331,7 +331,7 @@ def train_private(
             for indices in sampler:
                 optimizer.zero_grad(set_to_none=True)
                 if indices:
-                    inputs = draw_inputs(state.model, scheduler, source, indices, stage, secret, train_cfg, device)
+                    inputs = draw_inputs(state.model, process, source, indices, stage, secret, train_cfg, device)
                     grads, losses = per_sample_gradients(state.model, inputs, mode)
                     for p in params:
                         p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]

@@ -20,6 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from gem3d.checkpoint import file_sha256, read_metadata
 from gem3d.data.dataset import load_volumes
@@ -27,7 +28,7 @@ from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import STAGE_FILES, build_model, init_checkpoint, initial_model
-from gem3d.training import STAGES, Stage, freeze_for_stage, held_out_loss, travelling_names
+from gem3d.training import STAGES, Stage, ema_copy, freeze_for_stage, held_out_loss, travelling_names
 from privacy.model_privacy import site_entry, stage_record
 from server.settings import ServerSettings
 from server.store import RunStore, global_tensors
@@ -69,14 +70,37 @@ def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done
         return initial_model(stage, cfg, None, settings.init, torch.device("cpu"))
     if stage != "volume":
         return build_model(stage, cfg)
+    if start is None:
+        raise ConfigError(
+            f"{store.out_dir}: stage 2 needs a trained slice model, and this run has none: train the slice "
+            "stage first (rounds-slice > 0) or start from one (run config 'init'); an untrained base would "
+            "train nothing (its output layer starts at zero)"
+        )
     model = build_model("slice", cfg)
-    if start is not None:
-        store.load_global(model, "slice")
-    else:
-        logger.warning("no global slice model in %s: stage 2 inflates an untrained slice denoiser", store.out_dir)
+    store.load_global(model, "slice", "ema")  # the base samplers would use: the slice stage's EMA
     assert isinstance(model, SliceDenoiser)
     model.inflate()
     return model
+
+
+def round_ema_decay(settings: ServerSettings) -> float:
+    """The per-round EMA decay: ``federation.ema_decay``, else ``train.ema_decay ** local_steps``."""
+    federation = settings.cfg.federation
+    if federation.ema_decay is not None:
+        return federation.ema_decay
+    return float(settings.cfg.train.ema_decay**federation.local_steps)
+
+
+def global_ema(settings: ServerSettings, store: RunStore, model: nn.Module, stage: Stage, done: int) -> AveragedModel:
+    """The server's EMA of the stage's global weights, updated after every round (with warm-up).
+
+    A new stage's EMA starts as a copy of its initial weights, with no update counted (the first
+    round's weights replace it); a resumed stage continues the EMA its last checkpoint saved.
+    """
+    ema = ema_copy(model, round_ema_decay(settings), warmup=True)
+    if done > 0:
+        store.load_ema(ema, stage)
+    return ema
 
 
 def start_checkpoint(settings: ServerSettings, store: RunStore, stage: Stage) -> Path | None:
@@ -163,7 +187,7 @@ def install_base(grid: Grid, settings: ServerSettings, store: RunStore, timeout:
     base_id = file_sha256(slice_path)[:16] if slice_path.exists() else "untrained"
     base = build_model("slice", settings.cfg)
     if slice_path.exists():
-        store.load_global(base, "slice")
+        store.load_global(base, "slice", "ema")  # initial_global's base
     content = RecordDict(
         {
             "base": ArrayRecord(global_tensors(base, list(base.state_dict()))),
@@ -206,6 +230,9 @@ def run_federation(grid: Grid, settings: ServerSettings, on_round: OnRound | Non
     server_volumes = _server_volumes(settings)
     logger.info("federated run folder: %s (resume from %s)", settings.out_dir, completed)
     _warn_missing_sites(grid, settings)
+    needs_base = rounds_for(settings, "volume") > completed["volume"] and not rounds_for(settings, "slice")
+    if needs_base and start_checkpoint(settings, store, "volume") is None:
+        initial_global(settings, store, "volume", 0)  # raises, naming what is missing, before any round
 
     for stage_index, stage in enumerate(STAGES):
         total, done = rounds_for(settings, stage), completed[stage]
@@ -240,6 +267,7 @@ def _run_stage(
     accountant = run_accountant(store, options, nodes, completed)
     start = start_checkpoint(settings, store, stage) if done == 0 else None  # a resumed stage's record has it
     model = initial_global(settings, store, stage, done)
+    ema = global_ema(settings, store, model, stage, done)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     names = travelling_names(model)
     record = job_config(settings, stage)
@@ -260,6 +288,7 @@ def _run_stage(
         stage_round = done + server_round
         unpacking = time.perf_counter()
         model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        ema.update_parameters(model)
         metrics: dict[str, Any] = {"stage": stage, "round": stage_round, **observed.round}
         metrics["server-unpack-seconds"] = time.perf_counter() - unpacking
         if server_volumes:
@@ -267,6 +296,7 @@ def _run_stage(
             batches = int(options["eval-batches"])
             seed = cfg.train.seed + EVAL_SEED_OFFSET
             metrics["server-eval-loss"] = held_out_loss(model, stage, server_volumes, cfg, batches, seed)
+            metrics["server-eval-loss-ema"] = held_out_loss(ema.module, stage, server_volumes, cfg, batches, seed)
             metrics["server-eval-seconds"] = time.perf_counter() - evaluating
         steps = stage_round * cfg.federation.local_steps
         saving = time.perf_counter()
@@ -274,6 +304,7 @@ def _run_stage(
         privacy = privacy_record(store, stage, start, observed.round.get("per-site") or {}, observed.round)
         path = store.save_round(
             model,
+            ema,
             stage,
             stage_round,
             completed,

@@ -2,8 +2,9 @@
 
 The folder has the layout of ``gem3d train`` (``slice.safetensors``, ``volume.safetensors``,
 ``informed.safetensors``, ``config.json``; see ``gem3d.runs``), so it is a valid ``--checkpoint``
-for ``gem3d sample`` after any completed round. ``ema.*`` and ``model.*`` both hold the global
-weights, because samplers load the EMA weights. ``server_state.json`` records the last completed
+for ``gem3d sample`` after any completed round. ``model.*`` holds the global weights the sites
+train from; ``ema.*`` the server's EMA of them over rounds (``ema_n_averaged`` counts its
+updates), which samplers load. ``server_state.json`` records the last completed
 (stage, round); a restarted server resumes after it. With client-level DP it also holds the run's
 accountant state (``client-dp-accountant``), so the client-level ε of a resumed run continues
 from every round already released. ``metrics.jsonl`` has one line per round.
@@ -18,6 +19,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 
 from gem3d.checkpoint import load_checkpoint, subset
 from gem3d.config import Config
@@ -77,17 +79,27 @@ class RunStore:
         write_json(config_path, current)
         return dict.fromkeys(STAGES, 0)
 
-    def load_global(self, model: nn.Module, stage: Stage) -> None:
-        """Load the stage's last global weights (``model.*``) into ``model``."""
+    def load_global(self, model: nn.Module, stage: Stage, weights: str = "model") -> None:
+        """Load the stage's last global weights (``model.*``) or their EMA (``ema.*``) into ``model``."""
+        model.load_state_dict(subset(self._tensors(stage), weights))
+
+    def load_ema(self, ema: AveragedModel, stage: Stage) -> None:
+        """Load the stage's EMA (weights and update count) into ``ema``, for a resumed stage."""
+        tensors = self._tensors(stage)
+        ema.module.load_state_dict(subset(tensors, "ema"))
+        ema.n_averaged.copy_(tensors["ema_n_averaged"])
+
+    def _tensors(self, stage: Stage) -> dict[str, torch.Tensor]:
         path = self.out_dir / STAGE_FILES[stage]
         if not path.exists():
             raise CheckpointError(f"{path}: {STATE_FILE} says rounds of '{stage}' completed, but the file is missing")
         tensors, _ = load_checkpoint(path)
-        model.load_state_dict(subset(tensors, "model"))
+        return tensors
 
     def save_round(
         self,
         model: nn.Module,
+        ema: AveragedModel,
         stage: Stage,
         stage_round: int,
         completed: dict[str, int],
@@ -96,7 +108,7 @@ class RunStore:
         client_dp: dict[str, Any] | None = None,
         privacy: dict[str, Any] | None = None,
     ) -> Path:
-        """Checkpoint the global model of ``stage`` after ``stage_round``, then record the progress.
+        """Checkpoint the global model of ``stage`` and its EMA after ``stage_round``, then record the progress.
 
         The checkpoint goes first: a crash between the two writes repeats a round, never skips one.
 
@@ -105,7 +117,9 @@ class RunStore:
                 keeps the last saved one (past releases stay on record if a resume turns DP off).
             privacy: the checkpoint's privacy record (``privacy.model_privacy``; ``federation.privacy_record``).
         """
-        state = new_state(model, self.cfg.train)  # its EMA starts as a copy: ema.* == model.* == global
+        state = new_state(model, self.cfg.train)
+        state.ema.module.load_state_dict(ema.module.state_dict())
+        state.ema.n_averaged.copy_(ema.n_averaged)
         state.step = steps
         path = save_state(
             self.out_dir / STAGE_FILES[stage],

@@ -33,6 +33,7 @@ from gem3d.config import Config
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.errors import ConfigError
 from gem3d.runs import build_model
+from gem3d.training import ema_copy
 from privacy.model_privacy import model_statement
 from server.app import create_app
 from server.federation import run_accountant
@@ -183,7 +184,8 @@ def test_client_level_dp_is_refused_on_a_run_that_released_rounds_without_it(mic
     # prepare: a run folder with one slice round completed without client-level DP
     store = RunStore(tmp_path / "run", micro_cfg)
     completed = store.prepare(resume=False)
-    store.save_round(build_model("slice", micro_cfg), "slice", 1, completed, steps=1, sites=2)
+    model = build_model("slice", micro_cfg)
+    store.save_round(model, ema_copy(model, 0.9), "slice", 1, completed, steps=1, sites=2)
     resumed = RunStore(tmp_path / "run", micro_cfg)
     completed = resumed.prepare(resume=True)
     # execute / assert: that round has no finite ε; continuing it under DP would report a false one

@@ -20,6 +20,7 @@ from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import CheckpointError, ConfigError
 from gem3d.runs import build_model, load_model, train_stage
+from gem3d.training import ema_copy
 from server.federation import initial_global
 from server.settings import APP_KEYS, ServerSettings
 from server.store import RunStore
@@ -66,7 +67,8 @@ def test_a_resume_keeps_the_model_but_may_change_the_federation(micro_cfg: Confi
     # prepare: a run folder with one completed slice round
     store = RunStore(tmp_path / "run", micro_cfg)
     completed = store.prepare(resume=False)
-    store.save_round(build_model("slice", micro_cfg), "slice", 1, completed, steps=2, sites=2)
+    model = build_model("slice", micro_cfg)
+    store.save_round(model, ema_copy(model, 0.9), "slice", 1, completed, steps=2, sites=2)
     more_rounds = micro_cfg.model_copy(
         update={"federation": micro_cfg.federation.model_copy(update={"rounds_slice": 5})}
     )
@@ -111,3 +113,14 @@ def test_every_configurable_strategy_has_a_builder_and_no_other() -> None:
     from server.strategy import STRATEGIES
 
     assert set(STRATEGIES) == set(get_args(FederationConfig.model_fields["strategy"].annotation))
+
+
+def test_stage_two_without_a_trained_base_is_refused(micro_cfg: Config, tmp_path: Path) -> None:
+    # prepare: no init, no global slice model in the run folder
+    settings = ServerSettings(micro_cfg, tmp_path / "run", None, None, None, resume=False, init=None)
+    store = RunStore(settings.out_dir, micro_cfg)
+    store.prepare(resume=False)
+    # execute / assert: MONAI zero-initialises the output conv, so stage 2 would train nothing
+    with pytest.raises(ConfigError, match="stage 2 needs a trained slice model") as caught:
+        initial_global(settings, store, "volume", done=0)
+    assert "rounds-slice" in str(caught.value) and "init" in str(caught.value)

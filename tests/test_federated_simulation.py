@@ -5,7 +5,8 @@ One scenario, run once for the module (Ray start-up dominates the cost):
 1. One site, one FedAvg round of stage 1, in a separate process that is SIGKILLed from the
    server's ``on_round`` hook right after that round's checkpoint: a server killed mid-run.
 2. The run resumed in this process with three SuperNodes: the same site, a second one, and a
-   third whose data folder is broken. It must continue with stage 2 and the informed generator.
+   third whose data folder is broken. It must do stage 1's second round, then stage 2 and the
+   informed generator.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ MICRO_SET = (
     "model.channels=8,16 model.attention_levels=false,true model.norm_num_groups=4 model.num_head_channels=8 "
     "informed.channels=8,16 informed.attention_levels=false,true informed.norm_num_groups=4 "
     "informed.num_head_channels=8 informed.position_bins=8 train.batch_size=2 "
-    "federation.local_steps=2 federation.rounds_slice=1 federation.rounds_volume=1 federation.rounds_informed=1"
+    "federation.local_steps=2 federation.rounds_slice=2 federation.rounds_volume=1 federation.rounds_informed=1"
 )
 BACKEND = {"client_resources": {"num_cpus": 1}, "init_args": {"num_cpus": 2}}
 
@@ -123,20 +124,53 @@ def test_a_killed_server_resumes_after_its_last_completed_round(scenario: dict[s
     assert scenario["first_returncode"] == -signal.SIGKILL
     assert scenario["killed_state"]["completed"] == {"slice": 1, "volume": 0, "informed": 0}
     rounds = [(r["stage"], r["round"]) for r in read_rounds(scenario["out"])]
-    assert rounds == [("slice", 1), ("volume", 1), ("informed", 1)]
+    assert rounds == [("slice", 1), ("slice", 2), ("volume", 1), ("informed", 1)]
     progress = json.loads((scenario["out"] / "server_state.json").read_text())
-    assert progress["completed"] == {"slice": 1, "volume": 1, "informed": 1}
+    assert progress["completed"] == {"slice": 2, "volume": 1, "informed": 1}
 
 
 def test_all_three_stages_leave_a_loadable_run_folder(scenario: dict[str, Any]) -> None:
-    # assert: the run folder of `gem3d train`; EMA == model == the global weights
-    for stage in ("slice", "volume", "informed"):
+    # assert: the run folder of `gem3d train`; after one round a stage's EMA is its global weights
+    for stage, rounds in (("slice", 2), ("volume", 1), ("informed", 1)):
         _, _, metadata = load_model(scenario["out"] / f"{stage}.safetensors")
-        assert metadata["stage"] == stage and metadata["rounds"] == 1 and metadata["federated"]
-        tensors, _ = load_checkpoint(scenario["out"] / f"{stage}.safetensors")
-        for name, value in subset(tensors, "model").items():
-            assert value.equal(tensors[f"ema.{name}"])
+        assert metadata["stage"] == stage and metadata["rounds"] == rounds and metadata["federated"]
+        if rounds == 1:
+            tensors, _ = load_checkpoint(scenario["out"] / f"{stage}.safetensors")
+            for name, value in subset(tensors, "model").items():
+                assert value.equal(tensors[f"ema.{name}"])
     assert (scenario["out"] / "config.json").exists()
+
+
+def test_the_server_keeps_an_ema_across_a_kill_and_samplers_load_it(scenario: dict[str, Any]) -> None:
+    # prepare: round 1's global weights (saved before the kill) and round 2's, with the EMA after it
+    cfg = load_config(REPO / "experiments" / "configs" / "tiny.toml", parse_set(MICRO_SET))
+    first = subset(load_checkpoint(scenario["slice_after_kill"])[0], "model")
+    tensors, _ = load_checkpoint(scenario["out"] / "slice.safetensors")
+    second, ema = subset(tensors, "model"), subset(tensors, "ema")
+    # execute: what `gem3d sample` loads, and the base stage 2 inflated
+    sampled = load_model(scenario["out"] / "slice.safetensors")[0].state_dict()
+    volume = subset(load_checkpoint(scenario["out"] / "volume.safetensors")[0], "model")
+    inflated = build_model("slice", cfg)
+    inflated.load_state_dict(ema)
+    inflated.inflate()
+    base = {name for name, _ in inflated.named_parameters()} - _slice_axis_names(inflated)
+    # assert: update 2 (after one) uses the warm-up decay min(d, 2/11); round 1 replaced the initial copy
+    decay = min(cfg.train.ema_decay**cfg.federation.local_steps, 2 / 11)
+    assert int(tensors["ema_n_averaged"]) == 2
+    moved = 0
+    for name, value in second.items():
+        torch.testing.assert_close(ema[name], decay * first[name] + (1 - decay) * value, rtol=1e-5, atol=1e-7)
+        moved += not torch.equal(ema[name], value)
+        assert torch.equal(sampled[name], ema[name])
+    assert moved > len(second) // 2
+    for name, value in inflated.state_dict().items():  # the frozen stage-2 base is the slice EMA
+        if name in base:
+            assert torch.equal(volume[name], value), name
+
+
+def _slice_axis_names(model: torch.nn.Module) -> set[str]:
+    axis = {id(p) for p in model.slice_axis_parameters()}  # type: ignore[operator]
+    return {name for name, p in model.named_parameters() if id(p) in axis}
 
 
 def test_a_site_with_broken_data_is_logged_and_left_out(scenario: dict[str, Any]) -> None:

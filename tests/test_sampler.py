@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gem3d.config import DiffusionConfig, ModelConfig
-from gem3d.diffusion import sample_scheduler
+from gem3d.diffusion import Sampler, make_sampler
 from gem3d.sampler import InformedSlice, SampleRequest, plan_windows, sample_volumes
 
 SIZE = 4
@@ -24,12 +24,12 @@ class OracleDenoiser(nn.Module):
     test can tell which window produced which slice.
     """
 
-    def __init__(self, clean: torch.Tensor, scheduler, window_offsets: bool = False) -> None:
+    def __init__(self, clean: torch.Tensor, sampler: Sampler, window_offsets: bool = False) -> None:
         super().__init__()
         self.num_labels = clean.shape[0] + 1
         self.cfg = ModelConfig(mask_encoding="onehot", informed_mask=False)
         self.clean = clean  # [D, H, W]
-        self.alphas = scheduler.alphas_cumprod
+        self.alphas = sampler.process.alphas_cumprod.float()
         self.window_offsets = window_offsets
         self.anchor = nn.Parameter(torch.zeros(1))
         self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
@@ -69,11 +69,11 @@ def _clean(depth: int) -> torch.Tensor:
     ],
 )
 def test_oracle_denoiser_reproduces_the_volume(depth: int, window: int, overlap: int, start: int) -> None:
-    scheduler = sample_scheduler(DiffusionConfig(), steps=8)
+    sampler = make_sampler(DiffusionConfig(), steps=8)
     clean = _clean(depth)
-    oracle = OracleDenoiser(clean, scheduler)
+    oracle = OracleDenoiser(clean, sampler)
 
-    (volume,) = sample_volumes(oracle, scheduler, _requests(depth, start), window, overlap)  # type: ignore[arg-type]
+    (volume,) = sample_volumes(oracle, sampler, _requests(depth, start), window, overlap)  # type: ignore[arg-type]
 
     np.testing.assert_allclose(volume, clean.numpy(), atol=1e-4)
 
@@ -84,9 +84,9 @@ def test_oracle_denoiser_reproduces_the_volume(depth: int, window: int, overlap:
 def test_every_slice_comes_from_its_first_window_and_carried_slices_are_kept(
     depth: int, window: int, overlap: int, start: int
 ) -> None:
-    scheduler = sample_scheduler(DiffusionConfig(), steps=6)
+    sampler = make_sampler(DiffusionConfig(), steps=6)
     clean = _clean(depth)
-    oracle = OracleDenoiser(clean, scheduler, window_offsets=True)
+    oracle = OracleDenoiser(clean, sampler, window_offsets=True)
     expected = clean.clone()
     for round_ in plan_windows(depth, start, window, overlap):
         for w in round_:
@@ -94,25 +94,25 @@ def test_every_slice_comes_from_its_first_window_and_carried_slices_are_kept(
                 if z not in w.carried:
                     expected[z] += 0.01 * w.start
 
-    (volume,) = sample_volumes(oracle, scheduler, _requests(depth, start), window, overlap)  # type: ignore[arg-type]
+    (volume,) = sample_volumes(oracle, sampler, _requests(depth, start), window, overlap)  # type: ignore[arg-type]
 
     np.testing.assert_allclose(volume, expected.numpy(), atol=1e-4)
 
 
 def test_carried_slices_are_noised_to_each_steps_own_timestep() -> None:
     depth, window, overlap = 12, 4, 2
-    scheduler = sample_scheduler(DiffusionConfig(), steps=10)
+    sampler = make_sampler(DiffusionConfig(), steps=10)
     clean = _clean(depth)
-    oracle = OracleDenoiser(clean, scheduler)
+    oracle = OracleDenoiser(clean, sampler)
     plan = plan_windows(depth, 0, window, overlap)
 
-    sample_volumes(oracle, scheduler, _requests(depth, 0), window, overlap)  # type: ignore[arg-type]
+    sample_volumes(oracle, sampler, _requests(depth, 0), window, overlap)  # type: ignore[arg-type]
 
-    later_calls = oracle.calls[len(scheduler.timesteps) :]  # windows after the first carry slices
-    assert len(later_calls) == len(scheduler.timesteps) * (len(plan) - 1)
+    later_calls = oracle.calls[len(sampler.timesteps) :]  # windows after the first carry slices
+    assert len(later_calls) == len(sampler.timesteps) * (len(plan) - 1)
     standardised = []
     for t, x, positions in later_calls:
-        alpha = float(scheduler.alphas_cumprod[t])
+        alpha = float(sampler.process.alphas_cumprod[t])
         carried = x[0, 0, :overlap]  # upward windows carry their first h slices
         truth = clean[positions[0, :overlap]]
         standardised.append(((carried - math.sqrt(alpha) * truth) / math.sqrt(1 - alpha)).flatten())
@@ -158,7 +158,7 @@ def test_same_seed_same_bytes_and_batching_many_volumes() -> None:
     for p in model.parameters():
         nn.init.normal_(p, std=0.05)
     model.inflate()
-    scheduler = sample_scheduler(DiffusionConfig(), steps=3)
+    sampler = make_sampler(DiffusionConfig(), steps=3)
     rng = np.random.default_rng(0)
     requests = [
         SampleRequest(
@@ -172,17 +172,17 @@ def test_same_seed_same_bytes_and_batching_many_volumes() -> None:
     progress: list[tuple[int, int, int]] = []
 
     first = sample_volumes(
-        model.eval(), scheduler, requests, 4, 1, batch_volumes=2, on_progress=lambda *a: progress.append(a)
+        model.eval(), sampler, requests, 4, 1, batch_volumes=2, on_progress=lambda *a: progress.append(a)
     )
-    second = sample_volumes(model.eval(), scheduler, requests, 4, 1, batch_volumes=3)
+    second = sample_volumes(model.eval(), sampler, requests, 4, 1, batch_volumes=3)
     other_seed = sample_volumes(
-        model.eval(), scheduler, [requests[0].__class__(**{**requests[0].__dict__, "seed": 9})], 4, 1
+        model.eval(), sampler, [requests[0].__class__(**{**requests[0].__dict__, "seed": 9})], 4, 1
     )
 
     assert [v.shape for v in first] == [(9, 16, 16), (3, 16, 16), (12, 16, 16)]
     assert all(
         a.tobytes() == b.tobytes()
-        for a, b in zip(first, sample_volumes(model.eval(), scheduler, requests, 4, 1, batch_volumes=2), strict=True)
+        for a, b in zip(first, sample_volumes(model.eval(), sampler, requests, 4, 1, batch_volumes=2), strict=True)
     )
     assert all(np.allclose(a, b, atol=1e-5) for a, b in zip(first, second, strict=True))
     assert not np.allclose(first[0], other_seed[0])

@@ -32,7 +32,7 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.data.volume import fingerprint
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.runs import build_model
 from gem3d.training import freeze_for_stage, new_state, travelling_names
 from privacy.dp_sgd import train_private
@@ -86,7 +86,7 @@ def test_two_dp_trainings_with_one_seed_draw_secret_batches(
         seen: list[dict[str, float]] = []
         ledger = PrivacyLedger.open(tmp_path / f"ledger{index}.json", cfg.privacy)
         # execute
-        train_private(state, train_scheduler(cfg.diffusion), source, "slice", steps, cfg.train, seen.append,
+        train_private(state, noise_process(cfg.diffusion), source, "slice", steps, cfg.train, seen.append,
                       privacy_cfg=cfg.privacy, ledger=ledger)  # fmt: skip
         runs.append((seen, state))
     # the coordinator's attack: regenerate the Poisson sample from train.seed and the site's size

@@ -35,7 +35,7 @@ from gem3d.data.demo_cohort import write_demo_cohort
 from gem3d.data.prepare import PrepareOptions, prepare_dataset
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.runs import build_model, resolve_device
 from gem3d.training import freeze_for_stage, new_state, train
 
@@ -95,8 +95,8 @@ def main() -> int:
             freeze_for_stage(model, "slice", cfg.train.volume_train_all)
             state = new_state(model, cfg.train)
             source = WindowSource(cached, cfg.data.window, cfg.train.informed_from)
-            train(state, train_scheduler(cfg.diffusion), source, "slice", 2, cfg.train)  # warm-up
-            steps_per_s = train(state, train_scheduler(cfg.diffusion), source, "slice", 2 + args.steps, cfg.train)[
+            train(state, noise_process(cfg.diffusion), source, "slice", 2, cfg.train)  # warm-up
+            steps_per_s = train(state, noise_process(cfg.diffusion), source, "slice", 2 + args.steps, cfg.train)[
                 "steps_per_s"
             ]
 

@@ -68,7 +68,7 @@ from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.runs import build_model
 from gem3d.training import Stage, freeze_for_stage, new_state, train
 from server.app import create_app
@@ -135,7 +135,7 @@ def simulate(cfg_name: str, overrides: dict[str, Any], sites: int, cases: int, t
 def centralized(cfg: Config, root: Path, sites: int, steps: int) -> dict[str, float]:
     """Seconds of ``steps`` steps of each stage with ``gem3d.training.train`` on the pooled site data."""
     pooled = [v for k in range(sites) for v in load_volumes(root / f"site_{k}", cfg.data)]
-    scheduler = train_scheduler(cfg.diffusion)
+    process = noise_process(cfg.diffusion)
     seconds = {}
     for stage in STAGES:
         model = build_model(stage, cfg)
@@ -143,7 +143,7 @@ def centralized(cfg: Config, root: Path, sites: int, steps: int) -> dict[str, fl
         state = new_state(model, cfg.train)
         source = WindowSource(pooled, cfg.data.window, cfg.train.informed_from)
         started = time.perf_counter()
-        train(state, scheduler, source, stage, steps, cfg.train)
+        train(state, process, source, stage, steps, cfg.train)
         seconds[stage] = time.perf_counter() - started
     return seconds
 

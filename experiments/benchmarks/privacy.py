@@ -58,7 +58,7 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.runs import build_model
 from gem3d.training import (
     DenoisingInputs,
@@ -114,7 +114,7 @@ def privacy_cfg(cfg: Config, **changes: Any) -> PrivacyConfig:
 
 
 def _stage_setup(spec: dict[str, Any]) -> tuple[Config, Stage, WindowSource, Any, torch.nn.Module]:
-    """A worker's config, stage, phantom source, scheduler and frozen-as-in-training model."""
+    """A worker's config, stage, phantom source, noise process and frozen-as-in-training model."""
     torch.set_num_threads(spec["threads"])
     cfg = load_config(resolve_config_path(spec["config"]), spec["overrides"])
     stage = spec["stage"]
@@ -123,7 +123,7 @@ def _stage_setup(spec: dict[str, Any]) -> tuple[Config, Stage, WindowSource, Any
     model = build_model(stage, cfg)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     stand_in_base(model)
-    return cfg, stage, source, train_scheduler(cfg.diffusion), model
+    return cfg, stage, source, noise_process(cfg.diffusion), model
 
 
 def reference_update(model: torch.nn.Module, inputs: DenoisingInputs, clip: float) -> list[torch.Tensor]:
@@ -236,7 +236,7 @@ def update_difference(update: list[torch.Tensor], reference: list[torch.Tensor])
 
 def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Interleaved non-DP / DP step times per grad-sample mode, update checks and the ε check for one stage."""
-    cfg, stage, source, scheduler, model = _stage_setup(spec)
+    cfg, stage, source, process, model = _stage_setup(spec)
     steps = spec["steps"]
     modes = list(spec.get("modes", GRAD_SAMPLE_MODES))
     plain = new_state(model, cfg.train)
@@ -251,7 +251,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
         ledgers = {mode: PrivacyLedger.open(Path(tmp) / f"ledger-{mode}.json", pcfg) for mode in modes}
 
         def run_plain(n: int) -> None:
-            train(plain, scheduler, source, stage, plain.step + n, cfg.train)
+            train(plain, process, source, stage, plain.step + n, cfg.train)
 
         def private_runner(mode: str) -> Callable[[int], None]:
             mode_cfg = pcfg.model_copy(update={"grad_sample_mode": mode})
@@ -260,7 +260,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 state = private[mode]
                 train_private(
                     state,
-                    scheduler,
+                    process,
                     source,
                     stage,
                     state.step + n,
@@ -278,7 +278,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
                 ghost.step(
                     draw_inputs(
                         ghost.state.model,
-                        scheduler,
+                        process,
                         source,
                         indices,
                         stage,
@@ -315,7 +315,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # correctness: each mode's clipped update (noise off) against the plain per-window reference
     generator = torch.Generator().manual_seed(1)
     inputs = draw_inputs(
-        model, scheduler, source, list(range(len(source))), stage, generator, cfg.train, torch.device("cpu")
+        model, process, source, list(range(len(source))), stage, generator, cfg.train, torch.device("cpu")
     )
     clip = 0.5 * float(window_norms(model, inputs).min())  # every window clipped, so clipping is tested
     reference = reference_update(model, inputs, clip)
@@ -346,7 +346,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 def peak_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Peak RSS above the loaded model and data over ``steps`` + 1 steps of one kind."""
-    cfg, stage, source, scheduler, model = _stage_setup(spec)
+    cfg, stage, source, process, model = _stage_setup(spec)
     state = new_state(model, cfg.train)
     pcfg = privacy_cfg(cfg)
     device = torch.device("cpu")
@@ -354,11 +354,9 @@ def peak_worker(spec: dict[str, Any]) -> dict[str, Any]:
         ledger = PrivacyLedger.open(Path(tmp) / "ledger.json", pcfg)
         baseline = reset_peak(device)
         if spec["dp"]:
-            train_private(
-                state, scheduler, source, stage, 1 + spec["steps"], cfg.train, privacy_cfg=pcfg, ledger=ledger
-            )
+            train_private(state, process, source, stage, 1 + spec["steps"], cfg.train, privacy_cfg=pcfg, ledger=ledger)
         else:
-            train(state, scheduler, source, stage, 1 + spec["steps"], cfg.train)
+            train(state, process, source, stage, 1 + spec["steps"], cfg.train)
         peak = peak_bytes(device)
     return {"peak_mib": (peak - baseline) / 2**20}
 
@@ -371,27 +369,25 @@ def quality_worker(spec: dict[str, Any]) -> dict[str, Any]:
     # 8 training cases (Poisson rate batch/8 = 0.5) and 2 held-out cases of other phantoms
     train_source = WindowSource(phantoms(cfg, 8, seed=0), cfg.data.window, cfg.train.informed_from)
     held_out = WindowSource(phantoms(cfg, 2, seed=99), cfg.data.window, cfg.train.informed_from)
-    scheduler = train_scheduler(cfg.diffusion)
+    process = noise_process(cfg.diffusion)
     initial = build_model(stage, cfg)
     rows = []
     for epsilon in (None, *QUALITY_EPSILONS):
         state = new_state(copy.deepcopy(initial), cfg.train, seed=cfg.train.seed)
         row: dict[str, Any] = {"target_epsilon": epsilon}
         if epsilon is None:
-            metrics = train(state, scheduler, train_source, stage, steps, cfg.train)
+            metrics = train(state, process, train_source, stage, steps, cfg.train)
         else:
             pcfg = privacy_cfg(cfg, target_epsilon=epsilon)
             with tempfile.TemporaryDirectory() as tmp:
                 ledger = PrivacyLedger.open(Path(tmp) / "ledger.json", pcfg)
                 metrics = train_private(
-                    state, scheduler, train_source, stage, steps, cfg.train, privacy_cfg=pcfg, ledger=ledger
+                    state, process, train_source, stage, steps, cfg.train, privacy_cfg=pcfg, ledger=ledger
                 )
             row.update(epsilon=metrics["epsilon"], noise_multiplier=metrics["noise_multiplier"])
         row["train_loss"] = metrics["loss"]
-        row["val_loss"] = validation_loss(state.model, scheduler, held_out, stage, cfg.train, batches=8, seed=7)
-        row["val_loss_ema"] = validation_loss(
-            state.ema.module, scheduler, held_out, stage, cfg.train, batches=8, seed=7
-        )
+        row["val_loss"] = validation_loss(state.model, process, held_out, stage, cfg.train, batches=8, seed=7)
+        row["val_loss_ema"] = validation_loss(state.ema.module, process, held_out, stage, cfg.train, batches=8, seed=7)
         rows.append(row)
     return {"steps": steps, "rows": rows}
 

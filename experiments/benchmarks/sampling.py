@@ -44,7 +44,7 @@ from experiments.evaluation.fidelity import psnr
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import make_phantom, write_phantom_dataset
-from gem3d.diffusion import sample_scheduler
+from gem3d.diffusion import make_sampler
 from gem3d.networks import SliceDenoiser, condition_channels
 from gem3d.runs import load_model, train_stage
 from gem3d.sampler import InformedSlice, SampleRequest, default_start, plan_windows, sample_volumes
@@ -77,10 +77,10 @@ def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -
     start = depth // 2
     informed = InformedSlice(np.zeros((size, size), np.float32), mask[start], "real")
     request = SampleRequest(mask=mask, informed=informed, start=start, seed=0)
-    scheduler = sample_scheduler(cfg.diffusion, steps)
+    sampler = make_sampler(cfg.diffusion, steps)
     baseline = reset_peak(device)
     started = time.perf_counter()
-    sample_volumes(model, scheduler, [request], cfg.data.window, cfg.sampler.overlap, batch_volumes=1)
+    sample_volumes(model, sampler, [request], cfg.data.window, cfg.sampler.overlap, batch_volumes=1)
     seconds = time.perf_counter() - started
     peak = peak_bytes(device)
     windows = sum(len(round_) for round_ in plan_windows(depth, start, cfg.data.window, cfg.sampler.overlap))
@@ -105,13 +105,13 @@ def full3d(cfg: Config, depth: int, size: int, steps: int, device: torch.device)
     net = net.to(device).eval()
     x = torch.randn(1, 1, depth, size, size, device=device)
     cond = torch.randn(1, in_channels - 1, depth, size, size, device=device)
-    scheduler = sample_scheduler(cfg.diffusion, steps)
+    sampler = make_sampler(cfg.diffusion, steps)
     baseline = reset_peak(device)
     started = time.perf_counter()
     with torch.no_grad():
-        for t in scheduler.timesteps:
-            output = net(torch.cat([x, cond], dim=1), torch.full((1,), int(t), dtype=torch.long, device=device))
-            x, _ = scheduler.step(output, int(t), x)
+        for step, t in enumerate(sampler.timesteps):
+            output = net(torch.cat([x, cond], dim=1), torch.full((1,), t, dtype=torch.long, device=device))
+            x = sampler.step(output, step, x)
     seconds = time.perf_counter() - started
     peak = peak_bytes(device)
     return {"seconds": seconds, "steps": steps, "peak": peak, "baseline": baseline, "calls": steps}
@@ -227,8 +227,8 @@ def fidelity(
     for name, recipe_steps, window, overlap in recipes:
         calls["windows"] = calls["slices"] = 0
         started = time.perf_counter()
-        scheduler = sample_scheduler(cfg.diffusion, recipe_steps)
-        synthetic = sample_volumes(model, scheduler, requests, window, overlap, batch_volumes=len(requests))
+        sampler = make_sampler(cfg.diffusion, recipe_steps)
+        synthetic = sample_volumes(model, sampler, requests, window, overlap, batch_volumes=len(requests))
         seconds = time.perf_counter() - started
         truth = [held_out[i // seeds] for i in range(len(requests))]
         whole = [psnr(out, v.image) for out, v in zip(synthetic, truth, strict=True)]

@@ -39,7 +39,7 @@ from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import train_scheduler
+from gem3d.diffusion import noise_process
 from gem3d.runs import build_model, resolve_device
 from gem3d.training import draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
 
@@ -77,15 +77,15 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     state = new_state(model, cfg.train)
     source = WindowSource(volumes, window, cfg.train.informed_from)
-    scheduler = train_scheduler(cfg.diffusion)
+    process = noise_process(cfg.diffusion)
 
     # Peak memory covers the warm-up step too: its first backward and the AdamW state allocate
     # what later steps reuse, so a reset after it would hide them. The matmul runs outside.
     matmul = [matmul_flops_per_s(spec["matmul"], device)]
     baseline = reset_peak(device)
-    train(state, scheduler, source, stage, 1, cfg.train)  # warm-up step, not timed
+    train(state, process, source, stage, 1, cfg.train)  # warm-up step, not timed
     started = time.perf_counter()
-    train(state, scheduler, source, stage, 1 + spec["steps"], cfg.train)
+    train(state, process, source, stage, 1 + spec["steps"], cfg.train)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     seconds_per_step = (time.perf_counter() - started) / spec["steps"]
@@ -94,7 +94,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
 
     generator = torch.Generator().manual_seed(1)
     indices = [i % len(source) for i in range(batch)]
-    inputs = draw_inputs(model, scheduler, source, indices, stage, generator, cfg.train, device)
+    inputs = draw_inputs(model, process, source, indices, stage, generator, cfg.train, device)
     with FlopCounterMode(display=False) as counter:
         per_sample_loss(model, inputs).mean().backward()
     flops_per_step = counter.get_total_flops()

@@ -25,7 +25,7 @@ from monai.networks.nets import DiffusionModelUNet
 from gem3d.checkpoint import load_checkpoint, save_checkpoint
 from gem3d.config import Config, config_from_dict
 from gem3d.data.volume import Volume, fingerprint
-from gem3d.diffusion import sample_scheduler, train_scheduler
+from gem3d.diffusion import make_sampler, noise_process
 from gem3d.errors import CheckpointError
 from gem3d.runs import train_stage
 
@@ -103,7 +103,7 @@ class Full3D:
         and regresses the run's prediction target (epsilon, v or sample) with MSE.
         """
         cfg = self.cfg
-        scheduler = train_scheduler(cfg.diffusion)
+        process = noise_process(cfg.diffusion)
         shape = _padded_shape(np.max([v.image.shape for v in volumes], axis=0))
         images = torch.stack([_pad(torch.from_numpy(v.image), shape, -1.0) for v in volumes]).unsqueeze(1)
         labels = torch.stack([_pad(torch.from_numpy(v.label.astype(np.int64)), shape, 0) for v in volumes])
@@ -115,16 +115,12 @@ class Full3D:
             index = torch.randint(len(volumes), (cfg.train.batch_size,), generator=generator)
             clean, cond = images[index], _one_hot(labels[index], cfg.data.num_labels)
             noise = torch.randn(clean.shape, generator=generator)
-            t = torch.randint(cfg.diffusion.num_train_timesteps, (len(index),), generator=generator)
-            noisy = scheduler.add_noise(clean, noise, t)
-            if cfg.diffusion.prediction_type == "epsilon":
-                target = noise
-            elif cfg.diffusion.prediction_type == "v_prediction":
-                target = scheduler.get_velocity(clean, noise, t)
-            else:
-                target = clean
+            t = process.draw_timesteps((len(index),), generator)
+            noisy = process.add_noise(clean, noise, t)
             prediction = self.net(torch.cat([noisy, cond], dim=1), t)
-            loss = F.mse_loss(prediction, target)
+            error = ((prediction - process.target(clean, noise, t)) ** 2).flatten(1).mean(dim=1)
+            weight = process.loss_weight(t)
+            loss = (error if weight is None else error * weight).mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
@@ -140,14 +136,13 @@ class Full3D:
     def sample(self, masks: Sequence[np.ndarray], seeds: Sequence[int], steps: int | None = None) -> list[np.ndarray]:
         """One volume per ``[D, H, W]`` mask, each from its own seeded initial noise, with DDIM.
 
-        Masks of one padded shape are denoised in one batch. With ``diffusion.eta > 0`` the DDIM
-        noise of a batch comes from the first seed's generator, so the same masks and seeds, in
-        the same order, give the same bytes.
+        Masks of one padded shape are denoised in one batch; every volume's noise (initial and,
+        with ``diffusion.eta > 0``, DDIM's) comes from its own seed's generator.
 
         Returns:
             ``[D, H, W]`` float32 volumes in [-1, 1], cropped back to each mask's shape.
         """
-        scheduler = sample_scheduler(self.cfg.diffusion, steps)
+        sampler = make_sampler(self.cfg.diffusion, steps)
         self.net.eval()
         outputs: list[np.ndarray | None] = [None] * len(masks)
         groups: dict[tuple[int, int, int], list[int]] = {}
@@ -160,10 +155,13 @@ class Full3D:
             )
             generators = [torch.Generator().manual_seed(int(seeds[i])) for i in members]
             x = torch.stack([torch.randn((1, *shape), generator=g) for g in generators])
-            for t in scheduler.timesteps:
-                timesteps = torch.full((len(members),), int(t), dtype=torch.long)
+            for step, t in enumerate(sampler.timesteps):
+                timesteps = torch.full((len(members),), t, dtype=torch.long)
                 prediction = self.net(torch.cat([x, cond], dim=1), timesteps)
-                x, _ = scheduler.step(prediction, int(t), x, generator=generators[0])
+                noise = None
+                if sampler.stochastic:
+                    noise = torch.stack([torch.randn((1, *shape), generator=g) for g in generators])
+                x = sampler.step(prediction, step, x, noise)
             for row, i in enumerate(members):
                 d, h, w = masks[i].shape
                 outputs[i] = x[row, 0, :d, :h, :w].clamp(-1, 1).numpy().astype(np.float32)

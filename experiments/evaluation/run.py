@@ -43,7 +43,7 @@ from gem3d.checkpoint import read_metadata
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume, fingerprint
-from gem3d.diffusion import sample_scheduler
+from gem3d.diffusion import make_sampler
 from gem3d.errors import CheckpointError, DataError
 from gem3d.files import work_folder_beside
 from gem3d.runs import STAGE_FILES
@@ -148,12 +148,11 @@ def _overlapped(synth: Synthesiser, key: str, overlap: int) -> Method:
         ]
         return sample_volumes(
             synth.volume_model,
-            synth.scheduler,
+            synth.sampler,
             requests,
             window,
             overlap,
             cfg.sampler.batch_volumes,
-            cfg.diffusion.eta,
         )
 
     def boundaries(depth: int, start: int) -> list[int]:
@@ -181,9 +180,7 @@ def _independent(synth: Synthesiser) -> Method:
                 # One window per tile: a tile is never longer than W, so plan_windows gives one round.
                 requests.append(SampleRequest(mask, slice_, 0, seed * TILE_SEED_STRIDE + k))
                 owners.append((index, tile))
-        pieces = sample_volumes(
-            synth.volume_model, synth.scheduler, requests, window, 0, cfg.sampler.batch_volumes, cfg.diffusion.eta
-        )
+        pieces = sample_volumes(synth.volume_model, synth.sampler, requests, window, 0, cfg.sampler.batch_volumes)
         volumes = [np.zeros(case.label.shape, np.float32) for case in cases]
         for (index, tile), piece in zip(owners, pieces, strict=True):
             volumes[index][tile.start : tile.stop] = piece
@@ -303,7 +300,7 @@ def evaluate(
     cfg = synth.cfg
     sampler_steps = min(cfg.diffusion.inference_steps, settings.sampler_steps or cfg.diffusion.inference_steps)
     if sampler_steps != cfg.diffusion.inference_steps:
-        synth = dataclasses.replace(synth, scheduler=sample_scheduler(cfg.diffusion, sampler_steps))
+        synth = dataclasses.replace(synth, sampler=make_sampler(cfg.diffusion, sampler_steps))
     folder = eval_data_folder(Path(data))
     cases = sorted(load_volumes(folder, cfg.data), key=lambda v: v.case_id)
     if not cases:
@@ -395,7 +392,7 @@ def evaluate(
         "checkpoint": {"path": str(checkpoint), "sha256": synth.checkpoints},
         "data": {"path": str(folder), "fingerprint": fingerprint(cases), "cases": [c.case_id for c in cases]},
         "settings": {
-            "sampler_steps": len(synth.scheduler.timesteps),
+            "sampler_steps": len(synth.sampler.timesteps),
             "eta": cfg.diffusion.eta,
             "window": cfg.data.window,
             "overlap": cfg.sampler.overlap,
