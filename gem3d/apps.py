@@ -65,6 +65,8 @@ class Synthesiser:
             "checkpoints": self.checkpoints,
             "config": self.cfg.model_dump(mode="json"),
             "sampler": {"steps": len(self.sampler.timesteps), "overlap": self.cfg.sampler.overlap},
+            # the in-plane field of view every mask was cut with: mm, or each case's own foreground box
+            "field_of_view_mm": self.cfg.data.field_of_view_mm or "per-case foreground box",
             "versions": library_versions(),
         }
 

@@ -99,6 +99,12 @@ class DataConfig(_Frozen):
         None, description="resample to this spacing in mm before slicing; None keeps the native spacing"
     )
     crop_foreground: bool = True
+    field_of_view_mm: float | None = Field(
+        None,
+        gt=0,
+        description="in-plane field of view in mm, the same for every case and for masks on their own, centred on "
+        "the foreground; None: each case's own foreground box (right only when the labels cover the whole body)",
+    )
     channel: int = Field(0, ge=0, description="which image channel (_000C) to read in multi-channel datasets")
 
     @model_validator(mode="after")

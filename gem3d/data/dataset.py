@@ -9,7 +9,10 @@ memory, with the label table that ``dataset.json`` declares (or the identity 0..
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
+
+import numpy as np
 
 from gem3d.config import DataConfig
 from gem3d.data.geometry import to_model_grid
@@ -17,6 +20,37 @@ from gem3d.data.layouts import Layout, check_case_headers, discover, read_case
 from gem3d.data.prepare import MANIFEST, load_prepared
 from gem3d.data.volume import Volume
 from gem3d.errors import DataError
+
+LOG = logging.getLogger(__name__)
+PARTIAL_COVERAGE = 0.6  # labels spanning less of the slice than this (median case) cover part of the body
+
+
+def label_coverage(volume: Volume) -> float:
+    """The in-plane extent of ``volume``'s labels as a fraction of its slice (the larger of H and W)."""
+    points = np.argwhere(volume.label > 0)
+    if points.size == 0:
+        return 0.0
+    extent = points.max(axis=0) - points.min(axis=0) + 1  # [D, H, W]
+    return float(max(extent[1] / volume.label.shape[1], extent[2] / volume.label.shape[2]))
+
+
+def warn_if_partial(volumes: list[Volume], cfg: DataConfig, source: Path) -> None:
+    """Log a warning when the labels cover only part of the imaged anatomy and no fixed field of view is set.
+
+    A mask on its own (``gem3d sample``) is then cropped to its labels, a field of view the
+    network never saw in training; ``data.field_of_view_mm`` makes both the same.
+    """
+    if cfg.field_of_view_mm is not None or not volumes:
+        return
+    coverage = float(np.median([label_coverage(v) for v in volumes]))
+    if coverage < PARTIAL_COVERAGE:
+        LOG.warning(
+            "%s: the labels span %.0f%% of the slice (median case): they cover part of the anatomy; set "
+            "data.field_of_view_mm (e.g. the scans' in-plane field of view in mm) so that masks on their own "
+            "are sampled at the field of view of training",
+            source,
+            100 * coverage,
+        )
 
 
 def detect_layout(data_dir: Path) -> Layout:
@@ -67,9 +101,11 @@ def load_volumes(data_dir: str | Path, cfg: DataConfig, case_ids: list[str] | No
     if not data_dir.is_dir():
         raise DataError(f"{data_dir}: dataset folder not found")
     if (data_dir / MANIFEST).exists():
-        return load_prepared(data_dir, cfg, case_ids)
-    volumes = load_raw(data_dir, cfg)
-    if case_ids is not None:
-        wanted = set(case_ids)
-        volumes = [v for v in volumes if v.case_id in wanted]
+        volumes = load_prepared(data_dir, cfg, case_ids)
+    else:
+        volumes = load_raw(data_dir, cfg)
+        if case_ids is not None:
+            wanted = set(case_ids)
+            volumes = [v for v in volumes if v.case_id in wanted]
+    warn_if_partial(volumes, cfg, data_dir)
     return volumes

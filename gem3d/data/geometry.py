@@ -5,7 +5,10 @@ Forward (``to_model_grid``), for a volume ``[X, Y, Z]`` with affine ``A``:
 1. reorient to the closest canonical (RAS+) voxel order (nibabel ``io_orientation``);
 2. take a box: the foreground (image signal, see ``signal_threshold``, or labels) plus a margin,
    grown in-plane to a square field of view in mm (so anatomy keeps its aspect ratio); the box may
-   reach past the volume, which is then padded with the background value;
+   reach past the volume, which is then padded with the background value. With
+   ``data.field_of_view_mm`` the in-plane box is that many mm, centred on the foreground, for
+   every case and for a mask on its own alike: a liver or tumour mask then lands at the in-plane
+   scale of the training data (a mask's own box would stretch the structure to fill the slice);
 3. move ``slice_axis`` first and resize the box to ``[D, image_size, image_size]`` (MONAI
    ``Resize``: trilinear with anti-aliasing for images, nearest for labels). D is the box's depth,
    or its depth resampled to ``target_spacing[slice_axis]`` when a target spacing is set; in-plane
@@ -199,6 +202,37 @@ def square_box(lo: list[int], hi: list[int], spacing: Sequence[float], slice_axi
     return lo, hi
 
 
+def fixed_box(
+    lo: list[int], hi: list[int], spacing: Sequence[float], slice_axis: int, extent_mm: float
+) -> tuple[list[int], list[int]]:
+    """The in-plane axes of a box replaced by ``extent_mm`` (rounded to whole voxels), centred on the box."""
+    lo, hi = list(lo), list(hi)
+    for a in range(3):
+        if a == slice_axis:
+            continue
+        size = max(1, round(extent_mm / spacing[a]))
+        lo[a] = int(np.floor((lo[a] + hi[a] - size) / 2))
+        hi[a] = lo[a] + size
+    return lo, hi
+
+
+def _labels_inside(
+    label: np.ndarray | None, lo: Sequence[int], hi: Sequence[int], cfg: DataConfig, source: str
+) -> None:
+    """Refuse a fixed field of view that would cut labelled voxels off (they would be lost in the output)."""
+    if label is None or not (label > 0).any():
+        return
+    points = np.argwhere(label > 0)
+    first, last = points.min(axis=0), points.max(axis=0)
+    for a in range(3):
+        if a != cfg.slice_axis and (first[a] < lo[a] or last[a] >= hi[a]):
+            raise DataError(
+                f"{source}: its labels reach outside data.field_of_view_mm = {cfg.field_of_view_mm:g} "
+                f"(canonical axis {a}: voxels {first[a]}..{last[a]}, field of view {lo[a]}..{hi[a] - 1}); "
+                "set a larger field of view"
+            )
+
+
 def intensity_range(box: np.ndarray, cfg: DataConfig) -> tuple[float, float]:
     """The original intensities mapped to -1 and 1: MRI percentiles of the box, or the CT window."""
     if cfg.modality == "ct":
@@ -277,7 +311,10 @@ def to_model_grid(
         lo, hi = foreground_box(canon_image, canon_label, margin, signal_threshold(canon_image, cfg))
     else:
         lo, hi = [0, 0, 0], [int(n) for n in canon_reference.shape]
-    if square:
+    if cfg.field_of_view_mm is not None:
+        lo, hi = fixed_box(lo, hi, canon_spacing, axis, cfg.field_of_view_mm)
+        _labels_inside(canon_label, lo, hi, cfg, source)
+    elif square:
         lo, hi = square_box(lo, hi, canon_spacing, axis)
     depth = hi[axis] - lo[axis]
     if cfg.target_spacing is not None:

@@ -45,6 +45,7 @@ GRID_FIELDS = (
     "ct_window",
     "target_spacing",
     "crop_foreground",
+    "field_of_view_mm",
 )
 
 
