@@ -5,6 +5,10 @@ once per seed, with a confidence interval over seeds. ``downstream_utility`` run
 the protocol asks for: few real cases alone vs the same real cases plus synthetic ones, with the
 same seeds, so the per-seed differences are paired.
 
+Every segmenter trains until it converges: early stopping on validation Dice, with validation
+cases drawn from the real training cases only (``validation_split``), the same ones for every arm
+of a seed, and the best weights restored (``train_segmenter``, issue 15).
+
 Confidence intervals are two-sided 95% Student-t intervals over seeds:
 ``mean ± t(0.975, n - 1) · sd / sqrt(n)`` (sd with n - 1). With one seed there is no interval
 (``ci_low`` = ``ci_high`` = None).
@@ -14,7 +18,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -25,9 +30,19 @@ from monai.networks.nets import UNet
 from scipy import stats
 
 from experiments.evaluation.arrays import as_label, as_volume
+from experiments.evaluation.protocol import DOWNSTREAM_STEPS
 
 Pair = tuple[Any, Any]  # (image [D, H, W] in [-1, 1], label [D, H, W] ints)
+Validation = Literal["held-out split", "train"]
 _DIVISOR = 4  # two stride-2 levels in the UNet
+
+# The early-stopping rule of protocol gem3d-eval-v2 (PROTOCOL.md section 4; issue 15): a fixed step
+# count left the real-only arm untrained, so every arm now trains until its validation Dice stops
+# improving, up to the protocol's cap DOWNSTREAM_STEPS.
+EVAL_EVERY = 25  # optimiser steps between validation evaluations
+PATIENCE = 4  # evaluations in a row without improvement before stopping
+MIN_DELTA = 1e-3  # an improvement must beat the best validation Dice by more than this
+MIN_CASES_FOR_SPLIT = 3  # fewer real training cases: validate on the training cases themselves
 
 
 def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float | None, float | None]:
@@ -83,31 +98,91 @@ def _random_patches(
     return torch.stack(images)[:, None], torch.stack(labels)[:, None]
 
 
+@dataclass(frozen=True)
+class TrainingRecord:
+    """How one segmenter's training went (``train_segmenter``).
+
+    Attributes:
+        steps: optimiser steps taken.
+        curve: (step, validation Dice) at step 0 and every ``eval_every`` steps, and at the last step.
+        best_step: the step of the highest validation Dice, whose weights the returned network
+            has (0: the initial weights).
+        best_dice: that Dice, the curve's maximum (NaN if no evaluation gave a finite Dice).
+        capped: True when ``max_steps`` ended training before the patience ran out: the network
+            may not have converged.
+    """
+
+    steps: int
+    curve: tuple[tuple[int, float], ...]
+    best_step: int
+    best_dice: float
+    capped: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "steps": self.steps,
+            "curve": [list(point) for point in self.curve],
+            "best_step": self.best_step,
+            "best_dice": self.best_dice,
+            "capped": self.capped,
+        }
+
+
+def _beats(dice: float, other: float, margin: float) -> bool:
+    # NaN (no label in the truth or prediction of any validation case) never counts as a gain.
+    return not math.isnan(dice) and (math.isnan(other) or dice > other + margin)
+
+
+def _check_rules(max_steps: int, eval_every: int, patience: int, min_delta: float) -> None:
+    for name, value in (("max_steps", max_steps), ("eval_every", eval_every), ("patience", patience)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if not min_delta >= 0:
+        raise ValueError(f"min_delta must be >= 0, got {min_delta}")
+
+
 def train_segmenter(
     train_pairs: Sequence[Pair],
+    val_pairs: Sequence[Pair],
     num_labels: int,
     seed: int,
-    steps: int,
+    max_steps: int = DOWNSTREAM_STEPS,
     device: str | torch.device = "cpu",
+    eval_every: int = EVAL_EVERY,
+    patience: int = PATIENCE,
+    min_delta: float = MIN_DELTA,
     batch_size: int = 2,
     patch: int = 32,
     channels: tuple[int, ...] = (8, 16, 32),
     lr: float = 1e-3,
-) -> UNet:
-    """Train a small 3D MONAI UNet (Dice + cross-entropy, Adam) on random patches.
+) -> tuple[UNet, TrainingRecord]:
+    """Train a small 3D MONAI UNet (Dice + cross-entropy, Adam) on random patches until it converges.
+
+    Early stopping on validation Dice (``evaluate_dice``): evaluated before the first step, every
+    ``eval_every`` steps and at the last step. An evaluation is an improvement when it beats the
+    last improvement (at first, step 0) by more than ``min_delta``; training stops after
+    ``patience`` evaluations in a row without one, or at ``max_steps``. The weights of the highest
+    validation Dice (the first such step) are restored at the end, so the returned network's
+    validation Dice is ``record.best_dice``. Evaluation draws nothing from the batch generator:
+    the batches, hence the bytes, depend on ``seed`` only.
 
     Args:
-        train_pairs: (image ``[D, H, W]``, label ``[D, H, W]``) pairs.
+        train_pairs: (image ``[D, H, W]``, label ``[D, H, W]``) pairs to train on.
+        val_pairs: pairs to stop on: real cases, never test cases nor synthetic ones
+            (``validation_split`` draws them from the real training cases).
         num_labels: classes including background.
         seed: seeds the weights and the batch order.
-        steps: optimiser steps.
+        max_steps: the cap on optimiser steps (``DOWNSTREAM_STEPS`` by default).
+        eval_every, patience, min_delta: the early-stopping rule above.
         patch: patch side (capped by the smallest training volume, floored to a multiple of 4).
         channels: UNet widths; len(channels) - 1 stride-2 levels.
 
     Returns:
-        The trained network (eval mode) on ``device``.
+        (the network with its best weights, eval mode, on ``device``; its ``TrainingRecord``).
     """
+    _check_rules(max_steps, eval_every, patience, min_delta)
     cases = _tensors(train_pairs, "train_pairs")
+    validation = _tensors(val_pairs, "val_pairs")
     shape = _patch_shape(cases, patch)
     generator = torch.Generator().manual_seed(seed)
     with torch.random.fork_rng(devices=[]):  # seed the weights without touching the caller's RNG
@@ -122,14 +197,39 @@ def train_segmenter(
         ).to(device)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
     optimizer = torch.optim.Adam(net.parameters(), lr=lr)
-    net.train()
-    for _ in range(steps):
+
+    def validate() -> float:
+        dice = evaluate_dice(net.eval(), validation, num_labels, patch)
+        net.train()
+        return dice
+
+    def snapshot() -> dict[str, torch.Tensor]:
+        return {key: value.detach().clone() for key, value in net.state_dict().items()}
+
+    best_dice, best_step, best_weights = validate(), 0, snapshot()
+    reference = best_dice  # the Dice of the last improvement, which the next must beat by min_delta
+    curve = [(0, best_dice)]
+    step, stale = 0, 0
+    while step < max_steps and stale < patience:
         images, labels = _random_patches(cases, shape, batch_size, generator)
         loss = loss_fn(net(images.to(device)), labels.to(device))
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return net.eval()
+        step += 1
+        if step % eval_every and step < max_steps:
+            continue
+        dice = validate()
+        curve.append((step, dice))
+        if _beats(dice, best_dice, 0.0):
+            best_dice, best_step, best_weights = dice, step, snapshot()
+        if _beats(dice, reference, min_delta):
+            reference, stale = dice, 0
+        else:
+            stale += 1
+    net.load_state_dict(best_weights)
+    record = TrainingRecord(step, tuple(curve), best_step, best_dice, capped=stale < patience)
+    return net.eval(), record
 
 
 @torch.no_grad()
@@ -160,40 +260,110 @@ def evaluate_dice(net: torch.nn.Module, test_pairs: Sequence[Pair], num_labels: 
     return float(np.mean(finite)) if finite else float("nan")
 
 
+def validation_split(num_real: int, seed: int) -> tuple[list[int], list[int], Validation]:
+    """Split ``num_real`` real training cases into (training indices, validation indices, kind).
+
+    With >= ``MIN_CASES_FOR_SPLIT`` (3) cases, ``max(1, num_real // 5)`` cases (a fifth, at least
+    one) are drawn without replacement by ``numpy.random.default_rng(seed)`` and held out for early
+    stopping; kind ``"held-out split"``. With 1 or 2 cases a held-out case would leave one case or
+    none to train on, so every case trains and validates; kind ``"train"`` (early stopping then
+    watches the training fit). Indices are sorted.
+    """
+    if num_real < 1:
+        raise ValueError("the downstream task needs at least 1 real training case")
+    everything = list(range(num_real))
+    if num_real < MIN_CASES_FOR_SPLIT:
+        return everything, everything, "train"
+    held = np.random.default_rng(seed).choice(num_real, max(1, num_real // 5), replace=False)
+    validation = sorted(int(i) for i in held)
+    return [i for i in everything if i not in validation], validation, "held-out split"
+
+
+def _num_labels(pairs: Sequence[Pair]) -> int:
+    return 1 + max(int(as_label(label, as_volume(image).shape).max()) for image, label in pairs)
+
+
+def _rules(max_steps: int, train_options: dict[str, Any]) -> dict[str, Any]:
+    """The early-stopping rule a run uses: what a paired comparison must share."""
+    return {
+        "max_steps": max_steps,
+        "eval_every": train_options.get("eval_every", EVAL_EVERY),
+        "patience": train_options.get("patience", PATIENCE),
+        "min_delta": train_options.get("min_delta", MIN_DELTA),
+    }
+
+
 def segmentation_dice(
     train_pairs: Sequence[Pair],
     test_pairs: Sequence[Pair],
     seeds: Sequence[int] = (0, 1, 2),
-    steps: int = 200,
+    max_steps: int = DOWNSTREAM_STEPS,
     device: str | torch.device = "cpu",
     num_labels: int | None = None,
+    synthetic: Sequence[Pair] = (),
+    synthetic_sources: Sequence[int] | None = None,
     **train_options: Any,
 ) -> dict[str, Any]:
-    """Train once per seed and report test Dice with a 95% t-interval over seeds.
+    """Train once per seed with early stopping and report test Dice with a 95% t-interval over seeds.
+
+    Per seed: ``validation_split(len(train_pairs), seed)`` picks the validation cases among the
+    real training cases; the segmenter trains on the other real cases plus ``synthetic``, stops on
+    the validation cases (``train_segmenter``) and is tested on ``test_pairs``. Only the seed and
+    the number of real cases choose the validation cases, so an arm with synthetic data validates
+    on the same cases as the real-only arm.
 
     Args:
-        train_pairs, test_pairs: (image, label) ``[D, H, W]`` pairs; test pairs are real, held out.
-        seeds, steps, device: as in ``train_segmenter``; ``train_options`` go there too.
+        train_pairs: the real training (image, label) ``[D, H, W]`` pairs; the validation cases
+            come from these only.
+        test_pairs: real held-out pairs; never used for training or stopping.
+        seeds, max_steps, device: as in ``train_segmenter``; ``train_options`` go there too
+            (``eval_every``, ``patience``, ``min_delta``, ``patch``, ``channels``, ...).
         num_labels: classes incl. background; default: 1 + the largest label in any pair.
+        synthetic: extra training pairs; never validated on.
+        synthetic_sources: for each synthetic pair, the index in ``train_pairs`` of the real case
+            whose mask generated it. Synthetic pairs of a seed's held-out validation cases are left
+            out of that seed's training: they carry the validation labels. None: all are used.
 
     Returns:
-        ``{"mean", "ci_low", "ci_high", "per_seed": [dice per seed], "seeds", "steps",
-        "num_train", "num_test"}`` (Dice in [0, 1]).
+        ``{"mean", "ci_low", "ci_high", "per_seed": [test Dice per seed], "seeds",
+        "early_stopping": {"max_steps", "eval_every", "patience", "min_delta"},
+        "validation": "held-out split" | "train", "num_real", "num_synthetic",
+        "num_train" (real + synthetic given), "num_test", "training": [per seed: {"seed",
+        "validation_cases": [indices into train_pairs], "trained_on": pairs trained on,
+        **TrainingRecord.as_dict()}]}`` (Dice in [0, 1]).
     """
+    if not seeds:
+        raise ValueError("segmentation_dice needs at least one seed")
+    if synthetic_sources is not None and (
+        len(synthetic_sources) != len(synthetic) or not all(0 <= i < len(train_pairs) for i in synthetic_sources)
+    ):
+        raise ValueError("synthetic_sources needs one index into train_pairs per synthetic pair")
     if num_labels is None:
-        num_labels = 1 + max(
-            int(as_label(label, as_volume(image).shape).max()) for image, label in [*train_pairs, *test_pairs]
-        )
-    per_seed = []
+        num_labels = _num_labels([*train_pairs, *synthetic, *test_pairs])
+    rules = _rules(max_steps, train_options)
+    per_seed, training, kind = [], [], "train"
     for seed in seeds:
-        net = train_segmenter(train_pairs, num_labels, seed, steps, device, **train_options)
+        fit_ids, val_ids, kind = validation_split(len(train_pairs), seed)
+        held_out = set(val_ids) if kind == "held-out split" else set()
+        sources = synthetic_sources if synthetic_sources is not None else [None] * len(synthetic)
+        fit = [train_pairs[i] for i in fit_ids] + [
+            p for p, i in zip(synthetic, sources, strict=True) if i not in held_out
+        ]
+        net, record = train_segmenter(
+            fit, [train_pairs[i] for i in val_ids], num_labels, seed, max_steps, device, **train_options
+        )
         per_seed.append(evaluate_dice(net, test_pairs, num_labels, train_options.get("patch", 32)))
+        training.append({"seed": seed, "validation_cases": val_ids, "trained_on": len(fit), **record.as_dict()})
     return {
         **_summary(per_seed),
         "seeds": list(seeds),
-        "steps": steps,
-        "num_train": len(train_pairs),
+        "early_stopping": rules,
+        "validation": kind,
+        "num_real": len(train_pairs),
+        "num_synthetic": len(synthetic),
+        "num_train": len(train_pairs) + len(synthetic),
         "num_test": len(test_pairs),
+        "training": training,
     }
 
 
@@ -202,16 +372,21 @@ def downstream_utility(
     synthetic: Sequence[Pair],
     test_pairs: Sequence[Pair],
     seeds: Sequence[int] = (0, 1, 2),
-    steps: int = 200,
+    max_steps: int = DOWNSTREAM_STEPS,
     device: str | torch.device = "cpu",
     num_labels: int | None = None,
     real_only: dict[str, Any] | None = None,
+    synthetic_sources: Sequence[int] | None = None,
     **train_options: Any,
 ) -> dict[str, Any]:
     """Dice of real-only vs real + synthetic training, same seeds, and their paired difference.
 
+    Both arms stop on the same validation cases (drawn from ``real_train`` per seed, removed from
+    both arms' training sets) under the same early-stopping rule, so the per-seed gain is paired.
+
     Args:
-        real_only: a ``segmentation_dice`` result for ``real_train`` with the same seeds, steps and
+        synthetic_sources: see ``segmentation_dice``.
+        real_only: a ``segmentation_dice`` result for ``real_train`` with the same seeds, rule and
             test pairs, to reuse across methods instead of training the real-only arm again.
 
     Returns:
@@ -220,12 +395,21 @@ def downstream_utility(
         per seed, with a paired t-interval.
     """
     if num_labels is None:
-        everything = [*real_train, *synthetic, *test_pairs]
-        num_labels = 1 + max(int(as_label(label, as_volume(image).shape).max()) for image, label in everything)
+        num_labels = _num_labels([*real_train, *synthetic, *test_pairs])
     if real_only is None:
-        real_only = segmentation_dice(real_train, test_pairs, seeds, steps, device, num_labels, **train_options)
-    elif list(real_only["seeds"]) != list(seeds) or real_only["steps"] != steps:
-        raise ValueError("real_only was computed with other seeds or steps; the gain must be paired")
-    mixed = segmentation_dice([*real_train, *synthetic], test_pairs, seeds, steps, device, num_labels, **train_options)
+        real_only = segmentation_dice(real_train, test_pairs, seeds, max_steps, device, num_labels, **train_options)
+    else:
+        splits = [validation_split(len(real_train), seed)[1] for seed in seeds]
+        recorded = [entry.get("validation_cases") for entry in real_only.get("training", [])]
+        if (
+            list(real_only.get("seeds", [])) != list(seeds)
+            or real_only.get("early_stopping") != _rules(max_steps, train_options)
+            or real_only.get("num_real") != len(real_train)
+            or recorded != splits
+        ):
+            raise ValueError("real_only was computed with other seeds, stopping rule or cases; the gain must be paired")
+    mixed = segmentation_dice(
+        real_train, test_pairs, seeds, max_steps, device, num_labels, synthetic, synthetic_sources, **train_options
+    )
     gain = [b - a for a, b in zip(real_only["per_seed"], mixed["per_seed"], strict=True)]
     return {"real_only": real_only, "real_plus_synthetic": mixed, "gain": _summary(gain)}

@@ -21,14 +21,14 @@ from experiments.evaluation.distribution import FeatureExtractor, SeededRandomFe
 from experiments.evaluation.diversity import pairwise_similarity
 from experiments.evaluation.fidelity import DATA_RANGE, fidelity
 
-PROTOCOL_VERSION = "gem3d-eval-v1"
+PROTOCOL_VERSION = "gem3d-eval-v2"
 METHODS = ("gem3d", "mask_only", "independent_windows", "full_3d")
 MAIN_SEED = 0  # the sample every per-case metric uses
 DIVERSITY_SAMPLES = 4  # samples per mask for diversity: seeds 0..3
 SYNTHETIC_PER_CASE = 2  # downstream: synthetic volumes per real training case, seeds 100, 101
 SYNTHETIC_SEED_BASE = 100
 DOWNSTREAM_SEEDS = (0, 1, 2)
-DOWNSTREAM_STEPS = 200
+DOWNSTREAM_STEPS = 2000  # a cap, not a budget: training stops when validation Dice plateaus
 FIDELITY_KEYS = ("psnr", "ssim", "ms_ssim", "psnr_foreground", "ssim_foreground", "ms_ssim_foreground")
 
 

@@ -104,7 +104,8 @@ def quick_settings(seeds: Sequence[int] | None = None) -> Settings:
         deviations=(
             "--quick: DDIM steps capped at 10 (fewer if the run's config has fewer)",
             "--quick: 2 diversity samples per mask instead of 4",
-            f"--quick: downstream seeds {list(chosen)} and 20 steps instead of {list(DOWNSTREAM_SEEDS)} and 200",
+            f"--quick: downstream seeds {list(chosen)} and a 20-step cap "
+            f"instead of {list(DOWNSTREAM_SEEDS)} and {DOWNSTREAM_STEPS}",
             "--quick: 1 synthetic volume per downstream training case instead of 2",
             "--quick: baselines trained for at most 50 steps per stage",
             "--quick: full-3D baseline UNet channels (8, 16, 16) instead of (16, 32, 32)",
@@ -404,7 +405,7 @@ def evaluate(
             "data_range": 2.0,
             "downstream": {
                 "seeds": list(settings.downstream_seeds),
-                "steps": settings.downstream_steps,
+                "max_steps": settings.downstream_steps,
                 "synthetic_per_case": settings.synthetic_per_case,
                 "informed": informed_source,
             },
@@ -448,11 +449,12 @@ def _downstream(
     test_pairs = [(by_id[i].image, by_id[i].label) for i in test_ids]
     train_cases = [by_id[i] for i in train_ids]
     seeds, steps = settings.downstream_seeds, settings.downstream_steps
-    log(f"downstream: real-only, {len(seeds)} seeds x {steps} steps")
+    log(f"downstream: real-only, {len(seeds)} seeds x at most {steps} steps (early stopping)")
     real_only = segmentation_dice(real_train, test_pairs, seeds, steps, "cpu", cfg.data.num_labels)
     out: dict[str, Any] = {"split": {"train": train_ids, "test": test_ids}, "real_only": real_only}
     for key, method in runnable.items():
         synthetic: list[tuple[np.ndarray, np.ndarray]] = []
+        sources: list[int] = []  # the real training case whose mask made each synthetic volume
         for k in range(settings.synthetic_per_case):
             seed = SYNTHETIC_SEED_BASE + k
             starts = [default_start(c.label) for c in train_cases]
@@ -462,9 +464,18 @@ def _downstream(
                 informed = [_real_informed(c) for c in train_cases]
             volumes = method.generate(train_cases, informed, seed)
             synthetic += [(volume, case.label) for volume, case in zip(volumes, train_cases, strict=True)]
+            sources += range(len(train_cases))
         log(f"downstream: {key}, real + {len(synthetic)} synthetic")
         result = downstream_utility(
-            real_train, synthetic, test_pairs, seeds, steps, "cpu", cfg.data.num_labels, real_only=real_only
+            real_train,
+            synthetic,
+            test_pairs,
+            seeds,
+            steps,
+            "cpu",
+            cfg.data.num_labels,
+            real_only=real_only,
+            synthetic_sources=sources,
         )
         out[key] = {"real_plus_synthetic": result["real_plus_synthetic"], "gain": result["gain"]}
     return out
