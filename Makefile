@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench pretrained clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,10 @@ bench: $(STAMP)
 	$(PY) experiments/benchmarks/data_loading.py
 	$(PY) experiments/benchmarks/federation.py
 	$(PY) experiments/benchmarks/privacy.py
+
+# Re-create the public pre-trained weights the demo starts from (experiments/pretrained/demo).
+pretrained: $(STAMP)
+	$(PY) experiments/pretrained/make.py
 
 clean:
 	rm -rf $(VENV) demo_out

@@ -50,8 +50,8 @@ from gem3d.errors import Gem3dError
 DEMO_SET = (
     "federation.rounds_slice=3 federation.rounds_volume=2 federation.rounds_informed=2 "
     "federation.local_steps=15 train.batch_size=2 train.lr=1e-4 "
-    "privacy.enabled=true privacy.noise_multiplier=1.2 privacy.budget_epsilon=60 privacy.max_grad_norm=1.0 "
-    "diffusion.inference_steps=20"
+    "privacy.enabled=true privacy.noise_multiplier=1.2 privacy.budget_epsilon=8 privacy.max_grad_norm=1.0 "
+    "diffusion.inference_steps=10"
 )
 
 
@@ -61,7 +61,8 @@ SMALL_SET = (
     "model.norm_num_groups=4 model.num_head_channels=8 informed.channels=8,16 "
     "informed.attention_levels=false,true informed.norm_num_groups=4 informed.num_head_channels=8 "
     "informed.position_bins=8 federation.rounds_slice=1 federation.rounds_volume=1 federation.rounds_informed=1 "
-    "federation.local_steps=2 diffusion.inference_steps=3"
+    "federation.local_steps=2 diffusion.inference_steps=3 "
+    "privacy.budget_epsilon=20"  # 2-4 patients per site cannot train at epsilon <= 8
 )
 
 
@@ -78,6 +79,10 @@ def lowest_quantile(cases: int) -> float:
 
 
 PRETRAIN_SET = "privacy.enabled=false train.batch_size=4 train.lr=1e-3"
+# The public pre-trained weights that ship with the project (experiments/pretrained/make.py makes
+# them; `make pretrained` re-creates them): the demo starts from them when they fit its settings.
+SHIPPED = Path(__file__).resolve().parent / "pretrained" / "demo"
+SHIPPED_MANIFEST = "PRETRAINED.json"
 
 
 @dataclass(frozen=True)
@@ -91,13 +96,15 @@ class DemoSettings:
     """
 
     sites: int = 3
-    cases_per_site: int = 6
+    cases_per_site: int = 20
     size: int = 32
     overrides: str = DEMO_SET
     evaluate_options: tuple[str, ...] = ("--quick",)
-    public_cases: int = 8
-    pretrain_steps: tuple[int, int] = (1200, 500)
-    mask_only_steps: tuple[int, int] = (1200, 30)
+    public_sites: int = 4
+    public_cases: int = 4
+    pretrain_steps: tuple[int, int] = (3000, 1200)
+    mask_only_steps: tuple[int, int] = (3000, 150)
+    shipped: Path | None = SHIPPED
 
 
 SMALL = DemoSettings(
@@ -106,9 +113,11 @@ SMALL = DemoSettings(
     size=24,
     overrides=f"{DEMO_SET} {SMALL_SET}",
     evaluate_options=("--quick", "--baselines", "mask-only,no-overlap", "--no-downstream"),
-    public_cases=2,
+    public_sites=2,
+    public_cases=1,
     pretrain_steps=(4, 2),
     mask_only_steps=(4, 2),
+    shipped=None,
 )
 
 
@@ -168,27 +177,71 @@ def build_cohort(state: DemoState) -> None:
     )  # fmt: skip
 
 
+def shipped_weights(settings: DemoSettings) -> dict[str, Any] | None:
+    """The manifest of the shipped pre-trained weights if they were made for these settings, else None.
+
+    They fit when they were trained with the demo's overrides (the network and diffusion recipe)
+    at its slice size. Each file's sha256 is checked against the manifest: a changed file is refused.
+    """
+    if settings.shipped is None or not (settings.shipped / SHIPPED_MANIFEST).exists():
+        return None
+    manifest = json.loads((settings.shipped / SHIPPED_MANIFEST).read_text())
+    if manifest.get("overrides") != settings.overrides or manifest.get("data", {}).get("size") != settings.size:
+        return None
+    from gem3d.checkpoint import file_sha256
+
+    for name, digest in manifest["files"].items():
+        if file_sha256(settings.shipped / name) != digest:
+            raise Gem3dError(
+                f"{settings.shipped / name}: its sha256 differs from {SHIPPED_MANIFEST}; "
+                "re-create the shipped weights with `make pretrained`"
+            )
+    return manifest
+
+
 def pretrain_public(state: DemoState, tracking: Path) -> None:
-    """A public dataset (its own scanner, no site's patients) and the slice and informed stages on it.
+    """The public pre-trained models: the shipped ones when they fit, else trained here on public data.
+
+    Shipped (``experiments/pretrained/demo``): the slice and informed stages and the mask-only
+    baseline, made by ``experiments/pretrained/make.py`` from the public demo data, with the
+    recipe recorded in their manifest. Otherwise: a public dataset (its own scanner, no site's
+    patients) and the slice and informed stages trained on it here.
 
     The mask-only baseline (``model.informed_slice=false``) pre-trains on the same public data, for
     the same slice steps, in a child process on the second core, so the evaluation compares
     GEM-3D with a baseline that had the same start.
     """
     settings = state.settings
+    manifest = shipped_weights(settings)
+    if manifest is not None:
+        assert settings.shipped is not None
+        for name in manifest["files"]:
+            target = state.out / name
+            if not target.exists():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(settings.shipped / name, target)
+        print(f"public pre-trained weights: shipped ({settings.shipped}, made by {manifest['command']})", flush=True)
+        state.summary["pretraining"] = {
+            "shipped": True,
+            "public_cases": manifest["data"]["cases"],
+            "steps": manifest["steps"]["gem3d"],
+            "mask_only_steps": manifest["steps"]["mask_only"],
+        }
+        return
     if not state.public.exists():
         _run(
             demo_data,
             "--out", state.public,
-            "--sites", 1,
+            "--sites", settings.public_sites,
             "--cases-per-site", settings.public_cases,
             "--test-per-site", 0,
             "--size", settings.size,
             "--seed", 1,
+            "--pooled",
         )  # fmt: skip
     overrides = [arg for item in f"{settings.overrides} {PRETRAIN_SET}".split() for arg in ("--set", item)]
     # declared public: the checkpoints record it, and the model's privacy statement says so
-    common = [*overrides, "--data", str(state.public / "site_0"), "--public-data"]
+    common = [*overrides, "--data", str(state.public / "pooled"), "--public-data"]
     baseline, log = None, state.out / "pretrained_mask_only.log"
     if not (state.mask_only / "volume.safetensors").exists():
         # tracked off: two processes writing one SQLite store can lock it, which would switch the
@@ -222,7 +275,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     if baseline is not None and baseline.wait() != 0:
         raise Gem3dError(f"the mask-only baseline's pre-training failed (exit {baseline.returncode}); see {log}")
     state.summary["pretraining"] = {
-        "public_cases": settings.public_cases,
+        "public_cases": settings.public_sites * settings.public_cases,
         "steps": list(settings.pretrain_steps),
         "mask_only_steps": list(settings.mask_only_steps),
     }
@@ -381,7 +434,9 @@ def summary_lines(state: DemoState) -> list[str]:
     if pretraining:
         rows.append(
             (
-                "public pre-training: cases, slice / informed steps (mask-only: slice / volume)",
+                "public pre-training"
+                + (" (shipped weights)" if pretraining.get("shipped") else "")
+                + ": cases, slice / informed steps (mask-only: slice / volume)",
                 f"{pretraining['public_cases']}, {pretraining['steps'][0]} / {pretraining['steps'][1]} "
                 f"({pretraining['mask_only_steps'][0]} / {pretraining['mask_only_steps'][1]})",
             )
@@ -429,6 +484,23 @@ def summary_lines(state: DemoState) -> list[str]:
             (
                 f"{name}: PSNR whole / foreground (dB), seam ratio",
                 f"{_fmt(fidelity.get('psnr'), 2)} / {_fmt(fidelity.get('psnr_foreground'), 2)}, {_fmt(seam)}",
+            )
+        )
+    transfer = evaluation.get("appearance_transfer") or {}
+    if transfer.get("without_informed") is not None:
+        rows.append(
+            (
+                "per-label intensity error: with / without the informed slice (ratio)",
+                f"{_fmt(transfer['with_informed'])} / {_fmt(transfer['without_informed'])} "
+                f"({_fmt(transfer.get('ratio'), 2)})",
+            )
+        )
+    noise = (methods.get("gem3d") or {}).get("background_noise") or {}
+    if noise:
+        rows.append(
+            (
+                "gem3d: background std / real (high-frequency part)",
+                f"{_fmt(noise.get('std_ratio'), 2)} ({_fmt(noise.get('hf_std_ratio'), 2)})",
             )
         )
     if "full_3d" in methods and evaluation.get("deviations"):

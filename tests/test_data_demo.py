@@ -86,6 +86,21 @@ def test_demo_cohort_is_deterministic_and_cases_differ(tmp_path: Path) -> None:
         write_demo_cohort(tmp_path / "a", sites=1, cases_per_site=1, size=12)
 
 
+def test_a_pooled_cohort_holds_the_same_cases_in_one_folder(tmp_path: Path) -> None:
+    # execute
+    sites = write_demo_cohort(tmp_path / "sites", sites=2, cases_per_site=2, size=12, seed=4, test_per_site=1)
+    pooled = write_demo_cohort(tmp_path / "pooled", sites=2, cases_per_site=2, size=12, seed=4, pooled=True)
+    # assert: one training folder with every site's cases, byte for byte; the test split unchanged
+    assert sorted(p.name for p in pooled.iterdir() if p.is_dir()) == ["pooled", "test"]
+    names = sorted(p.name for p in (pooled / "pooled" / "imagesTr").iterdir())
+    assert names == sorted(p.name for s in ("site_0", "site_1") for p in (sites / s / "imagesTr").iterdir())
+    for name in names:
+        site = "site_0" if name.startswith("site_0_") else "site_1"
+        assert (pooled / "pooled" / "imagesTr" / name).read_bytes() == (sites / site / "imagesTr" / name).read_bytes()
+    assert json.loads((pooled / "pooled" / "dataset.json").read_text())["numTraining"] == 4
+    assert json.loads((pooled / "cohort.json").read_text())["pooled"] is True
+
+
 def test_demo_data_prepare_train_chain(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     # execute: the commands a user runs, on a small cohort and a micro model
     assert (

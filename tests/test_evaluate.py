@@ -14,7 +14,16 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.runs import train_stage
 
-METHOD_KEYS = {"fidelity", "appearance", "seam_ratio", "view_check", "distribution", "diversity", "per_case"}
+METHOD_KEYS = {
+    "fidelity",
+    "appearance",
+    "background_noise",
+    "seam_ratio",
+    "view_check",
+    "distribution",
+    "diversity",
+    "per_case",
+}
 
 
 @pytest.fixture(scope="module")

@@ -90,3 +90,18 @@ def test_a_method_without_windows_has_no_seam_ratio() -> None:
     # assert
     assert report["seam_ratio"] is None
     assert report["diversity"] is None
+
+
+def test_background_noise_is_relative_to_the_real_background() -> None:
+    from experiments.evaluation.appearance import background_noise
+
+    rng = np.random.default_rng(0)
+    label = np.zeros((8, 16, 16), np.int64)
+    label[:, 4:12, 4:12] = 1
+    real = np.where(label == 0, -0.9, 0.5) + rng.normal(0, 0.05, label.shape)
+    noisy = np.where(label == 0, -0.9, 0.5) + rng.normal(0, 0.10, label.shape)  # twice the real noise
+    same = background_noise(real, real, label)
+    doubled = background_noise(noisy, real, label)
+    assert same == {"std_ratio": 1.0, "hf_std_ratio": 1.0}
+    assert 1.8 < doubled["std_ratio"] < 2.2 and 1.8 < doubled["hf_std_ratio"] < 2.2
+    assert np.isnan(background_noise(real, real, np.ones_like(label))["std_ratio"])

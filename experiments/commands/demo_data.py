@@ -28,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--size", type=int, default=32, help="voxels across the longest in-plane extent (default 32)")
     parser.add_argument("--seed", type=seed_int, default=0, help="the cohort is a pure function of the seed")
     parser.add_argument("--lesion", action="store_true", help="add a synthetic white-matter lesion label (4)")
+    parser.add_argument(
+        "--pooled", action="store_true", help="all sites' training cases in one folder, pooled/ (a multi-scanner set)"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -39,9 +42,11 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         test_per_site=args.test_per_site,
         lesion=args.lesion,
+        pooled=args.pooled,
     )
+    folders = "pooled" if args.pooled else f"site_0 .. site_{args.sites - 1}"
     print(
         f"demo cohort: {args.sites} sites x {args.cases_per_site} cases, {args.sites * args.test_per_site} test cases "
-        f"-> {out} (site_0 .. site_{args.sites - 1}, test)"
+        f"-> {out} ({folders}, test)"
     )
     return 0

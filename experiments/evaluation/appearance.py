@@ -9,6 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+
 from experiments.evaluation.arrays import as_label, as_pair
 
 
@@ -37,4 +40,38 @@ def label_intensity_error(prediction: Any, target: Any, label: Any) -> dict[str,
         "per_label": per_label,
         "foreground_mean": sum(foreground) / len(foreground) if foreground else float("nan"),
         "background": per_label.get("0", float("nan")),
+    }
+
+
+def high_frequency(volume: torch.Tensor) -> torch.Tensor:
+    """``[D, H, W]`` minus its 3x3x3 mean (edges replicated): the part salt-and-pepper noise raises."""
+    x = volume.double()[None, None]
+    smooth = F.avg_pool3d(F.pad(x, (1, 1, 1, 1, 1, 1), mode="replicate"), 3, stride=1)
+    return (x - smooth)[0, 0]
+
+
+def background_noise(prediction: Any, target: Any, label: Any) -> dict[str, float]:
+    """How noisy the generated background (label 0) is, relative to the real one.
+
+    Returns:
+        ``{"std_ratio": std of the generated background / std of the real background,
+        "hf_std_ratio": the same for ``high_frequency`` of each volume, over background voxels
+        whose 3x3x3 neighbourhood is all background}``; 1 is the real level, nan when the mask has
+        no (such) background or the real background is constant.
+    """
+    pred, real = as_pair(prediction, target)
+    background = as_label(label, real.shape) == 0
+    # the high-frequency part only where the whole 3x3x3 neighbourhood is background: edges are not noise
+    neighbourhood = F.avg_pool3d(F.pad(background.double()[None, None], (1,) * 6, mode="replicate"), 3, stride=1)
+    interior = background & (neighbourhood[0, 0] > 1 - 1e-9)
+
+    def ratio(a: torch.Tensor, b: torch.Tensor, where: torch.Tensor) -> float:
+        if not where.any():
+            return float("nan")
+        reference = float(b[where].double().std())
+        return float(a[where].double().std()) / reference if reference > 0 else float("nan")
+
+    return {
+        "std_ratio": ratio(pred, real, background),
+        "hf_std_ratio": ratio(high_frequency(pred), high_frequency(real), interior),
     }

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from experiments.evaluation.appearance import label_intensity_error
+from experiments.evaluation.appearance import background_noise, label_intensity_error
 from experiments.evaluation.arrays import as_volume
 from experiments.evaluation.consistency import seam_ratio, view_check
 from experiments.evaluation.distribution import FeatureExtractor, SeededRandomFeatures, distribution_distance
@@ -109,7 +109,9 @@ def method_report(
 
     Returns:
         ``{"fidelity": {key: mean over cases (finite values; PSNR inf excluded)},
-        "appearance": {"foreground_mean", "background"}, "seam_ratio": {"mean", "real_mean"},
+        "appearance": {"foreground_mean", "background"}, "background_noise": {"std_ratio",
+        "hf_std_ratio"} (generated / real background, ``appearance.background_noise``),
+        "seam_ratio": {"mean", "real_mean"},
         "view_check": view_check(...), "distribution": distribution_distance(...),
         "diversity": {"mean", "pairs", "nan_pairs"} or None, "per_case": {case_id: {...}}}``.
         ``seam_ratio.real_mean`` is the real volumes' ratio at the same boundaries: the value a
@@ -127,6 +129,7 @@ def method_report(
                 k: v for k, v in fidelity(generated, image, case.label, data_range).items() if k in FIDELITY_KEYS
             },
             "appearance": label_intensity_error(generated, image, case.label),
+            "background_noise": background_noise(generated, image, case.label),
         }
         if case.boundaries:
             entry["seam_ratio"] = seam_ratio(generated, case.boundaries)
@@ -147,6 +150,10 @@ def method_report(
         "appearance": {
             "foreground_mean": _mean([per_case[c.case_id]["appearance"]["foreground_mean"] for c in cases]),
             "background": _mean([per_case[c.case_id]["appearance"]["background"] for c in cases]),
+        },
+        "background_noise": {
+            key: _mean([per_case[c.case_id]["background_noise"][key] for c in cases])
+            for key in ("std_ratio", "hf_std_ratio")
         },
         "seam_ratio": {"mean": _mean(seams), "real_mean": _mean(real_seams)} if seams else None,
         "view_check": view_check(synthetic, real, views),

@@ -375,9 +375,13 @@ def evaluate(
     for key, reason in skipped.items():
         reports[key] = {"skipped": reason}
     mask_only = reports.get("mask_only", {})
+    with_informed = reports["gem3d"]["appearance"]["foreground_mean"]
+    without_informed = mask_only["appearance"]["foreground_mean"] if "appearance" in mask_only else None
     appearance = {
-        "with_informed": reports["gem3d"]["appearance"]["foreground_mean"],
-        "without_informed": mask_only["appearance"]["foreground_mean"] if "appearance" in mask_only else None,
+        "with_informed": with_informed,
+        "without_informed": without_informed,
+        # the informed slice's effect (issue 18 target: at most 0.5): < 1 means it carried appearance
+        "ratio": with_informed / without_informed if without_informed else None,
     }
 
     # -- downstream utility --------------------------------------------------------------------

@@ -304,11 +304,15 @@ def write_demo_cohort(
     seed: int = 0,
     test_per_site: int = 1,
     lesion: bool = False,
+    pooled: bool = False,
 ) -> Path:
     """Write the cohort to ``out`` (atomically: built in a temporary folder, then renamed).
 
+    Args:
+        pooled: write every site's training cases into one folder, ``pooled`` (a multi-scanner
+            dataset, as public ones are), instead of one folder per site. The cases are the same.
     Returns:
-        ``out``, holding ``site_0 .. site_{sites-1}``, ``test`` and ``cohort.json``.
+        ``out``, holding ``site_0 .. site_{sites-1}`` (or ``pooled``), ``test`` and ``cohort.json``.
     """
     out = Path(out)
     if sites < 1 or cases_per_site < 1 or test_per_site < 0:
@@ -331,16 +335,16 @@ def write_demo_cohort(
         "size": size,
         "labels": list(LABEL_NAMES[:num_labels]),
         "sites": [asdict(c) for c in characters],
+        "pooled": pooled,
         "cases": cases,
     }
     try:
-        for split, character, count, held_out in [(c.name, c, cases_per_site, False) for c in characters] + [
-            ("test", c, test_per_site, True) for c in characters
-        ]:
+        training = [("pooled" if pooled else c.name, c, cases_per_site, False) for c in characters]
+        for split, character, count, held_out in training + [("test", c, test_per_site, True) for c in characters]:
             cases += _write_split(
                 tmp / split, character, characters.index(character), count, held_out, seed, size, lesion
             )
-        for split in [c.name for c in characters] + ["test"]:
+        for split in dict.fromkeys([name for name, *_ in training] + ["test"]):
             count = sum(1 for c in cases if c["split"] == split)
             (tmp / split / "dataset.json").write_text(
                 json.dumps(_dataset_json(f"gem3d-demo-{split}", count, num_labels), indent=2)
