@@ -41,7 +41,7 @@ def _one_line(capsys: pytest.CaptureFixture[str]) -> str:
         ("sampler.overlap=8", "sampler.overlap"),
         ("diffusion.inference_steps=2000", "diffusion.inference_steps"),
         ("diffusion.beta_end=0.001", "diffusion.beta_end"),
-        ("diffusion.process=rflow", "diffusion.prediction_type"),
+        ("diffusion.prediction_type=epsilon", "diffusion.prediction_type"),  # tiny is rflow
         ("data.mri_percentiles=[99.0, 1.0]", "data.mri_percentiles"),
     ],
 )
