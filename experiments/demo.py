@@ -102,8 +102,8 @@ class DemoSettings:
     evaluate_options: tuple[str, ...] = ("--quick",)
     public_sites: int = 4
     public_cases: int = 4
-    pretrain_steps: tuple[int, int] = (3000, 1200)
-    mask_only_steps: tuple[int, int] = (3000, 150)
+    pretrain_steps: tuple[int, int] = (1000, 1200)
+    mask_only_steps: tuple[int, int] = (1000, 150)
     shipped: Path | None = SHIPPED
 
 

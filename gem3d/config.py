@@ -223,6 +223,13 @@ class TrainConfig(_Frozen):
     informed_from: Literal["window", "volume"] = Field(
         "window", description="where the informed slice of a training window is drawn from"
     )
+    appearance_log_gamma: float = Field(
+        0.0,
+        ge=0,
+        le=2,
+        description="appearance augmentation of stages 1 and 2: each training window and its informed slice "
+        "share a contrast curve u ** g, log g ~ U(-a, a) (0: off); see gem3d.data.windows.with_contrast_curves",
+    )
 
 
 class SamplerConfig(_Frozen):

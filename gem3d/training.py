@@ -23,7 +23,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gem3d.config import Config, TrainConfig
 from gem3d.data.volume import Volume
-from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
+from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource, with_contrast_curves
 from gem3d.diffusion import NoiseProcess, noise_process
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
 
@@ -187,13 +187,23 @@ def draw_inputs(
     cfg: TrainConfig,
     device: torch.device,
     timestep: int | None = None,
+    augment: bool = False,
 ) -> DenoisingInputs:
-    """Draw one sample per volume index for ``stage`` and noise it (to ``timestep``, if given, else a drawn one)."""
+    """Draw one sample per volume index for ``stage`` and noise it (to ``timestep``, if given, else a drawn one).
+
+    ``augment``: apply the training-only appearance augmentation of ``cfg.appearance_log_gamma``
+    to windows (``with_contrast_curves``); training passes it, validation and the audit do not.
+    A mask-only model (``model.informed_slice = false``) is never augmented: with no informed
+    slice to read the curve from, it could only learn a blurred average appearance.
+    """
     if stage == "informed":
         assert isinstance(model, InformedSliceGenerator)
         return slice_inputs(model, process, source.slices(indices, generator).to(device), generator, timestep)
     assert isinstance(model, SliceDenoiser)
-    batch = source.windows(indices, generator).to(device)
+    batch = source.windows(indices, generator)
+    if augment and cfg.appearance_log_gamma > 0 and model.cfg.informed_slice:
+        batch = with_contrast_curves(batch, cfg.appearance_log_gamma, generator)
+    batch = batch.to(device)
     if stage == "slice":
         return window_inputs(model, process, batch, generator, per_slice_t=True, timestep=timestep)
     return window_inputs(
@@ -242,7 +252,7 @@ def train(
     started, first_step, total = time.perf_counter(), state.step, 0.0
     while state.step < until_step:
         indices = torch.randint(len(source), (cfg.batch_size,), generator=state.generator).tolist()
-        inputs = draw_inputs(state.model, process, source, indices, stage, state.generator, cfg, device)
+        inputs = draw_inputs(state.model, process, source, indices, stage, state.generator, cfg, device, augment=True)
         loss = per_sample_loss(state.model, inputs).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()

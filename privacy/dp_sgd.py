@@ -331,7 +331,9 @@ def train_private(
             for indices in sampler:
                 optimizer.zero_grad(set_to_none=True)
                 if indices:
-                    inputs = draw_inputs(state.model, process, source, indices, stage, secret, train_cfg, device)
+                    inputs = draw_inputs(
+                        state.model, process, source, indices, stage, secret, train_cfg, device, augment=True
+                    )
                     grads, losses = per_sample_gradients(state.model, inputs, mode)
                     for p in params:
                         p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]

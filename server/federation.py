@@ -26,6 +26,7 @@ from gem3d.checkpoint import file_sha256, read_metadata
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, ConfigError, DataError
+from gem3d.files import writer_lock
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import STAGE_FILES, build_model, init_checkpoint, initial_model
 from gem3d.training import STAGES, Stage, ema_copy, freeze_for_stage, held_out_loss, travelling_names
@@ -225,6 +226,12 @@ def run_federation(grid: Grid, settings: ServerSettings, on_round: OnRound | Non
         on_round: called with each completed round's metrics (e.g. to log to MLflow).
     """
     check_client_dp(settings.cfg, settings.options)
+    # One writer per run folder: a second ServerApp on the same out-dir is refused, not raced.
+    with writer_lock(settings.out_dir, "run config 'out-dir'"):
+        return _run_all_stages(grid, settings, on_round)
+
+
+def _run_all_stages(grid: Grid, settings: ServerSettings, on_round: OnRound | None) -> dict[str, Any]:
     store = RunStore(settings.out_dir, settings.cfg)
     completed = store.prepare(settings.resume)
     server_volumes = _server_volumes(settings)

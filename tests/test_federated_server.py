@@ -124,3 +124,27 @@ def test_stage_two_without_a_trained_base_is_refused(micro_cfg: Config, tmp_path
     with pytest.raises(ConfigError, match="stage 2 needs a trained slice model") as caught:
         initial_global(settings, store, "volume", done=0)
     assert "rounds-slice" in str(caught.value) and "init" in str(caught.value)
+
+
+def test_a_second_server_on_the_same_run_folder_is_refused_before_any_round(micro_cfg: Config, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from server.federation import run_federation
+
+    run = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from gem3d.files import writer_lock\n"
+         "with writer_lock(sys.argv[1]):\n    print('held', flush=True); time.sleep(30)", str(run)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        settings = ServerSettings(micro_cfg, run, None, None, None, resume=False, init=None)
+        # no grid is needed: the lock is taken before the server looks at any node
+        with pytest.raises(ConfigError, match=r"run config 'out-dir'.*another gem3d process is writing it"):
+            run_federation(None, settings)  # type: ignore[arg-type]
+    finally:
+        holder.kill()
+        holder.wait()
+    assert not (run / "config.json").exists()  # the refused server wrote nothing

@@ -1,11 +1,14 @@
 """Which training recipe gives the best samples? ε-DDPM vs v + Min-SNR vs rectified flow (issue 18.2).
 
 On a pooled multi-scanner demo cohort (``write_demo_cohort(pooled=True)``, the demo's public data
-recipe: ``--sites`` simulated scanners x ``--cases`` training patients, and ``--test`` held-out
-patients per scanner, so the informed slice has a scanner's appearance to carry), each recipe
+recipe: ``--sites`` simulated scanners x ``--cases`` training patients), each recipe
 trains the same network from the same seed for the same steps (slice ``--slice-steps``, volume
 ``--volume-steps``; the wall time of each is printed beside it), and a mask-only twin
 (``model.informed_slice = false``, same recipe and steps) shows what the informed slice adds.
+The held-out cases come from ``--heldout-scanners`` OTHER simulated scanners (a cohort of another
+seed, ``--test`` patients each), as the demo's sites are to its public pre-training: the informed
+slice has to carry an appearance the model has not seen. ``rflow-noaug`` is ``rflow`` without the
+appearance augmentation (``train.appearance_log_gamma = 0``; tiny's default is 0.5).
 Every held-out case is then generated from its own mask and its own real informed slice (the
 protocol's ``default_start``), with ``--seeds`` sampler seeds, at each sampler step count of
 ``--steps``, and scored against the real case:
@@ -61,6 +64,7 @@ RECIPES = {
     "ddpm-eps-minsnr": "diffusion.process=ddpm diffusion.prediction_type=epsilon diffusion.loss_weighting=min_snr",
     "ddpm-v-minsnr": "diffusion.process=ddpm diffusion.prediction_type=v_prediction diffusion.loss_weighting=min_snr",
     "rflow": "diffusion.process=rflow diffusion.prediction_type=v_prediction",
+    "rflow-noaug": "diffusion.process=rflow diffusion.prediction_type=v_prediction train.appearance_log_gamma=0",
 }
 # The demo's public pre-training settings (experiments/demo.py, PRETRAIN_SET) on the tiny config.
 BASE = "train.batch_size=4 train.lr=1e-3"
@@ -122,11 +126,14 @@ def ratio_of_means(numerator: list[float], denominator: list[float], resamples: 
 
 def measure(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     data = write_demo_cohort(
-        work / "data", sites=args.sites, cases_per_site=args.cases, test_per_site=args.test, seed=1, pooled=True
+        work / "data", sites=args.sites, cases_per_site=args.cases, test_per_site=0, seed=1, pooled=True
+    )
+    heldout = write_demo_cohort(
+        work / "heldout", sites=args.heldout_scanners, cases_per_site=1, test_per_site=args.test, seed=0
     )
     probe = config_for("ddpm-eps", True)
     volumes = load_volumes(data / "pooled", probe.data)
-    cases = sorted(load_volumes(data / "test", probe.data), key=lambda v: v.case_id)
+    cases = sorted(load_volumes(heldout / "test", probe.data), key=lambda v: v.case_id)
     seeds = list(range(args.seeds))
     results: dict[str, Any] = {}
     for recipe in args.recipes:
@@ -239,7 +246,8 @@ def main() -> None:
     parser.add_argument("--recipes", nargs="+", default=list(RECIPES), choices=list(RECIPES))
     parser.add_argument("--sites", type=int, default=4, help="simulated scanners of the pooled cohort")
     parser.add_argument("--cases", type=int, default=4, help="training patients per scanner")
-    parser.add_argument("--test", type=int, default=2, help="held-out patients per scanner")
+    parser.add_argument("--heldout-scanners", type=int, default=3, help="unseen scanners of the held-out cases")
+    parser.add_argument("--test", type=int, default=3, help="held-out patients per unseen scanner")
     parser.add_argument("--slice-steps", type=int, default=1200)
     parser.add_argument("--volume-steps", type=int, default=150)
     parser.add_argument("--mask-only-volume-steps", type=int, default=30)

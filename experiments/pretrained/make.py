@@ -17,7 +17,7 @@ The demo uses these files when the manifest's overrides and slice size are its o
 trains at run time as before. Same command, same library versions: same weights (training is
 seeded; no DP).
 
-    .venv/bin/python experiments/pretrained/make.py [--sites 4] [--cases 4] [--slice-steps 3000] [--informed-steps 1200]
+    .venv/bin/python experiments/pretrained/make.py [--sites 4] [--cases 4] [--slice-steps 1000] [--informed-steps 1200]
 """
 
 from __future__ import annotations

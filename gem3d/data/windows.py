@@ -6,7 +6,7 @@ indices, and each patient then contributes at most one window to a step.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
@@ -59,6 +59,32 @@ class SliceBatch:
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
+
+
+def with_contrast_curves(batch: WindowBatch, log_gamma: float, generator: torch.Generator) -> WindowBatch:
+    """Appearance augmentation: one random contrast curve per window, shared with its informed slice.
+
+    Each window and its informed slice get ``x -> 2 * ((x + 1) / 2) ** g - 1`` with
+    ``log g ~ U(-log_gamma, log_gamma)``, drawn from ``generator`` (one draw per window): a scanner's
+    contrast curve on the [-1, 1] scale, so -1 (background) and 1 stay where they are. Because the
+    curve is the same in the window and its informed slice and differs between draws, the only way
+    to predict a window's intensities is to read them off the informed slice, which is what GEM-3D
+    asks the informed slice to carry. The curve is a fixed function of intensity, not MONAI's
+    ``AdjustContrast`` (which rescales by each image's own min and max, so the same intensity would
+    map differently in a window and in its informed slice).
+
+    Args:
+        batch: ``image`` ``[B, 1, W, H, W']`` and ``informed`` ``[B, H, W']`` in [-1, 1].
+    Returns:
+        the batch with ``image`` and ``informed`` mapped; masks and indices unchanged.
+    """
+    gamma = torch.exp((2 * torch.rand(len(batch), generator=generator) - 1) * log_gamma)
+
+    def curve(x: torch.Tensor) -> torch.Tensor:
+        g = gamma.to(x.device).reshape(-1, *[1] * (x.ndim - 1))
+        return 2 * ((x + 1) / 2).clamp(0, 1) ** g - 1
+
+    return replace(batch, image=curve(batch.image), informed=curve(batch.informed))
 
 
 class WindowSource:
