@@ -13,8 +13,6 @@ with a provenance record: config, checkpoint hashes, seed, informed-slice source
 
 from __future__ import annotations
 
-import os
-import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,10 +25,13 @@ from gem3d.config import Config
 from gem3d.data.geometry import CaseGeometry, ModelGridCase, mask_to_model_grid, to_model_grid, to_original_grid
 from gem3d.data.layouts import check_case_headers, discover, read_case
 from gem3d.data.nifti import read_image, save_nifti
+from gem3d.data.nnunet_raw import DatasetWriter, Preview
+from gem3d.data.volume import Volume
 from gem3d.diffusion import Sampler, make_sampler
 from gem3d.errors import CheckpointError, DataError
-from gem3d.files import work_folder_beside, write_json
+from gem3d.files import write_json
 from gem3d.informed import (
+    SourceKind,
     SourceSpec,
     generated_slices,
     model_slice_index,
@@ -276,10 +277,6 @@ def write_volume(path: Path, image: np.ndarray, geometry: CaseGeometry, provenan
 # Datasets in, datasets out (nnU-Net v2 raw layout).
 
 
-Preview = Callable[[Path, np.ndarray, np.ndarray, CaseGeometry, "np.ndarray | None"], Any]
-"""``preview(png_path, image, label, geometry, real)``: draws one written case (the CLI passes a plotter)."""
-
-
 @dataclass(frozen=True)
 class GridCase:
     """A dataset case on the model grid, with the site it came from (for multi-site folders)."""
@@ -323,57 +320,6 @@ def read_grid_cases(data: Path, synth_cfg: Config) -> list[GridCase]:
     return cases
 
 
-class DatasetWriter:
-    """Writes an nnU-Net v2 raw dataset into a temporary folder and renames it into place at the end."""
-
-    def __init__(self, out: Path, label_names: dict[int, str] | None = None, preview: Preview | None = None) -> None:
-        if out.exists():
-            raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        if not os.access(out.parent, os.W_OK):
-            raise DataError(f"{out.parent}: output folder is not writable")
-        self.out = out
-        self.tmp = work_folder_beside(out)
-        self.label_names = label_names or {}
-        self.preview = preview
-        self.count = 0
-
-    def add(
-        self,
-        case_id: str,
-        image: np.ndarray,
-        label: np.ndarray,
-        geometry: CaseGeometry,
-        provenance: dict[str, Any],
-        real: np.ndarray | None = None,
-    ) -> None:
-        """Write one case (``[X, Y, Z]`` arrays in ``geometry``); ``real`` is shown beside it in the preview."""
-        save_nifti(self.tmp / "imagesTr" / f"{case_id}_0000.nii.gz", image, geometry.affine_array)
-        save_nifti(self.tmp / "labelsTr" / f"{case_id}.nii.gz", label.astype(np.int16), geometry.affine_array)
-        write_json(self.tmp / "provenance" / f"{case_id}.json", provenance)
-        if self.preview is not None:
-            self.preview(self.tmp / "previews" / f"{case_id}.png", image, label, geometry, real)
-        self.count += 1
-
-    def add_file(self, name: str, payload: dict[str, Any]) -> None:
-        write_json(self.tmp / name, payload)
-
-    def finish(self, num_labels: int, channel_name: str) -> Path:
-        labels = {self.label_names.get(i, "background" if i == 0 else f"label_{i}"): i for i in range(num_labels)}
-        dataset = {
-            "channel_names": {"0": channel_name},
-            "labels": labels,
-            "numTraining": self.count,
-            "file_ending": ".nii.gz",
-        }
-        write_json(self.tmp / "dataset.json", dataset)
-        os.replace(self.tmp, self.out)
-        return self.out
-
-    def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
-
-
 def _channel_name(cfg: Config) -> str:
     return "CT" if cfg.data.modality == "ct" else "MRI"
 
@@ -401,65 +347,121 @@ def enhance(
     return _write_jobs(synth, jobs, out, on_progress, preview)
 
 
+@dataclass(frozen=True)
+class PlannedPair:
+    """One new image/label pair planned by ``plan_enhancement``, before sampling.
+
+    Attributes:
+        source: index of the case (in the list given) whose mask it starts from.
+        number: which of that case's new pairs it is (0..per_case-1).
+        label: the edited mask ``[D, H, W]`` uint8 (model grid).
+        start: the start slice (drawn uniformly over the labelled slices).
+        seed: the sampler's seed for this pair.
+        informed: its informed slice (``[H, W]``): generated, copied from another case, or the
+            source case's own real slice at ``start``.
+        mask_edits: one record per edit (``gem3d.masks.apply_edits``).
+    """
+
+    source: int
+    number: int
+    label: np.ndarray
+    start: int
+    seed: int
+    informed: InformedSlice
+    mask_edits: list[dict[str, Any]]
+
+
+INFORMED_KINDS = ("copy", "generate", "own")
+
+
+def plan_enhancement(
+    synth: Synthesiser,
+    cases: Sequence[Volume],
+    per_case: int,
+    informed_kind: str,
+    edits: Sequence[Any] = (),
+    seed: int = 0,
+) -> list[PlannedPair]:
+    """Plan ``per_case`` new pairs per case: edited masks, random starts and informed slices.
+
+    The one planning step of dataset enhancement (``enhance``, the privacy release and the
+    downstream evaluation's arms): every random draw comes from ``numpy.random.default_rng(seed)``
+    in case order, so a seed gives the same plan.
+
+    Args:
+        cases: model-grid cases (``image``, ``label`` ``[D, H, W]``); donors for ``copy`` and for
+            the ``transplant`` edit are the other cases of this list only.
+        informed_kind: ``copy`` (another case's real slice at the proportional position),
+            ``generate`` (the run's informed-slice generator, drawn here) or ``own`` (the source
+            case's own real slice at the start).
+        edits: parsed mask edits (``gem3d.masks.parse_edits``), applied to each new pair's mask.
+    """
+    from gem3d.masks import apply_edits
+
+    if informed_kind not in INFORMED_KINDS:
+        raise DataError(f"--informed {informed_kind}: enhance takes {', '.join(INFORMED_KINDS)}")
+    if informed_kind == "copy" and len(cases) < 2:
+        raise DataError("--informed copy needs at least two cases")
+    rng = np.random.default_rng(seed)
+    plans: list[tuple[int, int, np.ndarray, int, list[dict[str, Any]], int | None]] = []
+    for index, case in enumerate(cases):
+        donors = [c.label for c in cases if c is not case]
+        for n in range(per_case):
+            label, applied = apply_edits(case.label, list(edits), synth.cfg.data.num_labels, rng, donors=donors)
+            labelled = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
+            start = int(rng.integers(labelled[0], labelled[-1] + 1)) if labelled.size else label.shape[0] // 2
+            donor = int(rng.choice([i for i in range(len(cases)) if i != index])) if informed_kind == "copy" else None
+            plans.append((index, n, label, start, applied, donor))
+    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=len(plans))]
+    if informed_kind == "generate":
+        informed = generated_informed(synth, [p[2] for p in plans], [p[3] for p in plans], seeds)
+    else:
+        informed = []
+        for index, _, label, start, _, donor in plans:
+            source = cases[donor if donor is not None else index]
+            z = proportional_index(start, label.shape[0], source.image.shape[0]) if donor is not None else start
+            kind: SourceKind = "copy" if donor is not None else "real"
+            informed.append(real_slice(source, z, {"case": source.case_id}, source=kind))
+    return [
+        PlannedPair(index, n, label, start, job_seed, slice_, applied)
+        for (index, n, label, start, applied, _), slice_, job_seed in zip(plans, informed, seeds, strict=True)
+    ]
+
+
 def enhancement_jobs(
     synth: Synthesiser, data: Path, per_case: int, informed_kind: str, edits: Sequence[Any] = (), seed: int = 0
 ) -> list[Job]:
-    """The jobs of ``enhance``: per case, ``per_case`` edited masks, random starts and informed slices.
+    """The jobs of ``enhance``: ``plan_enhancement`` over every case of ``data``, with their geometry.
 
     Generated informed slices are drawn here (on the model grid, ``job.informed.image`` ``[H, W]``),
     so a caller such as the release gate can check their pixels before anything is written.
     """
-    from gem3d.masks import apply_edits
-
     if informed_kind not in ("copy", "generate"):
         raise DataError(f"--informed {informed_kind}: enhance takes copy or generate")
     cases = read_grid_cases(data, synth.cfg)
     if informed_kind == "copy" and len(cases) < 2:
         raise DataError(f"{data}: --informed copy needs at least two cases")
-    rng = np.random.default_rng(seed)
-    labels: list[np.ndarray] = []
-    plans: list[tuple[GridCase, int, int, list[dict[str, Any]], int | None]] = []
+    grids = []
     for case in cases:
-        assert case.grid.label is not None
-        donors = [c.grid.label for c in cases if c is not case and c.grid.label is not None]
-        for n in range(per_case):
-            label, applied = apply_edits(case.grid.label, list(edits), synth.cfg.data.num_labels, rng, donors=donors)
-            labelled = np.flatnonzero(label.reshape(label.shape[0], -1).any(axis=1))
-            start = int(rng.integers(labelled[0], labelled[-1] + 1)) if labelled.size else label.shape[0] // 2
-            donor = (
-                int(rng.choice([i for i in range(len(cases)) if cases[i] is not case]))
-                if informed_kind == "copy"
-                else None
-            )
-            labels.append(label)
-            plans.append((case, n, start, applied, donor))
-    seeds = [int(s) for s in rng.integers(0, 2**31 - 1, size=len(plans))]
-    if informed_kind == "generate":
-        informed = generated_informed(synth, labels, [p[2] for p in plans], seeds)
-    else:
-        informed = []
-        for (_, _, start, _, donor), label in zip(plans, labels, strict=True):
-            assert donor is not None
-            source = cases[donor].grid
-            assert source.image is not None
-            z = proportional_index(start, label.shape[0], source.image.shape[0])
-            informed.append(real_slice(source, z, {"case": cases[donor].case_id}, source="copy"))
+        assert case.grid.image is not None and case.grid.label is not None
+        grids.append(Volume(case.case_id, case.grid.image, case.grid.label))
     jobs = []
-    for (case, n, start, applied, _), label, slice_, job_seed in zip(plans, labels, informed, seeds, strict=True):
+    for plan in plan_enhancement(synth, grids, per_case, informed_kind, edits, seed):
+        case = cases[plan.source]
         geometry = case.grid.geometry
         intensity = (geometry.intensity_low, geometry.intensity_high)
-        new_id = f"{case.case_id}_syn{n:03d}"
         provenance = synth.provenance(
             source_case=case.case_id,
             site=case.site,
-            informed=slice_.provenance | {"kind": slice_.source},
-            start=start,
-            seed=job_seed,
-            mask_edits=applied,
+            informed=plan.informed.provenance | {"kind": plan.informed.source},
+            start=plan.start,
+            seed=plan.seed,
+            mask_edits=plan.mask_edits,
         )
         # the source case's real image rides along for the preview; the sampler reads only the mask
-        target = ModelGridCase(case.grid.image, label, geometry)
-        jobs.append(Job(new_id, target, slice_, start, job_seed, intensity, provenance))
+        target = ModelGridCase(case.grid.image, plan.label, geometry)
+        new_id = f"{case.case_id}_syn{plan.number:03d}"
+        jobs.append(Job(new_id, target, plan.informed, plan.start, plan.seed, intensity, provenance))
     return jobs
 
 

@@ -14,14 +14,14 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gem3d.config import DataConfig
-from gem3d.data.geometry import CaseGeometry, ModelGridCase, intensity_range
+from gem3d.data.geometry import CaseGeometry, intensity_range
 from gem3d.diffusion import Sampler
 from gem3d.errors import DataError
 from gem3d.networks import InformedSliceGenerator
@@ -89,8 +89,18 @@ def proportional_index(z: int, depth_from: int, depth_to: int) -> int:
     return round(z / (depth_from - 1) * (depth_to - 1))
 
 
+class ImageAndLabel(Protocol):
+    """A model-grid case: ``image`` and ``label`` ``[D, H, W]`` (``ModelGridCase`` or ``Volume``)."""
+
+    @property
+    def image(self) -> np.ndarray | None: ...
+
+    @property
+    def label(self) -> np.ndarray | None: ...
+
+
 def real_slice(
-    case: ModelGridCase, z: int, provenance: Mapping[str, object], source: SourceKind = "real"
+    case: ImageAndLabel, z: int, provenance: Mapping[str, object], source: SourceKind = "real"
 ) -> InformedSlice:
     """Slice ``z`` (model grid) of a real case, with its mask slice when the case has labels.
 
