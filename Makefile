@@ -3,7 +3,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench pretrained clean
+.PHONY: demo test test-nnunet lint bench pretrained clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,6 +18,14 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# nnU-Net v2 as the downstream judge (an optional extra), end to end with its short CPU budget.
+# The torch already installed is kept; a torchvision that cannot load next to it (a CUDA build
+# beside the CPU torch) is removed: the judge never imports it.
+test-nnunet: $(STAMP)
+	$(PY) -m pip install --quiet -e ".[nnunet]" "torch==$$($(PY) -c 'import torch; print(torch.__version__.split("+")[0])')"
+	$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall --quiet -y torchvision
+	$(PY) -m pytest -m nnunet
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

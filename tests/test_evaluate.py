@@ -85,13 +85,75 @@ def test_evaluate_quick_reports_every_metric_for_gem3d_and_all_baselines(
     assert isinstance(report["appearance_transfer"]["with_informed"], float)
     assert isinstance(report["appearance_transfer"]["without_informed"], float)
     downstream = report["downstream"]
-    assert downstream["split"] == {"train": ["test_000", "test_001"], "test": ["test_002"]}
-    assert 0.0 <= downstream["real_only"]["mean"] <= 1.0
-    for key in report["methods"]:
-        assert len(downstream[key]["gain"]["per_seed"]) == 1
+    assert downstream["split"] == {"pool": ["test_000", "test_001"], "test": ["test_002"]}  # no pool: a split
+    head = downstream["headline"]
+    assert head["arm"] == "gem3d" and 0.0 <= head["real_only"]["mean"] <= 1.0
+    assert len(head["gain"]["per_seed"]) == 1 and head["verdict"].startswith("one seed")
+    assert downstream["arms"]["gem3d"]["informed"] == "generate"
+    assert (tmp_path / "report_utility.png").stat().st_size > 0
     assert (tmp_path / "report.png").stat().st_size > 0
     assert (tmp_path / "report.baselines" / "mask_only" / "volume.safetensors").exists()
     assert (tmp_path / "report.baselines" / "full_3d.safetensors").exists()
+
+
+def test_evaluate_draws_the_curves_from_a_real_pool_with_named_arms(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # prepare: the run's own training data is the real pool (a site enhancing its data); tested on held_out
+    run, train_data, held_out = cohort
+    out = tmp_path / "report.json"
+
+    # execute
+    code = _gem3d(
+        "evaluate", "--checkpoint", run, "--data", held_out, "--out", out, "--train-data", train_data,
+        "--quick", "--baselines", "mask-only", "--downstream-data", train_data, "--arms", "gem3d,gem3d-own,mask-only",
+        "--real-counts", "1,2", "--multipliers", "0,2", "--seeds", "0,1", "--downstream-steps", "4", "--threads", "1",
+    )  # fmt: skip
+
+    # assert
+    assert code == 0
+    report = json.loads(out.read_text())
+    downstream = report["downstream"]
+    pool = sorted(v.case_id for v in load_volumes(train_data, Config().data))
+    assert downstream["split"]["pool"] == pool and downstream["split"]["test"] == report["data"]["cases"]
+    assert set(downstream["curves"]["real_count"]) == {"real_only", "gem3d", "gem3d-own", "mask-only"}
+    assert [p["real"] for p in downstream["curves"]["real_count"]["gem3d"]] == [1, 2]
+    assert [p["multiplier"] for p in downstream["curves"]["multiplier"]["mask-only"]] == [0, 2]
+    assert downstream["arms"]["gem3d-own"]["informed"] == "own" and downstream["arms"]["gem3d-own"]["mask_edits"] == ""
+    assert downstream["arms"]["mask-only"]["mask_edits"] == downstream["arms"]["gem3d"]["mask_edits"] != ""
+    assert downstream["tstr"] == {}  # --quick: no TSTR (the library test covers it)
+    assert all(r["steps"] <= 4 for r in downstream["runs"])
+    deviations = " ".join(report["deviations"])
+    for option in ("--arms", "--real-counts", "--multipliers", "--seeds", "--downstream-steps"):
+        assert option in deviations
+    assert "downstream Dice at 2 real cases" in capsys.readouterr().out
+    assert (tmp_path / "report_utility.png").stat().st_size > 0
+
+
+@pytest.mark.nnunet
+def test_evaluate_with_nnunet_as_the_judge(cohort: tuple[Path, Path, Path], tmp_path: Path) -> None:
+    # prepare
+    pytest.importorskip("nnunetv2")
+    run, train_data, held_out = cohort
+    out = tmp_path / "report.json"
+
+    # execute: real-only and real + GEM-3D at 2 real cases, one seed, nnU-Net's short CPU budget
+    code = _gem3d(
+        "evaluate", "--checkpoint", run, "--data", held_out, "--out", out, "--baselines", "none", "--quick",
+        "--downstream-data", train_data, "--segmenter", "nnunet", "--nnunet-budget", "short", "--threads", "1",
+    )  # fmt: skip
+
+    # assert
+    assert code == 0
+    downstream = json.loads(out.read_text())["downstream"]
+    assert downstream["segmenter"] == "nnunet (short budget)"
+    assert {(r["arm"], r["segmenter"], r["trainer"]) for r in downstream["runs"]} == {
+        ("real_only", "nnunet", "nnUNetTrainer_1epoch"),
+        ("gem3d", "nnunet", "nnUNetTrainer_1epoch"),
+    }
+    assert all(r["capped"] for r in downstream["runs"])  # a short budget is never read as converged
+    assert 0.0 <= downstream["headline"]["real_only"]["mean"] <= 1.0
+    assert sorted(p.name for p in (tmp_path / "report.nnunet").iterdir()) == ["logs"]
 
 
 def test_evaluate_reports_unrequested_and_untrainable_baselines_as_skipped(
@@ -120,6 +182,9 @@ def test_evaluate_reports_unrequested_and_untrainable_baselines_as_skipped(
         ({"--baselines": "gan"}, "unknown baseline 'gan'"),
         ({"--baseline-checkpoint": "mask-only=nowhere"}, "baseline checkpoint not found"),
         ({"--train-data": "__training__"}, "also in the training data"),
+        ({"--arms": "gem3D"}, "unknown arm 'gem3D'"),
+        ({"--real-counts": "0,2"}, "--real-counts 0,2: expected comma-separated integers >= 1"),
+        ({"--downstream-data": "missing_pool"}, "--downstream-data"),
     ],
 )
 def test_evaluate_bad_input_is_one_line_and_exit_2(
@@ -133,7 +198,7 @@ def test_evaluate_bad_input_is_one_line_and_exit_2(
     options = {"--checkpoint": str(run), "--data": str(held_out), "--out": str(tmp_path / "r.json")}
     for key, value in change.items():
         options[key] = str(train_data) if value == "__training__" else str(tmp_path / value)
-        if key == "--baselines":
+        if key in ("--baselines", "--arms", "--real-counts"):
             options[key] = value
         if key == "--baseline-checkpoint":
             options[key] = value.replace("nowhere", str(tmp_path / "nowhere"))

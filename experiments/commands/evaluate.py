@@ -23,6 +23,7 @@ and the montage as artifacts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
@@ -32,9 +33,21 @@ from typing import Any
 import torch
 
 from experiments.commands.common import CommandRun, add_track_option, check_new_outputs, positive_int, tracked
+from experiments.evaluation.arms import ARMS, resolve_arms
 from experiments.evaluation.distribution import load_feature_extractor
+from experiments.evaluation.nnunet_judge import BUDGETS, require_nnunet
+from experiments.evaluation.protocol import DOWNSTREAM_STEPS
 from experiments.evaluation.report import write_report
-from experiments.evaluation.run import BASELINE_NAMES, BASELINES, Settings, evaluate, montage, quick_settings
+from experiments.evaluation.run import (
+    BASELINE_NAMES,
+    BASELINES,
+    DEFAULT_ARMS,
+    Settings,
+    evaluate,
+    montage,
+    quick_settings,
+)
+from experiments.evaluation.utility import plot_curves
 from gem3d.config import Config, config_from_dict
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.runs import stage_metadata
@@ -71,6 +84,36 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds", help="downstream segmentation seeds, comma-separated (default: the protocol's 0,1,2)"
     )
+    parser.add_argument(
+        "--downstream-data",
+        type=Path,
+        help="the downstream task's real pool (validation and training cases; e.g. a site's training data), "
+        "tested on every case of --data (default: a split of --data)",
+    )
+    parser.add_argument(
+        "--arms", help=f"downstream arms, comma-separated, from {', '.join(ARMS)} (default: {','.join(DEFAULT_ARMS)})"
+    )
+    parser.add_argument("--real-counts", help="real training cases of the curve, comma-separated (default 1,2,4,8)")
+    parser.add_argument("--multipliers", help="synthetic volumes per real case, comma-separated (default 0,1,2,4)")
+    parser.add_argument(
+        "--segmenter",
+        choices=("unet", "nnunet"),
+        default="unet",
+        help="the downstream judge: the protocol's small UNet (default) or nnU-Net v2 (pip install '.[nnunet]'; "
+        "the headline point only)",
+    )
+    parser.add_argument(
+        "--nnunet-budget",
+        choices=tuple(BUDGETS),
+        default="full",
+        help="nnU-Net's schedule: full (its own 1000 epochs, a GPU job) or short (a CPU smoke run; not converged)",
+    )
+    parser.add_argument(
+        "--tstr", action="store_true", help="also train on synthetic only (on by default; --quick turns it off)"
+    )
+    parser.add_argument(
+        "--downstream-steps", type=positive_int, help=f"cap on each segmenter's steps (default {DOWNSTREAM_STEPS})"
+    )
     parser.add_argument("--quick", action="store_true", help="CPU smoke setting (reported as deviations)")
     parser.add_argument("--no-downstream", action="store_true", help="skip the segmentation task (a deviation)")
     parser.add_argument("--device", help="override train.device for sampling (cpu, cuda)")
@@ -104,18 +147,55 @@ def _parse_checkpoints(items: list[str]) -> dict[str, Path]:
     return out
 
 
+def _integers(option: str, text: str, low: int) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise ConfigError(f"{option} {text}: expected comma-separated integers") from None
+    if not values or min(values) < low:
+        raise ConfigError(f"{option} {text}: expected comma-separated integers >= {low}")
+    return values
+
+
 def _settings(args: argparse.Namespace) -> Settings:
-    seeds = None
+    """The protocol's settings (``--quick``'s when asked), then each downstream option as a deviation."""
+    settings = quick_settings() if args.quick else Settings()
+    design, changes, deviations = settings.utility, {}, list(settings.deviations)
     if args.seeds:
-        try:
-            seeds = tuple(int(s) for s in args.seeds.split(","))
-        except ValueError:
-            raise ConfigError(f"--seeds {args.seeds}: expected comma-separated integers") from None
-    if args.quick:
-        return quick_settings(seeds)
-    if seeds is None:
-        return Settings()
-    return Settings(downstream_seeds=seeds, deviations=(f"--seeds: downstream seeds {list(seeds)}",))
+        changes["seeds"] = _integers("--seeds", args.seeds, 0)
+    if args.real_counts:
+        counts = _integers("--real-counts", args.real_counts, 1)
+        changes.update(real_counts=counts, few_real=min(counts, key=lambda n: abs(n - design.few_real)))
+    if args.multipliers:
+        multipliers = _integers("--multipliers", args.multipliers, 0)
+        positive = [m for m in multipliers if m > 0] or [design.multiplier]
+        changes.update(multipliers=multipliers, multiplier=min(positive, key=lambda m: abs(m - design.multiplier)))
+    if args.tstr and not design.tstr:
+        changes["tstr"] = True
+    deviations += [f"--{key.replace('_', '-')}: {value}" for key, value in changes.items()]
+    steps = settings.downstream_steps
+    if args.downstream_steps is not None:
+        steps = args.downstream_steps
+        deviations.append(f"--downstream-steps: a cap of {steps} steps instead of {settings.downstream_steps}")
+    arms = settings.arms
+    if args.arms:
+        arms = tuple(part.strip() for part in args.arms.split(",") if part.strip())
+        resolve_arms(arms)
+        deviations.append(f"--arms: {','.join(arms)}")
+    if args.segmenter == "nnunet":
+        deviations.append(
+            f"--segmenter nnunet ({args.nnunet_budget} budget): nnU-Net judges the few-real point only, no TSTR"
+            + ("; the short budget does not converge" if args.nnunet_budget == "short" else "")
+        )
+    return dataclasses.replace(
+        settings,
+        utility=dataclasses.replace(design, **changes),
+        downstream_steps=steps,
+        arms=arms,
+        segmenter=args.segmenter,
+        nnunet_budget=args.nnunet_budget,
+        deviations=tuple(deviations),
+    )
 
 
 def _check_inputs(args: argparse.Namespace) -> None:
@@ -125,9 +205,14 @@ def _check_inputs(args: argparse.Namespace) -> None:
         raise DataError(f"{args.data}: evaluation data folder not found")
     if args.out.suffix != ".json":
         raise DataError(f"--out {args.out}: the report must be a .json file")
-    check_new_outputs([args.out, args.out.with_suffix(".png")])
+    check_new_outputs([args.out, args.out.with_suffix(".png"), _curves_path(args.out)])
     if args.train_data is not None and not args.train_data.is_dir():
         raise DataError(f"{args.train_data}: training data folder not found")
+    if args.downstream_data is not None and not args.downstream_data.is_dir():
+        raise DataError(f"--downstream-data {args.downstream_data}: folder not found")
+    if args.segmenter == "nnunet" and not args.no_downstream:
+        require_nnunet()
+        check_new_outputs([_nnunet_dir(args.out)])
     if args.threads is not None and args.threads < 1:
         raise ConfigError(f"--threads {args.threads}: must be at least 1")
 
@@ -140,7 +225,15 @@ def _run_config(checkpoint: Path) -> Config | None:
         return None
 
 
-def _track(run_log: CommandRun, report_path: Path, picture: Path, report: dict[str, Any]) -> None:
+def _nnunet_dir(out: Path) -> Path:
+    return out.parent / f"{out.stem}.nnunet"
+
+
+def _curves_path(out: Path) -> Path:
+    return out.with_name(f"{out.stem}_utility.png")
+
+
+def _track(run_log: CommandRun, report_path: Path, pictures: list[Path], report: dict[str, Any]) -> None:
     """Log the report's fidelity per method, the protocol and checkpoint hashes, the report and montage."""
     gem3d = report["methods"]["gem3d"]
     metrics = {f"gem3d.{k}": v for k, v in gem3d["fidelity"].items()}
@@ -151,7 +244,7 @@ def _track(run_log: CommandRun, report_path: Path, picture: Path, report: dict[s
     run_log.finish(
         None,
         {k: v for k, v in metrics.items() if isinstance(v, float)},
-        [(report_path, "evaluation"), (picture, "evaluation")],
+        [(report_path, "evaluation"), *((picture, "evaluation") for picture in pictures)],
         {"protocol": report["protocol"], **hashes},
     )
 
@@ -180,11 +273,16 @@ def run(args: argparse.Namespace) -> int:
             settings=settings,
             device=args.device,
             downstream=not args.no_downstream,
+            downstream_data=args.downstream_data,
+            nnunet_dir=_nnunet_dir(args.out),
         )
         write_report(args.out, report)
         picture = montage(scored, args.out.with_suffix(".png"))
-        _track(run_log, args.out, picture, report)
-    _summary(report, args.out, picture)
+        pictures = [picture]
+        if "curves" in report["downstream"]:
+            pictures.append(plot_curves(report["downstream"], _curves_path(args.out)))
+        _track(run_log, args.out, pictures, report)
+    _summary(report, args.out, pictures)
     return 0
 
 
@@ -192,7 +290,14 @@ def _number(value: object) -> str:
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
-def _summary(report: dict, out: Path, picture: Path) -> None:
+def _interval(summary: dict[str, Any]) -> str:
+    """``0.512 [0.431, 0.593]`` (no brackets with one seed)."""
+    low, high = summary["ci_low"], summary["ci_high"]
+    bounds = f" [{low:.3f}, {high:.3f}]" if low is not None and high is not None else ""
+    return f"{summary['mean']:.3f}{bounds}"
+
+
+def _summary(report: dict, out: Path, pictures: list[Path]) -> None:
     print(f"protocol {report['protocol']}, features: {report['settings']['feature_extractor']}")
     print(f"{'method':<20} {'psnr':>7} {'psnr_fg':>7} {'ssim':>6} {'app_err':>7} {'seam':>6} {'fid_mean':>9}")
     for key, section in report["methods"].items():
@@ -205,13 +310,13 @@ def _summary(report: dict, out: Path, picture: Path) -> None:
             f"{_number(section['appearance']['foreground_mean']):>7} "
             f"{_number(seam['mean']) if seam else '-':>6} {_number(section['distribution']['fid_mean']):>9}"
         )
-    downstream = report["downstream"]
-    if "real_only" in downstream:
-        print(f"downstream Dice real-only {_number(downstream['real_only']['mean'])}", end="")
-        for key in report["methods"]:
-            if key in downstream:
-                print(f", {key} gain {_number(downstream[key]['gain']['mean'])}", end="")
-        print()
+    head = report["downstream"].get("headline")
+    if head:
+        print(
+            f"downstream Dice at {head['real']} real cases: real-only {_interval(head['real_only'])}, "
+            f"+ {head['arm']} x{head['multiplier']} {_interval(head['with_synthetic'])}, "
+            f"gain {_interval(head['gain'])}: {head['verdict']}"
+        )
     if report["deviations"]:
         print("deviations: " + json.dumps(report["deviations"]), file=sys.stderr)
-    print(f"wrote {out} and {picture}")
+    print(f"wrote {out} and {', '.join(str(p) for p in pictures)}")

@@ -24,9 +24,7 @@ from experiments.evaluation.distribution import (
 )
 from experiments.evaluation.diversity import pairwise_similarity
 from experiments.evaluation.downstream import (
-    downstream_utility,
     evaluate_dice,
-    segmentation_dice,
     t_interval,
     train_segmenter,
 )
@@ -68,7 +66,6 @@ __all__ = [
     "adjacent_slice_differences",
     "anatomical_views",
     "distribution_distance",
-    "downstream_utility",
     "evaluate_dice",
     "fid",
     "fidelity",
@@ -84,7 +81,6 @@ __all__ = [
     "psnr",
     "seam_boundaries",
     "seam_ratio",
-    "segmentation_dice",
     "split_cases",
     "ssim",
     "t_interval",

@@ -1,13 +1,9 @@
-"""Downstream utility, the paper's point: does synthetic data help a segmentation network?
+"""The downstream segmenter: does synthetic data help a segmentation network? (the building blocks)
 
-Train a small MONAI 3D UNet on (image, label) pairs and report its Dice on held-out real cases,
-once per seed, with a confidence interval over seeds. ``downstream_utility`` runs the comparison
-the protocol asks for: few real cases alone vs the same real cases plus synthetic ones, with the
-same seeds, so the per-seed differences are paired.
-
-Every segmenter trains until it converges: early stopping on validation Dice, with validation
-cases drawn from the real training cases only (``validation_split``), the same ones for every arm
-of a seed, and the best weights restored (``train_segmenter``, issue 15).
+``train_segmenter`` trains a small MONAI 3D UNet on (image, label) pairs until it converges: early
+stopping on validation Dice (real cases only; ``utility.case_draw`` picks them), with the best
+weights restored (issue 15). ``evaluate_dice`` scores it on held-out real cases. The experiment
+design, the curves and the paired gains live in ``experiments.evaluation.utility``.
 
 Confidence intervals are two-sided 95% Student-t intervals over seeds:
 ``mean ± t(0.975, n - 1) · sd / sqrt(n)`` (sd with n - 1). With one seed there is no interval
@@ -19,7 +15,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +29,6 @@ from experiments.evaluation.arrays import as_label, as_volume
 from experiments.evaluation.protocol import DOWNSTREAM_STEPS
 
 Pair = tuple[Any, Any]  # (image [D, H, W] in [-1, 1], label [D, H, W] ints)
-Validation = Literal["held-out split", "train"]
 _DIVISOR = 4  # two stride-2 levels in the UNet
 
 # The early-stopping rule of protocol gem3d-eval-v2 (PROTOCOL.md section 4; issue 15): a fixed step
@@ -55,7 +50,7 @@ def t_interval(values: Sequence[float], confidence: float = 0.95) -> tuple[float
     return mean - half, mean + half
 
 
-def _summary(per_seed: list[float]) -> dict[str, Any]:
+def interval_summary(per_seed: list[float]) -> dict[str, Any]:
     low, high = t_interval(per_seed)
     return {"mean": float(np.mean(per_seed)), "ci_low": low, "ci_high": high, "per_seed": per_seed}
 
@@ -232,58 +227,50 @@ def train_segmenter(
     return net.eval(), record
 
 
+def case_dice(prediction: Any, truth: Any, num_labels: int) -> float:
+    """The protocol's Dice of one case: the mean over foreground labels present in truth or prediction.
+
+    ``prediction`` and ``truth`` are ``[D, H, W]`` label maps. MONAI ``DiceMetric``
+    (``include_background=False``, ``ignore_empty=True``); a label absent from both counts as
+    nothing, not as a perfect 1; NaN when no foreground label is in either.
+    """
+    truth_t = as_label(truth)
+    pred_t = as_label(prediction, tuple(truth_t.shape))
+    onehot = torch.nn.functional.one_hot
+    pred = onehot(pred_t[None].clamp(0, num_labels - 1), num_labels).movedim(-1, 1).float()
+    true = onehot(truth_t[None].clamp(0, num_labels - 1), num_labels).movedim(-1, 1).float()
+    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
+    per_label = torch.as_tensor(metric(pred, true))[0]
+    present = per_label[~per_label.isnan()]
+    return float(present.mean()) if present.numel() else float("nan")
+
+
+def mean_dice(scores: Sequence[float]) -> float:
+    """The mean of per-case Dice over the cases where it is defined (NaN if none is)."""
+    finite = [s for s in scores if not math.isnan(s)]
+    return float(np.mean(finite)) if finite else float("nan")
+
+
 @torch.no_grad()
 def evaluate_dice(net: torch.nn.Module, test_pairs: Sequence[Pair], num_labels: int, patch: int = 32) -> float:
-    """Mean foreground Dice of ``net`` over test cases (sliding-window inference).
-
-    Per case: the mean over foreground labels present in the case's ground truth or prediction
-    (MONAI ``DiceMetric``, ``include_background=False``, ``ignore_empty=True``); then the mean
-    over cases. A label absent from both counts as nothing, not as a perfect 1.
-    """
+    """Mean foreground Dice (``case_dice``) of ``net`` over test cases (sliding-window inference)."""
     cases = _tensors(test_pairs, "test_pairs")
     device = next(net.parameters()).device
-    metric = DiceMetric(include_background=False, reduction="none", ignore_empty=True)
     scores = []
     for image, label in cases:
         roi = tuple(max(_DIVISOR, min(patch, int(s)) - min(patch, int(s)) % _DIVISOR) for s in image.shape)
         logits = torch.as_tensor(
             sliding_window_inference(image[None, None].to(device), roi, 4, net, overlap=0.25, mode="gaussian")
         )
-        prediction = logits.argmax(dim=1, keepdim=True).cpu()
-        onehot = torch.nn.functional.one_hot
-        pred = onehot(prediction[:, 0], num_labels).movedim(-1, 1).float()
-        true = onehot(label[None].clamp(0, num_labels - 1), num_labels).movedim(-1, 1).float()
-        per_label = torch.as_tensor(metric(pred, true))[0]
-        present = per_label[~per_label.isnan()]
-        scores.append(float(present.mean()) if present.numel() else float("nan"))
-    finite = [s for s in scores if not math.isnan(s)]
-    return float(np.mean(finite)) if finite else float("nan")
+        scores.append(case_dice(logits.argmax(dim=1)[0].cpu(), label, num_labels))
+    return mean_dice(scores)
 
 
-def validation_split(num_real: int, seed: int) -> tuple[list[int], list[int], Validation]:
-    """Split ``num_real`` real training cases into (training indices, validation indices, kind).
-
-    With >= ``MIN_CASES_FOR_SPLIT`` (3) cases, ``max(1, num_real // 5)`` cases (a fifth, at least
-    one) are drawn without replacement by ``numpy.random.default_rng(seed)`` and held out for early
-    stopping; kind ``"held-out split"``. With 1 or 2 cases a held-out case would leave one case or
-    none to train on, so every case trains and validates; kind ``"train"`` (early stopping then
-    watches the training fit). Indices are sorted.
-    """
-    if num_real < 1:
-        raise ValueError("the downstream task needs at least 1 real training case")
-    everything = list(range(num_real))
-    if num_real < MIN_CASES_FOR_SPLIT:
-        return everything, everything, "train"
-    held = np.random.default_rng(seed).choice(num_real, max(1, num_real // 5), replace=False)
-    validation = sorted(int(i) for i in held)
-    return [i for i in everything if i not in validation], validation, "held-out split"
-
-
-def _num_labels(pairs: Sequence[Pair]) -> int:
+def label_count(pairs: Sequence[Pair]) -> int:
     return 1 + max(int(as_label(label, as_volume(image).shape).max()) for image, label in pairs)
 
 
-def _rules(max_steps: int, train_options: dict[str, Any]) -> dict[str, Any]:
+def stopping_rule(max_steps: int, train_options: dict[str, Any]) -> dict[str, Any]:
     """The early-stopping rule a run uses: what a paired comparison must share."""
     return {
         "max_steps": max_steps,
@@ -291,125 +278,3 @@ def _rules(max_steps: int, train_options: dict[str, Any]) -> dict[str, Any]:
         "patience": train_options.get("patience", PATIENCE),
         "min_delta": train_options.get("min_delta", MIN_DELTA),
     }
-
-
-def segmentation_dice(
-    train_pairs: Sequence[Pair],
-    test_pairs: Sequence[Pair],
-    seeds: Sequence[int] = (0, 1, 2),
-    max_steps: int = DOWNSTREAM_STEPS,
-    device: str | torch.device = "cpu",
-    num_labels: int | None = None,
-    synthetic: Sequence[Pair] = (),
-    synthetic_sources: Sequence[int] | None = None,
-    **train_options: Any,
-) -> dict[str, Any]:
-    """Train once per seed with early stopping and report test Dice with a 95% t-interval over seeds.
-
-    Per seed: ``validation_split(len(train_pairs), seed)`` picks the validation cases among the
-    real training cases; the segmenter trains on the other real cases plus ``synthetic``, stops on
-    the validation cases (``train_segmenter``) and is tested on ``test_pairs``. Only the seed and
-    the number of real cases choose the validation cases, so an arm with synthetic data validates
-    on the same cases as the real-only arm.
-
-    Args:
-        train_pairs: the real training (image, label) ``[D, H, W]`` pairs; the validation cases
-            come from these only.
-        test_pairs: real held-out pairs; never used for training or stopping.
-        seeds, max_steps, device: as in ``train_segmenter``; ``train_options`` go there too
-            (``eval_every``, ``patience``, ``min_delta``, ``patch``, ``channels``, ...).
-        num_labels: classes incl. background; default: 1 + the largest label in any pair.
-        synthetic: extra training pairs; never validated on.
-        synthetic_sources: for each synthetic pair, the index in ``train_pairs`` of the real case
-            whose mask generated it. Synthetic pairs of a seed's held-out validation cases are left
-            out of that seed's training: they carry the validation labels. None: all are used.
-
-    Returns:
-        ``{"mean", "ci_low", "ci_high", "per_seed": [test Dice per seed], "seeds",
-        "early_stopping": {"max_steps", "eval_every", "patience", "min_delta"},
-        "validation": "held-out split" | "train", "num_real", "num_synthetic",
-        "num_train" (real + synthetic given), "num_test", "training": [per seed: {"seed",
-        "validation_cases": [indices into train_pairs], "trained_on": pairs trained on,
-        **TrainingRecord.as_dict()}]}`` (Dice in [0, 1]).
-    """
-    if not seeds:
-        raise ValueError("segmentation_dice needs at least one seed")
-    if synthetic_sources is not None and (
-        len(synthetic_sources) != len(synthetic) or not all(0 <= i < len(train_pairs) for i in synthetic_sources)
-    ):
-        raise ValueError("synthetic_sources needs one index into train_pairs per synthetic pair")
-    if num_labels is None:
-        num_labels = _num_labels([*train_pairs, *synthetic, *test_pairs])
-    rules = _rules(max_steps, train_options)
-    per_seed, training, kind = [], [], "train"
-    for seed in seeds:
-        fit_ids, val_ids, kind = validation_split(len(train_pairs), seed)
-        held_out = set(val_ids) if kind == "held-out split" else set()
-        sources = synthetic_sources if synthetic_sources is not None else [None] * len(synthetic)
-        fit = [train_pairs[i] for i in fit_ids] + [
-            p for p, i in zip(synthetic, sources, strict=True) if i not in held_out
-        ]
-        net, record = train_segmenter(
-            fit, [train_pairs[i] for i in val_ids], num_labels, seed, max_steps, device, **train_options
-        )
-        per_seed.append(evaluate_dice(net, test_pairs, num_labels, train_options.get("patch", 32)))
-        training.append({"seed": seed, "validation_cases": val_ids, "trained_on": len(fit), **record.as_dict()})
-    return {
-        **_summary(per_seed),
-        "seeds": list(seeds),
-        "early_stopping": rules,
-        "validation": kind,
-        "num_real": len(train_pairs),
-        "num_synthetic": len(synthetic),
-        "num_train": len(train_pairs) + len(synthetic),
-        "num_test": len(test_pairs),
-        "training": training,
-    }
-
-
-def downstream_utility(
-    real_train: Sequence[Pair],
-    synthetic: Sequence[Pair],
-    test_pairs: Sequence[Pair],
-    seeds: Sequence[int] = (0, 1, 2),
-    max_steps: int = DOWNSTREAM_STEPS,
-    device: str | torch.device = "cpu",
-    num_labels: int | None = None,
-    real_only: dict[str, Any] | None = None,
-    synthetic_sources: Sequence[int] | None = None,
-    **train_options: Any,
-) -> dict[str, Any]:
-    """Dice of real-only vs real + synthetic training, same seeds, and their paired difference.
-
-    Both arms stop on the same validation cases (drawn from ``real_train`` per seed, removed from
-    both arms' training sets) under the same early-stopping rule, so the per-seed gain is paired.
-
-    Args:
-        synthetic_sources: see ``segmentation_dice``.
-        real_only: a ``segmentation_dice`` result for ``real_train`` with the same seeds, rule and
-            test pairs, to reuse across methods instead of training the real-only arm again.
-
-    Returns:
-        ``{"real_only": segmentation_dice(...), "real_plus_synthetic": segmentation_dice(...),
-        "gain": {"mean", "ci_low", "ci_high", "per_seed"}}`` where gain = (real + synthetic) - real
-        per seed, with a paired t-interval.
-    """
-    if num_labels is None:
-        num_labels = _num_labels([*real_train, *synthetic, *test_pairs])
-    if real_only is None:
-        real_only = segmentation_dice(real_train, test_pairs, seeds, max_steps, device, num_labels, **train_options)
-    else:
-        splits = [validation_split(len(real_train), seed)[1] for seed in seeds]
-        recorded = [entry.get("validation_cases") for entry in real_only.get("training", [])]
-        if (
-            list(real_only.get("seeds", [])) != list(seeds)
-            or real_only.get("early_stopping") != _rules(max_steps, train_options)
-            or real_only.get("num_real") != len(real_train)
-            or recorded != splits
-        ):
-            raise ValueError("real_only was computed with other seeds, stopping rule or cases; the gain must be paired")
-    mixed = segmentation_dice(
-        real_train, test_pairs, seeds, max_steps, device, num_labels, synthetic, synthetic_sources, **train_options
-    )
-    gain = [b - a for a, b in zip(real_only["per_seed"], mixed["per_seed"], strict=True)]
-    return {"real_only": real_only, "real_plus_synthetic": mixed, "gain": _summary(gain)}

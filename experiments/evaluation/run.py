@@ -19,26 +19,25 @@ from typing import Any
 
 import numpy as np
 
+from experiments.evaluation.arms import Arm, SampleRequests, arm_synthesiser, resolve_arms
 from experiments.evaluation.arrays import anatomical_views
 from experiments.evaluation.baselines import FULL3D_CHANNELS, FULL3D_FILE, Full3D, train_mask_only
 from experiments.evaluation.distribution import FeatureExtractor
-from experiments.evaluation.downstream import downstream_utility, segmentation_dice
+from experiments.evaluation.nnunet_judge import BUDGETS, nnunet_segmenter
 from experiments.evaluation.protocol import (
     DIVERSITY_SAMPLES,
-    DOWNSTREAM_SEEDS,
     DOWNSTREAM_STEPS,
     MAIN_SEED,
     METHODS,
     PROTOCOL_VERSION,
-    SYNTHETIC_PER_CASE,
-    SYNTHETIC_SEED_BASE,
     CaseResult,
     method_report,
     seam_boundaries,
     split_cases,
 )
+from experiments.evaluation.utility import UtilityDesign, utility_curves
 from experiments.previews import save_figure
-from gem3d.apps import Synthesiser, generated_informed, load_synthesiser
+from gem3d.apps import Synthesiser, load_synthesiser
 from gem3d.checkpoint import read_metadata
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
@@ -62,6 +61,7 @@ BASELINE_NAMES = {
 }
 BASELINES = ("mask_only", "independent_windows", "full_3d")
 TILE_SEED_STRIDE = 1000  # independent windows: tile k of a volume with seed s uses seed s * 1000 + k
+DEFAULT_ARMS = ("gem3d", "gem3d-own", "mask-only", "full-3d")  # those whose generator is there
 
 Log = Callable[[str], None]
 
@@ -73,8 +73,11 @@ class Settings:
     Attributes:
         sampler_steps: caps the DDIM steps; None = the run's ``diffusion.inference_steps``.
         diversity_samples: samples per mask (seeds 0..K-1); 1 turns diversity off.
-        downstream_seeds / downstream_steps: the segmentation task's seeds and steps.
-        synthetic_per_case: synthetic volumes per real downstream training case.
+        utility: the downstream design (real counts, multipliers, seeds, TSTR; ``UtilityDesign``).
+        downstream_steps: the cap on each segmenter's optimiser steps (it stops earlier on a plateau).
+        arms: the downstream arms (``arms.ARMS``) to run, when their generator is there.
+        segmenter: ``unet`` (the protocol's small UNet, early stopping) or ``nnunet`` (nnU-Net v2 as
+            the judge, at the headline point only); ``nnunet_budget``: ``full`` or ``short``.
         baseline_step_cap: caps the baselines' training steps (None = the main run's steps).
         full3d_channels: widths of the full-3D baseline's UNet levels when it is trained here.
         deviations: a sentence per change from the protocol.
@@ -82,31 +85,34 @@ class Settings:
 
     sampler_steps: int | None = None
     diversity_samples: int = DIVERSITY_SAMPLES
-    downstream_seeds: tuple[int, ...] = DOWNSTREAM_SEEDS
+    utility: UtilityDesign = field(default_factory=UtilityDesign)
     downstream_steps: int = DOWNSTREAM_STEPS
-    synthetic_per_case: int = SYNTHETIC_PER_CASE
+    arms: tuple[str, ...] = DEFAULT_ARMS
+    segmenter: str = "unet"
+    nnunet_budget: str = "full"
     baseline_step_cap: int | None = None
     full3d_channels: tuple[int, ...] = FULL3D_CHANNELS
     deviations: tuple[str, ...] = ()
 
 
-def quick_settings(seeds: Sequence[int] | None = None) -> Settings:
-    """The reduced CPU smoke setting of ``--quick``: few steps, 2 diversity samples, 1 downstream seed."""
-    chosen = tuple(seeds) if seeds is not None else (0,)
+QUICK_UTILITY = UtilityDesign(real_counts=(2,), multipliers=(1,), few_real=2, multiplier=1, seeds=(0,), tstr=False)
+
+
+def quick_settings() -> Settings:
+    """The reduced CPU smoke setting of ``--quick``: few steps, 2 diversity samples, one downstream point."""
     return Settings(
         sampler_steps=10,
         diversity_samples=2,
-        downstream_seeds=chosen,
+        utility=QUICK_UTILITY,
         downstream_steps=20,
-        synthetic_per_case=1,
+        arms=("gem3d",),
         baseline_step_cap=50,
         full3d_channels=(8, 16, 16),
         deviations=(
             "--quick: DDIM steps capped at 10 (fewer if the run's config has fewer)",
             "--quick: 2 diversity samples per mask instead of 4",
-            f"--quick: downstream seeds {list(chosen)} and a 20-step cap "
-            f"instead of {list(DOWNSTREAM_SEEDS)} and {DOWNSTREAM_STEPS}",
-            "--quick: 1 synthetic volume per downstream training case instead of 2",
+            f"--quick: downstream at 2 real cases x1 synthetic, arm gem3d, seed 0, no TSTR, a 20-step cap "
+            f"instead of the protocol's curves, 3 seeds and {DOWNSTREAM_STEPS}",
             "--quick: baselines trained for at most 50 steps per stage",
             "--quick: full-3D baseline UNet channels (8, 16, 16) instead of (16, 32, 32)",
         ),
@@ -118,12 +124,15 @@ class Method:
     """One method's generator.
 
     ``generate(cases, informed, seed)`` returns one ``[D, H, W]`` volume per case (its label is the
-    mask); ``boundaries(depth, start)`` gives the seam boundaries of that volume (empty: no windows).
+    mask); ``boundaries(depth, start)`` gives the seam boundaries of that volume (empty: no windows);
+    ``sample(requests)`` samples any masks, starts and seeds (the downstream arms; None: the method
+    cannot, as independent windows have no start).
     """
 
     key: str
     generate: Callable[[Sequence[Volume], Sequence[InformedSlice], int], list[np.ndarray]]
     boundaries: Callable[[int, int], list[int]]
+    sample: SampleRequests | None = None
     uses_informed: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -142,25 +151,22 @@ def _overlapped(synth: Synthesiser, key: str, overlap: int) -> Method:
     cfg = synth.cfg
     window = cfg.data.window
 
+    def sample(requests: list[SampleRequest]) -> list[np.ndarray]:
+        return sample_volumes(synth.volume_model, synth.sampler, requests, window, overlap, cfg.sampler.batch_volumes)
+
     def generate(cases: Sequence[Volume], informed: Sequence[InformedSlice], seed: int) -> list[np.ndarray]:
-        requests = [
-            SampleRequest(case.label, slice_, default_start(case.label), seed)
-            for case, slice_ in zip(cases, informed, strict=True)
-        ]
-        return sample_volumes(
-            synth.volume_model,
-            synth.sampler,
-            requests,
-            window,
-            overlap,
-            cfg.sampler.batch_volumes,
+        return sample(
+            [
+                SampleRequest(case.label, slice_, default_start(case.label), seed)
+                for case, slice_ in zip(cases, informed, strict=True)
+            ]
         )
 
     def boundaries(depth: int, start: int) -> list[int]:
         plan = [w for round_ in plan_windows(depth, start, window, overlap) for w in round_]
         return seam_boundaries(plan, depth)
 
-    return Method(key, generate, boundaries, uses_informed=cfg.model.informed_slice)
+    return Method(key, generate, boundaries, sample, uses_informed=cfg.model.informed_slice)
 
 
 def _tiles(depth: int, window: int) -> list[Window]:
@@ -199,7 +205,10 @@ def _full_3d(model: Full3D, steps: int | None) -> Method:
     def generate(cases: Sequence[Volume], informed: Sequence[InformedSlice], seed: int) -> list[np.ndarray]:
         return model.sample([case.label for case in cases], [seed] * len(cases), steps)
 
-    return Method("full_3d", generate, lambda depth, start: [], uses_informed=False)
+    def sample(requests: list[SampleRequest]) -> list[np.ndarray]:  # no informed slice, no start
+        return model.sample([r.mask for r in requests], [r.seed for r in requests], steps)
+
+    return Method("full_3d", generate, lambda depth, start: [], sample, uses_informed=False)
 
 
 def _real_informed(case: Volume) -> InformedSlice:
@@ -280,6 +289,8 @@ def evaluate(
     settings: Settings | None = None,
     device: str | None = None,
     downstream: bool = True,
+    downstream_data: str | Path | None = None,
+    nnunet_dir: str | Path | None = None,
     log: Log = _stderr,
 ) -> tuple[dict[str, Any], dict[str, list[CaseResult]]]:
     """Run the protocol; returns (the report dict, the scored cases per method, for pictures).
@@ -293,6 +304,9 @@ def evaluate(
         baselines_dir: where trained baselines go (required with ``train_data``).
         extractor: the FID/MMD features (its ``name`` goes in the report).
         downstream: False skips the segmentation task (reported as skipped, listed as a deviation).
+        downstream_data: the downstream task's real pool (validation and training cases), tested
+            on every case of ``data``; None: the protocol's split of ``data`` (``split_cases``).
+        nnunet_dir: the work folder of ``settings.segmenter = "nnunet"`` (its logs stay there).
     """
     settings = settings or Settings()
     baseline_checkpoints = dict(baseline_checkpoints or {})
@@ -385,9 +399,15 @@ def evaluate(
     }
 
     # -- downstream utility --------------------------------------------------------------------
-    informed_source = "generate" if synth.informed_model is not None else "real"
     if downstream:
-        downstream_report = _downstream(cases, runnable, synth, settings, cfg, informed_source, log)
+        pool = None
+        if downstream_data is not None:
+            pool = sorted(load_volumes(eval_data_folder(Path(downstream_data)), cfg.data), key=lambda v: v.case_id)
+            shared = sorted({v.case_id for v in pool} & {v.case_id for v in cases})
+            if shared:
+                raise DataError(f"{downstream_data}: cases {shared} are also test cases in {folder}")
+        nnunet_work = Path(nnunet_dir) if nnunet_dir is not None else checkpoint.parent / "nnunet"
+        downstream_report = _downstream(cases, pool, runnable, synth, settings, cfg, nnunet_work, log)
     else:
         downstream_report = {"skipped": "--no-downstream"}
         deviations.append("--no-downstream: the segmentation task was not run")
@@ -408,10 +428,10 @@ def evaluate(
             "views": views,
             "data_range": 2.0,
             "downstream": {
-                "seeds": list(settings.downstream_seeds),
+                "seeds": list(settings.utility.seeds),
                 "max_steps": settings.downstream_steps,
-                "synthetic_per_case": settings.synthetic_per_case,
-                "informed": informed_source,
+                "arms": list(settings.arms),
+                "pool": str(downstream_data) if downstream_data is not None else "split of the evaluation cases",
             },
             "baselines": {
                 "checkpoints": {k: str(v) for k, v in baseline_checkpoints.items()},
@@ -436,53 +456,70 @@ def synth_path(checkpoint: Path) -> Path:
 
 def _downstream(
     cases: list[Volume],
+    pool: list[Volume] | None,
     runnable: dict[str, Method],
     synth: Synthesiser,
     settings: Settings,
     cfg: Config,
-    informed_source: str,
+    nnunet_work: Path,
     log: Log,
 ) -> dict[str, Any]:
-    """Section 4: real few vs real + synthetic, per method, paired seeds, one shared real-only arm."""
-    by_id = {case.case_id: case for case in cases}
-    try:
-        train_ids, test_ids = split_cases(list(by_id))
-    except ValueError as error:
-        return {"skipped": str(error)}
-    real_train = [(by_id[i].image, by_id[i].label) for i in train_ids]
-    test_pairs = [(by_id[i].image, by_id[i].label) for i in test_ids]
-    train_cases = [by_id[i] for i in train_ids]
-    seeds, steps = settings.downstream_seeds, settings.downstream_steps
-    log(f"downstream: real-only, {len(seeds)} seeds x at most {steps} steps (early stopping)")
-    real_only = segmentation_dice(real_train, test_pairs, seeds, steps, "cpu", cfg.data.num_labels)
-    out: dict[str, Any] = {"split": {"train": train_ids, "test": test_ids}, "real_only": real_only}
-    for key, method in runnable.items():
-        synthetic: list[tuple[np.ndarray, np.ndarray]] = []
-        sources: list[int] = []  # the real training case whose mask made each synthetic volume
-        for k in range(settings.synthetic_per_case):
-            seed = SYNTHETIC_SEED_BASE + k
-            starts = [default_start(c.label) for c in train_cases]
-            if method.uses_informed and informed_source == "generate":
-                informed = generated_informed(synth, [c.label for c in train_cases], starts, [seed] * len(starts))
-            else:
-                informed = [_real_informed(c) for c in train_cases]
-            volumes = method.generate(train_cases, informed, seed)
-            synthetic += [(volume, case.label) for volume, case in zip(volumes, train_cases, strict=True)]
-            sources += range(len(train_cases))
-        log(f"downstream: {key}, real + {len(synthetic)} synthetic")
-        result = downstream_utility(
-            real_train,
-            synthetic,
-            test_pairs,
-            seeds,
-            steps,
-            "cpu",
-            cfg.data.num_labels,
-            real_only=real_only,
-            synthetic_sources=sources,
-        )
-        out[key] = {"real_plus_synthetic": result["real_plus_synthetic"], "gain": result["gain"]}
-    return out
+    """Section 4: the utility curves of every runnable arm, on real test cases.
+
+    ``pool`` (the real training pool) is tested on all ``cases``; without one, ``split_cases``
+    splits ``cases`` into pool and test.
+    """
+    if pool is None:
+        by_id = {case.case_id: case for case in cases}
+        try:
+            train_ids, test_ids = split_cases(list(by_id))
+        except ValueError as error:
+            return {"skipped": str(error)}
+        pool, test = [by_id[i] for i in train_ids], [by_id[i] for i in test_ids]
+    else:
+        test = cases
+    arms: list[Arm] = []
+    skipped: dict[str, str] = {}
+    for arm in resolve_arms(settings.arms):
+        method = runnable.get(arm.method)
+        if method is None or method.sample is None:
+            skipped[arm.name] = f"its generator ({arm.method}) was not run"
+        elif arm.informed == "copy" and min(settings.utility.real_counts) < 2:
+            skipped[arm.name] = "copied informed slices need at least 2 real cases; the design has 1"
+        else:
+            arms.append(arm)
+    if not arms:
+        return {"skipped": "no downstream arm can run: " + "; ".join(f"{k}: {v}" for k, v in skipped.items())}
+    samplers = {key: m.sample for key, m in runnable.items() if m.sample is not None}
+    synthesise = arm_synthesiser(arms, samplers, synth, pool)
+    device = next(synth.volume_model.parameters()).device
+    test_pairs = [(c.image, c.label) for c in test]
+    design, segmenter = settings.utility, None
+    if settings.segmenter == "nnunet":  # nnU-Net judges the headline point: real-only vs real + the arms
+        design = dataclasses.replace(design, real_counts=(design.few_real,), multipliers=(0, design.multiplier),
+                                     tstr=False)  # fmt: skip
+        budget = BUDGETS[settings.nnunet_budget]
+        segmenter = nnunet_segmenter(test_pairs, cfg.data.num_labels, nnunet_work, budget, device.type, log)
+    log(f"downstream: arms {[a.name for a in arms]}, pool {len(pool)} real cases, {len(test)} test cases")
+    report = utility_curves(
+        [(c.image, c.label) for c in pool],
+        test_pairs,
+        synthesise,
+        [a.name for a in arms],
+        design,
+        settings.downstream_steps,
+        device,
+        cfg.data.num_labels,
+        log,
+        segmenter,
+    )
+    return {
+        "segmenter": settings.segmenter if segmenter is None else f"nnunet ({settings.nnunet_budget} budget)",
+        "split": {"pool": [c.case_id for c in pool], "test": [c.case_id for c in test]},
+        "arms": {a.name: a.as_dict() for a in arms},
+        "skipped_arms": skipped,
+        **report,
+    }
 
 
 def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: int = 4) -> Path:
