@@ -468,6 +468,8 @@ def downstream_rows(downstream: dict[str, Any]) -> list[tuple[str, str]]:
     for arm, points in downstream["curves"]["multiplier"].items():
         point = next(p for p in points if p["multiplier"] == head["multiplier"])
         rows.append((f"paired Dice gain of {arm} synthetic data (95% CI)", _interval(point["gain"])))
+    for arm, difference in (head.get("versus") or {}).items():
+        rows.append((f"  {head['arm']} minus {arm}, paired (95% CI)", _interval(difference)))
     rows.append(("  verdict", head["verdict"]))
     rows.append(
         (

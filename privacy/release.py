@@ -53,6 +53,7 @@ from gem3d.apps import Job, Synthesiser, dataset_folders, enhancement_jobs, run_
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import load_volumes
+from gem3d.data.nnunet_raw import dataset_json
 from gem3d.data.volume import Volume
 from gem3d.errors import ConfigError, DataError
 from gem3d.files import work_folder_beside, write_json
@@ -476,17 +477,9 @@ def release_cohort(
             nib.save(label, tmp / "labelsTr" / f"{case_id}.nii.gz")
             write_json(tmp / "provenance" / f"{case_id}.json", _case_provenance(case, generator or {}))
         names = label_names or {}
-        write_json(
-            tmp / "dataset.json",
-            {
-                "channel_names": {"0": "CT" if data_cfg.modality == "ct" else "MRI"},
-                "labels": {
-                    names.get(i, "background" if i == 0 else f"label_{i}"): i for i in range(data_cfg.num_labels)
-                },
-                "numTraining": len(cases),
-                "file_ending": ".nii.gz",
-            },
-        )
+        channel = "CT" if data_cfg.modality == "ct" else "MRI"
+        labels = {i: names.get(i, "background" if i == 0 else f"label_{i}") for i in range(data_cfg.num_labels)}
+        write_json(tmp / "dataset.json", dataset_json(channel, labels, len(cases)))
         candidates = load_volumes(tmp, data_cfg)
         audit = memorization_audit(candidates, train, holdout, audit_settings or AuditSettings())
         if not audit.passed:

@@ -107,6 +107,7 @@ def test_the_curves_are_nested_paired_and_never_train_on_validation_cases() -> N
     assert (head["arm"], head["real"], head["multiplier"]) == ("gem3d", 2, 1)
     assert head["gain"] == report["curves"]["multiplier"]["gem3d"][1]["gain"]
     assert head["gain"]["ci_low"] is not None and isinstance(head["target_met"], bool)
+    assert head["versus"] == {}  # one arm: nothing to compare it with
     assert report["validation"] == "held-out split" and report["pool"] == 8 and report["test"] == 2
     json.dumps(json_ready(report), allow_nan=False)
 
@@ -133,11 +134,17 @@ def test_synthetic_data_with_wrong_labels_shows_as_a_loss() -> None:
                            seeds=(0, 1), tstr=False)  # fmt: skip
 
     # execute
-    report = utility_curves(pool, test, Renderer(pool, wrong_labels=True), ["bad"], design, max_steps=200,
-                            eval_every=10, patience=3, **TINY)  # fmt: skip
+    renderers = {"bad": Renderer(pool, wrong_labels=True), "good": Renderer(pool)}
+
+    def synthesise(arm: str, seed: int, indices: Sequence[int], replicates: int) -> list[list[Pair]]:
+        return renderers[arm](arm, seed, indices, replicates)
+
+    report = utility_curves(pool, test, synthesise, ["bad", "good"], design, max_steps=200, eval_every=10,
+                            patience=3, **TINY)  # fmt: skip
 
     # assert
     head = report["headline"]
+    assert all(difference < 0 for difference in head["versus"]["good"]["per_seed"])  # bad minus good
     assert head["real_only"]["mean"] > 0.5  # the real-only segmenter learned the spheres
     assert all(gain < -0.1 for gain in head["gain"]["per_seed"])
     assert not head["target_met"]

@@ -164,7 +164,7 @@ def train_segmenter(
     Args:
         train_pairs: (image ``[D, H, W]``, label ``[D, H, W]``) pairs to train on.
         val_pairs: pairs to stop on: real cases, never test cases nor synthetic ones
-            (``validation_split`` draws them from the real training cases).
+            (``utility.case_draw`` draws them from the real pool).
         num_labels: classes including background.
         seed: seeds the weights and the batch order.
         max_steps: the cap on optimiser steps (``DOWNSTREAM_STEPS`` by default).

@@ -3,7 +3,7 @@
 ``evaluate(...)`` loads the held-out cohort and the run, builds each method's generator (GEM-3D,
 the ``mask_only`` run, the same run with independent windows, the ``full_3d`` baseline), samples
 the protocol's volumes, and hands them to the metrics library (``method_report``,
-``downstream_utility``). It returns the report dict; ``gem3d evaluate`` writes it.
+``utility_curves``). It returns the report dict; ``gem3d evaluate`` writes it.
 """
 
 from __future__ import annotations

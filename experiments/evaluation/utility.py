@@ -218,6 +218,11 @@ def utility_curves(
                     only = [pair for per_case in synthetic for pair in per_case[: design.multiplier]]
                     train((f"{arm}:tstr", n, design.multiplier), seed, [], only, val)
 
+    def paired(first: str, second: str, n: int, m: int) -> dict[str, Any]:
+        """``first`` minus ``second`` per seed at (n, m), with its interval."""
+        differences = [a - b for a, b in zip(dice[(first, n, m)], dice[(second, n, m)], strict=True)]
+        return interval_summary(differences)
+
     def point(arm: str, n: int, m: int) -> dict[str, Any]:
         key = (arm, n, m) if m else (REAL_ONLY, n, 0)
         gain = [b - a for a, b in zip(dice[(REAL_ONLY, n, 0)], dice[key], strict=True)]
@@ -249,6 +254,9 @@ def utility_curves(
         "with_synthetic": head["dice"],
         "gain": head["gain"],
         "verdict": _verdict(head["gain"]),
+        # the headline arm against each other arm at the same point, paired per seed: is it the
+        # generator (e.g. the informed slice) that helps, or any extra masks?
+        "versus": {arm: paired(arms[0], arm, few, design.multiplier) for arm in arms[1:]},
         "target": f"gain >= {TARGET_GAIN} with the 95% interval above 0 (issue 15)",
         "target_met": bool(
             head["gain"]["ci_low"] is not None and head["gain"]["ci_low"] > 0 and head["gain"]["mean"] >= TARGET_GAIN

@@ -38,6 +38,7 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff
 from scipy.ndimage import gaussian_filter
 
 from gem3d.data.nifti import save_nifti
+from gem3d.data.nnunet_raw import dataset_json
 from gem3d.errors import DataError
 from gem3d.files import work_folder_beside
 
@@ -224,14 +225,9 @@ def make_case(
 
 
 def _dataset_json(name: str, num_cases: int, num_labels: int) -> dict[str, object]:
-    return {
-        "name": name,
-        "description": "gem3d demo cohort: the MNI152 template anatomy, randomly deformed, simulated scanner effects",
-        "channel_names": {"0": "T1"},
-        "labels": {LABEL_NAMES[i]: i for i in range(num_labels)},
-        "numTraining": num_cases,
-        "file_ending": ".nii.gz",
-    }
+    description = "gem3d demo cohort: the MNI152 template anatomy, randomly deformed, simulated scanner effects"
+    labels = {i: LABEL_NAMES[i] for i in range(num_labels)}
+    return dataset_json("T1", labels, num_cases, name=name, description=description)
 
 
 def _write_split(

@@ -19,6 +19,26 @@ from gem3d.data.nifti import save_nifti
 from gem3d.errors import DataError
 from gem3d.files import work_folder_beside, write_json
 
+
+def dataset_json(channel: str, labels: dict[int, str], num_training: int, **meta: Any) -> dict[str, Any]:
+    """The ``dataset.json`` of an nnU-Net v2 raw dataset: ``meta`` (e.g. name, description) first.
+
+    Args:
+        channel: the one input channel's name (``CT`` makes nnU-Net use CT normalisation).
+        labels: label id -> name; every id ``0..L-1`` is named (missing ones as ``label_<id>``,
+            0 as ``background``).
+    """
+    count = max(labels, default=0) + 1
+    names = {i: labels.get(i, "background" if i == 0 else f"label_{i}") for i in range(count)}
+    return {
+        **meta,
+        "channel_names": {"0": channel},
+        "labels": {name: i for i, name in names.items()},
+        "numTraining": num_training,
+        "file_ending": ".nii.gz",
+    }
+
+
 Preview = Callable[[Path, np.ndarray, np.ndarray, CaseGeometry, "np.ndarray | None"], Any]
 """``preview(png_path, image, label, geometry, real)``: draws one written case (the CLI passes a plotter)."""
 
@@ -77,14 +97,8 @@ class DatasetWriter:
         write_json(self.tmp / name, payload)
 
     def finish(self, num_labels: int, channel_name: str) -> Path:
-        labels = {self.label_names.get(i, "background" if i == 0 else f"label_{i}"): i for i in range(num_labels)}
-        dataset = {
-            "channel_names": {"0": channel_name},
-            "labels": labels,
-            "numTraining": self.count,
-            "file_ending": ".nii.gz",
-        }
-        write_json(self.tmp / "dataset.json", dataset)
+        labels = {i: self.label_names.get(i, "background" if i == 0 else f"label_{i}") for i in range(num_labels)}
+        write_json(self.tmp / "dataset.json", dataset_json(channel_name, labels, self.count))
         os.replace(self.tmp, self.out)
         return self.out
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from gem3d.data.nnunet_raw import dataset_json
 from gem3d.files import work_folder_beside
 
 
@@ -79,12 +80,7 @@ def write_phantom_dataset(
             nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / f"{case}_0000.nii.gz")
             nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / f"{case}.nii.gz")
         names = ["background", "shell", "middle", "core", "lesion"][:num_labels]
-        dataset = {
-            "channel_names": {"0": "MRI"},
-            "labels": {name: i for i, name in enumerate(names)},
-            "numTraining": num_cases,
-            "file_ending": ".nii.gz",
-        }
+        dataset = dataset_json("MRI", dict(enumerate(names)), num_cases)
         (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
         os.replace(tmp, out)
     except BaseException:
