@@ -312,3 +312,19 @@ def test_empty_poisson_batches_are_noise_steps_and_accounted(
     assert 0.0 in sizes and len(sizes) == 24
     assert ledger.history == [(1.0, 0.25, 24)]
     assert all(not torch.equal(p, trainable[n]) for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_importing_the_privacy_package_leaves_flower_log_lines_printed_once() -> None:
+    # Opacus configures the root logger when imported; the privacy package undoes that, so a site's
+    # or the server's Flower lines are not printed a second time as "date:LEVEL:message".
+    import subprocess
+    import sys
+
+    program = (
+        "import privacy.dp_sgd\n"
+        "from flwr.common.logger import log\n"
+        "from logging import INFO\n"
+        "log(INFO, 'a single line')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, check=True)
+    assert (done.stdout + done.stderr).count("a single line") == 1
