@@ -18,7 +18,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client.task import Job, audit_round, evaluate_round, install_base, locate_site, train_round
+from client.task import RoundJob, audit_round, evaluate_round, install_base, locate_site, train_round
 from gem3d.errors import Gem3dError
 
 # torch, MONAI and Flower leave ~500k long-lived objects after import; every full garbage
@@ -38,11 +38,11 @@ def _answer(msg: Message, context: Context, work: Callable[[], RecordDict]) -> M
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=msg)
 
 
-def _job(msg: Message) -> tuple[dict[str, Any], Job]:
+def _job(msg: Message) -> tuple[dict[str, Any], RoundJob]:
     record = dict(msg.content["config"])
     # Sites often share a machine (simulation, small hospitals): the server sets the thread budget.
     torch.set_num_threads(max(int(record.get("torch-threads", torch.get_num_threads())), 1))
-    return record, Job.from_record(record)
+    return record, RoundJob.from_record(record)
 
 
 def _arrays(msg: Message) -> dict[str, torch.Tensor]:

@@ -137,7 +137,7 @@ def build_demo_partition(data_dir: Path, index: int, sites: int) -> None:
 
 
 @dataclass(frozen=True)
-class Job:
+class RoundJob:
     """One round's instructions from the server (the message's config record)."""
 
     cfg: Config
@@ -150,7 +150,7 @@ class Job:
     base_id: str
 
     @classmethod
-    def from_record(cls, record: dict[str, Any]) -> Job:
+    def from_record(cls, record: dict[str, Any]) -> RoundJob:
         stage = str(record.get("stage", ""))
         if stage not in STAGES:
             raise ConfigError(f"server sent an unknown stage '{stage}'")
@@ -210,7 +210,7 @@ def site_volumes(site: Site, cfg: Config) -> list[Volume]:
     return volumes
 
 
-def split_volumes(site: Site, job: Job) -> tuple[list[Volume], list[Volume]]:
+def split_volumes(site: Site, job: RoundJob) -> tuple[list[Volume], list[Volume]]:
     """``(train, held_out)``: the last ``val-cases`` cases (by id) are held out for evaluation.
 
     A site with too few cases to hold any out evaluates on its training cases (``held-out`` 0).
@@ -242,7 +242,7 @@ _MODEL_CACHE_SIZE = 2
 _model_cache: OrderedDict[tuple[str, str, str], nn.Module] = OrderedDict()
 
 
-def _network(site: Site, job: Job) -> nn.Module:
+def _network(site: Site, job: RoundJob) -> nn.Module:
     """The stage's network on the config's device; a frozen stage 2 inflated from the installed base.
 
     Reused across rounds in one process: only the travelling weights change between rounds and
@@ -281,7 +281,7 @@ def clear_caches() -> None:
     _model_cache.clear()
 
 
-def site_model(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> nn.Module:
+def site_model(site: Site, job: RoundJob, arrays: dict[str, torch.Tensor]) -> nn.Module:
     """The stage's network with the server's global weights, frozen for the stage.
 
     A frozen stage 2 receives only the slice-axis weights; its base comes from the state folder.
@@ -318,7 +318,7 @@ def _add_proximal(parameter: nn.Parameter, anchor: torch.Tensor, mu: float, grad
     return grad + mu * (parameter.detach() - anchor)
 
 
-def site_privacy(site: Site, job: Job, num_cases: int) -> PrivacyConfig:
+def site_privacy(site: Site, job: RoundJob, num_cases: int) -> PrivacyConfig:
     """The privacy this site trains under: the server's request, checked against the site's own policy.
 
     The site's policy (``privacy.policy``) is read from its own state folder or node config,
@@ -346,12 +346,12 @@ def site_policy(site: Site) -> PrivacyConfig | None:
     return load_policy(SiteState(site.state_dir), node)
 
 
-def planned_steps(job: Job) -> int:
+def planned_steps(job: RoundJob) -> int:
     """The steps a target ε is spread over: all of the stage's federated steps, not one round's."""
     return job.local_steps * max(int(getattr(job.cfg.federation, f"rounds_{job.stage}")), 1)
 
 
-def train_fn_for(site: Site, job: Job, privacy_cfg: PrivacyConfig) -> TrainFn:
+def train_fn_for(site: Site, job: RoundJob, privacy_cfg: PrivacyConfig) -> TrainFn:
     """``gem3d.training.train``, or DP-SGD bound to this site's persistent privacy ledger."""
     if not privacy_cfg.enabled:
         return train
@@ -366,7 +366,7 @@ def train_fn_for(site: Site, job: Job, privacy_cfg: PrivacyConfig) -> TrainFn:
 
 
 def train_round(
-    site: Site, job: Job, arrays: dict[str, torch.Tensor]
+    site: Site, job: RoundJob, arrays: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Run this round's local steps on the global weights.
 
@@ -436,7 +436,7 @@ def dp_reply(reply: dict[str, float], metrics: dict[str, float]) -> dict[str, fl
     }
 
 
-def evaluate_round(site: Site, job: Job, arrays: dict[str, torch.Tensor]) -> dict[str, float]:
+def evaluate_round(site: Site, job: RoundJob, arrays: dict[str, torch.Tensor]) -> dict[str, float]:
     """Validation loss of the global weights on this site's held-out cases (and the seconds it took)."""
     started = time.perf_counter()
     train_volumes, held_out = split_volumes(site, job)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from client.task import (
-    Job,
+    RoundJob,
     Site,
     clear_caches,
     evaluate_round,
@@ -27,9 +27,9 @@ from gem3d.runs import build_model
 from gem3d.training import freeze_for_stage
 
 
-def make_job(cfg: Config, **record: object) -> Job:
+def make_job(cfg: Config, **record: object) -> RoundJob:
     base = {"stage": "slice", "gem3d-config": json.dumps(cfg.model_dump(mode="json")), "local-steps": 2, "seed": 0}
-    return Job.from_record({**base, **record})
+    return RoundJob.from_record({**base, **record})
 
 
 def global_weights(cfg: Config) -> dict[str, torch.Tensor]:

@@ -25,7 +25,7 @@ from flwr.simulation import run_simulation
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 
 from client.app import app as client_app
-from client.task import Job, Site, train_round
+from client.task import RoundJob, Site, train_round
 from gem3d.checkpoint import read_metadata
 from gem3d.config import Config, PrivacyConfig, config_from_dict
 from gem3d.data.dataset import load_volumes
@@ -140,9 +140,9 @@ def _site_with(phantom_dir: Path, tmp_path: Path) -> Site:
     return Site(name="site_0", data_dir=data, state_dir=tmp_path / "state", index=0)
 
 
-def _job(cfg: Config) -> Job:
+def _job(cfg: Config) -> RoundJob:
     record = {"stage": "slice", "gem3d-config": json.dumps(cfg.model_dump(mode="json")), "local-steps": 2, "seed": 0}
-    return Job.from_record(record)
+    return RoundJob.from_record(record)
 
 
 def _weights(cfg: Config) -> dict[str, torch.Tensor]:

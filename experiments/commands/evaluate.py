@@ -47,7 +47,7 @@ from experiments.evaluation.run import (
     montage,
     quick_settings,
 )
-from experiments.evaluation.utility import plot_curves
+from experiments.evaluation.utility import UtilityDesign, plot_curves
 from gem3d.config import Config, config_from_dict
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.runs import stage_metadata
@@ -161,15 +161,16 @@ def _settings(args: argparse.Namespace) -> Settings:
     """The protocol's settings (``--quick``'s when asked), then each downstream option as a deviation."""
     settings = quick_settings() if args.quick else Settings()
     design, changes, deviations = settings.utility, {}, list(settings.deviations)
+    protocol = UtilityDesign()  # a given count or multiplier list is read against the protocol's points
     if args.seeds:
         changes["seeds"] = _integers("--seeds", args.seeds, 0)
     if args.real_counts:
         counts = _integers("--real-counts", args.real_counts, 1)
-        changes.update(real_counts=counts, few_real=min(counts, key=lambda n: abs(n - design.few_real)))
+        changes.update(real_counts=counts, few_real=min(counts, key=lambda n: abs(n - protocol.few_real)))
     if args.multipliers:
         multipliers = _integers("--multipliers", args.multipliers, 0)
-        positive = [m for m in multipliers if m > 0] or [design.multiplier]
-        changes.update(multipliers=multipliers, multiplier=min(positive, key=lambda m: abs(m - design.multiplier)))
+        positive = [m for m in multipliers if m > 0] or [protocol.multiplier]
+        changes.update(multipliers=multipliers, multiplier=min(positive, key=lambda m: abs(m - protocol.multiplier)))
     if args.tstr and not design.tstr:
         changes["tstr"] = True
     deviations += [f"--{key.replace('_', '-')}: {value}" for key, value in changes.items()]
