@@ -523,7 +523,7 @@ def _downstream(
 
 
 def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: int = 4) -> Path:
-    """A PNG: per case, the real middle slice and each method's, with the label contour overlaid.
+    """A PNG: per case (``max_cases`` spread over the cases), the real slice and each method's, with label contours.
 
     Written atomically (temp file, then rename), with matplotlib's Agg backend.
     """
@@ -534,12 +534,16 @@ def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: in
 
     path = Path(path)
     methods = list(scored)
-    cases = scored[methods[0]][:max_cases]
+    # evenly spread over the sorted cases, so a multi-site test split shows every site
+    count = len(scored[methods[0]])
+    shown = min(max_cases, count)
+    picked = sorted({round(i * (count - 1) / max(1, shown - 1)) for i in range(shown)})
+    cases = [scored[methods[0]][i] for i in picked]
     columns = 1 + len(methods)
     figure, axes = plt.subplots(len(cases), columns, figsize=(2.2 * columns, 2.2 * len(cases)), squeeze=False)
     for row, case in enumerate(cases):
         z = default_start(np.asarray(case.label))
-        panels = [("real", case.image)] + [(m, scored[m][row].generated) for m in methods]
+        panels = [("real", case.image)] + [(m, scored[m][picked[row]].generated) for m in methods]
         for column, (title, volume) in enumerate(panels):
             ax = axes[row][column]
             ax.imshow(np.asarray(volume)[z], cmap="gray", vmin=-1, vmax=1)

@@ -290,6 +290,8 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> Path:
     panels = 3 if tstr else 2
     figure, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), squeeze=False)
 
+    colours = {arm: f"C{i}" for i, arm in enumerate(curves["real_count"])}  # one colour per arm, every panel
+
     def draw(ax: Any, points: list[dict[str, Any]], x_key: str, name: str) -> None:
         xs = [p[x_key] for p in points]
         means = [p["dice"]["mean"] for p in points]
@@ -299,11 +301,11 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> Path:
             [m - lo for m, lo in zip(means, lows, strict=True)],
             [h - m for m, h in zip(means, highs, strict=True)],
         ]
-        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name)
+        ax.errorbar(xs, means, yerr=errors, marker="o", capsize=3, label=name.replace("_", "-"), color=colours[name])
 
     ax = axes[0][0]
     for arm, points in curves["real_count"].items():
-        draw(ax, points, "real", arm.replace("_", "-"))
+        draw(ax, points, "real", arm)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("real training cases")
     ax.set_ylabel("test Dice")
@@ -325,12 +327,16 @@ def plot_curves(report: dict[str, Any], path: str | Path) -> Path:
             [m - (e["ci_low"] if e["ci_low"] is not None else m) for m, e in zip(means, entries, strict=True)],
             [(e["ci_high"] if e["ci_high"] is not None else m) - m for m, e in zip(means, entries, strict=True)],
         ]
-        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=["grey", *["C0"] * len(tstr)])
+        ax.bar(range(len(names)), means, yerr=errors, capsize=3, color=[colours[REAL_ONLY], *map(colours.get, tstr)])
         ax.set_xticks(range(len(names)), names, fontsize=7)
         ax.set_title(f"TSTR: masks of {first['real']} real cases", fontsize=9)
+    # one Dice scale for every panel, fitted to the intervals (differences of a few points must show)
+    values = [v for row in axes for a in row for line in a.get_lines() for v in line.get_ydata()]
+    values += [bar.get_height() for a in axes[0] for bar in a.patches]
+    low, high = max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.05)
     for row in axes:
         for a in row:
-            a.set_ylim(0, 1)
+            a.set_ylim(low, high)
             a.grid(alpha=0.3)
     head = report["headline"]
     figure.suptitle(
