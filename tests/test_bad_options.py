@@ -76,3 +76,33 @@ def test_gem3d_audit_never_overwrites_its_report_or_histogram(
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "already exists" in err
     assert (tmp_path / existing).read_text() == "keep me"
+
+
+@pytest.mark.parametrize("command", ["enhance", "release", "deenhance"])
+def test_a_disk_without_room_for_the_output_is_refused_before_the_model_loads(
+    command: str, phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # prepare: more copies of the dataset than any disk holds (deenhance writes one: so a dataset
+    # whose files claim more bytes than the disk has, made sparse so that it costs nothing)
+    data = tmp_path / "data"
+    (data / "imagesTr").mkdir(parents=True)
+    for path in (phantom_dir / "labelsTr").iterdir():
+        (data / "labelsTr").mkdir(exist_ok=True)
+        (data / "labelsTr" / path.name).write_bytes(path.read_bytes())
+    import shutil
+
+    huge = data / "imagesTr" / "phantom_000_0000.nii.gz"
+    with huge.open("wb") as stream:
+        stream.truncate(shutil.disk_usage(tmp_path).free + 2**30)  # sparse: no block is written
+    out = tmp_path / "out"
+    argv = [command, "--checkpoint", str(tmp_path / "no_run"), "--data", str(data), "--out", str(out)]
+    argv += ["--reference", "img.nii.gz"] if command == "deenhance" else ["--per-case", "1"]
+
+    # execute
+    code = main([*argv, "--track", "off"])
+
+    # assert: the disk is named before the missing checkpoint is noticed
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--out" in err and "needs about" in err and "free" in err, err
+    assert not out.exists()

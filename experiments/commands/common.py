@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -81,11 +82,26 @@ def grid_size(text: str) -> int:
     return value
 
 
-def check_new_outputs(paths: Sequence[Path], option: str = "--out") -> None:
+def dataset_bytes(data: Path) -> int:
+    """The bytes of the NIfTI files under ``data`` (all sites of a cohort root): roughly what regenerating it writes."""
+    return sum(path.stat().st_size for path in Path(data).rglob("*.nii*") if path.is_file())
+
+
+def _size(count: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024:
+            return f"{count:.0f} {unit}"
+        count /= 1024
+    return f"{count:.1f} TiB"
+
+
+def check_new_outputs(paths: Sequence[Path], option: str = "--out", needed_bytes: int = 0) -> None:
     """Before any work: none of ``paths`` exists, and their folder is (or can be made) a writable folder.
 
     Every file a command would write counts, sidecars included (provenance, previews, an edited
-    mask). Raises ``DataError`` naming ``option``, the path and the problem.
+    mask). ``needed_bytes`` is the command's estimate of what it will write; a disk with less free
+    space is refused before the work starts. Raises ``DataError`` naming ``option``, the path and
+    the problem.
     """
     import tempfile
 
@@ -106,6 +122,11 @@ def check_new_outputs(paths: Sequence[Path], option: str = "--out") -> None:
             pass
     except OSError as error:
         raise DataError(f"{option} {paths[0]}: cannot write in {folder} ({error.strerror})") from None
+    free = shutil.disk_usage(folder).free
+    if needed_bytes > free:
+        raise DataError(
+            f"{option} {paths[0]}: needs about {_size(needed_bytes)} in {folder}, which has {_size(free)} free"
+        )
 
 
 def add_config_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:

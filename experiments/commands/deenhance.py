@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from experiments.commands.common import add_track_option, tracked
+from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, tracked
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import case_preview
 from gem3d.apps import deenhance
@@ -43,6 +43,8 @@ def spread_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    # the output and the disk first: a full disk is found before the model is loaded
+    check_new_outputs([args.out], needed_bytes=1 * dataset_bytes(args.data))
     if args.reference.startswith(("file:", "generate", "copy")):
         raise DataError(f"--reference {args.reference}: expects IMAGE.nii.gz[@Z]")
     reference = parse_source(args.reference if args.reference.startswith("real:") else f"real:{args.reference}")

@@ -14,7 +14,7 @@ import json
 import time
 from pathlib import Path
 
-from experiments.commands.common import add_track_option, positive_int, tracked
+from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, positive_int, tracked
 from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
 from experiments.previews import case_preview
 from gem3d.apps import enhance
@@ -37,6 +37,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
+    # the output and the disk first: a full disk is found before the model is loaded
+    check_new_outputs([args.out], needed_bytes=args.per_case * dataset_bytes(args.data))
     synth = open_synthesiser(args)
     edits = []
     if args.mask_edit:

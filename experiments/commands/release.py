@@ -27,6 +27,8 @@ import numpy as np
 from experiments.commands.audit import add_copy_rule_arguments, audit_metrics, copy_rule_settings
 from experiments.commands.common import (
     add_track_argument,
+    check_new_outputs,
+    dataset_bytes,
     default_store,
     nonnegative_int,
     open_tracker,
@@ -84,6 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # the output and the disk first: a full disk is found before the model is loaded
+    check_new_outputs([args.out], needed_bytes=args.per_case * dataset_bytes(args.data))
     synth = open_synthesiser(args)
     if not 0.0 <= args.max_linkage_rate <= 1.0:
         raise ConfigError(f"--max-linkage-rate {args.max_linkage_rate:g}: expected a fraction within 0..1")
