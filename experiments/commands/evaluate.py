@@ -13,6 +13,14 @@ and the baselines:
   full-3d      a MONAI 3D DiffusionModelUNet (--baseline-checkpoint full-3d=FILE, or trained
                here from --train-data for the run's slice + volume steps)
 
+Downstream (PROTOCOL.md section 4): a small 3D UNet, trained until its validation Dice stops
+improving, on n real cases alone and with m synthetic volumes per real case from each arm (gem3d:
+generated informed slices, random starts, edited masks; gem3d-copy, gem3d-own, mask-only,
+full-3d), for n in --real-counts and m in --multipliers, and on synthetic volumes only (TSTR);
+paired per seed, with 95% intervals. --downstream-data DIR is the real pool (e.g. a site's own
+data), tested on --data; the curves go to <stem>_utility.png. --segmenter nnunet lets nnU-Net v2
+judge the few-real point (pip install '.[nnunet]').
+
 Baselines trained here go to REPORT's folder, <stem>.baselines/, for reuse. --quick reduces
 steps, seeds and samples for a CPU smoke run; every reduction is listed under "deviations".
 The run is logged to MLflow (--track; default: mlflow/ beside REPORT.json; 'off' disables): the
