@@ -156,6 +156,21 @@ def test_evaluate_with_nnunet_as_the_judge(cohort: tuple[Path, Path, Path], tmp_
     assert sorted(p.name for p in (tmp_path / "report.nnunet").iterdir()) == ["logs"]
 
 
+def test_a_downstream_pool_that_shares_test_cases_is_refused_before_any_sampling(
+    cohort: tuple[Path, Path, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run, _, held_out = cohort
+    out = tmp_path / "report.json"
+
+    code = _gem3d("evaluate", "--checkpoint", run, "--data", held_out, "--out", out, "--quick",
+                  "--downstream-data", held_out)  # fmt: skip
+
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and "also test cases" in err[0], err  # one line: no "sampling" was logged before it
+    assert not out.exists()
+
+
 def test_evaluate_reports_unrequested_and_untrainable_baselines_as_skipped(
     cohort: tuple[Path, Path, Path], tmp_path: Path
 ) -> None:

@@ -309,10 +309,11 @@ def evaluate(
         nnunet_dir: the work folder of ``settings.segmenter = "nnunet"`` (its logs stay there).
     """
     settings = settings or Settings()
-    baseline_checkpoints = dict(baseline_checkpoints or {})
     checkpoint = Path(checkpoint)
     synth = load_synthesiser(checkpoint, device)
     cfg = synth.cfg
+    if not cfg.model.informed_slice:
+        raise CheckpointError(f"{checkpoint}: is a mask-only run; evaluate the GEM-3D run and pass it as a baseline")
     sampler_steps = min(cfg.diffusion.inference_steps, settings.sampler_steps or cfg.diffusion.inference_steps)
     if sampler_steps != cfg.diffusion.inference_steps:
         synth = dataclasses.replace(synth, sampler=make_sampler(cfg.diffusion, sampler_steps))
@@ -321,91 +322,29 @@ def evaluate(
     if not cases:
         raise DataError(f"{folder}: no cases found")
     deviations = list(settings.deviations)
-    if not cfg.model.informed_slice:
-        raise CheckpointError(f"{checkpoint}: is a mask-only run; evaluate the GEM-3D run and pass it as a baseline")
+    # every input is read and checked before the first sample is drawn
+    pool = _downstream_pool(downstream_data, cfg, cases, folder) if downstream else None
+    train_volumes = _training_data(train_data, cfg, cases, folder, checkpoint, deviations)
 
-    # -- baselines ------------------------------------------------------------------------------
-    train_volumes: list[Volume] | None = None
-    if train_data is not None:
-        train_volumes = load_volumes(Path(train_data), cfg.data)
-        shared = sorted({v.case_id for v in train_volumes} & {v.case_id for v in cases})
-        if shared:
-            raise DataError(f"{folder}: cases {shared} are also in the training data {train_data}; use held-out cases")
-        stored = read_metadata(synth_path(checkpoint)).get("data_fingerprint")
-        site = SiteState(default_state_dir(Path(train_data)))
-        if stored is not None and fingerprint_matches(str(stored), train_volumes, site) is False:
-            deviations.append(
-                f"{train_data}: its fingerprint differs from the one the run was trained on; baselines trained on it"
-            )
     steps = _stage_steps(checkpoint, cfg)
     if settings.baseline_step_cap is not None:
         steps = {stage: min(n, settings.baseline_step_cap) for stage, n in steps.items()}
+    baseline_checkpoints = dict(baseline_checkpoints or {})
     to_train = {m for m in ("mask_only", "full_3d") if m in methods and m not in baseline_checkpoints}
     if to_train and train_volumes is not None:
         if baselines_dir is None:
             raise ValueError("baselines_dir is required to train baselines")
-        baseline_checkpoints.update(
-            _train_baselines_into(
-                Path(baselines_dir), to_train, cfg, train_volumes, steps, settings.full3d_channels, log
-            )
+        trained = _train_baselines_into(
+            Path(baselines_dir), to_train, cfg, train_volumes, steps, settings.full3d_channels, log
         )
+        baseline_checkpoints.update(trained)
+    runnable, skipped = _methods(synth, methods, baseline_checkpoints, device, sampler_steps)
 
-    runnable: dict[str, Method] = {"gem3d": _overlapped(synth, "gem3d", cfg.sampler.overlap)}
-    skipped: dict[str, str] = {}
-    for key in BASELINES:
-        if key not in methods:
-            skipped[key] = "not requested (--baselines)"
-        elif key == "independent_windows":
-            runnable[key] = _independent(synth)
-        elif key not in baseline_checkpoints:
-            skipped[key] = f"no {key} model: pass --baseline-checkpoint {key}=PATH or --train-data DIR"
-        elif key == "mask_only":
-            baseline = _load_baseline_run(Path(baseline_checkpoints[key]), device, sampler_steps, cfg)
-            runnable[key] = _overlapped(baseline, key, baseline.cfg.sampler.overlap)
-        else:
-            runnable[key] = _full_3d(Full3D.load(baseline_checkpoints[key]), sampler_steps)
-
-    # -- generation and per-method metrics -----------------------------------------------------
     views = anatomical_views(cfg.data.slice_axis)
-    informed = [_real_informed(case) for case in cases]
-    scored: dict[str, list[CaseResult]] = {}
-    reports: dict[str, Any] = {}
-    for key, method in runnable.items():
-        log(f"{key}: sampling {len(cases)} cases x {settings.diversity_samples} seeds")
-        samples = [method.generate(cases, informed, MAIN_SEED + k) for k in range(settings.diversity_samples)]
-        results = [
-            CaseResult(
-                case.case_id,
-                case.image,
-                case.label,
-                samples[0][i],
-                method.boundaries(case.label.shape[0], default_start(case.label)),
-                [samples[k][i] for k in range(1, settings.diversity_samples)],
-            )
-            for i, case in enumerate(cases)
-        ]
-        scored[key] = results
-        reports[key] = method_report(results, extractor, views)
-    for key, reason in skipped.items():
-        reports[key] = {"skipped": reason}
-    mask_only = reports.get("mask_only", {})
-    with_informed = reports["gem3d"]["appearance"]["foreground_mean"]
-    without_informed = mask_only["appearance"]["foreground_mean"] if "appearance" in mask_only else None
-    appearance = {
-        "with_informed": with_informed,
-        "without_informed": without_informed,
-        # the informed slice's effect (issue 18 target: at most 0.5): < 1 means it carried appearance
-        "ratio": with_informed / without_informed if without_informed else None,
-    }
+    scored, reports = _score(runnable, cases, settings.diversity_samples, extractor, views, log)
+    reports.update({key: {"skipped": reason} for key, reason in skipped.items()})
 
-    # -- downstream utility --------------------------------------------------------------------
     if downstream:
-        pool = None
-        if downstream_data is not None:
-            pool = sorted(load_volumes(eval_data_folder(Path(downstream_data)), cfg.data), key=lambda v: v.case_id)
-            shared = sorted({v.case_id for v in pool} & {v.case_id for v in cases})
-            if shared:
-                raise DataError(f"{downstream_data}: cases {shared} are also test cases in {folder}")
         nnunet_work = Path(nnunet_dir) if nnunet_dir is not None else checkpoint.parent / "nnunet"
         downstream_report = _downstream(cases, pool, runnable, synth, settings, cfg, nnunet_work, log)
     else:
@@ -443,10 +382,116 @@ def evaluate(
         },
         "deviations": deviations,
         "methods": reports,
-        "appearance_transfer": appearance,
+        "appearance_transfer": _appearance_transfer(reports),
         "downstream": downstream_report,
     }
     return report, scored
+
+
+def _downstream_pool(
+    downstream_data: str | Path | None, cfg: Config, cases: list[Volume], folder: Path
+) -> list[Volume] | None:
+    """The downstream task's real pool (None: a split of the evaluation cases); no case may be a test case."""
+    if downstream_data is None:
+        return None
+    pool = sorted(load_volumes(eval_data_folder(Path(downstream_data)), cfg.data), key=lambda v: v.case_id)
+    shared = sorted({v.case_id for v in pool} & {v.case_id for v in cases})
+    if shared:
+        raise DataError(f"{downstream_data}: cases {shared} are also test cases in {folder}")
+    return pool
+
+
+def _training_data(
+    train_data: str | Path | None,
+    cfg: Config,
+    cases: list[Volume],
+    folder: Path,
+    checkpoint: Path,
+    deviations: list[str],
+) -> list[Volume] | None:
+    """The run's training data (to train baselines): held out from the test cases, its fingerprint checked."""
+    if train_data is None:
+        return None
+    volumes = load_volumes(Path(train_data), cfg.data)
+    shared = sorted({v.case_id for v in volumes} & {v.case_id for v in cases})
+    if shared:
+        raise DataError(f"{folder}: cases {shared} are also in the training data {train_data}; use held-out cases")
+    stored = read_metadata(synth_path(checkpoint)).get("data_fingerprint")
+    site = SiteState(default_state_dir(Path(train_data)))
+    if stored is not None and fingerprint_matches(str(stored), volumes, site) is False:
+        deviations.append(
+            f"{train_data}: its fingerprint differs from the one the run was trained on; baselines trained on it"
+        )
+    return volumes
+
+
+def _methods(
+    synth: Synthesiser,
+    methods: Sequence[str],
+    baseline_checkpoints: dict[str, str | Path],
+    device: str | None,
+    sampler_steps: int,
+) -> tuple[dict[str, Method], dict[str, str]]:
+    """(the methods that can run, by key; the others with the reason)."""
+    cfg = synth.cfg
+    runnable: dict[str, Method] = {"gem3d": _overlapped(synth, "gem3d", cfg.sampler.overlap)}
+    skipped: dict[str, str] = {}
+    for key in BASELINES:
+        if key not in methods:
+            skipped[key] = "not requested (--baselines)"
+        elif key == "independent_windows":
+            runnable[key] = _independent(synth)
+        elif key not in baseline_checkpoints:
+            skipped[key] = f"no {key} model: pass --baseline-checkpoint {key}=PATH or --train-data DIR"
+        elif key == "mask_only":
+            baseline = _load_baseline_run(Path(baseline_checkpoints[key]), device, sampler_steps, cfg)
+            runnable[key] = _overlapped(baseline, key, baseline.cfg.sampler.overlap)
+        else:
+            runnable[key] = _full_3d(Full3D.load(baseline_checkpoints[key]), sampler_steps)
+    return runnable, skipped
+
+
+def _score(
+    runnable: dict[str, Method],
+    cases: list[Volume],
+    diversity_samples: int,
+    extractor: FeatureExtractor,
+    views: dict[str, int],
+    log: Log,
+) -> tuple[dict[str, list[CaseResult]], dict[str, Any]]:
+    """Sections 2 and 3: every method samples every case (seeds 0..K-1) and is scored by ``method_report``."""
+    informed = [_real_informed(case) for case in cases]
+    scored: dict[str, list[CaseResult]] = {}
+    reports: dict[str, Any] = {}
+    for key, method in runnable.items():
+        log(f"{key}: sampling {len(cases)} cases x {diversity_samples} seeds")
+        samples = [method.generate(cases, informed, MAIN_SEED + k) for k in range(diversity_samples)]
+        scored[key] = [
+            CaseResult(
+                case.case_id,
+                case.image,
+                case.label,
+                samples[0][i],
+                method.boundaries(case.label.shape[0], default_start(case.label)),
+                [samples[k][i] for k in range(1, diversity_samples)],
+            )
+            for i, case in enumerate(cases)
+        ]
+        reports[key] = method_report(scored[key], extractor, views)
+    return scored, reports
+
+
+def _appearance_transfer(reports: dict[str, Any]) -> dict[str, float | None]:
+    """Per-label intensity error with (gem3d) and without (mask_only) the informed slice, and their ratio."""
+    mask_only = reports.get("mask_only", {})
+    with_informed = reports["gem3d"]["appearance"]["foreground_mean"]
+    without_informed = mask_only["appearance"]["foreground_mean"] if "appearance" in mask_only else None
+    return {
+        "with_informed": with_informed,
+        "without_informed": without_informed,
+        # the informed slice's effect (issue 18 target: at most 0.5): < 1 means it carried appearance
+        "ratio": with_informed / without_informed if without_informed else None,
+    }
 
 
 def synth_path(checkpoint: Path) -> Path:
