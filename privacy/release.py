@@ -49,11 +49,11 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gem3d.apps import Job, Synthesiser, dataset_folders, enhancement_jobs, run_jobs
+from gem3d.apps import Job, Synthesiser, enhancement_jobs, run_jobs
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import load_volumes
-from gem3d.data.nnunet_raw import dataset_json
+from gem3d.data.nnunet_raw import dataset_folders, dataset_json
 from gem3d.data.volume import Volume
 from gem3d.errors import ConfigError, DataError
 from gem3d.files import work_folder_beside, write_json

@@ -1,7 +1,9 @@
-"""The one nnU-Net v2 raw dataset writer: ``imagesTr``, ``labelsTr``, ``dataset.json``, written atomically.
+"""nnU-Net v2 raw datasets in and out: cases read onto the model grid, and the one dataset writer.
 
-Cases go into a temporary folder beside the target, which is renamed into place by ``finish``; an
-existing target is never overwritten, and ``abort`` leaves nothing behind.
+``read_grid_cases`` reads every case of a dataset (or of each site dataset of a cohort root) onto
+the model grid. ``DatasetWriter`` writes ``imagesTr``, ``labelsTr`` and ``dataset.json``
+(``dataset_json``) atomically: cases go into a temporary folder beside the target, renamed into
+place by ``finish``; an existing target is never overwritten, and ``abort`` leaves nothing behind.
 """
 
 from __future__ import annotations
@@ -9,12 +11,15 @@ from __future__ import annotations
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from gem3d.data.geometry import CaseGeometry
+from gem3d.config import Config
+from gem3d.data.geometry import CaseGeometry, ModelGridCase, to_model_grid
+from gem3d.data.layouts import check_case_headers, discover, read_case
 from gem3d.data.nifti import save_nifti
 from gem3d.errors import DataError
 from gem3d.files import work_folder_beside, write_json
@@ -104,3 +109,46 @@ class DatasetWriter:
 
     def abort(self) -> None:
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class GridCase:
+    """A dataset case on the model grid, with the site it came from (for multi-site folders)."""
+
+    case_id: str
+    site: str
+    grid: ModelGridCase
+
+
+def dataset_folders(data: Path) -> list[tuple[str, Path]]:
+    """``[(site, folder)]``: the folder itself, or its ``site_*`` sub-datasets (any sub-datasets if none)."""
+    if not data.is_dir():
+        raise DataError(f"{data}: dataset folder not found")
+    if (data / "labelsTr").is_dir() or (data / "dataset.json").is_file():
+        return [(data.name, data)]
+    datasets = sorted(p for p in data.iterdir() if p.is_dir() and (p / "labelsTr").is_dir())
+    # a cohort root (gem3d demo-data) also holds test/: the sites are its site_* folders
+    sites = [p for p in datasets if p.name.startswith("site_")] or datasets
+    if not sites:
+        raise DataError(f"{data}: neither an nnU-Net raw dataset (labelsTr/) nor a folder of site datasets")
+    return [(p.name, p) for p in sites]
+
+
+def read_grid_cases(data: Path, synth_cfg: Config) -> list[GridCase]:
+    """Every case of a dataset (or of each site dataset in ``data``), on the model grid."""
+    cfg = synth_cfg.data
+    cases = []
+    for site, folder in dataset_folders(data):
+        listing = discover("nnunet", folder, cfg.channel)
+        for files in listing.cases:
+            problem = check_case_headers(files)
+            if problem is not None:
+                raise DataError(problem)
+        values = listing.declared_labels or tuple(range(cfg.num_labels))
+        for files in listing.cases:
+            case = read_case(files, listing.declared_labels)
+            grid = to_model_grid(case.image, case.label, case.affine, cfg, values, source=str(files.label))
+            cases.append(GridCase(case.case_id, site, grid))
+    if not cases:
+        raise DataError(f"{data}: no cases found")
+    return cases
