@@ -127,6 +127,20 @@ def test_counts_beyond_the_pool_are_dropped_and_said() -> None:
     assert report["headline"]["verdict"].startswith("one seed")
 
 
+def test_a_pool_smaller_than_every_count_uses_all_its_cases() -> None:
+    # prepare: 1 pool case (it validates itself), the protocol asks for 2
+    pool, test = [_sphere(0)], [_sphere(20)]
+    design = UtilityDesign(real_counts=(2,), multipliers=(1,), multiplier=1, seeds=(0,), tstr=False)
+
+    # execute
+    report = utility_curves(pool, test, Renderer(pool), ["gem3d"], design, max_steps=2, **TINY)
+
+    # assert
+    assert report["design"]["real_counts"] == [1] and report["headline"]["real"] == 1
+    assert report["validation"] == "train"
+    assert any("uses all 1 training cases" in note for note in report["notes"])
+
+
 def test_synthetic_data_with_wrong_labels_shows_as_a_loss() -> None:
     # prepare: the measurement must be able to say no: inverted labels must cost Dice
     pool, test = [_sphere(s) for s in range(6)], [_sphere(s) for s in range(20, 23)]

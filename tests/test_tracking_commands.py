@@ -185,13 +185,15 @@ def test_evaluate_tracks_by_default_and_keeps_its_report_logging(run: Path, proj
     # execute
     code = _gem3d(
         "evaluate", "--checkpoint", run, "--data", held_out, "--out", project / "evaluation.json",
-        "--baselines", "none", "--quick", "--no-downstream", "--threads", 1,
+        "--baselines", "none", "--quick", "--threads", 1,
     )  # fmt: skip
 
     # assert
     assert code == 0
     report = json.loads((project / "evaluation.json").read_text())
     logged = _the_run(project / "mlflow", "evaluate", "evaluation")
+    gain = report["downstream"]["headline"]["gain"]["mean"]
+    assert logged["metrics"]["downstream.gain.mean"] == pytest.approx(gain)  # the utility answer is tracked
     assert logged["status"] == "FINISHED" and logged["tags"]["protocol"] == report["protocol"]
     assert logged["metrics"]["gem3d.psnr"] == pytest.approx(report["methods"]["gem3d"]["fidelity"]["psnr"])
     assert logged["params"]["data.image_size"] == "16" and logged["params"]["args.quick"] == "True"
@@ -199,6 +201,7 @@ def test_evaluate_tracks_by_default_and_keeps_its_report_logging(run: Path, proj
     assert _artifacts(project / "mlflow", logged["run_id"], "evaluation") == {
         "evaluation/evaluation.json",
         "evaluation/evaluation.png",
+        "evaluation/evaluation_utility.png",
     }
 
 

@@ -243,12 +243,17 @@ def _curves_path(out: Path) -> Path:
 
 
 def _track(run_log: CommandRun, report_path: Path, pictures: list[Path], report: dict[str, Any]) -> None:
-    """Log the report's fidelity per method, the protocol and checkpoint hashes, the report and montage."""
+    """Log the fidelity per method, the downstream headline, the protocol and checkpoint hashes, report and pictures."""
     gem3d = report["methods"]["gem3d"]
     metrics = {f"gem3d.{k}": v for k, v in gem3d["fidelity"].items()}
     for key in BASELINES:
         if "fidelity" in report["methods"][key]:
             metrics.update({f"{key}.{k}": v for k, v in report["methods"][key]["fidelity"].items()})
+    head = report["downstream"].get("headline")
+    if head:  # the downstream answer: Dice at the few-real point and the paired gain with its interval
+        for name, summary in (("real_only", head["real_only"]), ("with_synthetic", head["with_synthetic"]),
+                              ("gain", head["gain"])):  # fmt: skip
+            metrics.update({f"downstream.{name}.{k}": summary[k] for k in ("mean", "ci_low", "ci_high")})
     hashes = {f"checkpoint_sha256.{stage}": digest for stage, digest in report["checkpoint"]["sha256"].items()}
     run_log.finish(
         None,

@@ -121,11 +121,18 @@ def _verdict(gain: dict[str, Any]) -> str:
 
 
 def _reachable(design: UtilityDesign, available: int) -> tuple[list[int], list[str]]:
+    """The real counts the pool can hold next to its validation cases, and a note per dropped one.
+
+    When none fits, the curve has one point: every training case the pool leaves.
+    """
     counts = sorted({*design.real_counts, design.few_real})
     kept = [n for n in counts if n <= available]
     notes = [
         f"real count {n} dropped: the pool leaves {available} training cases per seed" for n in counts if n > available
     ]
+    if not kept and available > 0:
+        kept = [available]
+        notes.append(f"no requested real count fits: the curve uses all {available} training cases")
     return kept, notes
 
 
