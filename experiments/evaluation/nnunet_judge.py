@@ -121,11 +121,9 @@ def nnunet_segmenter(
             "nnUNet_raw": str(raw),
             "nnUNet_preprocessed": str(root / "preprocessed"),
             "nnUNet_results": str(root / "results"),
-            "nnUNet_n_proc_DA": "1",  # planning's thread count; the worker trains with 0 (in-process)
-            "nnUNet_def_n_proc": "1",
         }
-        if device == "cpu":  # torch.compile is a GPU speed-up; on a CPU it only costs compile time
-            env["nnUNet_compile"] = "false"
+        if device == "cpu":  # a small CPU job: no torch.compile, no augmentation worker pool
+            env.update({"nnUNet_compile": "false", "nnUNet_def_n_proc": "1", "nnUNet_n_proc_DA": "1"})
         logs = work / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         log_path = logs / f"run_{index:03d}.log"

@@ -39,9 +39,10 @@ def run(job: dict) -> None:
     extract_fingerprints([dataset], num_processes=1, check_dataset_integrity=True, verbose=False)
     plan_experiments([dataset])
     preprocess([dataset], configurations=("3d_fullres",), num_processes=(1,), show_progress_bar=False)
-    # Planning sets torch's threads to the augmentation workers; training then augments in-process
-    # (0 workers: nnU-Net's single-threaded augmenter), so no worker pool outlives a failed run.
-    os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112 (nnU-Net's spelling)
+    if job["device"] == "cpu":
+        # Planning set torch's threads to the augmentation workers (1); a CPU run then augments
+        # in-process (0 workers: nnU-Net's single-threaded augmenter). A GPU run keeps nnU-Net's pool.
+        os.environ["nnUNet_n_proc_DA"] = "0"  # noqa: SIM112 (nnU-Net's spelling)
     preprocessed = Path(job["preprocessed"]) / convert_id_to_dataset_name(dataset)
     plans = json.loads((preprocessed / "nnUNetPlans.json").read_text())
     plans["continue_training"] = False  # as nnU-Net's own get_trainer_from_args sets it
