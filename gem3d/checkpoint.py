@@ -1,12 +1,13 @@
 """Checkpoint format: one safetensors file per stage, with JSON metadata in its header.
 
 Tensors are namespaced: ``model.*`` (online weights), ``ema.*`` (EMA weights, used for
-sampling), ``optim.<i>.<name>`` (optimizer state, for bit-exact resume), ``rng.cpu`` (the data
-and noise generator). The header's ``gem3d`` entry is JSON (``CheckpointMetadata``): format,
-stage, step, config, data fingerprint, library versions, optimizer hyperparameters, and two
-checksums: ``tensors_sha256`` over the tensor payload and ``metadata_sha256`` over the rest of the
-metadata, so a flipped byte or a hand-edited config is refused at load. Writes are atomic (temp
-file, then rename); loading never unpickles.
+sampling), ``optim.<i>.<name>`` (optimizer state, for bit-exact resume). There is no generator
+state: a step's draws follow from the seed and the step (``gem3d.data.loader``). The header's
+``gem3d`` entry is JSON (``CheckpointMetadata``): format, stage, step, config, data fingerprint,
+library versions, optimizer hyperparameters, and two checksums: ``tensors_sha256`` over the
+tensor payload and ``metadata_sha256`` over the rest of the metadata, so a flipped byte or a
+hand-edited config is refused at load. Writes are atomic (temp file, then rename); loading
+never unpickles.
 """
 
 from __future__ import annotations

@@ -220,6 +220,13 @@ class TrainConfig(_Frozen):
     volume_t_power: float = Field(
         1.0, gt=0, description="stage 2 draws t = T * u**p; p > 1 favours small t, as the reference does"
     )
+    loader_workers: int | None = Field(
+        None,
+        ge=0,
+        description="worker processes drawing training batches ahead of the step (None: 0 on a CPU, up to 4 on "
+        "a GPU); the batches, and so the trained weights, are the same for any number",
+    )
+    prefetch_batches: int = Field(2, ge=1, description="batches each loader worker keeps ready")
     informed_from: Literal["window", "volume"] = Field(
         "window", description="where the informed slice of a training window is drawn from"
     )

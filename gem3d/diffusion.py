@@ -61,9 +61,9 @@ class NoiseProcess:
         return self.cfg.num_train_timesteps
 
     def draw_timesteps(self, shape: tuple[int, ...], generator: torch.Generator, power: float = 1.0) -> torch.Tensor:
-        """Timesteps ``T * u**power`` for u ~ U[0, 1); power 1 is uniform over 0..T-1."""
+        """Timesteps ``T * u**power``, u ~ U[0, 1) on ``generator``'s device; power 1 is uniform over 0..T-1."""
         steps = self.num_train_timesteps
-        u = torch.rand(shape, generator=generator)
+        u = torch.rand(shape, generator=generator, device=generator.device)
         return (steps * u**power).long().clamp(max=steps - 1)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:

@@ -40,9 +40,17 @@ _SHAPING_SECTIONS = ("data", "model", "informed", "diffusion")
 # Fields of those sections that only steer sampling: a run may be resumed or fine-tuned with others.
 _SAMPLING_ONLY = {"diffusion": ("inference_steps", "eta")}
 # [train] fields a resume may change: how long, where, how often to checkpoint. Any other (lr, weight
-# decay, batch size, EMA decay, seed, ...) is refused: the restored optimizer, EMA and generator would
+# decay, batch size, EMA decay, seed, ...) is refused: the restored optimizer and EMA would
 # keep the old values while the checkpoint recorded the new ones (issue 13).
-_RESUME_MAY_CHANGE = ("steps_slice", "steps_volume", "steps_informed", "device", "checkpoint_every")
+_RESUME_MAY_CHANGE = (
+    "steps_slice",
+    "steps_volume",
+    "steps_informed",
+    "device",
+    "checkpoint_every",
+    "loader_workers",
+    "prefetch_batches",
+)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -164,7 +172,6 @@ def state_tensors(state: TrainState) -> tuple[dict[str, torch.Tensor], dict[str,
         **prefixed(state.ema.module.state_dict(), "ema"),
         **optim,
         "ema_n_averaged": state.ema.n_averaged,
-        "rng.cpu": state.generator.get_state(),
     }
     return tensors, {"step": state.step, "optimizer": param_groups}
 
@@ -185,12 +192,15 @@ def save_state(path: Path, state: TrainState, stage: Stage, cfg: Config, data_fi
 def restore_state(
     state: TrainState, tensors: dict[str, torch.Tensor], metadata: dict[str, Any], source: str = "checkpoint"
 ) -> None:
-    """Load a saved ``TrainState`` in place (model, EMA, optimizer, generator, step).
+    """Load a saved ``TrainState`` in place (model, EMA, optimizer, step).
+
+    There is no generator state: step n's draws depend on the run's seed and n alone
+    (``gem3d.training.train``), and a resume keeps the seed (``_RESUME_MAY_CHANGE``).
 
     Raises:
         CheckpointError: naming ``source``, when the checkpoint is not a complete training state.
     """
-    absent = [name for name in ("ema_n_averaged", "rng.cpu") if name not in tensors]
+    absent = [name for name in ("ema_n_averaged",) if name not in tensors]
     absent += [name for name in ("step", "optimizer") if metadata.get(name) is None]
     if absent:
         raise CheckpointError(f"{source}: not a resumable training checkpoint (no {', '.join(absent)})")
@@ -200,9 +210,8 @@ def restore_state(
     try:
         state.ema.n_averaged.copy_(tensors["ema_n_averaged"].to(device))
         load_optimizer_tensors(state.optimizer, tensors, metadata["optimizer"])
-        state.generator.set_state(tensors["rng.cpu"])
     except (RuntimeError, ValueError, KeyError) as error:
-        raise CheckpointError(f"{source}: optimizer or generator state does not fit ({error})") from None
+        raise CheckpointError(f"{source}: optimizer state does not fit ({error})") from None
     state.step = int(metadata["step"])
 
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from gem3d.config import Config, TrainConfig
+from gem3d.data.loader import StepBatches, step_batches, step_seed
 from gem3d.data.volume import Volume
 from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource, with_contrast_curves
 from gem3d.diffusion import NoiseProcess, noise_process
@@ -34,12 +35,16 @@ OnStep = Callable[[dict[str, float]], None]
 
 @dataclass
 class TrainState:
-    """Everything that changes during training; saved whole for a bit-exact resume."""
+    """Everything that changes during training; saved whole for a bit-exact resume.
+
+    The randomness of step n is a function of ``(seed, n)`` (``gem3d.data.loader.step_seed``), so
+    the step counter is the only random state there is to save.
+    """
 
     model: nn.Module
     ema: AveragedModel
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator
+    seed: int
     step: int = 0
 
 
@@ -67,14 +72,13 @@ def ema_copy(model: nn.Module, decay: float, warmup: bool = False) -> AveragedMo
 
 
 def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None) -> TrainState:
-    """AdamW over the model's trainable parameters, an EMA copy and a seeded generator.
+    """AdamW over the model's trainable parameters, an EMA copy and the run's seed (``cfg.seed`` unless given).
 
     Which parameters train is the caller's choice (``requires_grad``), e.g. stage 2 freezes the base.
     """
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
     ema = ema_copy(model, cfg.ema_decay)
-    generator = torch.Generator().manual_seed(cfg.seed if seed is None else seed)
-    return TrainState(model=model, ema=ema, optimizer=optimizer, generator=generator)
+    return TrainState(model=model, ema=ema, optimizer=optimizer, seed=cfg.seed if seed is None else seed)
 
 
 def freeze_for_stage(model: nn.Module, stage: Stage, train_all: bool) -> None:
@@ -131,6 +135,7 @@ def window_inputs(
     Args:
         batch: windows with ``image`` ``[B, 1, D, H, W]``.
         per_slice_t: stage 1 draws a timestep per slice ``[B, D]``; stage 2 one per window.
+        generator: draws the timesteps and noise, on its own device (then moved to the batch's).
         timestep: noise every slice to this timestep instead of drawing one (the audit's
             membership-inference attack, ``privacy.audit``); training leaves it ``None``.
     """
@@ -142,7 +147,7 @@ def window_inputs(
         t = process.draw_timesteps((batch_size, depth), generator, t_power)
     else:
         t = process.draw_timesteps((batch_size,), generator, t_power)[:, None].expand(batch_size, depth)
-    noise = torch.randn(batch.image.shape, generator=generator).to(device)
+    noise = torch.randn(batch.image.shape, generator=generator, device=generator.device).to(device)
     t = t.to(device)
     # [B, D, 1, H, W] so the per-slice timesteps [B, D] are the leading dims.
     x0_slices, noise_slices = batch.image.transpose(1, 2), noise.transpose(1, 2)
@@ -165,7 +170,7 @@ def slice_inputs(
         t = torch.full((len(batch),), timestep, dtype=torch.long, device=device)
     else:
         t = process.draw_timesteps((len(batch),), generator).to(device)
-    noise = torch.randn(batch.image.shape, generator=generator).to(device)
+    noise = torch.randn(batch.image.shape, generator=generator, device=generator.device).to(device)
     return DenoisingInputs(
         noisy=process.add_noise(batch.image, noise, t),
         t=t,
@@ -174,6 +179,38 @@ def slice_inputs(
         position=batch.position,
         mask=batch.mask if model.cfg.condition_on_mask else None,
         weight=process.loss_weight(t),
+    )
+
+
+def contrast_log_gamma(model: nn.Module, stage: Stage, cfg: TrainConfig) -> float:
+    """The training-only appearance augmentation of ``stage`` (``with_contrast_curves``; 0: none).
+
+    Only windows are augmented, and never for a mask-only model (``model.informed_slice = false``):
+    with no informed slice to read the curve from, it could only learn a blurred average appearance.
+    """
+    if stage == "informed" or not isinstance(model, SliceDenoiser) or not model.cfg.informed_slice:
+        return 0.0
+    return cfg.appearance_log_gamma
+
+
+def noised_inputs(
+    model: nn.Module,
+    process: NoiseProcess,
+    batch: WindowBatch | SliceBatch,
+    stage: Stage,
+    generator: torch.Generator,
+    cfg: TrainConfig,
+    timestep: int | None = None,
+) -> DenoisingInputs:
+    """Noise an already drawn ``batch`` (on the model's device) for ``stage``, at ``timestep`` if given."""
+    if stage == "informed":
+        assert isinstance(model, InformedSliceGenerator) and isinstance(batch, SliceBatch)
+        return slice_inputs(model, process, batch, generator, timestep)
+    assert isinstance(model, SliceDenoiser) and isinstance(batch, WindowBatch)
+    if stage == "slice":
+        return window_inputs(model, process, batch, generator, per_slice_t=True, timestep=timestep)
+    return window_inputs(
+        model, process, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power, timestep=timestep
     )
 
 
@@ -191,24 +228,18 @@ def draw_inputs(
 ) -> DenoisingInputs:
     """Draw one sample per volume index for ``stage`` and noise it (to ``timestep``, if given, else a drawn one).
 
-    ``augment``: apply the training-only appearance augmentation of ``cfg.appearance_log_gamma``
-    to windows (``with_contrast_curves``); training passes it, validation and the audit do not.
-    A mask-only model (``model.informed_slice = false``) is never augmented: with no informed
-    slice to read the curve from, it could only learn a blurred average appearance.
+    Every draw comes from ``generator``, in turn (DP-SGD's secret one, or validation's seeded one).
+    ``augment``: apply the training-only appearance augmentation (``contrast_log_gamma``);
+    DP training passes it, validation and the audit do not.
     """
     if stage == "informed":
-        assert isinstance(model, InformedSliceGenerator)
-        return slice_inputs(model, process, source.slices(indices, generator).to(device), generator, timestep)
-    assert isinstance(model, SliceDenoiser)
-    batch = source.windows(indices, generator)
-    if augment and cfg.appearance_log_gamma > 0 and model.cfg.informed_slice:
-        batch = with_contrast_curves(batch, cfg.appearance_log_gamma, generator)
-    batch = batch.to(device)
-    if stage == "slice":
-        return window_inputs(model, process, batch, generator, per_slice_t=True, timestep=timestep)
-    return window_inputs(
-        model, process, batch, generator, per_slice_t=False, t_power=cfg.volume_t_power, timestep=timestep
-    )
+        batch: WindowBatch | SliceBatch = source.slices(indices, generator)
+    else:
+        batch = source.windows(indices, generator)
+        log_gamma = contrast_log_gamma(model, stage, cfg) if augment else 0.0
+        if log_gamma > 0:
+            batch = with_contrast_curves(batch, log_gamma, generator)
+    return noised_inputs(model, process, batch.to(device), stage, generator, cfg, timestep)
 
 
 def predict(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
@@ -241,7 +272,11 @@ def train(
     """Train ``state`` for ``stage`` until ``state.step == until_step``.
 
     Each step draws ``cfg.batch_size`` volume indices (uniform, with replacement), one sample
-    from each, takes an AdamW step with gradient clipping and updates the EMA.
+    from each (``gem3d.data.loader.StepBatches``, drawn ahead by ``cfg.loader_workers``
+    processes), noises them on the device, takes an AdamW step with gradient clipping and
+    updates the EMA. Step n's draws depend on ``(state.seed, n)`` only: the same seed gives the
+    same weights on the same device, for any number of loader workers and across a resume. The
+    host waits for the device only when ``on_step`` asks for the step's numbers, and at the end.
 
     Returns:
         ``{"loss": mean loss over these steps, "steps": steps taken, "steps_per_s": ...}``.
@@ -249,10 +284,15 @@ def train(
     device = next(state.model.parameters()).device
     params = trainable_parameters(state.model)
     state.model.train()
-    started, first_step, total = time.perf_counter(), state.step, 0.0
-    while state.step < until_step:
-        indices = torch.randint(len(source), (cfg.batch_size,), generator=state.generator).tolist()
-        inputs = draw_inputs(state.model, process, source, indices, stage, state.generator, cfg, device, augment=True)
+    started, first_step = time.perf_counter(), state.step
+    total = torch.zeros((), device=device)
+    windows = stage != "informed"
+    batches = StepBatches(
+        source, windows, cfg.batch_size, state.seed, contrast_log_gamma(state.model, stage, cfg) if windows else 0.0
+    )
+    for batch in step_batches(batches, state.step, until_step, cfg, device):
+        generator = noise_generator(state.seed, state.step, device)
+        inputs = noised_inputs(state.model, process, batch.to(device, non_blocking=True), stage, generator, cfg)
         loss = per_sample_loss(state.model, inputs).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -260,16 +300,21 @@ def train(
         state.optimizer.step()
         state.ema.update_parameters(state.model)
         state.step += 1
-        total += loss.item()
+        total += loss.detach()
         if on_step is not None:
             on_step({"step": state.step, "loss": loss.item(), "grad_norm": float(grad_norm)})
     steps = state.step - first_step
     elapsed = time.perf_counter() - started
     return {
-        "loss": total / steps if steps else float("nan"),
+        "loss": float(total) / steps if steps else float("nan"),
         "steps": float(steps),
         "steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
     }
+
+
+def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of step ``step``'s timesteps and diffusion noise, on ``device`` (no host copy)."""
+    return torch.Generator(device=device).manual_seed(step_seed(seed, step, "noise"))
 
 
 TrainFn = Callable[[TrainState, NoiseProcess, WindowSource, Stage, int, TrainConfig, OnStep | None], dict[str, float]]

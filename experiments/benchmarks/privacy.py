@@ -271,6 +271,8 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
             return run
 
+        ghost_generator = torch.Generator().manual_seed(cfg.train.seed)
+
         def run_ghost(n: int) -> None:
             assert ghost is not None
             for _ in range(n):  # Poisson rate 1 here: every volume, as in the other DP runs
@@ -282,7 +284,7 @@ def time_worker(spec: dict[str, Any]) -> dict[str, Any]:
                         source,
                         indices,
                         stage,
-                        ghost.state.generator,
+                        ghost_generator,
                         cfg.train,
                         torch.device("cpu"),
                     )

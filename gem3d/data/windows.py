@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Literal
 
+import numpy as np
 import torch
 
 from gem3d.data.volume import Volume
@@ -21,9 +22,9 @@ class WindowBatch:
 
     Attributes:
         image: ``[B, 1, W, H, W']`` clean intensities in [-1, 1].
-        mask: ``[B, W, H, W']`` label ids.
+        mask: ``[B, W, H, W']`` uint8 label ids.
         informed: ``[B, H, W']`` the informed slice.
-        informed_mask: ``[B, H, W']`` its label ids.
+        informed_mask: ``[B, H, W']`` its uint8 label ids.
         start: ``[B]`` first slice index of each window.
         informed_index: ``[B]`` slice index of each informed slice.
     """
@@ -35,8 +36,12 @@ class WindowBatch:
     start: torch.Tensor
     informed_index: torch.Tensor
 
-    def to(self, device: torch.device | str) -> WindowBatch:
-        return WindowBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> WindowBatch:
+        return WindowBatch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
+
+    def pin_memory(self) -> WindowBatch:
+        """The batch in page-locked memory (``torch.utils.data``'s ``pin_memory`` calls this)."""
+        return WindowBatch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -47,15 +52,19 @@ class SliceBatch:
     """B single slices for the informed-slice generator.
 
     Attributes:
-        image: ``[B, 1, H, W]``; mask: ``[B, H, W]``; position: ``[B]`` z / (D - 1) in [0, 1].
+        image: ``[B, 1, H, W]``; mask: ``[B, H, W]`` uint8; position: ``[B]`` z / (D - 1) in [0, 1].
     """
 
     image: torch.Tensor
     mask: torch.Tensor
     position: torch.Tensor
 
-    def to(self, device: torch.device | str) -> SliceBatch:
-        return SliceBatch(self.image.to(device), self.mask.to(device), self.position.to(device))
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> SliceBatch:
+        return SliceBatch(*(getattr(self, f).to(device, non_blocking=non_blocking) for f in self.__dataclass_fields__))
+
+    def pin_memory(self) -> SliceBatch:
+        """The batch in page-locked memory (``torch.utils.data``'s ``pin_memory`` calls this)."""
+        return SliceBatch(*(getattr(self, f).pin_memory() for f in self.__dataclass_fields__))
 
     def __len__(self) -> int:
         return int(self.image.shape[0])
@@ -103,8 +112,10 @@ class WindowSource:
             )
         self.window = window
         self.informed_from = informed_from
-        self.images = [torch.from_numpy(v.image).float() for v in volumes]  # each [D, H, W]
-        self.labels = [torch.from_numpy(v.label).long() for v in volumes]
+        # Views of the volumes' arrays (memory-mapped from a prepared cache): nothing is copied here,
+        # and labels stay uint8 (a byte per voxel) until the one-hot encoding on the device.
+        self.images = [torch.from_numpy(np.asarray(v.image, dtype=np.float32)) for v in volumes]  # each [D, H, W]
+        self.labels = [torch.from_numpy(np.asarray(v.label, dtype=np.uint8)) for v in volumes]
         self.case_ids = [v.case_id for v in volumes]
 
     def __len__(self) -> int:
