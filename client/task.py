@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gem3d.accel import accelerate
 from gem3d.checkpoint import load_checkpoint, save_checkpoint
 from gem3d.config import Config, PrivacyConfig, config_from_dict
 from gem3d.data.dataset import load_volumes
@@ -264,10 +265,10 @@ def _network(site: Site, job: RoundJob) -> nn.Module:
         model = build_model("slice", cfg)
         model.load_state_dict(base)
         assert isinstance(model, SliceDenoiser)
-        model.inflate()
+        model.inflate(cfg.train.seed)  # the slice-axis weights then come from the server
     else:
         model = build_model(stage, cfg)
-    model = model.to(torch.device(cfg.train.device))
+    model = accelerate(model, cfg.accel, torch.device(cfg.train.device))
     if cacheable:
         _model_cache[key] = model
         while len(_model_cache) > _MODEL_CACHE_SIZE:

@@ -298,6 +298,22 @@ class FederationConfig(_Frozen):
     )
 
 
+Switch = Literal["auto", "on", "off"]
+
+
+class AccelConfig(_Frozen):
+    """The GPU fast path (``gem3d.accel``). ``auto`` is on for CUDA and off on a CPU, so a CPU run
+    computes exactly what it always did; every switch only changes speed, memory and rounding."""
+
+    bf16: Switch = Field(
+        "auto", description="bf16 autocast of the networks' forward (the noise schedule arithmetic stays fp32/fp64)"
+    )
+    tf32: bool = Field(True, description="TF32 matmuls and convolutions on CUDA (no effect on a CPU)")
+    flash_attention: Switch = Field("auto", description="fused scaled-dot-product attention in MONAI's blocks")
+    channels_last: Switch = Field("auto", description="channels-last memory format for the 2D convolutions")
+    compile: bool = Field(False, description="torch.compile the networks (slow first steps, faster after)")
+
+
 class Config(_Frozen):
     """Everything a gem3d run needs."""
 
@@ -310,6 +326,7 @@ class Config(_Frozen):
     privacy: PrivacyConfig = PrivacyConfig()
     release: ReleaseConfig = ReleaseConfig()
     federation: FederationConfig = FederationConfig()
+    accel: AccelConfig = AccelConfig()
 
     @model_validator(mode="after")
     def _sections_agree(self) -> Self:

@@ -16,7 +16,7 @@ Mask encoding (``ModelConfig.mask_encoding``), for label ids 0..L-1 with 0 the b
 from __future__ import annotations
 
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from contextvars import ContextVar
 
 import torch
@@ -192,6 +192,11 @@ class InflatedAttentionBlock(nn.Module):
         return self.slice_attn(self.spatial(x))
 
 
+def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> AbstractContextManager[object]:
+    """bf16 (or ``dtype``) autocast on ``x``'s device, or nothing when ``dtype`` is None (``gem3d.accel``)."""
+    return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
+
+
 def _unet(in_channels: int, cfg: UNetConfig, num_class_embeds: int | None = None) -> DiffusionModelUNet:
     """The 2D ``DiffusionModelUNet`` both networks are built on (``UNetConfig`` has checked its shape)."""
     return DiffusionModelUNet(
@@ -212,6 +217,8 @@ class SliceDenoiser(nn.Module):
 
     Stage 1 (``inflated = False``) treats each slice independently; stage 2 (after ``inflate()``)
     mixes information along the slice axis. Both take the same tensors.
+
+    ``compute_dtype``: the autocast dtype of the forward (``gem3d.accel``; None: the weights' fp32).
     """
 
     def __init__(self, cfg: ModelConfig, num_labels: int) -> None:
@@ -220,12 +227,21 @@ class SliceDenoiser(nn.Module):
         self.num_labels = num_labels
         self.unet = _unet(1 + condition_channels(cfg, num_labels), cfg)
         self.inflated = False
+        self.compute_dtype: torch.dtype | None = None
 
-    def inflate(self) -> None:
-        """Add slice-axis layers (stage 2). Idempotent only in the sense that it refuses a second call."""
+    def inflate(self, seed: int = 0) -> None:
+        """Add slice-axis layers (stage 2), on the device of the others; a second call is refused.
+
+        Their random initialisation (the slice-axis attention's projections) comes from ``seed``;
+        the global RNG is left untouched, so the same seed gives the same stage-2 network.
+        """
         if self.inflated:
             raise RuntimeError("SliceDenoiser is already inflated")
-        _inflate_children(self.unet, self.cfg)
+        device = next(self.parameters()).device
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            _inflate_children(self.unet, self.cfg)
+        self.to(device)
         self.inflated = True
 
     def slice_axis_parameters(self) -> list[nn.Parameter]:
@@ -240,16 +256,16 @@ class SliceDenoiser(nn.Module):
             t: ``[B, D]`` per-slice timesteps, or ``[B]`` one per window.
             cond: ``[B, Cc, D, H, W]`` from ``build_condition``.
         Returns:
-            ``[B, 1, D, H, W]``.
+            ``[B, 1, D, H, W]`` fp32 (also under ``compute_dtype``).
         """
         batch, depth = x.shape[0], x.shape[2]
         if t.dim() == 1:
             t = t[:, None].expand(batch, depth)
         slices = torch.cat([x, cond], dim=1).movedim(2, 1)  # [B, D, C, H, W]
         slices = slices.reshape(batch * depth, *slices.shape[2:])  # [B*D, C, H, W]
-        with slice_frames(depth):
+        with slice_frames(depth), _autocast(x, self.compute_dtype):
             out = self.unet(slices, t.reshape(batch * depth))  # [B*D, 1, H, W]
-        return out.reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
+        return out.float().reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
 
 
 def _inflate_children(module: nn.Module, cfg: ModelConfig) -> None:
@@ -272,6 +288,7 @@ class InformedSliceGenerator(nn.Module):
         self.mask_encoding = mask_encoding
         cond = mask_channels(num_labels, mask_encoding) if cfg.condition_on_mask else 0
         self.unet = _unet(1 + cond, cfg, num_class_embeds=cfg.position_bins)
+        self.compute_dtype: torch.dtype | None = None  # as SliceDenoiser's
 
     def position_bin(self, position: torch.Tensor) -> torch.Tensor:
         """``[B]`` positions in [0, 1] -> ``[B]`` class ids in 0..position_bins-1."""
@@ -289,11 +306,13 @@ class InformedSliceGenerator(nn.Module):
             position: ``[B]`` slice index / (D - 1), in [0, 1].
             mask: ``[B, H, W]`` label ids, required when ``condition_on_mask``.
         Returns:
-            ``[B, 1, H, W]``.
+            ``[B, 1, H, W]`` fp32 (also under ``compute_dtype``).
         """
         inputs = x
         if self.cfg.condition_on_mask:
             if mask is None:
                 raise ValueError("this informed-slice generator is conditioned on the mask slice; pass mask")
             inputs = torch.cat([x, encode_mask(mask, self.num_labels, self.mask_encoding).to(x.dtype)], dim=1)
-        return self.unet(inputs, t, class_labels=self.position_bin(position))
+        with _autocast(x, self.compute_dtype):
+            out = self.unet(inputs, t, class_labels=self.position_bin(position))
+        return out.float()

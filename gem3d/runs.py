@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from gem3d.accel import accelerate
 from gem3d.checkpoint import (
     library_versions,
     load_checkpoint,
@@ -81,7 +82,7 @@ def build_model(stage: Stage, cfg: Config) -> nn.Module:
             return InformedSliceGenerator(cfg.informed, cfg.data.num_labels, cfg.model.mask_encoding)
         model = SliceDenoiser(cfg.model, cfg.data.num_labels)
     if stage == "volume":
-        model.inflate()
+        model.inflate(cfg.train.seed)
     return model
 
 
@@ -148,7 +149,7 @@ def load_model(
     cfg = checkpoint_config(metadata, path)
     model = build_model(stage, cfg)
     load_weights(model, subset(tensors, weights), f"{path} ({weights} weights)")
-    return model.to(device).eval(), cfg, metadata
+    return accelerate(model, cfg.accel, torch.device(device)).eval(), cfg, metadata
 
 
 def export_weights(source: str | Path, target: str | Path, **extra: Any) -> Path:
@@ -265,7 +266,7 @@ def initial_model(
     _check_compatible(metadata, cfg, source)
     if stage == "volume" and metadata["stage"] == "slice":
         assert isinstance(model, SliceDenoiser)
-        model.inflate()
+        model.inflate(cfg.train.seed)
     return model
 
 
@@ -337,6 +338,7 @@ def _train_stage(
         model = build_model(stage, cfg).to(device)
     else:
         model = initial_model(stage, cfg, run, init, device)
+    accelerate(model, cfg.accel, device)  # again after an inflate: its new layers get the switches too
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     state = new_state(model, cfg.train)
     if resume:

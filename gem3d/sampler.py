@@ -13,8 +13,9 @@ A volume of D slices is generated window by window in the model grid:
    the DDIM step index, so its carried slices were nearly clean from the start.)
 4. The up and down chains are independent after the first window, so window k of both chains,
    for every volume of a batch, is denoised in one network call. Each volume has its own seeded
-   generator, drawn on the CPU for its initial noise, inpainting noise and (eta > 0) DDIM noise:
-   the same seed gives the same bytes on any device, whatever the volume's batch-mates.
+   generator on the model's device for its initial noise, inpainting noise and (eta > 0) DDIM
+   noise: the same seed gives the same bytes on the same device, whatever the volume's
+   batch-mates (a CPU and a GPU draw different streams from one seed).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def _sample_chunk(
     plans = [plan_windows(r.mask.shape[0], r.start, window, overlap) for r in requests]
     totals = [sum(len(round_) for round_ in plan) for plan in plans]
     done = [0] * len(requests)
-    generators = [torch.Generator().manual_seed(r.seed) for r in requests]
+    generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
     volumes = [torch.zeros(r.mask.shape, dtype=torch.float32) for r in requests]  # each [D, H, W]
     # Masks stay uint8 and become int64 one window at a time: peak memory stays flat in depth.
     masks = [torch.from_numpy(np.ascontiguousarray(r.mask, dtype=np.uint8)) for r in requests]
@@ -220,7 +221,7 @@ def _denoise_windows(
     carry = torch.zeros(known.shape, dtype=torch.bool)
     for n, indices in enumerate(carried):
         carry[n, :, indices] = True
-    # Noise is drawn on the CPU from each volume's own generator: same seed, same bytes, any device.
+    # Noise is drawn on the device from each volume's own generator: no host copy per step.
     x = _noise(generators, shape, device)
     cond = build_condition(mask.to(device), informed.to(device), informed_mask.to(device), model.num_labels, model.cfg)
     known_d, carry_d = known.to(device), carry.to(device)
@@ -238,8 +239,8 @@ def _denoise_windows(
 
 
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """``[N, *shape]`` unit Gaussian noise, row n from ``generators[n]`` (on the CPU, then moved)."""
-    return torch.stack([torch.randn(shape, generator=g) for g in generators]).to(device)
+    """``[N, *shape]`` unit Gaussian noise on ``device``, row n from ``generators[n]`` (on that device)."""
+    return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
 
 @torch.no_grad()
@@ -264,7 +265,7 @@ def generate_informed_slices(
     device = next(model.parameters()).device
     if model.cfg.condition_on_mask and masks is None:
         raise ValueError("this informed-slice generator is conditioned on the mask slice; pass masks")
-    generators = [torch.Generator().manual_seed(s) for s in seeds]
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     x = _noise(generators, (1, *size), device)
     position = torch.tensor(list(positions), dtype=torch.float32, device=device)
     mask = None

@@ -80,7 +80,7 @@ def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done
     model = build_model("slice", cfg)
     store.load_global(model, "slice", "ema")  # the base samplers would use: the slice stage's EMA
     assert isinstance(model, SliceDenoiser)
-    model.inflate()
+    model.inflate(cfg.train.seed)
     return model
 
 

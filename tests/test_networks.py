@@ -183,3 +183,19 @@ def test_a_slice_axis_layer_outside_a_denoiser_call_fails_loudly() -> None:
         layer(h)
     with slice_frames(3):
         assert layer(h).shape == h.shape
+
+
+def test_inflation_is_seeded_and_leaves_the_global_rng_alone(micro_cfg: Config) -> None:
+    # prepare: two runs of the same stage-2 build, the global RNG in different states in between
+    before = torch.random.get_rng_state()
+    first = build_model("volume", micro_cfg).state_dict()
+    assert torch.equal(torch.random.get_rng_state(), before)
+    torch.rand(7)
+    second = build_model("volume", micro_cfg).state_dict()
+    other_seed = SliceDenoiser(micro_cfg.model, micro_cfg.data.num_labels)
+    other_seed.load_state_dict({k: v for k, v in first.items() if ".slice_" not in k}, strict=False)
+    other_seed.inflate(seed=micro_cfg.train.seed + 1)
+    # assert: same seed, same slice-axis weights; another seed, other (random) ones
+    assert [k for k in first if not torch.equal(first[k], second[k])] == []
+    randomised = [k for k in first if ".slice_attn." in k and ".to_q.weight" in k]
+    assert randomised and all(not torch.equal(first[k], other_seed.state_dict()[k]) for k in randomised)
