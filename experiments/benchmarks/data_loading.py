@@ -2,14 +2,16 @@
 
 One run, side by side: build a demo cohort, prepare it with the config, then measure
 
-* windows/s drawn by ``WindowSource.windows`` from the memory-mapped cache (the training path),
-* the same from volumes held in RAM (the upper bound),
+* windows/s drawn by ``WindowSource.windows`` from the memory-mapped cache, in the training
+  process, and from volumes held in RAM (the upper bound),
+* windows/s through the training loader (``gem3d.data.loader``: one batch per step, drawn ahead
+  by 0 and ``--workers`` worker processes, as ``train.loader_workers`` sets),
 * the time to open the cache (``load_volumes`` on ``manifest.json``) and to read the raw folder,
 * training steps/s of ``gem3d.training.train`` (slice stage) on the same data,
 
 and prints the headroom: windows/s divided by the windows/s training consumes (steps/s x batch).
 
-    .venv/bin/python experiments/benchmarks/data_loading.py [--config tiny] [--steps 20] [--device cpu]
+    .venv/bin/python experiments/benchmarks/data_loading.py [--config tiny] [--steps 20] [--workers 2] [--device cpu]
 """
 
 from __future__ import annotations
@@ -29,9 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.configs import resolve_config_path
-from gem3d.config import load_config
+from gem3d.config import TrainConfig, load_config
 from gem3d.data.dataset import load_raw, load_volumes
 from gem3d.data.demo_cohort import write_demo_cohort
+from gem3d.data.loader import StepBatches, step_batches
 from gem3d.data.prepare import PrepareOptions, prepare_dataset
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
@@ -53,6 +56,23 @@ def windows_per_second(volumes: list[Volume], window: int, batch: int, seconds: 
     return drawn / (time.perf_counter() - started)
 
 
+def loader_windows_per_second(
+    volumes: list[Volume], window: int, batch: int, workers: int, prefetch: int, seconds: float
+) -> float:
+    """Windows/s through the training loader with ``workers`` processes (0: drawn in this process)."""
+    cfg = TrainConfig(batch_size=batch, loader_workers=workers, prefetch_batches=prefetch)
+    batches = StepBatches(WindowSource(volumes, window), windows=True, batch_size=batch, seed=0)
+    loader = step_batches(batches, 0, 10**9, cfg, torch.device("cpu"))
+    float(next(loader).image.sum())  # workers started and their first batches ready
+    drawn, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        float(next(loader).image.sum())
+        drawn += batch
+    elapsed = time.perf_counter() - started
+    del loader  # stops the workers
+    return drawn / elapsed
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny")
@@ -61,6 +81,7 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=20, help="training steps timed")
     parser.add_argument("--seconds", type=float, default=3.0, help="time spent drawing windows per measurement")
     parser.add_argument("--device", default=None, help="override train.device")
+    parser.add_argument("--workers", type=int, default=2, help="loader worker processes to compare with none")
     parser.add_argument("--no-train", action="store_true", help="measure loading only (paper-scale configs on CPU)")
     args = parser.parse_args()
     overrides = {"train.device": args.device} if args.device else {}
@@ -84,10 +105,18 @@ def main() -> int:
         batch = cfg.train.batch_size
         in_ram = [Volume(v.case_id, np.array(v.image), np.array(v.label)) for v in in_ram]
         # Interleaved, best of two: the machine may be shared, and a slow burst should not pick the winner.
-        cache_rate = ram_rate = 0.0
+        cache_rate = ram_rate = alone_rate = workers_rate = 0.0
+        prefetch = cfg.train.prefetch_batches
         for _ in range(2):
             cache_rate = max(cache_rate, windows_per_second(cached, cfg.data.window, batch, args.seconds / 2))
             ram_rate = max(ram_rate, windows_per_second(in_ram, cfg.data.window, batch, args.seconds / 2))
+            alone_rate = max(
+                alone_rate, loader_windows_per_second(cached, cfg.data.window, batch, 0, prefetch, args.seconds / 2)
+            )
+            workers_rate = max(
+                workers_rate,
+                loader_windows_per_second(cached, cfg.data.window, batch, args.workers, prefetch, args.seconds / 2),
+            )
 
         steps_per_s = float("nan")
         if not args.no_train:
@@ -116,9 +145,13 @@ def main() -> int:
     print(f"read raw folder in memory:    {raw_s:8.2f} s")
     print(f"windows/s from cache (mmap):  {cache_rate:10.0f}")
     print(f"windows/s from RAM:           {ram_rate:10.0f}")
+    print(f"loader, 0 workers:            {alone_rate:10.0f} windows/s")
+    speedup = workers_rate / alone_rate
+    print(f"loader, {args.workers} workers:            {workers_rate:10.0f} windows/s  ({speedup:.2f}x)")
     if not args.no_train:
-        print(f"training steps/s (slice):     {steps_per_s:10.2f}  -> consumes {consumed:.1f} windows/s")
+        print(f"training steps/s (slice):     {steps_per_s:10.3f}  -> consumes {consumed:.2f} windows/s")
         print(f"headroom (cache / consumed):  {cache_rate / consumed:10.0f}x")
+        print(f"headroom (loader, {args.workers} workers):  {workers_rate / consumed:10.0f}x  (target >= 2x)")
     return 0
 
 
