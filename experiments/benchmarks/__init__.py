@@ -29,6 +29,30 @@ RESULT_TAG = "BENCH-RESULT "
 MID = {"data.image_size": 96, "data.window": 16}
 
 
+# Dense bf16 tensor-core peaks (TFLOP/s, without sparsity) from the vendors' data sheets, by a
+# substring of ``torch.cuda.get_device_name()``; the first match wins, so longer names come first.
+BF16_PEAK_TFLOPS = (
+    ("H200", 989.0),
+    ("H100 SXM", 989.0),
+    ("H100 80GB HBM3", 989.0),
+    ("H100 NVL", 835.0),
+    ("H100 PCIe", 756.0),
+    ("A100", 312.0),
+    ("L40S", 362.0),
+    ("L4", 121.0),
+)
+
+
+def bf16_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:
+    """The device's dense bf16 peak in FLOP/s: ``override_tflops``, else the data-sheet table, else None."""
+    if override_tflops is not None:
+        return override_tflops * 1e12
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((tflops * 1e12 for key, tflops in BF16_PEAK_TFLOPS if key in name), None)
+
+
 def cpu_model() -> str:
     """The CPU's model name from ``/proc/cpuinfo`` (``platform.processor()`` elsewhere)."""
     try:

@@ -19,6 +19,11 @@ One run measures, each configuration in a fresh subprocess (so its peak memory i
 
 Peak memory (CPU) is the RSS high-water mark above the RSS with the network and inputs built.
 
+On CUDA the network runs with the config's fast path (``gem3d.accel``), peak memory is
+``torch.cuda.max_memory_allocated``, and the table adds volumes/hour at the config's own recipe
+(``diffusion.inference_steps``; seconds scaled linearly from ``--steps``, every step being the
+same work). A brats volume of 155 slices: ``--config brats --size 128 --depths 155 --device cuda``.
+
     .venv/bin/python experiments/benchmarks/sampling.py [--config tiny] [--size 64] [--steps 2]
 """
 
@@ -41,6 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
 from experiments.configs import resolve_config_path
 from experiments.evaluation.fidelity import psnr
+from gem3d.accel import accelerate
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import make_phantom, write_phantom_dataset
@@ -63,7 +69,7 @@ def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -
     """Sample one volume with the windowed sampler; count network calls and evaluations."""
     model = SliceDenoiser(cfg.model, cfg.data.num_labels)
     model.inflate()
-    model = model.to(device).eval()
+    model = accelerate(model, cfg.accel, device).eval()
     counts = {"calls": 0, "window_evals": 0, "slice_evals": 0}
 
     def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -359,7 +365,15 @@ def main() -> int:
         ratio = "-"
         if full_r is not None and "error" not in full_r and "error" not in ours_r:
             ratio = f"{full_r['peak_mib'] / max(ours_r['peak_mib'], 1e-9):.1f}x"
-        rows.append([f"{depth}x{size}x{size}", *cells(ours_r), nfe, *cells(full_r), ratio])
+        per_hour = []
+        if args.device.startswith("cuda"):
+            recipe_steps = load_config(resolve_config_path(args.config)).diffusion.inference_steps
+            hour = "-"
+            if "error" not in ours_r:
+                seconds = ours_r["seconds"] / ours_r["steps"] * recipe_steps
+                hour = f"{3600 / seconds:.0f} ({seconds:.1f} s/volume at {recipe_steps} steps)"
+            per_hour = [hour]
+        rows.append([f"{depth}x{size}x{size}", *cells(ours_r), nfe, *cells(full_r), ratio, *per_hour])
 
     info = machine(args.threads)
     cfg = load_config(resolve_config_path(args.config))
@@ -380,6 +394,8 @@ def main() -> int:
         "full-3D peak MiB",
         "full-3D / ours peak memory",
     ]
+    if args.device.startswith("cuda"):
+        headers.append("ours volumes/hour (config recipe)")
     print(markdown_table(headers, rows))
 
     by_point = {(r["depth"], r["size"]): r["ours"] for r in results}

@@ -14,7 +14,13 @@ window 16) and each stage (``slice``, ``volume``), one fresh subprocess:
 
 slices/s = steps/s x batch x window. The ratio achieved FLOP/s / matmul FLOP/s is printed.
 
+On CUDA the network runs with the config's fast path (``gem3d.accel``: bf16 autocast, TF32, fused
+attention, channels-last by default) and the table adds the model FLOP utilisation against the
+device's dense bf16 peak (``BF16_PEAK_TFLOPS``, or ``--peak-tflops``) and a bf16 matmul baseline;
+the paper-scale configs are measured with ``--config brats`` or ``--config abdomenct1k``.
+
     .venv/bin/python experiments/benchmarks/train_throughput.py [--config tiny] [--mid] [--device cpu|cuda] [--steps N]
+    .venv/bin/python experiments/benchmarks/train_throughput.py --config brats --device cuda --steps 20
 """
 
 from __future__ import annotations
@@ -33,8 +39,18 @@ from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.benchmarks import MID, emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.benchmarks import (
+    MID,
+    bf16_peak_flops,
+    emit,
+    machine,
+    markdown_table,
+    peak_bytes,
+    reset_peak,
+    run_worker,
+)
 from experiments.configs import resolve_config_path
+from gem3d.accel import accelerate
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
@@ -44,10 +60,10 @@ from gem3d.runs import build_model, resolve_device
 from gem3d.training import draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
 
 
-def matmul_flops_per_s(size: int, device: torch.device, repeats: int = 5) -> float:
-    """Median FLOP/s of ``[size, size] @ [size, size]`` in float32 (2 size^3 FLOPs each)."""
-    a = torch.randn(size, size, device=device)
-    b = torch.randn(size, size, device=device)
+def matmul_flops_per_s(size: int, device: torch.device, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Median FLOP/s of ``[size, size] @ [size, size]`` in ``dtype`` (2 size^3 FLOPs each)."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
     a @ b  # warm-up: first-call dispatch and allocation
     times = []
     for _ in range(repeats):
@@ -73,7 +89,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         shape = (size, size, 2 * window + 8)
         data = write_phantom_dataset(Path(tmp) / "phantoms", 4, shape, cfg.data.num_labels, seed=0)
         volumes = load_volumes(data, cfg.data)
-    model = build_model(stage, cfg).to(device)
+    model = accelerate(build_model(stage, cfg), cfg.accel, device)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     state = new_state(model, cfg.train)
     source = WindowSource(volumes, window, cfg.train.informed_from)
@@ -100,6 +116,16 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     flops_per_step = counter.get_total_flops()
     achieved = flops_per_step / seconds_per_step
     matmul_mean = sum(matmul) / len(matmul)
+    cuda: dict[str, Any] = {}
+    if device.type == "cuda":
+        peak_flops = bf16_peak_flops(device, spec.get("peak_tflops"))
+        cuda = {
+            "device_name": torch.cuda.get_device_name(device),
+            "bf16_peak_tflops": peak_flops / 1e12 if peak_flops else None,
+            "mfu_bf16": achieved / peak_flops if peak_flops else None,
+            "bf16_matmul_tflops": matmul_flops_per_s(8192, device, dtype=torch.bfloat16) / 1e12,
+            "fast_path": str(cfg.accel),
+        }
     return {
         "stage": stage,
         "size": size,
@@ -116,6 +142,7 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
         "fraction_of_matmul": achieved / matmul_mean,
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "threads": torch.get_num_threads(),
+        **cuda,
     }
 
 
@@ -128,6 +155,7 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (default 1)")
     parser.add_argument("--matmul", type=int, default=2048, help="size of the square matmul baseline (default 2048)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per measurement")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="CUDA: the device's dense bf16 peak")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -148,12 +176,18 @@ def main() -> int:
                 "steps": args.steps,
                 "threads": args.threads,
                 "matmul": args.matmul,
+                "peak_tflops": args.peak_tflops,
             }
             result = run_worker(Path(__file__), spec, args.timeout, rss_cap_bytes=None)
             results.append({"config": label, **spec, **result})
+            cuda = args.device.startswith("cuda")
             if "error" in result:
-                rows.append([label, stage, *["-"] * 9, result["error"]])
+                rows.append([label, stage, *["-"] * (11 if cuda else 9), result["error"]])
                 continue
+            extra = []
+            if cuda:
+                mfu = result.get("mfu_bf16")
+                extra = [f"{100 * mfu:.1f}%" if mfu else "- (--peak-tflops)", f"{result['bf16_matmul_tflops']:.0f}"]
             rows.append(
                 [
                     label,
@@ -167,6 +201,7 @@ def main() -> int:
                     f"{result['achieved_gflops']:.1f}",
                     f"{result['matmul_gflops']:.1f}",
                     f"{100 * result['fraction_of_matmul']:.1f}%",
+                    *extra,
                     "",
                 ]
             )
@@ -176,7 +211,10 @@ def main() -> int:
     print(f"# device {args.device}, {args.steps} timed steps after 1 warm-up, matmul {args.matmul}^2 float32")
     memory = "peak MiB (CUDA max allocated)" if args.device.startswith("cuda") else "peak RSS delta MiB"
     headers = ["config", "stage", "slice", "batch x W", "s/step", "slices/s", memory]
-    headers += ["GFLOP/step (fwd+bwd)", "achieved GFLOP/s", "matmul GFLOP/s", "fraction of matmul", "note"]
+    headers += ["GFLOP/step (fwd+bwd)", "achieved GFLOP/s", "matmul GFLOP/s", "fraction of matmul"]
+    if args.device.startswith("cuda"):
+        headers += ["MFU (bf16 peak)", "bf16 matmul TFLOP/s"]
+    headers += ["note"]
     print(markdown_table(headers, rows))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))
