@@ -11,7 +11,7 @@ Only ``generate`` carries no real patient's pixels, so only it is allowed in a p
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -146,15 +146,34 @@ def read_slice_file(path: Path, cfg: DataConfig) -> tuple[InformedSlice, tuple[f
 def generated_slices(
     model: InformedSliceGenerator,
     sampler: Sampler,
-    masks: list[np.ndarray],
-    starts: list[int],
-    seeds: list[int],
+    masks: Sequence[np.ndarray],
+    starts: Sequence[int],
+    seeds: Sequence[int],
+    *,
+    batch: int,
 ) -> list[InformedSlice]:
-    """Informed slices from the generator, one per (mask volume ``[D, H, W]``, start, seed)."""
+    """Informed slices from the generator, one per (mask volume ``[D, H, W]``, start, seed).
+
+    The network sees at most ``batch`` slices per call, so memory is flat in the number of slices
+    (issue 16). Each slice draws its noise from its own seeded generator, so the chunking changes
+    no draw; only the network's float rounding may change with the batch size (about 1e-7: MONAI's
+    time-embedding ``Linear`` picks its GEMM kernel by batch rows), as in ``sample_volumes``.
+
+    Returns:
+        one slice per mask: ``image`` ``[H, W]`` in [-1, 1], ``mask`` the mask's slice at the start.
+    """
+    if batch < 1:
+        raise ValueError(f"batch must be >= 1, got {batch}")
     positions = [start / max(mask.shape[0] - 1, 1) for mask, start in zip(masks, starts, strict=True)]
-    mask_slices = [mask[start] for mask, start in zip(masks, starts, strict=True)]
-    size = (int(masks[0].shape[1]), int(masks[0].shape[2]))
-    images = generate_informed_slices(model, sampler, positions, mask_slices, seeds, size)
+    mask_slices = [mask[start] for mask, start in zip(masks, starts, strict=True)]  # views, no copies
+    seeds = list(seeds)
+    if len(seeds) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds")
+    images: list[np.ndarray] = []
+    for first in range(0, len(masks), batch):
+        rows = slice(first, first + batch)
+        size = (int(masks[first].shape[1]), int(masks[first].shape[2]))
+        images += generate_informed_slices(model, sampler, positions[rows], mask_slices[rows], seeds[rows], size)
     return [
         InformedSlice(image, mask_slice, "generate", {"position": round(position, 4), "seed": seed})
         for image, mask_slice, position, seed in zip(images, mask_slices, positions, seeds, strict=True)

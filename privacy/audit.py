@@ -56,7 +56,7 @@ from __future__ import annotations
 import itertools
 import json
 import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -82,7 +82,8 @@ FLIPS: tuple[tuple[int, ...], ...] = tuple(f for r in range(4) for f in itertool
 # Fractions of the training schedule the attack noises to (issue 12: several fixed timesteps).
 MIA_TIMESTEPS = (0.02, 0.1, 0.25, 0.5)
 FOREGROUND_LEVEL = 0.1  # a pixel is foreground above 10% of its volume's intensity range
-_CHUNK = 64  # query rows per distance matrix: memory stays flat in cohort size
+_CHUNK = 64  # query rows per distance matrix, slices per canonical form: memory stays flat in cohort size
+_VOLUMES = 8  # volumes put in canonical form at once (its centring holds ~1.3 MB per 32^3 volume)
 
 
 class AuditReferenceError(DataError):
@@ -294,7 +295,7 @@ def _nearest(
     variants: Variants,
     reference: torch.Tensor,
     norm: float,
-    exclude: torch.Tensor | None = None,
+    owners: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Nearest reference row to each query row under any of its variants, in bounded chunks.
 
@@ -302,7 +303,8 @@ def _nearest(
         query: ``[Nq, ...]``; ``variants(chunk)`` yields the chunk's variants (flips, shifts, features).
         reference: ``[Nr, ...]`` rows to compare against.
         norm: distances are divided by it (``sqrt(voxels)`` gives an RMS difference).
-        exclude: ``[Nq, Nr]`` True where a pair must not count (leave one out).
+        owners: ``([Nq], [Nr])`` case ids: a pair of the same case does not count (leave one
+            out). Compared chunk by chunk, never as an ``[Nq, Nr]`` matrix.
     Returns:
         the distance ``[Nq]`` and the index ``[Nq]`` of the nearest reference row.
     """
@@ -313,8 +315,8 @@ def _nearest(
         best = torch.full((len(query[rows]), ref.shape[0]), float("inf"))
         for variant in variants(query[rows]):
             best = torch.minimum(best, torch.cdist(variant.flatten(1), ref))
-        if exclude is not None:
-            best[exclude[rows]] = float("inf")
+        if owners is not None:
+            best[owners[0][rows, None] == owners[1][None, :]] = float("inf")
         values[rows], indices[rows] = best.min(dim=1)
     return (values / norm).double().numpy(), indices.numpy()
 
@@ -358,6 +360,14 @@ class RandomFeatures(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, 1, D, H, W]`` -> ``[N, 128]``, one volume at a time.
+
+        A batched conv rounds differently for different batch sizes; one at a time, a volume's
+        features never depend on its batch-mates or on the audit's chunks, and on a CPU it is as fast.
+        """
+        return torch.cat([self._features(volume[None]) for volume in x]) if len(x) else x.new_zeros(0, 128)
+
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
         for conv in self.convs:
             x = F.relu(conv(x))
         pooled = torch.cat([x.mean(dim=(2, 3, 4)), x.amax(dim=(2, 3, 4))], dim=1)
@@ -532,6 +542,10 @@ def memorization_audit(
 ) -> AuditResult:
     """Nearest-neighbour distances of synthetic and reference volumes (and slices) to the training set.
 
+    Memory: the training set, the reference, is held in canonical form; holdout and synthetic
+    volumes are read ``_VOLUMES`` at a time (any ``Sequence``, e.g. one that reads each case from
+    disk when indexed), so a synthetic cohort of any size costs one chunk (issue 16).
+
     Args:
         synthetic, train, holdout: volumes with ``image`` ``[D, H, W]`` in [-1, 1] (any sizes).
         holdout: real cases the model never saw; ``None`` uses leave-one-out training distances.
@@ -557,69 +571,82 @@ def memorization_audit(
                     f"audit: holdout case {case.case_id} is identical to training case {other.case_id}; "
                     "the holdout must be disjoint from the training set"
                 )
-    sets = {"synthetic": synthetic, "train": train, **({"holdout": holdout} if holdout is not None else {})}
     pad = _padding(settings)
     norm = float(np.prod(settings.grid)) ** 0.5  # RMS difference over the grid's voxels
     reference_nn, synthetic_nn, nearest, thresholds = {}, {}, {}, {}
 
-    # whole volumes
-    grids = {name: volume_grid([v.image for v in vols], settings) for name, vols in sets.items()}
-    scale = standard_scale(grids["train"].flatten(1))
-    canon = {name: canonical(g, scale, pad) for name, g in grids.items()}
+    # The training set is the reference every other volume is compared with: it is held, in
+    # canonical form. Holdout and synthetic volumes are streamed through in chunks of _VOLUMES,
+    # so memory does not grow with the synthetic cohort (issue 16).
+    grids = volume_grid([v.image for v in train], settings)
+    scale = standard_scale(grids.flatten(1))
+    train_canon = torch.cat([canonical(grids[i : i + _VOLUMES], scale, pad) for i in range(0, len(train), _VOLUMES)])
+    del grids
     features = RandomFeatures(settings.feature_seed)
 
     def feature_variants(chunk: torch.Tensor) -> Iterable[torch.Tensor]:
         for flip in FLIPS:
             yield features(torch.flip(chunk, dims=[d + 2 for d in flip]) if flip else chunk)
 
+    train_features = torch.cat([features(train_canon[i : i + _VOLUMES]) for i in range(0, len(train), _VOLUMES)])
     spaces: dict[str, tuple[Variants, torch.Tensor, float]] = {
-        "image": (volume_variants(settings.max_shift), canon["train"], norm),
-        "feature": (feature_variants, features(canon["train"]), 1.0),
+        "image": (volume_variants(settings.max_shift), train_canon, norm),
+        "feature": (feature_variants, train_features, 1.0),
     }
-    self_pairs = torch.eye(len(train), dtype=torch.bool)
-    for space, (variants, reference, space_norm) in spaces.items():
-        if holdout is not None:
-            ref, _ = _nearest(canon["holdout"], variants, reference, space_norm)
-        else:
-            ref, _ = _nearest(canon["train"], variants, reference, space_norm, exclude=self_pairs)
-        reference_nn[space] = ref
-        synthetic_nn[space], nearest[space] = _nearest(canon["synthetic"], variants, reference, space_norm)
-        thresholds[space] = settings.margin * float(np.quantile(ref, settings.quantile))
+    train_slices = _TrainSlices.build(train, settings, pad) if settings.slice_check else None
 
-    # single slices
+    def compare(volumes: Sequence[Volume]) -> _Distances:
+        """Every volume (in chunks) and its slices against the training set."""
+        found = _Distances(len(volumes), list(spaces))
+        for first in range(0, len(volumes), _VOLUMES):
+            chunk = [volumes[i] for i in range(first, min(first + _VOLUMES, len(volumes)))]
+            found.case_ids += [v.case_id for v in chunk]
+            canon = canonical(volume_grid([v.image for v in chunk], settings), scale, pad)
+            for space, (variants, reference, space_norm) in spaces.items():
+                distance, index = _nearest(canon, variants, reference, space_norm)
+                found.volume_nn[space][first : first + len(chunk)] = distance
+                found.volume_nearest[space][first : first + len(chunk)] = index
+            if train_slices is not None:
+                found.add_slices(first, train_slices.nearest([v.image for v in chunk], settings, pad))
+        return found
+
+    # the reference distances: holdout to train, or each training case to the other training cases
+    if holdout is not None:
+        held = compare(holdout)
+        reference_nn = {space: held.volume_nn[space] for space in spaces}
+        slice_ref = held.slice_arrays()[0]
+    else:
+        cases = torch.arange(len(train))
+        for space, (variants, reference, space_norm) in spaces.items():
+            reference_nn[space] = _nearest(train_canon, variants, reference, space_norm, owners=(cases, cases))[0]
+        slice_ref = train_slices.leave_one_out() if train_slices is not None else np.zeros(0)
+    found = compare(synthetic)
+    for space in spaces:
+        synthetic_nn[space], nearest[space] = found.volume_nn[space], found.volume_nearest[space]
+        thresholds[space] = settings.margin * float(np.quantile(reference_nn[space], settings.quantile))
+
+    # single slices: a synthetic volume with one slice closer to a training slice than the threshold
     copied = np.zeros(len(synthetic), dtype=np.int64)
     slice_counts: dict[str, int] = {}
-    if settings.slice_check:
-        slices = {name: volume_slices([v.image for v in vols], settings) for name, vols in sets.items()}
-        train_slices, train_owner, _ = slices["train"]
-        if len(train_slices):
-            slice_scale = standard_scale(train_slices.flatten(1))
-            slice_canon = {name: canonical(s[0], slice_scale, pad) for name, s in slices.items() if len(s[0])}
-            slice_norm = float(np.prod(settings.grid[1:])) ** 0.5
-            target = slice_canon["train"]
-            if holdout is not None:
-                held = slice_canon.get("holdout")
-                ref = _nearest(held, dihedral, target, slice_norm)[0] if held is not None else np.zeros(0)
-            else:
-                same_case = train_owner[:, None] == train_owner[None, :]
-                ref = _nearest(target, dihedral, target, slice_norm, exclude=same_case)[0]
-            ref = ref[np.isfinite(ref)]
+    if train_slices is not None:
+        slice_ref = slice_ref[np.isfinite(slice_ref)]
+        distance, owner, index = found.slice_arrays()
+        if len(slice_ref) and len(distance):
+            threshold = settings.margin * float(np.quantile(slice_ref, settings.quantile))
+            np.add.at(copied, owner, (distance < threshold).astype(np.int64))
             syn_nn = np.full(len(synthetic), np.inf)
             syn_nearest = np.zeros(len(synthetic), dtype=np.int64)
-            if len(ref) and "synthetic" in slice_canon:
-                threshold = settings.margin * float(np.quantile(ref, settings.quantile))
-                distance, index = _nearest(slice_canon["synthetic"], dihedral, target, slice_norm)
-                owner = slices["synthetic"][1].numpy()
-                np.add.at(copied, owner, (distance < threshold).astype(np.int64))
-                for row, case in enumerate(owner):
-                    if distance[row] < syn_nn[case]:
-                        syn_nn[case], syn_nearest[case] = distance[row], int(train_owner[index[row]])
-                thresholds["slice"] = threshold
-                reference_nn["slice"], synthetic_nn["slice"], nearest["slice"] = ref, syn_nn, syn_nearest
-        slice_counts = {f"{name}_slices": len(s[0]) for name, s in slices.items()}
+            for row, case in enumerate(owner):
+                if distance[row] < syn_nn[case]:
+                    syn_nn[case], syn_nearest[case] = distance[row], int(train_slices.owner[index[row]])
+            thresholds["slice"] = threshold
+            reference_nn["slice"], synthetic_nn["slice"], nearest["slice"] = slice_ref, syn_nn, syn_nearest
+        slice_counts = {"synthetic_slices": found.slice_count, "train_slices": len(train_slices.owner)}
+        if holdout is not None:
+            slice_counts["holdout_slices"] = held.slice_count
     return AuditResult(
         settings=settings,
-        synthetic_ids=[v.case_id for v in synthetic],
+        synthetic_ids=found.case_ids,
         train_ids=[v.case_id for v in train],
         reference="holdout-to-train" if holdout is not None else "train-to-train (leave-one-out)",
         reference_cases=reference_cases,
@@ -630,6 +657,90 @@ def memorization_audit(
         copied_slices=copied,
         slice_counts=slice_counts,
     )
+
+
+@dataclass
+class _Distances:
+    """What ``memorization_audit`` found for one set of volumes, filled chunk by chunk.
+
+    ``volume_nn[space]`` / ``volume_nearest[space]``: ``[N]`` distance to the nearest training
+    volume and its index. ``slice_count``: the set's slices that take part (``volume_slices``);
+    for each of them, when the training set has slices, its distance to the nearest training
+    slice, its volume's index in the set and that training slice's row.
+    """
+
+    count: int
+    spaces: list[str]
+    case_ids: list[str] = field(default_factory=list)
+    slice_count: int = 0
+    volume_nn: dict[str, np.ndarray] = field(init=False)
+    volume_nearest: dict[str, np.ndarray] = field(init=False)
+    _slices: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.volume_nn = {space: np.zeros(self.count) for space in self.spaces}
+        self.volume_nearest = {space: np.zeros(self.count, dtype=np.int64) for space in self.spaces}
+
+    def add_slices(self, first: int, found: tuple[int, np.ndarray, np.ndarray, np.ndarray]) -> None:
+        """One chunk's ``_TrainSlices.nearest``; its owners count from ``first``, the chunk's first volume."""
+        count, distance, owner, index = found
+        self.slice_count += count
+        if len(distance):
+            self._slices.append((distance, owner + first, index))
+
+    def slice_arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``[M]`` distances, owners and nearest training rows of the set's compared slices."""
+        if not self._slices:
+            return np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        distance, owner, index = (np.concatenate(parts) for parts in zip(*self._slices, strict=True))
+        return distance, owner, index
+
+
+@dataclass(frozen=True)
+class _TrainSlices:
+    """The training slices every other slice is compared with.
+
+    Attributes:
+        canon: ``[M, 1, S, S]`` canonical slices; owner: ``[M]`` each one's training case.
+        scale: the slices' standard scale (None: no training slice takes part, no slice check).
+        norm: distances are divided by it (``sqrt`` of the in-plane grid's pixels: an RMS difference).
+    """
+
+    canon: torch.Tensor
+    owner: torch.Tensor
+    scale: torch.Tensor | None
+    norm: float
+
+    @classmethod
+    def build(cls, train: Sequence[Volume], settings: AuditSettings, pad: int) -> _TrainSlices:
+        slices, owner, _ = volume_slices([v.image for v in train], settings)
+        norm = float(np.prod(settings.grid[1:])) ** 0.5
+        if not len(slices):
+            return cls(slices, owner, None, norm)
+        scale = standard_scale(slices.flatten(1))
+        canon = torch.cat([canonical(slices[i : i + _CHUNK], scale, pad) for i in range(0, len(slices), _CHUNK)])
+        return cls(canon, owner, scale, norm)
+
+    def nearest(
+        self, images: Sequence[np.ndarray], settings: AuditSettings, pad: int
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """The slices of ``images`` that take part, against every training slice (8 dihedral variants).
+
+        Returns:
+            how many take part, and per slice (none without training slices): the distance, its
+            volume's index in ``images`` and the nearest training slice's row.
+        """
+        slices, owner, _ = volume_slices(images, settings)
+        if self.scale is None or not len(slices):
+            return len(slices), np.zeros(0), np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        distance, index = _nearest(canonical(slices, self.scale, pad), dihedral, self.canon, self.norm)
+        return len(slices), distance, owner.numpy(), index
+
+    def leave_one_out(self) -> np.ndarray:
+        """``[M]`` each training slice's distance to the nearest slice of another training case."""
+        if self.scale is None:
+            return np.zeros(0)
+        return _nearest(self.canon, dihedral, self.canon, self.norm, owners=(self.owner, self.owner))[0]
 
 
 # --- the copies the audit is specified to catch ------------------------------------------------
@@ -738,35 +849,71 @@ def tpr_at_fpr(positive: np.ndarray, negative: np.ndarray, fpr: float = 0.01) ->
     return float(np.mean(np.asarray(positive) > threshold)), allowed / len(neg)
 
 
+def _case_batches(
+    model: nn.Module,
+    stage: Stage,
+    cfg: Config,
+    volumes: Sequence[Volume],
+    seed: int,
+    timestep: int | None = None,
+) -> Iterator[tuple[int, DenoisingInputs]]:
+    """Every case's sample, drawn from its own generator seeded ``seed``, ``cfg.train.batch_size`` cases per batch.
+
+    A case's window, timestep and noise do not depend on its batch-mates (style point 13), and a
+    short last batch is padded with copies of its last case (dropped by the caller), so every
+    forward has the same batch size: a case's figures are the same bytes wherever it stands in
+    the cohort. The network never sees more than a training batch, whatever the cohort's size
+    (issue 16).
+
+    Yields:
+        ``(first, inputs)``: the index of the batch's first case and its inputs (``[B, ...]``,
+        B = ``cfg.train.batch_size``; rows past the cohort's end are padding).
+    """
+    device = next(model.parameters()).device
+    process = noise_process(cfg.diffusion)
+    source = WindowSource(list(volumes), cfg.data.window, cfg.train.informed_from)
+    batch = cfg.train.batch_size
+    for first in range(0, len(volumes), batch):
+        rows = list(range(first, min(first + batch, len(volumes))))
+        rows += [rows[-1]] * (batch - len(rows))
+        drawn = [
+            draw_inputs(
+                model, process, source, [index], stage, torch.Generator().manual_seed(seed), cfg.train, device, timestep
+            )
+            for index in rows
+        ]
+        yield first, _stack(drawn)
+
+
 @torch.no_grad()
 def case_losses(
     model: nn.Module, stage: Stage, cfg: Config, volumes: Sequence[Volume], draws: int = 8, seed: int = 0
 ) -> np.ndarray:
     """``[N]`` mean denoising loss of each case over ``draws`` seeded noisings (windows, t, noise).
 
-    Draw k uses generator seed ``seed + k`` for every case set (the single-loss attack, ``auc_loss``).
+    Draw k noises every case with its own generator seeded ``seed + k`` (the single-loss attack,
+    ``auc_loss``), in batches of ``cfg.train.batch_size`` cases.
     """
-    device = next(model.parameters()).device
     model.eval()
-    process = noise_process(cfg.diffusion)
-    source = WindowSource(list(volumes), cfg.data.window, cfg.train.informed_from)
-    indices = list(range(len(volumes)))
     total = np.zeros(len(volumes))
     for k in range(draws):
-        generator = torch.Generator().manual_seed(seed + k)
-        inputs = draw_inputs(model, process, source, indices, stage, generator, cfg.train, device)
-        total += per_sample_loss(model, inputs).double().cpu().numpy()
+        for first, inputs in _case_batches(model, stage, cfg, volumes, seed + k):
+            loss = per_sample_loss(model, inputs).double().cpu().numpy()
+            count = min(len(loss), len(volumes) - first)
+            total[first : first + count] += loss[:count]
     return total / draws
 
 
 def _stack(inputs: Sequence[DenoisingInputs]) -> DenoisingInputs:
+    """One batch of single-sample inputs, concatenated field by field (``None`` fields stay ``None``)."""
+
     def cat(name: str) -> torch.Tensor | None:
         parts = [getattr(i, name) for i in inputs]
         return None if parts[0] is None else torch.cat(parts)
 
     noisy, t, target = cat("noisy"), cat("t"), cat("target")
     assert noisy is not None and t is not None and target is not None
-    return DenoisingInputs(noisy, t, cat("cond"), target, cat("position"), cat("mask"))
+    return DenoisingInputs(noisy, t, cat("cond"), target, cat("position"), cat("mask"), cat("weight"))
 
 
 @torch.no_grad()
@@ -782,23 +929,17 @@ def timestep_losses(
     """``[N, K]`` denoising error of each case at each fixed timestep, mean over ``draws``.
 
     Every case draws its window and noise from its own generator seeded ``seed + k`` (style
-    point 13), so all cases, members or not, see the same randomness at draw k.
+    point 13), so all cases, members or not, see the same randomness at draw k; the network
+    sees ``cfg.train.batch_size`` cases at a time (``_case_batches``).
     """
-    device = next(model.parameters()).device
     model.eval()
-    process = noise_process(cfg.diffusion)
-    source = WindowSource(list(volumes), cfg.data.window, cfg.train.informed_from)
     out = np.zeros((len(volumes), len(timesteps)))
     for j, t in enumerate(timesteps):
         for k in range(draws):
-            for start in range(0, len(volumes), _CHUNK):
-                batch = []
-                for index in range(start, min(start + _CHUNK, len(volumes))):
-                    generator = torch.Generator().manual_seed(seed + k)
-                    batch.append(draw_inputs(model, process, source, [index], stage, generator, cfg.train, device, t))
-                inputs = _stack(batch)
+            for first, inputs in _case_batches(model, stage, cfg, volumes, seed + k, t):
                 error = ((predict(model, inputs) - inputs.target) ** 2).flatten(1).mean(dim=1)
-                out[start : start + len(batch), j] += error.double().cpu().numpy() / draws
+                count = min(len(error), len(volumes) - first)
+                out[first : first + count, j] += error[:count].double().cpu().numpy() / draws
     return out
 
 

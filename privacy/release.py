@@ -29,9 +29,11 @@ Given already-generated cases (image, label, affine, provenance, informed slice)
 A refusal raises ``ReleasePolicyError`` or ``ReleaseRefusedError`` and leaves nothing at ``out``.
 
 ``release_dataset`` is the whole of ``gem3d release`` behind the command line: it checks the
-mask edits and the model's privacy before generating anything, generates the enhanced cases
-in memory (``gem3d.apps.enhancement_jobs`` with generated informed slices) and hands them,
-informed slices included, to ``release_cohort``.
+mask edits and the model's privacy before generating anything, plans the enhanced cases
+(``gem3d.apps.enhancement_jobs`` with generated informed slices), runs the checks of step 1 on
+the plan, then samples the cases in their secret order a batch at a time and writes each one
+into the working folder as its batch ends (steps 3 to 5 as ``release_cohort``): memory holds one
+batch, not the cohort (issue 16).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import json
 import os
 import secrets
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -49,10 +51,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gem3d.apps import Job, Synthesiser, enhancement_jobs, run_jobs
+from gem3d.apps import Job, Synthesiser, enhancement_jobs, iter_jobs
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
-from gem3d.data.dataset import load_volumes
+from gem3d.data.dataset import RawVolumes, load_volumes
 from gem3d.data.nnunet_raw import dataset_folders, dataset_json
 from gem3d.data.volume import Volume
 from gem3d.errors import ConfigError, DataError
@@ -158,6 +160,23 @@ class GeneratedCase:
     informed_slice: np.ndarray | None = None
 
 
+@dataclass(frozen=True)
+class PlannedCase:
+    """What the gate checks of a case before it is sampled (``release_dataset``).
+
+    Attributes:
+        provenance: as ``GeneratedCase.provenance``.
+        informed_slice: ``[H, W]`` its informed slice on the model grid, in [-1, 1].
+    """
+
+    provenance: dict[str, Any]
+    informed_slice: np.ndarray | None
+
+
+Checked = GeneratedCase | PlannedCase
+"""A case as the policy checks see it: only its provenance and informed slice are read."""
+
+
 def informed_kind(provenance: dict[str, Any]) -> str | None:
     """The declared informed-slice source of a provenance record (``None`` if it says nothing)."""
     informed = provenance.get("informed")
@@ -197,7 +216,7 @@ def effective_mask_edits(provenance: dict[str, Any]) -> list[str]:
     return [str(e.get("name", "?")) for e in edits if isinstance(e, dict) and changes_anatomy(e)]
 
 
-def check_policy(cases: Sequence[GeneratedCase], policy: ReleasePolicy) -> None:
+def check_policy(cases: Sequence[Checked], policy: ReleasePolicy) -> None:
     """Refuse cases whose informed slice is not generated or whose mask is not edited enough.
 
     Cases are named by their position only: error messages must not carry source ids either.
@@ -226,7 +245,7 @@ def check_policy(cases: Sequence[GeneratedCase], policy: ReleasePolicy) -> None:
             )
 
 
-def check_informed_pixels(cases: Sequence[GeneratedCase], real: Sequence[Volume], policy: ReleasePolicy) -> None:
+def check_informed_pixels(cases: Sequence[Checked], real: Sequence[Volume], policy: ReleasePolicy) -> None:
     """Refuse any informed slice that (nearly) equals a real training slice, at any position, flipped or rotated.
 
     Every case must carry its informed slice (a release that cannot check one refuses it).
@@ -455,22 +474,81 @@ def release_cohort(
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
+    dp, trained_at = _refuse_early(cases, train, privacy_statement, policy, site_audit)
+    order = secret_order(len(cases), seed)
+    return _publish(
+        (cases[index] for index in order),
+        len(cases),
+        out,
+        train=train,
+        data_cfg=data_cfg,
+        dp=dp,
+        trained_at=trained_at,
+        holdout=holdout,
+        policy=policy,
+        audit_settings=audit_settings,
+        generator=generator,
+        seed=seed,
+        label_names=label_names,
+        mask_linkage=mask_linkage,
+        site_audit=site_audit,
+    )
+
+
+def _refuse_early(
+    cases: Sequence[Checked],
+    train: Sequence[Volume],
+    privacy_statement: dict[str, Any] | None,
+    policy: ReleasePolicy,
+    site_audit: SiteAudit | None,
+) -> tuple[dict[str, Any], list[str]]:
+    """Every check that needs no generated volume, before anything is written.
+
+    Returns:
+        the report's ``differential_privacy`` section and the sites that trained the model.
+    """
     check_policy(cases, policy)
     check_informed_pixels(cases, train, policy)
     dp = check_model_privacy(privacy_statement, policy)
     trained_at = list((privacy_statement or {}).get("trained_at", []))
     if site_audit is None:
         check_site_verdicts(None, trained_at, policy)  # refuse before writing anything
+    return dp, trained_at
 
+
+def _publish(
+    cases: Iterable[GeneratedCase],
+    count: int,
+    out: Path,
+    *,
+    train: Sequence[Volume],
+    data_cfg: DataConfig,
+    dp: dict[str, Any],
+    trained_at: list[str],
+    holdout: Sequence[Volume] | None,
+    policy: ReleasePolicy,
+    audit_settings: AuditSettings | None,
+    generator: dict[str, Any] | None,
+    seed: int | None,
+    label_names: dict[int, str] | None,
+    mask_linkage: dict[str, Any] | None,
+    site_audit: SiteAudit | None,
+) -> Path:
+    """Write ``count`` checked cases into a work folder as they come, audit the files, then move the folder to ``out``.
+
+    ``cases`` come in their secret order (``secret_order``): the k-th is written, as it arrives,
+    under the k-th of the sorted pseudonyms, so neither a file's name, its place in the listing
+    nor its write time follows the source. One case at a time is held here, and the audit reads
+    the written candidates back a few at a time (``RawVolumes``): memory does not grow with the
+    cohort (issue 16). A refusal or a kill leaves nothing at ``out``.
+    """
+    if out.exists():
+        raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
     tmp = work_folder(out)
     try:
-        ids = pseudonymous_ids(len(cases), seed)
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
-        # sorted random ids given to the cases in a secret random order: neither a file's name nor
-        # its place in the listing says which source it came from
-        for case_id, index in zip(ids, secret_order(len(cases), seed), strict=True):
-            case = cases[index]
+        for case_id, case in zip(pseudonymous_ids(count, seed), cases, strict=True):
             image = scrubbed_image(np.asarray(case.image, dtype=np.float32), case.affine)
             nib.save(image, tmp / "imagesTr" / f"{case_id}_0000.nii.gz")
             label = scrubbed_image(np.asarray(case.label, dtype=np.uint8), case.affine)
@@ -479,21 +557,22 @@ def release_cohort(
         names = label_names or {}
         channel = "CT" if data_cfg.modality == "ct" else "MRI"
         labels = {i: names.get(i, "background" if i == 0 else f"label_{i}") for i in range(data_cfg.num_labels)}
-        write_json(tmp / "dataset.json", dataset_json(channel, labels, len(cases)))
-        candidates = load_volumes(tmp, data_cfg)
+        write_json(tmp / "dataset.json", dataset_json(channel, labels, count))
+        candidates = RawVolumes(tmp, data_cfg)
         audit = memorization_audit(candidates, train, holdout, audit_settings or AuditSettings())
         if not audit.passed:
             raise ReleaseRefusedError(
-                f"release: the memorization audit found {len(audit.copies)} of {len(cases)} generated volumes "
+                f"release: the memorization audit found {len(audit.copies)} of {count} generated volumes "
                 "closer to a training volume than the copy threshold; nothing was written"
             )
+        # the federated round sends every candidate in one message (server/audit.py): all of them at once
         verdicts = site_audit([v.image for v in candidates]) if site_audit is not None else None
         federated = check_site_verdicts(verdicts, trained_at, policy)
         write_json(
             tmp / "privacy_report.json",
             {
                 "format": REPORT_FORMAT,
-                "cases": len(cases),
+                "cases": count,
                 "differential_privacy": dp,
                 "audit": audit.report(include_ids=False),
                 "mask_linkage": mask_linkage or {"attack": "not run"},
@@ -547,12 +626,14 @@ def load_site_volumes(data: Path, cfg: Config) -> list[Volume]:
 
 def generated_cases(jobs: Sequence[Job], volumes: Sequence[np.ndarray], cfg: Config) -> list[GeneratedCase]:
     """The sampled volumes of ``jobs`` on the release's canonical grid, each with its informed slice (model grid)."""
-    cases = []
-    for job, volume in zip(jobs, volumes, strict=True):
-        assert job.target.label is not None
-        image, label, affine = canonical_case(volume, job.target.label, job.target.geometry.label_values, cfg)
-        cases.append(GeneratedCase(image, label, affine, job.provenance, job.informed.image))
-    return cases
+    return [generated_case(job, volume, cfg) for job, volume in zip(jobs, volumes, strict=True)]
+
+
+def generated_case(job: Job, volume: np.ndarray, cfg: Config) -> GeneratedCase:
+    """``job``'s sampled model-grid volume ``[D, H, W]`` on the release's canonical grid, with its informed slice."""
+    assert job.target.label is not None
+    image, label, affine = canonical_case(volume, job.target.label, job.target.geometry.label_values, cfg)
+    return GeneratedCase(image, label, affine, job.provenance, job.informed.image)
 
 
 def release_intensity(cfg: DataConfig) -> tuple[float, float]:
@@ -660,26 +741,36 @@ def release_dataset(
     index = {volume.case_id: i for i, volume in enumerate(train)}
     masks = [job.target.label for job in jobs if job.target.label is not None]
     linkage = check_linkage(masks, [index[str(job.provenance["source_case"])] for job in jobs], train, policy)
-    cases = generated_cases(jobs, run_jobs(synth, jobs, on_progress), synth.cfg)
-    published = release_cohort(
-        cases,
+    # every check that needs no volume runs on the plan, before the first volume is sampled
+    planned = [PlannedCase(job.provenance, job.informed.image) for job in jobs]
+    dp, trained_at = _refuse_early(planned, train, privacy_statement, policy, site_audit)
+    # Sampled in the secret order, a batch at a time, each case written as its batch ends: only
+    # the release's pseudonymous, scrubbed files ever reach the disk, and memory holds one batch.
+    ordered = [jobs[i] for i in secret_order(len(jobs))]
+    published = _publish(
+        (generated_case(job, volume, synth.cfg) for job, volume in iter_jobs(synth, ordered, on_progress)),
+        len(jobs),
         out,
         train=train,
         data_cfg=synth.cfg.data,
-        privacy_statement=privacy_statement,
+        dp=dp,
+        trained_at=trained_at,
         holdout=holdout_volumes,
         policy=policy,
         audit_settings=audit_settings,
         generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
+        seed=None,
+        label_names=None,
         mask_linkage=linkage,
         site_audit=site_audit,
     )
     report = json.loads((published / "privacy_report.json").read_text())
-    return ReleaseResult(out=published, cases=len(cases), report=report)
+    return ReleaseResult(out=published, cases=len(jobs), report=report)
 
 
 __all__ = [
     "GeneratedCase",
+    "PlannedCase",
     "ReleasePolicy",
     "ReleaseResult",
     "check_informed_pixels",
@@ -687,6 +778,7 @@ __all__ = [
     "check_model_privacy",
     "check_policy",
     "check_site_verdicts",
+    "generated_case",
     "generated_cases",
     "load_site_volumes",
     "pseudonymous_ids",

@@ -21,6 +21,7 @@ import argparse
 import dataclasses
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +38,9 @@ from experiments.commands.common import (
     tracked,
 )
 from gem3d.checkpoint import file_sha256
-from gem3d.data.dataset import load_volumes
+from gem3d.data.dataset import RawVolumes, load_volumes
+from gem3d.data.prepare import MANIFEST
+from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, DataError
 from gem3d.runs import load_model, stage_path
 from gem3d.training import STAGES
@@ -137,7 +140,13 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_cli_config(args)
     holdout = load_volumes(args.holdout, cfg.data)
     check_reference(settings, len(holdout), "holdout")  # before the expensive part
-    synthetic = load_volumes(args.synthetic, cfg.data)
+    # the candidates are read by the audit a chunk at a time: from a raw folder case by case, or a
+    # prepared cache memory-mapped (issue 16); the training and holdout sets are its reference
+    synthetic: Sequence[Volume] = (
+        load_volumes(args.synthetic, cfg.data)
+        if (args.synthetic / MANIFEST).exists()
+        else RawVolumes(args.synthetic, cfg.data)
+    )
     train = load_volumes(args.train, cfg.data)
     with tracked(args, NAME, cfg, started, checkpoints) as run_log:
         result = memorization_audit(synthetic, train, holdout, settings)

@@ -136,8 +136,9 @@ class Full3D:
     def sample(self, masks: Sequence[np.ndarray], seeds: Sequence[int], steps: int | None = None) -> list[np.ndarray]:
         """One volume per ``[D, H, W]`` mask, each from its own seeded initial noise, with DDIM.
 
-        Masks of one padded shape are denoised in one batch; every volume's noise (initial and,
-        with ``diffusion.eta > 0``, DDIM's) comes from its own seed's generator.
+        Masks of one padded shape are denoised together, ``sampler.batch_volumes`` per network
+        batch (memory is flat in the number of masks, issue 16); every volume's noise (initial
+        and, with ``diffusion.eta > 0``, DDIM's) comes from its own seed's generator.
 
         Returns:
             ``[D, H, W]`` float32 volumes in [-1, 1], cropped back to each mask's shape.
@@ -148,7 +149,9 @@ class Full3D:
         groups: dict[tuple[int, int, int], list[int]] = {}
         for index, mask in enumerate(masks):
             groups.setdefault(_padded_shape(mask.shape), []).append(index)
-        for shape, members in groups.items():
+        batch = self.cfg.sampler.batch_volumes
+        chunks = [(shape, m[i : i + batch]) for shape, m in groups.items() for i in range(0, len(m), batch)]
+        for shape, members in chunks:
             cond = _one_hot(
                 torch.stack([_pad(torch.from_numpy(masks[i].astype(np.int64)), shape, 0) for i in members]),
                 self.cfg.data.num_labels,

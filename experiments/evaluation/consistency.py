@@ -57,6 +57,11 @@ def seam_ratio(volume: Any, boundaries: Sequence[int]) -> float:
     return float(diffs[across].mean() / within)
 
 
+def view_differences(volume: Any, views: Mapping[str, int]) -> dict[str, torch.Tensor]:
+    """Each view's ``adjacent_slice_differences`` of one ``[D, H, W]`` volume: all ``view_check`` needs of it."""
+    return {name: adjacent_slice_differences(volume, axis) for name, axis in views.items()}
+
+
 def view_check(synthetic: Sequence[Any], real: Sequence[Any], views: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Per view: mean adjacent-slice difference of synthetic vs real volumes, and their ratio.
 
@@ -70,11 +75,18 @@ def view_check(synthetic: Sequence[Any], real: Sequence[Any], views: Mapping[str
         the synthetic volumes change from slice to slice like real ones in all three directions.
     """
     views = dict(views) if views is not None else {"axis0": 0, "axis1": 1, "axis2": 2}
+    return view_check_of([view_differences(v, views) for v in synthetic], [view_differences(v, views) for v in real])
+
+
+def view_check_of(
+    synthetic: Sequence[Mapping[str, torch.Tensor]], real: Sequence[Mapping[str, torch.Tensor]]
+) -> dict[str, Any]:
+    """``view_check`` from each volume's ``view_differences`` (a caller that streams volumes keeps only these)."""
     if not synthetic or not real:
         raise ValueError("view_check needs at least one synthetic and one real volume")
     result: dict[str, Any] = {}
-    for name, axis in views.items():
-        synth = float(torch.cat([adjacent_slice_differences(v, axis) for v in synthetic]).mean())
-        true = float(torch.cat([adjacent_slice_differences(v, axis) for v in real]).mean())
+    for name in synthetic[0]:
+        synth = float(torch.cat([v[name] for v in synthetic]).mean())
+        true = float(torch.cat([v[name] for v in real]).mean())
         result[name] = {"synthetic": synth, "real": true, "ratio": synth / true if true > 0 else float("nan")}
     return result

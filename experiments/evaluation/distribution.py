@@ -323,10 +323,22 @@ def distribution_distance(
     """
     extractor = extractor if extractor is not None else SeededRandomFeatures(0)
     views = dict(views) if views is not None else {"axis0": 0, "axis1": 1, "axis2": 2}
+    synthetic_features = {name: view_features(synthetic, axis, extractor) for name, axis in views.items()}
+    real_features = {name: view_features(real, axis, extractor) for name, axis in views.items()}
+    return distribution_distance_of(synthetic_features, real_features, extractor.name)
+
+
+def distribution_distance_of(
+    synthetic: Mapping[str, torch.Tensor], real: Mapping[str, torch.Tensor], extractor_name: str
+) -> dict[str, Any]:
+    """``distribution_distance`` from features already drawn: per view, ``[N, F]`` synthetic and ``[M, F]`` real.
+
+    A caller that streams volumes (``protocol.MethodScorer``) keeps only their ``view_features``
+    (``torch.cat`` of each volume's, in order: the same features as one call over the cohort).
+    """
     per_view: dict[str, Any] = {}
-    for name, axis in views.items():
-        synth = view_features(synthetic, axis, extractor)
-        true = view_features(real, axis, extractor)
+    for name in synthetic:
+        synth, true = synthetic[name], real[name]
         per_view[name] = {
             "fid": fid(synth, true),
             "mmd": mmd(synth, true),
@@ -334,7 +346,7 @@ def distribution_distance(
             "num_real": int(true.shape[0]),
         }
     return {
-        "feature_extractor": extractor.name,
+        "feature_extractor": extractor_name,
         "views": per_view,
         "fid_mean": sum(v["fid"] for v in per_view.values()) / len(per_view),
         "mmd_mean": sum(v["mmd"] for v in per_view.values()) / len(per_view),
@@ -348,6 +360,7 @@ __all__ = [
     "ResNetFeatures",
     "SeededRandomFeatures",
     "distribution_distance",
+    "distribution_distance_of",
     "fid",
     "load_feature_extractor",
     "mmd",

@@ -13,11 +13,17 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from experiments.evaluation.appearance import background_noise, label_intensity_error
 from experiments.evaluation.arrays import as_volume
-from experiments.evaluation.consistency import seam_ratio, view_check
-from experiments.evaluation.distribution import FeatureExtractor, SeededRandomFeatures, distribution_distance
+from experiments.evaluation.consistency import seam_ratio, view_check_of, view_differences
+from experiments.evaluation.distribution import (
+    FeatureExtractor,
+    SeededRandomFeatures,
+    distribution_distance_of,
+    view_features,
+)
 from experiments.evaluation.diversity import pairwise_similarity
 from experiments.evaluation.fidelity import DATA_RANGE, fidelity
 
@@ -118,11 +124,45 @@ def method_report(
     """
     if not cases:
         raise ValueError("method_report needs at least one case")
-    extractor = extractor if extractor is not None else SeededRandomFeatures(0)
-    per_case: dict[str, Any] = {}
-    seams, real_seams, diversity_means, pairs, nan_pairs = [], [], [], 0, 0
+    scorer = MethodScorer(extractor, views, data_range)
     for case in cases:
+        scorer.add(case)
+    return scorer.report()
+
+
+class MethodScorer:
+    """``method_report`` one case at a time, for a cohort generated in batches (``gem3d evaluate``).
+
+    ``add`` scores a case and keeps its figures and what the cohort metrics need of its volumes
+    (each view's adjacent-slice differences and slice features), never the volumes themselves,
+    so a caller can drop each batch of generated volumes once it is added (issue 16). The
+    report is the same as ``method_report`` over the same cases.
+    """
+
+    def __init__(
+        self,
+        extractor: FeatureExtractor | None = None,
+        views: Mapping[str, int] | None = None,
+        data_range: float = DATA_RANGE,
+    ) -> None:
+        self.extractor = extractor if extractor is not None else SeededRandomFeatures(0)
+        self.views = dict(views) if views is not None else {"axis0": 0, "axis1": 1, "axis2": 2}
+        self.data_range = data_range
+        self.per_case: dict[str, Any] = {}
+        self.seams: list[float] = []
+        self.real_seams: list[float] = []
+        self.diversity_means: list[float] = []
+        self.pairs = self.nan_pairs = 0
+        self.differences: dict[str, list[dict[str, torch.Tensor]]] = {"synthetic": [], "real": []}
+        self.features: dict[str, dict[str, list[torch.Tensor]]] = {
+            "synthetic": {name: [] for name in self.views},
+            "real": {name: [] for name in self.views},
+        }
+
+    def add(self, case: CaseResult) -> None:
+        """Score one case (its ``generated`` and ``samples`` may be dropped afterwards)."""
         image, generated = as_volume(case.image, "image"), as_volume(case.generated, "generated")
+        data_range = self.data_range
         entry: dict[str, Any] = {
             "fidelity": {
                 k: v for k, v in fidelity(generated, image, case.label, data_range).items() if k in FIDELITY_KEYS
@@ -133,32 +173,42 @@ def method_report(
         if case.boundaries:
             entry["seam_ratio"] = seam_ratio(generated, case.boundaries)
             entry["seam_ratio_real"] = seam_ratio(image, case.boundaries)
-            seams.append(entry["seam_ratio"])
-            real_seams.append(entry["seam_ratio_real"])
+            self.seams.append(entry["seam_ratio"])
+            self.real_seams.append(entry["seam_ratio_real"])
         if case.samples:
             diversity = pairwise_similarity([generated, *case.samples], data_range=data_range)
             entry["diversity"] = diversity["mean"]
-            diversity_means.append(diversity["mean"])
-            pairs += diversity["pairs"]
-            nan_pairs += diversity["nan_pairs"]
-        per_case[case.case_id] = entry
-    synthetic = [case.generated for case in cases]
-    real = [case.image for case in cases]
-    return {
-        "fidelity": {key: _mean([per_case[c.case_id]["fidelity"][key] for c in cases]) for key in FIDELITY_KEYS},
-        "appearance": {
-            "foreground_mean": _mean([per_case[c.case_id]["appearance"]["foreground_mean"] for c in cases]),
-            "background": _mean([per_case[c.case_id]["appearance"]["background"] for c in cases]),
-        },
-        "background_noise": {
-            key: _mean([per_case[c.case_id]["background_noise"][key] for c in cases])
-            for key in ("std_ratio", "hf_std_ratio")
-        },
-        "seam_ratio": {"mean": _mean(seams), "real_mean": _mean(real_seams)} if seams else None,
-        "view_check": view_check(synthetic, real, views),
-        "distribution": distribution_distance(synthetic, real, extractor, views),
-        "diversity": {"mean": _mean(diversity_means), "pairs": pairs, "nan_pairs": nan_pairs}
-        if diversity_means
-        else None,
-        "per_case": per_case,
-    }
+            self.diversity_means.append(diversity["mean"])
+            self.pairs += diversity["pairs"]
+            self.nan_pairs += diversity["nan_pairs"]
+        self.per_case[case.case_id] = entry
+        for kind, volume in (("synthetic", case.generated), ("real", case.image)):
+            self.differences[kind].append(view_differences(volume, self.views))
+            for name, axis in self.views.items():
+                self.features[kind][name].append(view_features([volume], axis, self.extractor))
+
+    def report(self) -> dict[str, Any]:
+        """The ``method_report`` of every case added so far."""
+        if not self.per_case:
+            raise ValueError("method_report needs at least one case")
+        cases = list(self.per_case.values())
+        features = {
+            kind: {name: torch.cat(parts) for name, parts in views.items()} for kind, views in self.features.items()
+        }
+        return {
+            "fidelity": {key: _mean([c["fidelity"][key] for c in cases]) for key in FIDELITY_KEYS},
+            "appearance": {
+                "foreground_mean": _mean([c["appearance"]["foreground_mean"] for c in cases]),
+                "background": _mean([c["appearance"]["background"] for c in cases]),
+            },
+            "background_noise": {
+                key: _mean([c["background_noise"][key] for c in cases]) for key in ("std_ratio", "hf_std_ratio")
+            },
+            "seam_ratio": {"mean": _mean(self.seams), "real_mean": _mean(self.real_seams)} if self.seams else None,
+            "view_check": view_check_of(self.differences["synthetic"], self.differences["real"]),
+            "distribution": distribution_distance_of(features["synthetic"], features["real"], self.extractor.name),
+            "diversity": {"mean": _mean(self.diversity_means), "pairs": self.pairs, "nan_pairs": self.nan_pairs}
+            if self.diversity_means
+            else None,
+            "per_case": self.per_case,
+        }

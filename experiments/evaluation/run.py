@@ -2,7 +2,8 @@
 
 ``evaluate(...)`` loads the held-out cohort and the run, builds each method's generator (GEM-3D,
 the ``mask_only`` run, the same run with independent windows, the ``full_3d`` baseline), samples
-the protocol's volumes, and hands them to the metrics library (``method_report``,
+the protocol's volumes ``sampler.batch_volumes`` cases at a time, and hands them to the metrics
+library (``MethodScorer``, which keeps each case's figures and features, not its volumes; and
 ``utility_curves``). It returns the report dict; ``gem3d evaluate`` writes it.
 """
 
@@ -31,7 +32,7 @@ from experiments.evaluation.protocol import (
     METHODS,
     PROTOCOL_VERSION,
     CaseResult,
-    method_report,
+    MethodScorer,
     seam_boundaries,
     split_cases,
 )
@@ -293,7 +294,7 @@ def evaluate(
     nnunet_dir: str | Path | None = None,
     log: Log = _stderr,
 ) -> tuple[dict[str, Any], dict[str, list[CaseResult]]]:
-    """Run the protocol; returns (the report dict, the scored cases per method, for pictures).
+    """Run the protocol; returns (the report dict, per method the cases ``montage`` shows).
 
     Args:
         checkpoint: the evaluated run folder (volume stage, and informed stage when present).
@@ -341,7 +342,8 @@ def evaluate(
     runnable, skipped = _methods(synth, methods, baseline_checkpoints, device, sampler_steps)
 
     views = anatomical_views(cfg.data.slice_axis)
-    scored, reports = _score(runnable, cases, settings.diversity_samples, extractor, views, log)
+    batch = cfg.sampler.batch_volumes
+    scored, reports = _score(runnable, cases, settings.diversity_samples, extractor, views, log, batch)
     reports.update({key: {"skipped": reason} for key, reason in skipped.items()})
 
     if downstream:
@@ -458,26 +460,40 @@ def _score(
     extractor: FeatureExtractor,
     views: dict[str, int],
     log: Log,
+    batch: int,
 ) -> tuple[dict[str, list[CaseResult]], dict[str, Any]]:
-    """Sections 2 and 3: every method samples every case (seeds 0..K-1) and is scored by ``method_report``."""
+    """Sections 2 and 3: every method samples every case (seeds 0..K-1) and is scored (``MethodScorer``).
+
+    The cases go ``batch`` at a time: a batch's volumes are scored and dropped, so memory holds
+    one batch of generated volumes whatever the cohort's size (issue 16).
+
+    Returns:
+        per method, the cases the montage shows (``montage_cases``), and per method its report.
+    """
     informed = [_real_informed(case) for case in cases]
+    shown = set(montage_cases(len(cases)))
     scored: dict[str, list[CaseResult]] = {}
     reports: dict[str, Any] = {}
     for key, method in runnable.items():
         log(f"{key}: sampling {len(cases)} cases x {diversity_samples} seeds")
-        samples = [method.generate(cases, informed, MAIN_SEED + k) for k in range(diversity_samples)]
-        scored[key] = [
-            CaseResult(
-                case.case_id,
-                case.image,
-                case.label,
-                samples[0][i],
-                method.boundaries(case.label.shape[0], default_start(case.label)),
-                [samples[k][i] for k in range(1, diversity_samples)],
-            )
-            for i, case in enumerate(cases)
-        ]
-        reports[key] = method_report(scored[key], extractor, views)
+        scorer = MethodScorer(extractor, views)
+        scored[key] = []
+        for first in range(0, len(cases), batch):
+            chunk, chunk_informed = cases[first : first + batch], informed[first : first + batch]
+            samples = [method.generate(chunk, chunk_informed, MAIN_SEED + k) for k in range(diversity_samples)]
+            for i, case in enumerate(chunk):
+                result = CaseResult(
+                    case.case_id,
+                    case.image,
+                    case.label,
+                    samples[0][i],
+                    method.boundaries(case.label.shape[0], default_start(case.label)),
+                    [samples[k][i] for k in range(1, diversity_samples)],
+                )
+                scorer.add(result)
+                if first + i in shown:
+                    scored[key].append(result)
+        reports[key] = scorer.report()
     return scored, reports
 
 
@@ -567,7 +583,16 @@ def _downstream(
     }
 
 
-def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: int = 4) -> Path:
+MONTAGE_CASES = 4  # cases in the evaluation's picture; ``evaluate`` keeps only these of each method's volumes
+
+
+def montage_cases(count: int, max_cases: int = MONTAGE_CASES) -> list[int]:
+    """The indices of the sorted cases a montage shows: evenly spread, so a multi-site test split shows every site."""
+    shown = min(max_cases, count)
+    return sorted({round(i * (count - 1) / max(1, shown - 1)) for i in range(shown)})
+
+
+def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: int = MONTAGE_CASES) -> Path:
     """A PNG: per case (``max_cases`` spread over the cases), the real slice and each method's, with label contours.
 
     Written atomically (temp file, then rename), with matplotlib's Agg backend.
@@ -579,10 +604,7 @@ def montage(scored: dict[str, list[CaseResult]], path: str | Path, max_cases: in
 
     path = Path(path)
     methods = list(scored)
-    # evenly spread over the sorted cases, so a multi-site test split shows every site
-    count = len(scored[methods[0]])
-    shown = min(max_cases, count)
-    picked = sorted({round(i * (count - 1) / max(1, shown - 1)) for i in range(shown)})
+    picked = montage_cases(len(scored[methods[0]]), max_cases)
     cases = [scored[methods[0]][i] for i in picked]
     columns = 1 + len(methods)
     figure, axes = plt.subplots(len(cases), columns, figsize=(2.2 * columns, 2.2 * len(cases)), squeeze=False)

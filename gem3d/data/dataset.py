@@ -3,14 +3,17 @@
 A prepared cache (``manifest.json``, from ``gem3d prepare``) is memory-mapped. A raw folder
 (nnU-Net v2 raw, or MSD when its ``dataset.json`` lists ``training`` pairs) goes through the same
 validation and model-grid mapping as ``gem3d prepare`` (``gem3d.data.geometry.to_model_grid``), in
-memory, with the label table that ``dataset.json`` declares (or the identity 0..num_labels-1).
+memory, with the label table that ``dataset.json`` declares (or the identity 0..num_labels-1):
+all at once (``load_raw``), or one case each time it is indexed (``RawVolumes``).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
+from typing import overload
 
 import numpy as np
 
@@ -65,28 +68,58 @@ def detect_layout(data_dir: Path) -> Layout:
     return "nnunet"
 
 
+class RawVolumes(Sequence[Volume]):
+    """The cases of a raw dataset, sorted by case id, each read, checked and mapped to the model grid when indexed.
+
+    What ``load_raw`` returns, without holding the dataset: a caller that goes through the cases a
+    few at a time (the release's audit of its candidates) holds a few cases, whatever their number
+    (issue 16). The listing, every case's header and the label table are checked here, up front.
+    """
+
+    def __init__(self, data_dir: str | Path, cfg: DataConfig, layout: Layout | None = None) -> None:
+        data_dir = Path(data_dir)
+        if not data_dir.is_dir():
+            raise DataError(f"{data_dir}: dataset folder not found")
+        listing = discover(layout or detect_layout(data_dir), data_dir, cfg.channel)
+        for files in listing.cases:
+            problem = check_case_headers(files)
+            if problem is not None:
+                raise DataError(problem)
+        self.label_values = listing.declared_labels or tuple(range(cfg.num_labels))
+        if len(self.label_values) > cfg.num_labels:
+            raise DataError(
+                f"{data_dir}: declares {len(self.label_values)} labels but data.num_labels is {cfg.num_labels}"
+            )
+        self.cfg = cfg
+        self.declared_labels = listing.declared_labels
+        self.files = sorted(listing.cases, key=lambda files: files.case_id)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    @overload
+    def __getitem__(self, index: int) -> Volume: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[Volume]: ...
+
+    def __getitem__(self, index: int | slice) -> Volume | list[Volume]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        files = self.files[index]
+        case = read_case(files, self.declared_labels)
+        grid = to_model_grid(case.image, case.label, case.affine, self.cfg, self.label_values, source=str(files.label))
+        assert grid.image is not None and grid.label is not None
+        return Volume(case_id=case.case_id, image=grid.image, label=grid.label)
+
+
 def load_raw(data_dir: str | Path, cfg: DataConfig, layout: Layout | None = None) -> list[Volume]:
     """Read, check and map every case of a raw dataset to the model grid (nothing is cached).
 
     Returns:
         one ``Volume`` per case (``[D, H, W]``), sorted by case id.
     """
-    data_dir = Path(data_dir)
-    listing = discover(layout or detect_layout(data_dir), data_dir, cfg.channel)
-    for files in listing.cases:
-        problem = check_case_headers(files)
-        if problem is not None:
-            raise DataError(problem)
-    label_values = listing.declared_labels or tuple(range(cfg.num_labels))
-    if len(label_values) > cfg.num_labels:
-        raise DataError(f"{data_dir}: declares {len(label_values)} labels but data.num_labels is {cfg.num_labels}")
-    volumes = []
-    for files in listing.cases:
-        case = read_case(files, listing.declared_labels)
-        grid = to_model_grid(case.image, case.label, case.affine, cfg, label_values, source=str(files.label))
-        assert grid.image is not None and grid.label is not None
-        volumes.append(Volume(case_id=case.case_id, image=grid.image, label=grid.label))
-    return sorted(volumes, key=lambda v: v.case_id)
+    return list(RawVolumes(data_dir, cfg, layout))
 
 
 def load_volumes(data_dir: str | Path, cfg: DataConfig, case_ids: list[str] | None = None) -> list[Volume]:
