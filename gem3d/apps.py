@@ -13,7 +13,7 @@ with a provenance record: config, checkpoint hashes, seed, informed-slice source
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,10 @@ from gem3d.runs import STAGE_FILES, load_model, resolve_device
 from gem3d.sampler import InformedSlice, OnProgress, SampleRequest, default_start, sample_volumes
 
 
+SampleChunks = Callable[[Iterable[list[SampleRequest]]], Iterator[list[np.ndarray]]]
+"""Chunks of requests -> each chunk's volumes, in order (``experiments.cohort_workers.RayChunks``)."""
+
+
 @dataclass(frozen=True)
 class Synthesiser:
     """The models of a run folder, ready to sample.
@@ -50,6 +54,8 @@ class Synthesiser:
     Attributes:
         informed_model: None when the run has no informed-slice generator (``generate`` unavailable).
         checkpoints: stage -> sha256 of the checkpoint file, for provenance.
+        sample_chunks: who samples a cohort's chunks of volumes (``iter_jobs``): None, this
+            process; else workers that sample each chunk exactly as this process would.
     """
 
     volume_model: SliceDenoiser
@@ -57,6 +63,7 @@ class Synthesiser:
     cfg: Config
     sampler: Sampler
     checkpoints: dict[str, str]
+    sample_chunks: SampleChunks | None = None
 
     def provenance(self, **fields: Any) -> dict[str, Any]:
         """A provenance record: the given fields plus config, checkpoint hashes and versions."""
@@ -118,21 +125,64 @@ class Job:
 
 
 def run_jobs(synth: Synthesiser, jobs: Sequence[Job], on_progress: OnProgress | None = None) -> list[np.ndarray]:
-    """Sample every job's volume (windows of several volumes share a batch). Returns ``[D, H, W]`` in [-1, 1]."""
+    """Sample every job's volume, all held in memory: for a few jobs (``gem3d sample``); a cohort uses ``iter_jobs``.
+
+    Returns:
+        ``[D, H, W]`` volumes in [-1, 1], in the order of ``jobs``.
+    """
+    return [volume for _, volume in iter_jobs(synth, jobs, on_progress)]
+
+
+def iter_jobs(
+    synth: Synthesiser, jobs: Sequence[Job], on_progress: OnProgress | None = None
+) -> Iterator[tuple[Job, np.ndarray]]:
+    """Sample the jobs ``cfg.sampler.batch_volumes`` at a time, yielding each ``(job, volume)`` as its batch ends.
+
+    The windows of one batch's volumes share the network's batch (``sample_volumes``); only that
+    batch's volumes are in memory, so a caller that writes each volume and drops it holds one
+    batch whatever the cohort's size (issue 16). ``on_progress`` receives the job's index in ``jobs``.
+
+    With ``synth.sample_chunks`` (workers), the same chunks are sampled there, and
+    ``on_progress`` hears of each volume once, when its chunk comes back.
+
+    Yields:
+        each job with its ``[D, H, W]`` float32 volume in [-1, 1], in the order of ``jobs``.
+    """
+    cfg = synth.cfg
+    batch = cfg.sampler.batch_volumes
+    chunks = [jobs[first : first + batch] for first in range(0, len(jobs), batch)]
+    if synth.sample_chunks is not None:
+        results = synth.sample_chunks(_requests(chunk) for chunk in chunks)
+        for number, (chunk, volumes) in enumerate(zip(chunks, results, strict=True)):
+            if on_progress is not None:
+                for offset in range(len(chunk)):
+                    on_progress(number * batch + offset, 1, 1)
+            yield from zip(chunk, volumes, strict=True)
+        return
+    for number, chunk in enumerate(chunks):
+        progress = None if on_progress is None else _shifted_progress(on_progress, number * batch)
+        volumes = sample_volumes(
+            synth.volume_model, synth.sampler, _requests(chunk), cfg.data.window, cfg.sampler.overlap, batch, progress
+        )
+        yield from zip(chunk, volumes, strict=True)
+
+
+def _requests(jobs: Sequence[Job]) -> list[SampleRequest]:
+    """The sampler's requests for ``jobs`` (their model-grid masks, informed slices, starts, seeds)."""
     requests = []
     for job in jobs:
         assert job.target.label is not None
         requests.append(SampleRequest(job.target.label, job.informed, job.start, job.seed))
-    cfg = synth.cfg
-    return sample_volumes(
-        synth.volume_model,
-        synth.sampler,
-        requests,
-        cfg.data.window,
-        cfg.sampler.overlap,
-        cfg.sampler.batch_volumes,
-        on_progress,
-    )
+    return requests
+
+
+def _shifted_progress(on_progress: OnProgress, offset: int) -> OnProgress:
+    """``on_progress`` for a batch whose first volume is volume ``offset`` of the cohort."""
+
+    def report(index: int, done: int, total: int) -> None:
+        on_progress(offset + index, done, total)
+
+    return report
 
 
 def to_original(volume: np.ndarray, job: Job) -> tuple[np.ndarray, np.ndarray, CaseGeometry]:
@@ -148,13 +198,22 @@ def to_original(volume: np.ndarray, job: Job) -> tuple[np.ndarray, np.ndarray, C
     return image, label, geometry
 
 
+def informed_batch(cfg: Config) -> int:
+    """Slices per call of the informed-slice generator: a volume batch's first window round.
+
+    ``sampler.batch_volumes`` volumes of ``data.window`` slices each: no more slices than the
+    volume sampler already puts through the network at once, whatever the cohort's size.
+    """
+    return cfg.sampler.batch_volumes * cfg.data.window
+
+
 def generated_informed(
     synth: Synthesiser, masks: list[np.ndarray], starts: list[int], seeds: list[int]
 ) -> list[InformedSlice]:
-    """Informed slices from the run's generator; a clear error if the run has none."""
+    """Informed slices from the run's generator, ``informed_batch`` per call; a clear error if the run has none."""
     if synth.informed_model is None:
         raise CheckpointError("this checkpoint has no informed-slice generator (train --stage informed first)")
-    return generated_slices(synth.informed_model, synth.sampler, masks, starts, seeds)
+    return generated_slices(synth.informed_model, synth.sampler, masks, starts, seeds, batch=informed_batch(synth.cfg))
 
 
 def default_intensity(synth: Synthesiser) -> tuple[float, float]:
@@ -433,8 +492,9 @@ def _write_jobs(
 ) -> Path:
     writer = DatasetWriter(out, preview=preview)
     try:
-        volumes = run_jobs(synth, jobs, on_progress)
-        for job, volume in zip(jobs, volumes, strict=True):
+        # each batch is written into the writer's work folder as it ends; the folder is renamed into
+        # place only when every case is there (``DatasetWriter.finish``): never a half-written dataset
+        for job, volume in iter_jobs(synth, jobs, on_progress):
             image, label, geometry = to_original(volume, job)
             real = real_original(job) if preview is not None else None
             writer.add(job.case_id, image, label, geometry, job.provenance, real)
@@ -515,9 +575,8 @@ def deenhance(
         jobs.append(Job(case.case_id, case.grid, base, start, job_seed, intensity, provenance))
     writer = DatasetWriter(out, preview=preview)
     try:
-        volumes = run_jobs(synth, jobs, on_progress)
         per_case = []
-        for job, case, volume in zip(jobs, cases, volumes, strict=True):
+        for (job, volume), case in zip(iter_jobs(synth, jobs, on_progress), cases, strict=True):
             assert case.grid.image is not None and case.grid.label is not None
             per_case.append(
                 {

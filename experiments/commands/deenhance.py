@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, tracked
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from experiments.commands.sampling import ProgressBars, add_sampling_arguments, add_worker_arguments, cohort_synthesiser
 from experiments.previews import case_preview
 from gem3d.apps import deenhance
 from gem3d.errors import DataError
@@ -25,6 +25,7 @@ HELP = "regenerate a dataset from its masks with one reference informed slice"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
+    add_worker_arguments(parser)
     parser.add_argument("--data", required=True, type=Path, help="dataset folder, or a folder of site datasets")
     parser.add_argument("--reference", required=True, help="IMAGE.nii.gz[@Z]: the reference informed slice")
     parser.add_argument("--out", required=True, type=Path, help="output dataset folder (must not exist)")
@@ -48,30 +49,31 @@ def run(args: argparse.Namespace) -> int:
     if args.reference.startswith(("file:", "generate", "copy")):
         raise DataError(f"--reference {args.reference}: expects IMAGE.nii.gz[@Z]")
     reference = parse_source(args.reference if args.reference.startswith("real:") else f"real:{args.reference}")
-    synth = open_synthesiser(args)
-    with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
-        bars = ProgressBars([])
-        try:
-            report = deenhance(synth, args.data, args.out, reference, args.seed, bars, case_preview)
-        finally:
-            bars.close()
-        artifacts = [
-            (args.out / "deenhance_report.json", None),
-            (args.out / "provenance", "provenance"),
-            (args.out / "previews", "previews"),
-        ]
-        run_log.finish(
-            len(report["cases"]),
-            spread_metrics(report),
-            artifacts,
-            {"sites": ",".join(report["site_spread_before"]["sites"])},
-        )
-    before, after = report["site_spread_before"], report["site_spread_after"]
-    print(f"sites: {', '.join(before['sites'])}")
-    for label in before["per_label"]:
-        print(
-            f"  label {label}: spread of site means {before['per_label'][label]:.4f} -> {after['per_label'][label]:.4f}"
-        )
-    print(f"mean spread {before['mean']:.4f} -> {after['mean']:.4f} ({100 * report['spread_reduction']:.0f}% less)")
-    print(f"wrote {args.out} (report: {args.out / 'deenhance_report.json'})")
+    with cohort_synthesiser(args) as synth:
+        with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
+            bars = ProgressBars([])
+            try:
+                report = deenhance(synth, args.data, args.out, reference, args.seed, bars, case_preview)
+            finally:
+                bars.close()
+            artifacts = [
+                (args.out / "deenhance_report.json", None),
+                (args.out / "provenance", "provenance"),
+                (args.out / "previews", "previews"),
+            ]
+            run_log.finish(
+                len(report["cases"]),
+                spread_metrics(report),
+                artifacts,
+                {"sites": ",".join(report["site_spread_before"]["sites"])},
+            )
+        before, after = report["site_spread_before"], report["site_spread_after"]
+        print(f"sites: {', '.join(before['sites'])}")
+        for label in before["per_label"]:
+            print(
+                f"  label {label}: spread of site means "
+                f"{before['per_label'][label]:.4f} -> {after['per_label'][label]:.4f}"
+            )
+        print(f"mean spread {before['mean']:.4f} -> {after['mean']:.4f} ({100 * report['spread_reduction']:.0f}% less)")
+        print(f"wrote {args.out} (report: {args.out / 'deenhance_report.json'})")
     return 0

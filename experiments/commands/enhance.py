@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, positive_int, tracked
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from experiments.commands.sampling import ProgressBars, add_sampling_arguments, add_worker_arguments, cohort_synthesiser
 from experiments.previews import case_preview
 from gem3d.apps import enhance
 
@@ -25,6 +25,7 @@ HELP = "generate new image/label pairs for every case of a dataset"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
+    add_worker_arguments(parser)
     parser.add_argument(
         "--data", required=True, type=Path, help="nnU-Net v2 raw dataset (or a folder of site datasets)"
     )
@@ -39,13 +40,12 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     # the output and the disk first: a full disk is found before the model is loaded
     check_new_outputs([args.out], needed_bytes=args.per_case * dataset_bytes(args.data))
-    synth = open_synthesiser(args)
     edits = []
-    if args.mask_edit:
+    if args.mask_edit:  # a bad edit is refused before any model loads or worker starts
         from gem3d.masks import parse_edits
 
         edits = parse_edits(args.mask_edit)
-    with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
+    with cohort_synthesiser(args) as synth, tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
         bars = ProgressBars([])
         try:
             out = enhance(

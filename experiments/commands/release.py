@@ -34,7 +34,7 @@ from experiments.commands.common import (
     open_tracker,
     positive_int,
 )
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, open_synthesiser
+from experiments.commands.sampling import ProgressBars, add_sampling_arguments, add_worker_arguments, cohort_synthesiser
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
 from gem3d.errors import ConfigError
@@ -48,6 +48,7 @@ MAX_PREVIEWS = 8  # previews logged to MLflow: enough to eyeball a release, few 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
+    add_worker_arguments(parser)
     parser.add_argument("--data", required=True, type=Path, help="the site's training data (nnU-Net v2 raw)")
     parser.add_argument("--per-case", type=positive_int, default=1, help="new pairs per case (default 1)")
     parser.add_argument(
@@ -88,55 +89,55 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     # the output and the disk first: a full disk is found before the model is loaded
     check_new_outputs([args.out], needed_bytes=args.per_case * dataset_bytes(args.data))
-    synth = open_synthesiser(args)
     if not 0.0 <= args.max_linkage_rate <= 1.0:
         raise ConfigError(f"--max-linkage-rate {args.max_linkage_rate:g}: expected a fraction within 0..1")
-    policy = ReleasePolicy(
-        min_mask_edits=args.min_mask_edits,
-        require_dp=not args.allow_non_dp,
-        max_linkage_rate=args.max_linkage_rate,
-        audit_every_site=not args.allow_single_site_audit,
-    )
-    settings = copy_rule_settings(args)
-    site_audit = None
-    if args.audit_sites is not None:
-        from experiments.simulation import simulate_audit_round
-        from server.audit import site_folders
-
-        site_folders(args.audit_sites)  # checked before any work
-        root, cfg = args.audit_sites, synth.cfg
-
-        def site_audit(candidates: list[np.ndarray]) -> list[dict[str, Any]]:
-            return simulate_audit_round(candidates, root, cfg, settings)
-
-    bars = ProgressBars([])
-    try:
-        result = release_dataset(
-            synth,
-            args.data,
-            args.out,
-            per_case=args.per_case,
-            mask_edit=args.mask_edit,
-            policy=policy,
-            privacy_statement=model_statement(args.checkpoint),
-            holdout=args.holdout,
-            audit_settings=settings,
-            seed=args.seed,
-            on_progress=bars,
-            site_audit=site_audit,
+    with cohort_synthesiser(args) as synth:
+        policy = ReleasePolicy(
+            min_mask_edits=args.min_mask_edits,
+            require_dp=not args.allow_non_dp,
+            max_linkage_rate=args.max_linkage_rate,
+            audit_every_site=not args.allow_single_site_audit,
         )
-    finally:
-        bars.close()
-    # opened only after a release: a refusal writes nothing anywhere, tracking store included
-    tracker = open_tracker(args, default_store(args.out), NAME, args.out.name, synth.cfg)
-    if tracker is not None:
-        with tracker:
-            _track(tracker, args, result)
-    epsilon = result.report["differential_privacy"]["epsilon"]
-    privacy_text = f"ε = {epsilon:.3f}" if epsilon is not None else "no DP guarantee (--allow-non-dp)"
-    federated = result.report.get("federated_audit", {})
-    audited = f"audit passed at {len(federated['sites'])} sites" if federated.get("run") else "audit passed"
-    print(f"released {result.cases} cases to {result.out} ({privacy_text}; {audited})")
+        settings = copy_rule_settings(args)
+        site_audit = None
+        if args.audit_sites is not None:
+            from experiments.simulation import simulate_audit_round
+            from server.audit import site_folders
+
+            site_folders(args.audit_sites)  # checked before any work
+            root, cfg = args.audit_sites, synth.cfg
+
+            def site_audit(candidates: list[np.ndarray]) -> list[dict[str, Any]]:
+                return simulate_audit_round(candidates, root, cfg, settings)
+
+        bars = ProgressBars([])
+        try:
+            result = release_dataset(
+                synth,
+                args.data,
+                args.out,
+                per_case=args.per_case,
+                mask_edit=args.mask_edit,
+                policy=policy,
+                privacy_statement=model_statement(args.checkpoint),
+                holdout=args.holdout,
+                audit_settings=settings,
+                seed=args.seed,
+                on_progress=bars,
+                site_audit=site_audit,
+            )
+        finally:
+            bars.close()
+        # opened only after a release: a refusal writes nothing anywhere, tracking store included
+        tracker = open_tracker(args, default_store(args.out), NAME, args.out.name, synth.cfg)
+        if tracker is not None:
+            with tracker:
+                _track(tracker, args, result)
+        epsilon = result.report["differential_privacy"]["epsilon"]
+        privacy_text = f"ε = {epsilon:.3f}" if epsilon is not None else "no DP guarantee (--allow-non-dp)"
+        federated = result.report.get("federated_audit", {})
+        audited = f"audit passed at {len(federated['sites'])} sites" if federated.get("run") else "audit passed"
+        print(f"released {result.cases} cases to {result.out} ({privacy_text}; {audited})")
     return 0
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +30,35 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 def open_synthesiser(args: argparse.Namespace) -> Synthesiser:
     return load_synthesiser(args.checkpoint, args.device, args.steps)
+
+
+def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--workers`` and ``--ray-address`` of the cohort commands (``experiments.cohort_workers``)."""
+    parser.add_argument(
+        "--workers",
+        type=positive_int,
+        default=1,
+        help="Ray workers that sample the volumes (default 1: this process); any number writes the same bytes",
+    )
+    parser.add_argument(
+        "--ray-address",
+        help="a running Ray cluster (the address 'ray start --head' prints): --workers actors run there",
+    )
+
+
+@contextmanager
+def cohort_synthesiser(args: argparse.Namespace) -> Iterator[Synthesiser]:
+    """The run's models; with ``--workers N > 1`` or ``--ray-address``, their volumes sampled by Ray actors."""
+    synth = open_synthesiser(args)
+    if args.workers == 1 and args.ray_address is None:
+        yield synth
+        return
+    from experiments.cohort_workers import RayChunks, WorkerSettings
+
+    device = args.device or synth.cfg.train.device
+    settings = WorkerSettings(args.workers, args.ray_address, gpus=1.0 if device.startswith("cuda") else 0.0)
+    with RayChunks(settings, args.checkpoint, args.device, args.steps) as chunks:
+        yield replace(synth, sample_chunks=chunks)
 
 
 class ProgressBars:

@@ -1,0 +1,105 @@
+"""Cohort generation on 1 and 2 Ray workers: throughput side by side, and the bytes compared (issue 16, point 5).
+
+One run: a run folder of the config trained a few steps on phantoms (throughput does not depend
+on the weights), a phantom dataset of ``--cases`` cases, then ``gem3d.apps.enhance`` (copied
+informed slices, one pair per case, ``--steps`` sampler steps) three times:
+
+* in this process (``torch`` with every core's thread), the reference bytes;
+* on 1 Ray worker and on 2 Ray workers (``experiments.cohort_workers``; each worker gets
+  cores / workers threads), each timed from the first chunk sent to the last volume written,
+  with the actors started and their models loaded before the clock starts.
+
+It prints volumes/s of each, the 2-vs-1 ratio (target >= 1.7x on this 2-core machine) and whether
+every written array equals the in-process one.
+
+    .venv/bin/python experiments/benchmarks/cohort_workers.py [--config tiny] [--cases 16] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from experiments.benchmarks import machine
+from experiments.cohort_workers import RayChunks, WorkerSettings
+from experiments.configs import resolve_config_path
+from gem3d.apps import Synthesiser, enhance, load_synthesiser
+from gem3d.config import load_config
+from gem3d.data.dataset import load_volumes
+from gem3d.data.phantoms import write_phantom_dataset
+from gem3d.runs import train_stage
+
+
+def arrays(folder: Path) -> dict[str, np.ndarray]:
+    """Every image and label array of a written dataset, by file."""
+    return {
+        f"{kind}/{path.name}": np.asarray(nib.Nifti1Image.from_filename(str(path)).dataobj)
+        for kind in ("imagesTr", "labelsTr")
+        for path in sorted((folder / kind).glob("*.nii.gz"))
+    }
+
+
+def timed_enhance(synth: Synthesiser, data: Path, out: Path) -> float:
+    started = time.perf_counter()
+    enhance(synth, data, out, 1, "copy", seed=0)
+    return time.perf_counter() - started
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--cases", type=int, default=16, help="cases in the dataset (one new pair each)")
+    parser.add_argument("--depth", type=int, default=40, help="slices per phantom case")
+    parser.add_argument("--steps", type=int, default=10, help="sampler steps per volume")
+    args = parser.parse_args()
+    cfg = load_config(resolve_config_path(args.config), {"train.device": "cpu", "train.checkpoint_every": 0})
+    size = cfg.data.image_size
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        data = write_phantom_dataset(root / "data", args.cases, (size, size, args.depth), cfg.data.num_labels, seed=0)
+        volumes = load_volumes(data, cfg.data)
+        train_stage(cfg, volumes, "slice", root / "run", steps=2)
+        train_stage(cfg, volumes, "volume", root / "run", steps=2)
+        synth = load_synthesiser(root / "run", "cpu", args.steps)
+        alone_s = timed_enhance(synth, data, root / "alone")
+        reference = arrays(root / "alone")
+        seconds, same = {}, {}
+        for workers in (1, 2):
+            settings = WorkerSettings(workers=workers)
+            with RayChunks(settings, root / "run", "cpu", args.steps) as chunks:
+                # warm: actors started, models loaded, first network call made
+                warm = enhance(replace(synth, sample_chunks=chunks), data, root / f"warm{workers}", 1, "copy", seed=1)
+                del warm
+                seconds[workers] = timed_enhance(replace(synth, sample_chunks=chunks), data, root / f"w{workers}")
+            written = arrays(root / f"w{workers}")
+            same[workers] = written.keys() == reference.keys() and all(
+                np.array_equal(written[name], reference[name]) for name in reference
+            )
+    info = machine(torch.get_num_threads())
+    print(f"# cohort_workers: {info}")
+    print(
+        f"config {args.config}: {args.cases} cases [{args.depth}, {size}, {size}] -> 1 pair each, "
+        f"{args.steps} sampler steps, sampler.batch_volumes {cfg.sampler.batch_volumes}"
+    )
+    threads = torch.get_num_threads()
+    print(f"in this process ({threads} threads): {args.cases / alone_s:6.3f} volumes/s ({alone_s:.1f} s)")
+    for workers in (1, 2):
+        rate, taken = args.cases / seconds[workers], seconds[workers]
+        print(f"{workers} Ray worker(s):          {rate:6.3f} volumes/s ({taken:.1f} s); same bytes: {same[workers]}")
+    ratio = seconds[1] / seconds[2]
+    print(f"2 workers vs 1: {ratio:.2f}x (target >= 1.7x: {'met' if ratio >= 1.7 else 'not met'})")
+    return 0 if all(same.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
