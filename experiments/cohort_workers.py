@@ -7,7 +7,11 @@ Ray actors on this machine; with ``--ray-address ADDR`` to actors on a running R
 machine needs this project installed in the same Python environment). Each actor receives the
 run's checkpoint files (bytes: no shared disk is needed), loads the models once, and samples
 whole chunks: exactly the chunks, batch-mates included, that one process would sample, and each
-volume's noise comes from its own seed, so the volumes are the bytes one worker writes. They come
+volume's noise comes from its own seed. Every actor runs torch with the same number of threads
+(``WorkerSettings.threads``, default 1): a CPU convolution's rounding depends on how many threads
+share it, so equal threads per actor is what makes any number of workers write the same bytes.
+(The plain in-process run uses torch's default threads, every core: its last bits can differ
+from the workers' unless it also runs with that many threads.) They come
 back in order to this process, which writes them as they arrive; at most two chunks per actor are
 in flight, so this process holds a bounded number of volumes whatever the cohort's size.
 
@@ -16,7 +20,6 @@ Ray comes with Flower's simulation extra; it is imported only when workers are a
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -42,18 +45,20 @@ class WorkerSettings:
         workers: actors to start (each samples whole chunks).
         address: a Ray cluster's address (``ray start --head`` prints it); None starts a local Ray
             with ``workers`` CPUs.
-        threads: torch intra-op threads per actor (default: this machine's cores / workers, at least 1).
+        threads: torch intra-op threads per actor, the same for every actor (their rounding depends on it).
         gpus: GPUs per actor (0: CPU actors; 1 puts each actor on its own GPU of the cluster).
     """
 
     workers: int
     address: str | None = None
-    threads: int | None = None
+    threads: int = 1
     gpus: float = 0.0
 
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ConfigError(f"--workers {self.workers}: expected at least 1")
+        if self.threads < 1:
+            raise ConfigError(f"--threads-per-worker {self.threads}: expected at least 1")
 
 
 def run_files(checkpoint: Path) -> dict[str, bytes]:
@@ -108,15 +113,16 @@ class RayChunks:
         import ray
 
         settings = self.settings
-        threads = settings.threads or max(1, (os.cpu_count() or 1) // settings.workers)
+        threads = settings.threads
         if not ray.is_initialized():
             if settings.address is not None:
                 ray.init(address=settings.address, log_to_driver=False)
             else:
-                ray.init(num_cpus=settings.workers, include_dashboard=False, log_to_driver=False)
+                cpus = settings.workers * settings.threads
+                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
             self._started_ray = True
         files = ray.put(run_files(self.checkpoint))
-        actor = ray.remote(num_cpus=1, num_gpus=settings.gpus)(ChunkWorker)
+        actor = ray.remote(num_cpus=settings.threads, num_gpus=settings.gpus)(ChunkWorker)
         self._actors = [actor.remote(files, self.device, self.steps, threads) for _ in range(settings.workers)]
         return self
 

