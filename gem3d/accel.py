@@ -22,6 +22,7 @@ switches on the same device.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from monai.networks.blocks.selfattention import SABlock
@@ -57,7 +58,10 @@ def fast_path(cfg: AccelConfig, device: torch.device) -> FastPath:
     )
 
 
-def accelerate(model: nn.Module, cfg: AccelConfig, device: torch.device) -> nn.Module:
+M = TypeVar("M", bound=nn.Module)
+
+
+def accelerate(model: M, cfg: AccelConfig, device: torch.device) -> M:
     """``model`` moved to ``device`` with the fast path of ``cfg`` there; in place, returns ``model``.
 
     Safe to call again (e.g. after ``SliceDenoiser.inflate`` added layers): each switch is set, not toggled.

@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from gem3d.accel import accelerate
 from gem3d.checkpoint import file_sha256, library_versions
 from gem3d.config import Config
 from gem3d.data.geometry import CaseGeometry, ModelGridCase, mask_to_model_grid, to_model_grid, to_original_grid
@@ -104,10 +105,10 @@ def load_synthesiser(checkpoint: str | Path, device: str | None = None, steps: i
     if informed_path is not None and informed_path.exists():
         generator, _, _ = load_model(informed_path)
         assert isinstance(generator, InformedSliceGenerator)
-        informed_model = generator.to(target)
+        informed_model = accelerate(generator, cfg.accel, target)
         checkpoints["informed"] = file_sha256(informed_path)
     sampler = make_sampler(cfg.diffusion, steps)
-    return Synthesiser(model.to(target), informed_model, cfg, sampler, checkpoints)
+    return Synthesiser(accelerate(model, cfg.accel, target), informed_model, cfg, sampler, checkpoints)
 
 
 @dataclass(frozen=True)
