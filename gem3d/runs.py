@@ -86,6 +86,15 @@ def build_model(stage: Stage, cfg: Config) -> nn.Module:
     return model
 
 
+def checkpoint_bytes(stage: Stage, cfg: Config) -> int:
+    """About what training ``stage`` needs on disk: its checkpoint (online and EMA weights, AdamW's
+    two moments: 4 float32 copies of the network) twice, as the atomic write keeps the previous
+    one until the new one is complete. The network is built on the meta device (no memory, no time)."""
+    with torch.device("meta"):
+        model = build_model(stage, cfg)
+    return 2 * 4 * 4 * sum(p.numel() for p in model.parameters())
+
+
 def checkpoint_config(metadata: dict[str, Any], path: Path) -> Config:
     """The config embedded in a checkpoint's metadata, validated."""
     if metadata.get("config") is None:

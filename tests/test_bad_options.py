@@ -106,3 +106,19 @@ def test_a_disk_without_room_for_the_output_is_refused_before_the_model_loads(
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "--out" in err and "needs about" in err and "free" in err, err
     assert not out.exists()
+
+
+def test_training_without_room_for_its_checkpoint_is_refused_before_reading_data(
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # prepare: a network whose checkpoint (built on the meta device, never allocated) outgrows any disk
+    out = tmp_path / "run"
+    argv = ["train", "--data", str(phantom_dir), "--stage", "slice", "--out", str(out), "--public-data"]
+    argv += ["--set", "model.channels=[32768,32768,32768]", "--track", "off"]
+    # execute
+    code = main(argv)
+    # assert: one line naming --out and the room needed; no run folder left behind
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "--out" in err and "needs about" in err and "TiB" in err, err
+    assert not out.exists()

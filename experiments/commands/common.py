@@ -103,8 +103,6 @@ def check_new_outputs(paths: Sequence[Path], option: str = "--out", needed_bytes
     space is refused before the work starts. Raises ``DataError`` naming ``option``, the path and
     the problem.
     """
-    import tempfile
-
     from gem3d.errors import DataError
 
     for path in paths:
@@ -112,21 +110,31 @@ def check_new_outputs(paths: Sequence[Path], option: str = "--out", needed_bytes
             raise DataError(
                 f"{option} {paths[0]}: {path} already exists; choose a new {option} (nothing is overwritten)"
             )
-    folder = paths[0].parent
+    check_writable(paths[0], option, needed_bytes)
+
+
+def check_writable(path: Path, option: str = "--out", needed_bytes: int = 0) -> None:
+    """Before any work: ``path`` (existing or not) lies in a writable folder with ``needed_bytes`` free.
+
+    Raises ``DataError`` naming ``option``, the path and the problem.
+    """
+    import tempfile
+
+    from gem3d.errors import DataError
+
+    folder = path if path.is_dir() else path.parent
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
     if not folder.is_dir():
-        raise DataError(f"{option} {paths[0]}: {folder} is not a folder")
+        raise DataError(f"{option} {path}: {folder} is not a folder")
     try:  # a probe finds what permission bits do not: a read-only mount, no inodes left, root squash
         with tempfile.TemporaryFile(dir=folder, prefix=".gem3d-probe."):
             pass
     except OSError as error:
-        raise DataError(f"{option} {paths[0]}: cannot write in {folder} ({error.strerror})") from None
+        raise DataError(f"{option} {path}: cannot write in {folder} ({error.strerror})") from None
     free = shutil.disk_usage(folder).free
     if needed_bytes > free:
-        raise DataError(
-            f"{option} {paths[0]}: needs about {_size(needed_bytes)} in {folder}, which has {_size(free)} free"
-        )
+        raise DataError(f"{option} {path}: needs about {_size(needed_bytes)} in {folder}, which has {_size(free)} free")
 
 
 def add_config_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:

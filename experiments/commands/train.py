@@ -21,6 +21,7 @@ from tqdm import tqdm
 from experiments.commands.common import (
     add_config_argument,
     add_track_argument,
+    check_writable,
     load_cli_config,
     open_tracker,
     positive_int,
@@ -31,7 +32,7 @@ from gem3d.checkpoint import read_metadata
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import ConfigError
 from gem3d.files import writer_lock
-from gem3d.runs import STAGE_FILES, init_checkpoint, train_stage
+from gem3d.runs import STAGE_FILES, checkpoint_bytes, init_checkpoint, train_stage
 from gem3d.training import STAGES, train
 from privacy.dp_sgd import train_private
 from privacy.ledger import PrivacyLedger
@@ -97,6 +98,8 @@ def _run(args: argparse.Namespace) -> int:
     site = None if args.public_data else SiteState(args.site_state or default_state_dir(args.data))
     policy = load_policy(site) if site is not None else None
     key = site.key() if site is not None else None
+    # the disk first: a full one is found before the data is read or a step is taken
+    check_writable(args.out, "--out", checkpoint_bytes(args.stage, cfg))
     volumes = load_volumes(args.data, cfg.data)
     total = args.steps if args.steps is not None else getattr(cfg.train, f"steps_{args.stage}")
     ledger = None
