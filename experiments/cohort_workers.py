@@ -15,6 +15,13 @@ from the workers' unless it also runs with that many threads.) They come
 back in order to this process, which writes them as they arrive; at most two chunks per actor are
 in flight, so this process holds a bounded number of volumes whatever the cohort's size.
 
+Privacy: the volumes travel through Ray's object store before the release gate has audited
+them. A local Ray (``--workers``) keeps them in this machine's shared memory, with spilling to
+disk turned off (at most two chunks per actor are in flight, so the store does not fill). On a
+cluster (``--ray-address``) they pass through the cluster's machines and whatever spilling the
+cluster was started with: use only machines inside the site for ``gem3d release``, and start them
+with spilling off (``ray start ... --system-config='{"automatic_object_spilling_enabled": false}'``).
+
 Ray comes with Flower's simulation extra; it is imported only when workers are asked for.
 """
 
@@ -119,7 +126,13 @@ class RayChunks:
                 ray.init(address=settings.address, log_to_driver=False)
             else:
                 cpus = settings.workers * settings.threads
-                ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+                # never spill objects to disk: a release's volumes are not audited yet while they travel
+                ray.init(
+                    num_cpus=cpus,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                    _system_config={"automatic_object_spilling_enabled": False},
+                )
             self._started_ray = True
         files = ray.put(run_files(self.checkpoint))
         actor = ray.remote(num_cpus=settings.threads, num_gpus=settings.gpus)(ChunkWorker)
