@@ -24,7 +24,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from gem3d.config import Config, TrainConfig
 from gem3d.data.loader import StepBatches, step_batches, step_seed
 from gem3d.data.volume import Volume
-from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource, with_contrast_curves
+from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
 from gem3d.diffusion import NoiseProcess, noise_process
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
 
@@ -183,7 +183,7 @@ def slice_inputs(
 
 
 def contrast_log_gamma(model: nn.Module, stage: Stage, cfg: TrainConfig) -> float:
-    """The training-only appearance augmentation of ``stage`` (``with_contrast_curves``; 0: none).
+    """The training-only appearance augmentation of ``stage`` (``WindowSource.draw``; 0: none).
 
     Only windows are augmented, and never for a mask-only model (``model.informed_slice = false``):
     with no informed slice to read the curve from, it could only learn a blurred average appearance.
@@ -232,13 +232,8 @@ def draw_inputs(
     ``augment``: apply the training-only appearance augmentation (``contrast_log_gamma``);
     DP training passes it, validation and the audit do not.
     """
-    if stage == "informed":
-        batch: WindowBatch | SliceBatch = source.slices(indices, generator)
-    else:
-        batch = source.windows(indices, generator)
-        log_gamma = contrast_log_gamma(model, stage, cfg) if augment else 0.0
-        if log_gamma > 0:
-            batch = with_contrast_curves(batch, log_gamma, generator)
+    log_gamma = contrast_log_gamma(model, stage, cfg) if augment else 0.0
+    batch = source.draw(indices, generator, stage != "informed", log_gamma)
     return noised_inputs(model, process, batch.to(device), stage, generator, cfg, timestep)
 
 
@@ -286,10 +281,8 @@ def train(
     state.model.train()
     started, first_step = time.perf_counter(), state.step
     total = torch.zeros((), device=device)
-    windows = stage != "informed"
-    batches = StepBatches(
-        source, windows, cfg.batch_size, state.seed, contrast_log_gamma(state.model, stage, cfg) if windows else 0.0
-    )
+    log_gamma = contrast_log_gamma(state.model, stage, cfg)
+    batches = StepBatches(source, stage != "informed", cfg.batch_size, state.seed, log_gamma)
     for batch in step_batches(batches, state.step, until_step, cfg, device):
         generator = noise_generator(state.seed, state.step, device)
         inputs = noised_inputs(state.model, process, batch.to(device, non_blocking=True), stage, generator, cfg)

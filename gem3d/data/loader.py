@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from gem3d.config import TrainConfig
-from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource, with_contrast_curves
+from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
 
 Stream = Literal["data", "noise"]
 _STREAMS: dict[Stream, int] = {"data": 0, "noise": 1}
@@ -44,7 +44,7 @@ class StepBatches(Dataset[WindowBatch | SliceBatch]):
     Args:
         source: the training volumes.
         windows: windows of W slices (stages 1 and 2) or single slices (the informed generator).
-        contrast_log_gamma: the appearance augmentation of windows (``with_contrast_curves``; 0: off).
+        contrast_log_gamma: the appearance augmentation of windows (``WindowSource.draw``; 0: off).
     """
 
     def __init__(
@@ -62,12 +62,7 @@ class StepBatches(Dataset[WindowBatch | SliceBatch]):
     def __getitem__(self, step: int) -> WindowBatch | SliceBatch:
         generator = torch.Generator().manual_seed(step_seed(self.seed, step, "data"))
         indices = torch.randint(len(self.source), (self.batch_size,), generator=generator).tolist()
-        if not self.windows:
-            return self.source.slices(indices, generator)
-        batch = self.source.windows(indices, generator)
-        if self.contrast_log_gamma > 0:
-            batch = with_contrast_curves(batch, self.contrast_log_gamma, generator)
-        return batch
+        return self.source.draw(indices, generator, self.windows, self.contrast_log_gamma)
 
 
 def loader_workers(cfg: TrainConfig, device: torch.device) -> int:

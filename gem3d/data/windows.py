@@ -149,6 +149,16 @@ class WindowSource:
             informed_index=torch.tensor(informed_ids),
         )
 
+    def draw(
+        self, indices: list[int], generator: torch.Generator, windows: bool, contrast_log_gamma: float = 0.0
+    ) -> WindowBatch | SliceBatch:
+        """A training sample from each volume in ``indices``: a window (with its contrast curve when
+        ``contrast_log_gamma`` > 0, ``with_contrast_curves``) or, for the informed generator, a slice."""
+        if not windows:
+            return self.slices(indices, generator)
+        batch = self.windows(indices, generator)
+        return with_contrast_curves(batch, contrast_log_gamma, generator) if contrast_log_gamma > 0 else batch
+
     def slices(self, indices: list[int], generator: torch.Generator) -> SliceBatch:
         """One random slice from each volume in ``indices``, with its normalised position."""
         images, masks, positions = [], [], []
