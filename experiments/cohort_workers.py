@@ -123,7 +123,12 @@ class RayChunks:
         threads = settings.threads
         if not ray.is_initialized():
             if settings.address is not None:
-                ray.init(address=settings.address, log_to_driver=False)
+                try:
+                    ray.init(address=settings.address, log_to_driver=False)
+                except Exception as error:  # Ray raises ConnectionError, RuntimeError, its own exceptions
+                    message = str(error).splitlines()[0] if str(error) else type(error).__name__
+                    where = f"--ray-address {settings.address}"
+                    raise ConfigError(f"{where}: cannot join a Ray cluster ({message})") from None
             else:
                 cpus = settings.workers * settings.threads
                 # never spill objects to disk: a release's volumes are not audited yet while they travel
