@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from gem3d.accel import accelerate
-from gem3d.checkpoint import load_checkpoint, save_checkpoint
+from gem3d.checkpoint import load_checkpoint, load_weights, save_checkpoint, subset
 from gem3d.config import Config, PrivacyConfig, config_from_dict
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
@@ -51,7 +51,7 @@ from gem3d.data.windows import WindowSource
 from gem3d.diffusion import noise_process
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.networks import SliceDenoiser
-from gem3d.runs import build_model
+from gem3d.runs import build_model, frozen_part
 from gem3d.training import STAGES, Stage, TrainFn, freeze_for_stage, held_out_loss, new_state, train, travelling_names
 
 logger = logging.getLogger("flwr").getChild("gem3d.client")
@@ -224,17 +224,18 @@ def split_volumes(site: Site, job: RoundJob) -> tuple[list[Volume], list[Volume]
 
 
 def base_path(site: Site, base_id: str) -> Path:
-    """Where a site keeps the frozen stage-2 base (the global slice model) the server installed."""
+    """Where a site keeps a frozen base the server installed (``gem3d.runs.frozen_part``)."""
     return site.state_dir / f"base-{base_id}.safetensors"
 
 
 def install_base(site: Site, base_id: str, weights: dict[str, torch.Tensor]) -> Path:
-    """Store the global slice weights a frozen stage 2 trains on top of (atomic; idempotent)."""
+    """Store a stage's frozen base: the global slice weights a frozen stage 2 trains on top of, or a
+    latent network's autoencoder (atomic; idempotent)."""
     if not base_id or any(not ch.isalnum() for ch in base_id):
         raise ConfigError(f"server sent an invalid base-id '{base_id}'")
     path = base_path(site, base_id)
     if not path.exists():
-        save_checkpoint(path, weights, {"stage": "slice", "base_id": base_id})
+        save_checkpoint(path, weights, {"stage": "base", "base_id": base_id})
     return path
 
 
@@ -244,30 +245,34 @@ _model_cache: OrderedDict[tuple[str, str, str], nn.Module] = OrderedDict()
 
 
 def _network(site: Site, job: RoundJob) -> nn.Module:
-    """The stage's network on the config's device; a frozen stage 2 inflated from the installed base.
+    """The stage's network on the config's device, its frozen part (``frozen_part``) from the installed
+    base: a frozen stage 2 inflated from the base's slice model, a latent network's codec loaded.
 
     Reused across rounds in one process: only the travelling weights change between rounds and
     ``site_model`` reloads all of them, while a stage-2 base is fixed by its id. With DP on, a
     fresh network every time, so that nothing Opacus leaves on a module can carry over.
     """
     cfg, stage = job.cfg, job.stage
-    partial_volume = stage == "volume" and not cfg.train.volume_train_all
+    frozen = frozen_part(stage, cfg)
     path = base_path(site, job.base_id)
-    if partial_volume and not path.exists():
-        raise CheckpointError(f"{site.name}: stage-2 base {job.base_id} was never installed at {path}")
-    key = (stage, job.base_id if partial_volume else "", cfg.model_dump_json())
+    if frozen is not None and not path.exists():
+        raise CheckpointError(f"{site.name}: the {stage} stage's base {job.base_id} was never installed at {path}")
+    key = (stage, job.base_id if frozen is not None else "", cfg.model_dump_json())
     cacheable = not cfg.privacy.enabled
     if cacheable and key in _model_cache:
         _model_cache.move_to_end(key)
         return _model_cache[key]
-    if partial_volume:
+    if frozen == "slice":
         base, _ = load_checkpoint(path)
         model = build_model("slice", cfg)
-        model.load_state_dict(base)
+        load_weights(model, base, f"{site.name}: stage-2 base {path}")
         assert isinstance(model, SliceDenoiser)
         model.inflate(cfg.train.seed)  # the slice-axis weights then come from the server
     else:
         model = build_model(stage, cfg)
+    if frozen == "codec":
+        base, _ = load_checkpoint(path)
+        load_weights(model.codec, subset(base, "codec"), f"{site.name}: autoencoder base {path}")
     model = accelerate(model, cfg.accel, torch.device(cfg.train.device))
     if cacheable:
         _model_cache[key] = model

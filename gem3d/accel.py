@@ -28,6 +28,7 @@ import torch
 from monai.networks.blocks.selfattention import SABlock
 from torch import nn
 
+from gem3d.autoencoder import SliceAutoencoder
 from gem3d.config import AccelConfig, Switch
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser
 
@@ -76,8 +77,9 @@ def accelerate(model: M, cfg: AccelConfig, device: torch.device) -> M:
             module.use_flash_attention = path.flash_attention
     if path.channels_last:
         model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]  # accepted, not in the stubs
-    if isinstance(model, SliceDenoiser | InformedSliceGenerator):
-        model.compute_dtype = torch.bfloat16 if path.bf16 else None
+    for module in model.modules():  # the networks and a latent network's codec
+        if isinstance(module, SliceDenoiser | InformedSliceGenerator | SliceAutoencoder):
+            module.compute_dtype = torch.bfloat16 if path.bf16 else None
     if path.compile and getattr(model, "_compiled_call_impl", None) is None:
         model.compile()
     return model

@@ -147,6 +147,11 @@ class ModelConfig(UNetConfig):
     )
     temporal_kernel: int = Field(3, ge=1, description="kernel of the slice-axis 1D convs added in stage 2")
     temporal_attention: bool = Field(True, description="add slice-axis self-attention where there is spatial attention")
+    latent: bool = Field(
+        False,
+        description="run the denoiser and the informed generator on the slices' latents (the [autoencoder] stage 0); "
+        "masks enter at latent resolution as one-hot channels averaged over each latent pixel's area",
+    )
 
 
 class InformedModelConfig(UNetConfig):
@@ -154,6 +159,53 @@ class InformedModelConfig(UNetConfig):
 
     position_bins: int = Field(64, ge=2, description="normalised slice position is quantised into this many classes")
     condition_on_mask: bool = Field(True, description="also condition on the mask slice at that position")
+
+
+class AutoencoderConfig(_Frozen):
+    """The stage-0 slice autoencoder of a latent model (``model.latent``): MONAI's ``AutoencoderKL``, 2D.
+
+    Each level but the last halves the slice, so the latent is ``latent_channels`` x (H / f) x (W / f)
+    with f = 2 ** (len(channels) - 1): 4 for three levels, 8 for four. Trained on single slices
+    with an L1 or L2 reconstruction loss and a KL term (no network that would have to be
+    downloaded), or loaded from a local file (``checkpoint``). Only images pass through it: masks
+    never do.
+    """
+
+    channels: ChannelList = (32, 64, 64)
+    latent_channels: int = Field(4, ge=1)
+    num_res_blocks: int = Field(1, ge=1)
+    norm_num_groups: int = Field(8, ge=1)
+    attention: bool = Field(False, description="self-attention in the middle of the encoder and the decoder")
+    reconstruction_loss: Literal["l1", "l2"] = "l1"
+    kl_weight: float = Field(1e-6, ge=0, description="weight of the KL term (summed over latent elements)")
+    latent_scale: float | Literal["auto"] = Field(
+        "auto",
+        description="latents are multiplied by this before diffusion; auto: 1 / std of the posterior means of the "
+        "training slices, measured when a centralized, non-private stage 0 ends (1.0 after a DP or federated one)",
+    )
+    checkpoint: str | None = Field(
+        None,
+        description="a local pretrained autoencoder instead of stage 0: a gem3d autoencoder checkpoint, or the "
+        "state dict of a MONAI AutoencoderKL of this shape (.safetensors, or .pt/.pth loaded with weights_only)",
+    )
+
+    @property
+    def factor(self) -> int:
+        """f: how many pixels of a slice side one latent pixel covers."""
+        return 2 ** (len(self.channels) - 1)
+
+    @model_validator(mode="after")
+    def _fits_the_autoencoder(self) -> Self:
+        common = math.gcd(*self.channels)
+        if common % self.norm_num_groups:
+            raise FieldError(
+                "norm_num_groups",
+                f"{self.norm_num_groups} does not divide every level of channels {list(self.channels)} "
+                f"(valid: a divisor of {common}: {_divisors(common)})",
+            )
+        if isinstance(self.latent_scale, float) and not self.latent_scale > 0:
+            raise FieldError("latent_scale", f"{self.latent_scale} must be > 0 (or 'auto')")
+        return self
 
 
 class DiffusionConfig(_Frozen):
@@ -203,6 +255,7 @@ class DiffusionConfig(_Frozen):
 class TrainConfig(_Frozen):
     """Optimisation shared by the three training stages."""
 
+    steps_autoencoder: int = Field(300, ge=0)
     steps_slice: int = Field(300, ge=0)
     steps_volume: int = Field(200, ge=0)
     steps_informed: int = Field(300, ge=0)
@@ -281,6 +334,7 @@ class ReleaseConfig(_Frozen):
 class FederationConfig(_Frozen):
     """Federated rounds and the aggregation strategy."""
 
+    rounds_autoencoder: int = Field(0, ge=0, description="rounds of the stage-0 autoencoder (latent models)")
     rounds_slice: int = Field(2, ge=0)
     rounds_volume: int = Field(1, ge=0)
     rounds_informed: int = Field(1, ge=0)
@@ -320,6 +374,7 @@ class Config(_Frozen):
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     informed: InformedModelConfig = InformedModelConfig()
+    autoencoder: AutoencoderConfig = AutoencoderConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     train: TrainConfig = TrainConfig()
     sampler: SamplerConfig = SamplerConfig()
@@ -332,12 +387,16 @@ class Config(_Frozen):
     def _sections_agree(self) -> Self:
         levels = max(len(self.model.channels), len(self.informed.channels))
         factor = 2 ** (levels - 1)  # every level but the last halves the slice
+        which = "model" if len(self.model.channels) == levels else "informed"
+        need = f"the {levels} levels of {which}.channels need"
+        if self.model.latent:  # the UNets halve the latent, which is the slice / f
+            factor *= self.autoencoder.factor
+            need = f"the autoencoder's f = {self.autoencoder.factor} times the {levels} levels of {which}.channels need"
         if self.data.image_size % factor:
-            which = "model" if len(self.model.channels) == levels else "informed"
             raise FieldError(
                 "data.image_size",
-                f"{self.data.image_size} is not divisible by {factor}, which the {levels} levels of "
-                f"{which}.channels need (valid: a multiple of {factor}, at least 8)",
+                f"{self.data.image_size} is not divisible by {factor}, which {need} "
+                f"(valid: a multiple of {factor}, at least 8)",
             )
         if self.sampler.overlap >= self.data.window:
             raise FieldError(

@@ -11,6 +11,11 @@
 Mask encoding (``ModelConfig.mask_encoding``), for label ids 0..L-1 with 0 the background:
 * ``onehot``: L-1 channels, channel k-1 is 1.0 where label == k, else 0.0.
 * ``scaled``: 1 channel, 2 * label / (L-1) - 1, in [-1, 1].
+
+Latent models (``model.latent``): both networks hold the frozen stage-0 autoencoder as ``codec``
+and work on ``C`` latent channels at 1/f of the slice size (``gem3d.autoencoder``); the encoded
+mask is averaged over each latent pixel's f x f area (``area_downsample``), never encoded by the
+image autoencoder. Pixel models have ``codec = None``, one image channel and f = 1.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from monai.networks.nets import DiffusionModelUNet
 from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
 from torch import nn
 
-from gem3d.config import InformedModelConfig, ModelConfig, UNetConfig
+from gem3d.autoencoder import SliceAutoencoder, area_downsample
+from gem3d.config import AutoencoderConfig, InformedModelConfig, ModelConfig, UNetConfig
 
 
 def mask_channels(num_labels: int, encoding: str) -> int:
@@ -54,12 +60,12 @@ def encode_mask(label: torch.Tensor, num_labels: int, encoding: str) -> torch.Te
     raise ValueError(f"unknown mask encoding '{encoding}' (known: onehot, scaled)")
 
 
-def condition_channels(cfg: ModelConfig, num_labels: int) -> int:
-    """Channels of the denoiser's condition: mask (+ informed slice (+ its mask))."""
+def condition_channels(cfg: ModelConfig, num_labels: int, image_channels: int = 1) -> int:
+    """Channels of the denoiser's condition: mask (+ informed slice's ``image_channels`` (+ its mask))."""
     per_mask = mask_channels(num_labels, cfg.mask_encoding)
     if not cfg.informed_slice:
         return per_mask
-    return per_mask + 1 + (per_mask if cfg.informed_mask else 0)
+    return per_mask + image_channels + (per_mask if cfg.informed_mask else 0)
 
 
 def build_condition(
@@ -68,24 +74,29 @@ def build_condition(
     informed_mask: torch.Tensor,
     num_labels: int,
     cfg: ModelConfig,
+    factor: int = 1,
 ) -> torch.Tensor:
     """Stack the denoiser's condition for a window.
 
     Args:
-        mask: ``[B, D, H, W]`` label ids of the window's slices.
-        informed: ``[B, H, W]`` the informed slice, intensities in [-1, 1].
+        mask: ``[B, D, H, W]`` label ids of the window's slices (full resolution).
+        informed: ``[B, Ci, H/f, W/f]`` the informed slice: its latent (latent models) or, for a
+            pixel model (f = 1), ``[B, 1, H, W]`` or ``[B, H, W]`` intensities in [-1, 1].
         informed_mask: ``[B, H, W]`` label ids of the informed slice.
+        factor: f, the latent's downsampling (1: pixel space); masks are area-averaged by it.
     Returns:
-        ``[B, Cc, D, H, W]``: encoded mask per slice, then the informed slice (and its encoded
+        ``[B, Cc, D, H/f, W/f]``: encoded mask per slice, then the informed slice (and its encoded
         mask) repeated along D; only the encoded mask when ``cfg.informed_slice`` is off.
     """
     depth = mask.shape[1]
-    encoded_mask = encode_mask(mask, num_labels, cfg.mask_encoding).to(informed.dtype)
+    if informed.ndim == 3:
+        informed = informed.unsqueeze(1)
+    encoded_mask = area_downsample(encode_mask(mask, num_labels, cfg.mask_encoding), factor).to(informed.dtype)
     if not cfg.informed_slice:  # the mask-only baseline
         return encoded_mask
-    parts = [encoded_mask, informed.unsqueeze(1).unsqueeze(2).expand(-1, -1, depth, -1, -1)]
+    parts = [encoded_mask, informed.unsqueeze(2).expand(-1, -1, depth, -1, -1)]
     if cfg.informed_mask:
-        encoded = encode_mask(informed_mask, num_labels, cfg.mask_encoding)  # [B, K, H, W]
+        encoded = area_downsample(encode_mask(informed_mask, num_labels, cfg.mask_encoding), factor)  # [B, K, h, w]
         parts.append(encoded.unsqueeze(2).expand(-1, -1, depth, -1, -1))
     return torch.cat([part.to(informed.dtype) for part in parts], dim=1)
 
@@ -197,12 +208,14 @@ def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> AbstractContextMana
     return torch.autocast(x.device.type, dtype=dtype) if dtype is not None else nullcontext()
 
 
-def _unet(in_channels: int, cfg: UNetConfig, num_class_embeds: int | None = None) -> DiffusionModelUNet:
+def _unet(
+    in_channels: int, cfg: UNetConfig, num_class_embeds: int | None = None, out_channels: int = 1
+) -> DiffusionModelUNet:
     """The 2D ``DiffusionModelUNet`` both networks are built on (``UNetConfig`` has checked its shape)."""
     return DiffusionModelUNet(
         spatial_dims=2,
         in_channels=in_channels,
-        out_channels=1,
+        out_channels=out_channels,
         channels=cfg.channels,
         attention_levels=cfg.attention_levels,
         num_res_blocks=cfg.num_res_blocks,
@@ -219,15 +232,28 @@ class SliceDenoiser(nn.Module):
     mixes information along the slice axis. Both take the same tensors.
 
     ``compute_dtype``: the autocast dtype of the forward (``gem3d.accel``; None: the weights' fp32).
+    ``codec``: the frozen slice autoencoder of a latent model (``codec_cfg`` given), else None.
     """
 
-    def __init__(self, cfg: ModelConfig, num_labels: int) -> None:
+    def __init__(self, cfg: ModelConfig, num_labels: int, codec_cfg: AutoencoderConfig | None = None) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_labels = num_labels
-        self.unet = _unet(1 + condition_channels(cfg, num_labels), cfg)
+        self.codec = _codec(codec_cfg)
+        channels = self.image_channels
+        self.unet = _unet(channels + condition_channels(cfg, num_labels, channels), cfg, out_channels=channels)
         self.inflated = False
         self.compute_dtype: torch.dtype | None = None
+
+    @property
+    def image_channels(self) -> int:
+        """C: 1 for a pixel model, the latent channels for a latent one."""
+        return 1 if self.codec is None else self.codec.latent_channels
+
+    @property
+    def factor(self) -> int:
+        """f: slice pixels per latent pixel along a side (1 for a pixel model)."""
+        return 1 if self.codec is None else self.codec.factor
 
     def inflate(self, seed: int = 0) -> None:
         """Add slice-axis layers (stage 2), on the device of the others; a second call is refused.
@@ -252,11 +278,11 @@ class SliceDenoiser(nn.Module):
         """Predict the diffusion target for every slice of a window.
 
         Args:
-            x: ``[B, 1, D, H, W]`` noisy slices.
+            x: ``[B, C, D, h, w]`` noisy slices (C = 1, h = H for a pixel model; latents otherwise).
             t: ``[B, D]`` per-slice timesteps, or ``[B]`` one per window.
-            cond: ``[B, Cc, D, H, W]`` from ``build_condition``.
+            cond: ``[B, Cc, D, h, w]`` from ``build_condition``.
         Returns:
-            ``[B, 1, D, H, W]`` fp32 (also under ``compute_dtype``).
+            ``[B, C, D, h, w]`` fp32 (also under ``compute_dtype``).
         """
         batch, depth = x.shape[0], x.shape[2]
         if t.dim() == 1:
@@ -264,8 +290,17 @@ class SliceDenoiser(nn.Module):
         slices = torch.cat([x, cond], dim=1).movedim(2, 1)  # [B, D, C, H, W]
         slices = slices.reshape(batch * depth, *slices.shape[2:])  # [B*D, C, H, W]
         with slice_frames(depth), _autocast(x, self.compute_dtype):
-            out = self.unet(slices, t.reshape(batch * depth))  # [B*D, 1, H, W]
+            out = self.unet(slices, t.reshape(batch * depth))  # [B*D, C, h, w]
         return out.float().reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
+
+
+def _codec(cfg: AutoencoderConfig | None) -> SliceAutoencoder | None:
+    """The frozen autoencoder of a latent network (its weights are loaded by the caller), or None."""
+    if cfg is None:
+        return None
+    codec = SliceAutoencoder(cfg)
+    codec.requires_grad_(False)
+    return codec
 
 
 def _inflate_children(module: nn.Module, cfg: ModelConfig) -> None:
@@ -281,14 +316,30 @@ def _inflate_children(module: nn.Module, cfg: ModelConfig) -> None:
 class InformedSliceGenerator(nn.Module):
     """2D diffusion model of the informed slice at a normalised position, optionally given its mask."""
 
-    def __init__(self, cfg: InformedModelConfig, num_labels: int, mask_encoding: str) -> None:
+    def __init__(
+        self,
+        cfg: InformedModelConfig,
+        num_labels: int,
+        mask_encoding: str,
+        codec_cfg: AutoencoderConfig | None = None,
+    ) -> None:
         super().__init__()
         self.cfg = cfg
         self.num_labels = num_labels
         self.mask_encoding = mask_encoding
+        self.codec = _codec(codec_cfg)  # as SliceDenoiser's
         cond = mask_channels(num_labels, mask_encoding) if cfg.condition_on_mask else 0
-        self.unet = _unet(1 + cond, cfg, num_class_embeds=cfg.position_bins)
+        channels = self.image_channels
+        self.unet = _unet(channels + cond, cfg, num_class_embeds=cfg.position_bins, out_channels=channels)
         self.compute_dtype: torch.dtype | None = None  # as SliceDenoiser's
+
+    @property
+    def image_channels(self) -> int:
+        return 1 if self.codec is None else self.codec.latent_channels
+
+    @property
+    def factor(self) -> int:
+        return 1 if self.codec is None else self.codec.factor
 
     def position_bin(self, position: torch.Tensor) -> torch.Tensor:
         """``[B]`` positions in [0, 1] -> ``[B]`` class ids in 0..position_bins-1."""
@@ -301,18 +352,19 @@ class InformedSliceGenerator(nn.Module):
         """Predict the diffusion target of informed slices.
 
         Args:
-            x: ``[B, 1, H, W]`` noisy slices.
+            x: ``[B, C, h, w]`` noisy slices (or latents, ``SliceDenoiser.forward``).
             t: ``[B]`` timesteps.
             position: ``[B]`` slice index / (D - 1), in [0, 1].
-            mask: ``[B, H, W]`` label ids, required when ``condition_on_mask``.
+            mask: ``[B, H, W]`` label ids at full resolution, required when ``condition_on_mask``.
         Returns:
-            ``[B, 1, H, W]`` fp32 (also under ``compute_dtype``).
+            ``[B, C, h, w]`` fp32 (also under ``compute_dtype``).
         """
         inputs = x
         if self.cfg.condition_on_mask:
             if mask is None:
                 raise ValueError("this informed-slice generator is conditioned on the mask slice; pass mask")
-            inputs = torch.cat([x, encode_mask(mask, self.num_labels, self.mask_encoding).to(x.dtype)], dim=1)
+            encoded = area_downsample(encode_mask(mask, self.num_labels, self.mask_encoding), self.factor)
+            inputs = torch.cat([x, encoded.to(x.dtype)], dim=1)
         with _autocast(x, self.compute_dtype):
             out = self.unet(inputs, t, class_labels=self.position_bin(position))
         return out.float()

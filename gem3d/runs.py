@@ -1,7 +1,9 @@
-"""The run folder: where the three stages of one model live, and how each is built and resumed.
+"""The run folder: where the stages of one model live, and how each is built and resumed.
 
 A run folder holds ``slice.safetensors``, ``volume.safetensors`` and ``informed.safetensors``
-(see ``gem3d.checkpoint``) and ``config.json``. It is what every later command accepts as
+(see ``gem3d.checkpoint``), for a latent model also ``autoencoder.safetensors`` (stage 0, unless
+``autoencoder.checkpoint`` names a pretrained one), and ``config.json``. A latent stage
+checkpoint holds its frozen codec's weights too, so it samples on its own. It is what every later command accepts as
 ``--checkpoint``; the federated server writes the same layout.
 """
 
@@ -9,12 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
 from gem3d.accel import accelerate
+from gem3d.autoencoder import SliceAutoencoder, latent_scale, load_codec_weights, pretrained_state_dict
 from gem3d.checkpoint import (
     library_versions,
     load_checkpoint,
@@ -37,13 +40,19 @@ from gem3d.training import STAGES, OnStep, Stage, TrainFn, TrainState, freeze_fo
 
 STAGE_FILES: dict[Stage, str] = {stage: f"{stage}.safetensors" for stage in STAGES}
 # Sections whose change alters the network or what it was trained on; a resume must match them.
-_SHAPING_SECTIONS = ("data", "model", "informed", "diffusion")
-# Fields of those sections that only steer sampling: a run may be resumed or fine-tuned with others.
-_SAMPLING_ONLY = {"diffusion": ("inference_steps", "eta")}
+_SHAPING_SECTIONS = ("data", "model", "informed", "diffusion", "autoencoder")
+# Fields of those sections that do not shape the network a checkpoint holds: a run may be resumed or
+# fine-tuned with others. The sampling steps; the autoencoder's training recipe and its source (a
+# latent checkpoint carries its codec's weights).
+_NOT_SHAPING = {
+    "diffusion": ("inference_steps", "eta"),
+    "autoencoder": ("reconstruction_loss", "kl_weight", "latent_scale", "checkpoint"),
+}
 # [train] fields a resume may change: how long, where, how often to checkpoint. Any other (lr, weight
 # decay, batch size, EMA decay, seed, ...) is refused: the restored optimizer and EMA would
 # keep the old values while the checkpoint recorded the new ones (issue 13).
 _RESUME_MAY_CHANGE = (
+    "steps_autoencoder",
     "steps_slice",
     "steps_volume",
     "steps_informed",
@@ -74,13 +83,17 @@ def stage_path(run: str | Path, stage: Stage) -> Path:
 def build_model(stage: Stage, cfg: Config) -> nn.Module:
     """A fresh network for ``stage`` on the CPU, initialised from ``cfg.train.seed``.
 
-    The volume model is the inflated slice denoiser. The global RNG is left untouched.
+    The volume model is the inflated slice denoiser. A latent network's codec is initialised
+    too; ``with_codec`` loads the stage-0 weights into it. The global RNG is left untouched.
     """
+    codec = cfg.autoencoder if cfg.model.latent else None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
+        if stage == "autoencoder":
+            return SliceAutoencoder(cfg.autoencoder)
         if stage == "informed":
-            return InformedSliceGenerator(cfg.informed, cfg.data.num_labels, cfg.model.mask_encoding)
-        model = SliceDenoiser(cfg.model, cfg.data.num_labels)
+            return InformedSliceGenerator(cfg.informed, cfg.data.num_labels, cfg.model.mask_encoding, codec)
+        model = SliceDenoiser(cfg.model, cfg.data.num_labels, codec)
     if stage == "volume":
         model.inflate(cfg.train.seed)
     return model
@@ -93,6 +106,56 @@ def checkpoint_bytes(stage: Stage, cfg: Config) -> int:
     with torch.device("meta"):
         model = build_model(stage, cfg)
     return 2 * 4 * 4 * sum(p.numel() for p in model.parameters())
+
+
+def codec_source(cfg: Config, run: str | Path | None) -> Path:
+    """Where a latent model's autoencoder comes from: ``autoencoder.checkpoint``, else ``run``'s stage 0."""
+    if cfg.autoencoder.checkpoint is not None:
+        path = Path(cfg.autoencoder.checkpoint).expanduser()
+        if not path.is_file():
+            raise CheckpointError(f"autoencoder.checkpoint: {path}: no such file (a local pretrained autoencoder)")
+        return path
+    if run is None or not (Path(run) / STAGE_FILES["autoencoder"]).exists():
+        where = f"{run}/{STAGE_FILES['autoencoder']}" if run is not None else "this run"
+        raise CheckpointError(
+            f"{where}: a latent model (model.latent = true) needs its autoencoder: train --stage autoencoder "
+            "into this --out first, or set autoencoder.checkpoint to a local pretrained one"
+        )
+    return Path(run) / STAGE_FILES["autoencoder"]
+
+
+def load_codec(cfg: Config, source: Path) -> SliceAutoencoder:
+    """The autoencoder of ``cfg.autoencoder`` with the weights in ``source`` (``pretrained_state_dict``).
+
+    A file without a latent scale (another tool's state dict) gets ``autoencoder.latent_scale``
+    when that is a number, else 1.0.
+    """
+    codec = SliceAutoencoder(cfg.autoencoder)
+    weights = pretrained_state_dict(source)
+    if "scale" not in weights and isinstance(cfg.autoencoder.latent_scale, float):
+        weights["scale"] = torch.tensor(cfg.autoencoder.latent_scale)
+    load_codec_weights(codec, weights, f"{source} (autoencoder weights)")
+    return codec
+
+
+def with_codec(model: nn.Module, codec: SliceAutoencoder) -> nn.Module:
+    """``model`` with ``codec``'s weights in its frozen codec (a latent network), in place."""
+    own = getattr(model, "codec", None)
+    if not isinstance(own, SliceAutoencoder):
+        raise ValueError("with_codec: not a latent network")
+    own.load_state_dict(codec.state_dict())
+    return model
+
+
+def frozen_part(stage: Stage, cfg: Config) -> Literal["slice", "codec"] | None:
+    """What of ``stage``'s network neither trains nor follows from the seed, so a federated site
+    must be given it once (a "base"): the stage-1 network under a frozen stage 2 (``slice``), a
+    latent network's autoencoder (``codec``), or nothing."""
+    if stage == "volume" and not cfg.train.volume_train_all:
+        return "slice"
+    if cfg.model.latent and stage != "autoencoder":
+        return "codec"
+    return None
 
 
 def checkpoint_config(metadata: dict[str, Any], path: Path) -> Config:
@@ -120,7 +183,9 @@ def _check_compatible(metadata: dict[str, Any], cfg: Config, path: Path) -> None
     saved = checkpoint_config(metadata, path).model_dump(mode="json")
     current = cfg.model_dump(mode="json")
     for section in _SHAPING_SECTIONS:
-        ignored = _SAMPLING_ONLY.get(section, ())
+        if section == "autoencoder" and not (cfg.model.latent or saved["model"]["latent"]):
+            continue  # a pixel model has no autoencoder
+        ignored = _NOT_SHAPING.get(section, ())
         if _without(saved[section], ignored) != _without(current[section], ignored):
             raise CheckpointError(
                 f"{path}: checkpoint was trained with a different [{section}] config; "
@@ -250,11 +315,15 @@ def initial_model(
     * ``init`` given: its EMA weights, e.g. a model pre-trained on public data that a site
       fine-tunes. It must be the same stage, or for the volume stage a slice checkpoint, which is
       inflated. Its model config must match ``cfg``'s.
-    * otherwise the volume stage starts from ``run``'s slice checkpoint, inflated; the slice and
-      informed stages start from a seeded random initialisation.
+    * otherwise the volume stage starts from ``run``'s slice checkpoint, inflated; the other
+      stages start from a seeded random initialisation, a latent one with the codec of
+      ``codec_source`` (a started checkpoint brings its own).
     """
     if init is None and stage != "volume":
-        return build_model(stage, cfg).to(device)
+        model = build_model(stage, cfg)
+        if cfg.model.latent and stage != "autoencoder":
+            with_codec(model, load_codec(cfg, codec_source(cfg, run)))
+        return model.to(device)
     if init is not None:
         source = init_checkpoint(init, stage)
     else:
@@ -355,6 +424,12 @@ def _train_stage(
 
     source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
     process = noise_process(cfg.diffusion)
+    # "auto" measures the latent scale on the training slices: not for DP-SGD (outside its mechanism)
+    measures_scale = cfg.autoencoder.latent_scale == "auto" and train_fn is train
+    if stage == "autoencoder" and isinstance(cfg.autoencoder.latent_scale, float):
+        for module in (state.model, state.ema.module):
+            assert isinstance(module, SliceAutoencoder)
+            module.scale.fill_(cfg.autoencoder.latent_scale)
     write_json(run / "config.json", cfg.model_dump(mode="json"))
     every = cfg.train.checkpoint_every
     metrics: dict[str, float] = {}
@@ -366,10 +441,29 @@ def _train_stage(
     while state.step < total:
         until = min(total, state.step + every) if every else total
         metrics = train_fn(state, process, source, stage, until, cfg.train, on_step)
+        if stage == "autoencoder" and state.step >= total and measures_scale:
+            set_latent_scale(state, source, cfg.train.seed)
         checkpoint()
     if not path.exists():  # zero steps asked: still leave a loadable checkpoint
         checkpoint()
     return {**metrics, "step": float(state.step)}
+
+
+# Training slices the latent scale is measured on (a seeded draw, one slice per draw).
+_SCALE_SLICES = 64
+
+
+def set_latent_scale(state: TrainState, source: WindowSource, seed: int) -> None:
+    """Set the trained autoencoder's (and its EMA's) ``scale`` to 1 / std of the EMA's latents of
+    ``_SCALE_SLICES`` seeded training slices (``autoencoder.latent_scale = "auto"``)."""
+    codec, model = state.ema.module, state.model
+    assert isinstance(codec, SliceAutoencoder) and isinstance(model, SliceAutoencoder)
+    device = next(codec.parameters()).device
+    generator = torch.Generator().manual_seed(seed)
+    indices = torch.randint(len(source), (_SCALE_SLICES,), generator=generator).tolist()
+    scale = latent_scale(codec, source.slices(indices, generator).image.to(device))
+    for module in (codec, model):
+        module.scale.fill_(scale)
 
 
 def stage_metadata(run: str | Path, stage: Stage) -> dict[str, Any]:

@@ -16,6 +16,9 @@ A volume of D slices is generated window by window in the model grid:
    generator on the model's device for its initial noise, inpainting noise and (eta > 0) DDIM
    noise: the same seed gives the same bytes on the same device, whatever the volume's
    batch-mates (a CPU and a GPU draw different streams from one seed).
+5. A latent model (``model.latent``) runs steps 1-4 on latents ``[C, D, H/f, W/f]``: the
+   informed slice is encoded once, carried slices are latents, and the volume is decoded slice
+   by slice at the end, ``decode_batch`` slices per call (``gem3d.autoencoder.decode_slices``).
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gem3d.autoencoder import DEFAULT_SLICE_BATCH, decode_slices, encode_slices
 from gem3d.diffusion import Sampler
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
 
@@ -166,10 +170,15 @@ def _sample_chunk(
     totals = [sum(len(round_) for round_ in plan) for plan in plans]
     done = [0] * len(requests)
     generators = [torch.Generator(device=device).manual_seed(r.seed) for r in requests]
-    volumes = [torch.zeros(r.mask.shape, dtype=torch.float32) for r in requests]  # each [D, H, W]
+    channels, f = model.image_channels, model.factor
+    # each [C, D, h, w]: the slices (C = 1) or, for a latent model, their latents
+    volumes = [torch.zeros((channels, r.mask.shape[0], r.mask.shape[1] // f, r.mask.shape[2] // f)) for r in requests]
     # Masks stay uint8 and become int64 one window at a time: peak memory stays flat in depth.
     masks = [torch.from_numpy(np.ascontiguousarray(r.mask, dtype=np.uint8)) for r in requests]
-    informed = [torch.from_numpy(r.informed.image.astype(np.float32)) for r in requests]
+    informed = [torch.from_numpy(r.informed.image.astype(np.float32))[None] for r in requests]  # each [1, H, W]
+    if model.codec is not None:
+        encoded = encode_slices(model.codec, torch.stack(informed).to(device)).cpu()  # [N, C, h, w]
+        informed = list(encoded)
     informed_masks = [
         torch.from_numpy((r.informed.mask if r.informed.mask is not None else r.mask[r.start]).astype(np.int64))
         for r in requests
@@ -181,7 +190,7 @@ def _sample_chunk(
             result = _denoise_windows(
                 model,
                 sampler,
-                known=torch.stack([volumes[i][w.start : w.stop] for i, w in group]).unsqueeze(1),
+                known=torch.stack([volumes[i][:, w.start : w.stop] for i, w in group]),
                 carried=[[z - w.start for z in w.carried] for _, w in group],
                 mask=torch.stack([masks[i][w.start : w.stop] for i, w in group]).long(),
                 informed=torch.stack([informed[i] for i, _ in group]),
@@ -190,11 +199,24 @@ def _sample_chunk(
                 device=device,
             )
             for (i, w), slices in zip(group, result, strict=True):
-                volumes[i][w.start : w.stop] = slices[0]
+                volumes[i][:, w.start : w.stop] = slices
                 done[i] += 1
                 if on_progress is not None:
                     on_progress(offset + i, done[i], totals[i])
-    return [v.numpy() for v in volumes]
+    if model.codec is None:
+        return [v[0].numpy() for v in volumes]
+    return [_decoded(model, v, device) for v in volumes]
+
+
+def _decoded(model: SliceDenoiser, latents: torch.Tensor, device: torch.device) -> np.ndarray:
+    """``[C, D, h, w]`` latents -> ``[D, H, W]`` float32 slices in [-1, 1], decoded in bounded batches."""
+    assert model.codec is not None
+    slices = latents.movedim(1, 0)  # [D, C, h, w]
+    out = [
+        decode_slices(model.codec, slices[i : i + DEFAULT_SLICE_BATCH].to(device)).clamp(-1.0, 1.0).cpu()
+        for i in range(0, slices.shape[0], DEFAULT_SLICE_BATCH)
+    ]
+    return torch.cat(out)[:, 0].numpy()
 
 
 def _denoise_windows(
@@ -211,11 +233,11 @@ def _denoise_windows(
     """Run the sampler loop on N windows at once, inpainting their carried slices.
 
     Args:
-        known: ``[N, 1, L, H, W]`` already generated slices (valid where ``carried``).
+        known: ``[N, C, L, h, w]`` already generated slices or latents (valid where ``carried``).
         carried: per window, the window-relative indices of carried slices.
-        mask: ``[N, L, H, W]``; informed, informed_mask: ``[N, H, W]``.
+        mask: ``[N, L, H, W]`` full resolution; informed: ``[N, C, h, w]``; informed_mask: ``[N, H, W]``.
     Returns:
-        ``[N, 1, L, H, W]`` on the CPU, carried slices exactly as given.
+        ``[N, C, L, h, w]`` on the CPU, carried slices exactly as given (pixels clamped to [-1, 1]).
     """
     shape = tuple(known.shape[1:])
     carry = torch.zeros(known.shape, dtype=torch.bool)
@@ -223,7 +245,9 @@ def _denoise_windows(
         carry[n, :, indices] = True
     # Noise is drawn on the device from each volume's own generator: no host copy per step.
     x = _noise(generators, shape, device)
-    cond = build_condition(mask.to(device), informed.to(device), informed_mask.to(device), model.num_labels, model.cfg)
+    cond = build_condition(
+        mask.to(device), informed.to(device), informed_mask.to(device), model.num_labels, model.cfg, model.factor
+    )
     known_d, carry_d = known.to(device), carry.to(device)
     any_carried = any(carried)
     for index, t in enumerate(sampler.timesteps):
@@ -234,8 +258,8 @@ def _denoise_windows(
         timesteps = torch.full((known.shape[0],), t, dtype=torch.long, device=device)
         output = model(x, timesteps, cond)
         x = sampler.step(output, index, x, _noise(generators, shape, device) if sampler.stochastic else None)
-    x = torch.where(carry_d, known_d, x).clamp(-1.0, 1.0)
-    return x.cpu()
+    x = torch.where(carry_d, known_d, x)
+    return (x if model.codec is not None else x.clamp(-1.0, 1.0)).cpu()
 
 
 def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
@@ -260,13 +284,14 @@ def generate_informed_slices(
         seeds: one per slice.
         size: ``(H, W)`` of the slices.
     Returns:
-        ``[H, W]`` float32 slices in [-1, 1].
+        ``[H, W]`` float32 slices in [-1, 1] (a latent generator's decoded).
     """
     device = next(model.parameters()).device
     if model.cfg.condition_on_mask and masks is None:
         raise ValueError("this informed-slice generator is conditioned on the mask slice; pass masks")
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    x = _noise(generators, (1, *size), device)
+    shape = (model.image_channels, size[0] // model.factor, size[1] // model.factor)
+    x = _noise(generators, shape, device)
     position = torch.tensor(list(positions), dtype=torch.float32, device=device)
     mask = None
     if masks is not None and model.cfg.condition_on_mask:
@@ -274,5 +299,7 @@ def generate_informed_slices(
     for index, t in enumerate(sampler.timesteps):
         timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
         output = model(x, timesteps, position, mask)
-        x = sampler.step(output, index, x, _noise(generators, (1, *size), device) if sampler.stochastic else None)
+        x = sampler.step(output, index, x, _noise(generators, shape, device) if sampler.stochastic else None)
+    if model.codec is not None:
+        x = decode_slices(model.codec, x)
     return [s[0].clamp(-1.0, 1.0).cpu().numpy() for s in x]

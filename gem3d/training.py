@@ -1,10 +1,16 @@
-"""Training loops for the three GEM-3D stages: plain functions, no framework inside.
+"""Training loops for the GEM-3D stages: plain functions, no framework inside.
 
+* ``autoencoder`` (stage 0, latent models only): the slice autoencoder on single slices
+  (``gem3d.autoencoder``); a reconstruction loss, no noising.
 * ``slice`` (stage 1): windows of W slices; every slice is its own sample with its own
   timestep; the informed slice comes from the same window.
 * ``volume`` (stage 2): the inflated network on windows, one timestep per window drawn as
   ``t = T * u**p`` (p > 1 favours small t); by default only the slice-axis layers train.
 * ``informed``: the informed-slice generator on single slices with their positions.
+
+In a latent model the clean windows and informed slices are encoded by its frozen ``codec``
+right after they are drawn (``latent_batch``), and everything after works on latents; masks stay
+label ids and are area-averaged to the latent size inside the networks.
 
 The centralized CLI, the Flower client and the benchmarks all call ``train``. A DP wrapper
 reuses ``draw_inputs`` and ``per_sample_loss`` and replaces only the batch sampling and backward.
@@ -14,13 +20,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from gem3d.autoencoder import SliceAutoencoder, encode_slices
 from gem3d.config import Config, TrainConfig
 from gem3d.data.loader import StepBatches, step_batches, step_seed
 from gem3d.data.volume import Volume
@@ -28,8 +35,9 @@ from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
 from gem3d.diffusion import NoiseProcess, noise_process
 from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
 
-Stage = Literal["slice", "volume", "informed"]
-STAGES: tuple[Stage, ...] = ("slice", "volume", "informed")
+Stage = Literal["autoencoder", "slice", "volume", "informed"]
+STAGES: tuple[Stage, ...] = ("autoencoder", "slice", "volume", "informed")
+DENOISING_STAGES: tuple[Stage, ...] = ("slice", "volume", "informed")
 OnStep = Callable[[dict[str, float]], None]
 
 
@@ -82,7 +90,8 @@ def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None) -> Tr
 
 
 def freeze_for_stage(model: nn.Module, stage: Stage, train_all: bool) -> None:
-    """Stage 2 trains only the slice-axis layers unless ``train_all``; other stages train everything."""
+    """Stage 2 trains only the slice-axis layers unless ``train_all``; other stages train everything
+    but a latent network's ``codec``, which stays frozen (it is stage 0's)."""
     if stage == "volume" and not train_all:
         assert isinstance(model, SliceDenoiser)
         model.requires_grad_(False)
@@ -90,6 +99,9 @@ def freeze_for_stage(model: nn.Module, stage: Stage, train_all: bool) -> None:
             parameter.requires_grad_(True)
     else:
         model.requires_grad_(True)
+    codec = getattr(model, "codec", None)
+    if isinstance(codec, SliceAutoencoder) and not isinstance(model, SliceAutoencoder):
+        codec.requires_grad_(False)
 
 
 def travelling_names(model: nn.Module) -> list[str]:
@@ -110,6 +122,8 @@ class DenoisingInputs:
         position: ``[B]`` slice positions (informed generator only).
         mask: ``[B, H, W]`` mask slices (informed generator conditioned on the mask).
         weight: the shape of ``t``: per-sample loss weights (``diffusion.loss_weighting``), or None.
+        noise: ``[B, C, h, w]`` the autoencoder stage's reparameterisation noise (its ``noisy`` and
+            ``target`` are the clean slices, ``t`` zeros), else None.
     """
 
     noisy: torch.Tensor
@@ -119,6 +133,32 @@ class DenoisingInputs:
     position: torch.Tensor | None = None
     mask: torch.Tensor | None = None
     weight: torch.Tensor | None = None
+    noise: torch.Tensor | None = None
+
+
+def latent_batch(model: nn.Module, batch: WindowBatch | SliceBatch) -> WindowBatch | SliceBatch:
+    """``batch`` with its images encoded by ``model``'s frozen codec (unchanged for a pixel model).
+
+    Windows ``[B, 1, D, H, W]`` become ``[B, C, D, h, w]`` and informed slices ``[B, H, W]``
+    become ``[B, C, h, w]``; slices ``[B, 1, H, W]`` become ``[B, C, h, w]``. Masks are kept.
+    """
+    codec = getattr(model, "codec", None)
+    if not isinstance(codec, SliceAutoencoder):
+        return batch
+    if isinstance(batch, SliceBatch):
+        return replace(batch, image=encode_slices(codec, batch.image))
+    return replace(
+        batch, image=encode_slices(codec, batch.image), informed=encode_slices(codec, batch.informed.unsqueeze(1))
+    )
+
+
+def autoencoder_inputs(model: SliceAutoencoder, batch: SliceBatch, generator: torch.Generator) -> DenoisingInputs:
+    """Stage 0's inputs: the clean slices and their reparameterisation noise, drawn from ``generator``."""
+    image = batch.image
+    size = (image.shape[0], model.latent_channels, image.shape[2] // model.factor, image.shape[3] // model.factor)
+    noise = torch.randn(size, generator=generator, device=generator.device).to(image.device)
+    t = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
+    return DenoisingInputs(noisy=image, t=t, cond=None, target=image, noise=noise)
 
 
 def window_inputs(
@@ -130,7 +170,7 @@ def window_inputs(
     t_power: float = 1.0,
     timestep: int | None = None,
 ) -> DenoisingInputs:
-    """Noise a batch of windows.
+    """Noise a batch of windows (a latent model's are encoded first, ``latent_batch``).
 
     Args:
         batch: windows with ``image`` ``[B, 1, D, H, W]``.
@@ -139,6 +179,9 @@ def window_inputs(
         timestep: noise every slice to this timestep instead of drawing one (the audit's
             membership-inference attack, ``privacy.audit``); training leaves it ``None``.
     """
+    encoded = latent_batch(model, batch)
+    assert isinstance(encoded, WindowBatch)
+    batch = encoded
     batch_size, depth = batch.image.shape[0], batch.image.shape[2]
     device = batch.image.device
     if timestep is not None:
@@ -153,7 +196,7 @@ def window_inputs(
     x0_slices, noise_slices = batch.image.transpose(1, 2), noise.transpose(1, 2)
     noisy = process.add_noise(x0_slices, noise_slices, t).transpose(1, 2)
     target = process.target(x0_slices, noise_slices, t).transpose(1, 2)
-    cond = build_condition(batch.mask, batch.informed, batch.informed_mask, model.num_labels, model.cfg)
+    cond = build_condition(batch.mask, batch.informed, batch.informed_mask, model.num_labels, model.cfg, model.factor)
     return DenoisingInputs(noisy=noisy, t=t, cond=cond, target=target, weight=process.loss_weight(t))
 
 
@@ -164,7 +207,11 @@ def slice_inputs(
     generator: torch.Generator,
     timestep: int | None = None,
 ) -> DenoisingInputs:
-    """Noise a batch of single slices for the informed-slice generator (at ``timestep``, if given)."""
+    """Noise a batch of single slices (a latent model's encoded first) for the informed-slice generator
+    (at ``timestep``, if given)."""
+    encoded = latent_batch(model, batch)
+    assert isinstance(encoded, SliceBatch)
+    batch = encoded
     device = batch.image.device
     if timestep is not None:
         t = torch.full((len(batch),), timestep, dtype=torch.long, device=device)
@@ -188,7 +235,7 @@ def contrast_log_gamma(model: nn.Module, stage: Stage, cfg: TrainConfig) -> floa
     Only windows are augmented, and never for a mask-only model (``model.informed_slice = false``):
     with no informed slice to read the curve from, it could only learn a blurred average appearance.
     """
-    if stage == "informed" or not isinstance(model, SliceDenoiser) or not model.cfg.informed_slice:
+    if stage in ("informed", "autoencoder") or not isinstance(model, SliceDenoiser) or not model.cfg.informed_slice:
         return 0.0
     return cfg.appearance_log_gamma
 
@@ -202,7 +249,13 @@ def noised_inputs(
     cfg: TrainConfig,
     timestep: int | None = None,
 ) -> DenoisingInputs:
-    """Noise an already drawn ``batch`` (on the model's device) for ``stage``, at ``timestep`` if given."""
+    """Noise an already drawn ``batch`` (on the model's device) for ``stage``, at ``timestep`` if given.
+
+    The autoencoder stage is not noised: its inputs are the slices and their reparameterisation noise.
+    """
+    if stage == "autoencoder":
+        assert isinstance(model, SliceAutoencoder) and isinstance(batch, SliceBatch)
+        return autoencoder_inputs(model, batch, generator)
     if stage == "informed":
         assert isinstance(model, InformedSliceGenerator) and isinstance(batch, SliceBatch)
         return slice_inputs(model, process, batch, generator, timestep)
@@ -233,7 +286,7 @@ def draw_inputs(
     DP training passes it, validation and the audit do not.
     """
     log_gamma = contrast_log_gamma(model, stage, cfg) if augment else 0.0
-    batch = source.draw(indices, generator, stage != "informed", log_gamma)
+    batch = source.draw(indices, generator, stage in ("slice", "volume"), log_gamma)
     return noised_inputs(model, process, batch.to(device), stage, generator, cfg, timestep)
 
 
@@ -247,7 +300,11 @@ def predict(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
 
 
 def per_sample_loss(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
-    """``[B]`` mean squared error of each sample (window or slice), weighted per timestep if ``inputs.weight``."""
+    """``[B]`` mean squared error of each sample (window or slice), weighted per timestep if ``inputs.weight``;
+    for the autoencoder its reconstruction loss (``SliceAutoencoder.reconstruction_loss``)."""
+    if isinstance(model, SliceAutoencoder):
+        assert inputs.noise is not None
+        return model.reconstruction_loss(inputs.noisy, inputs.noise)
     error = (predict(model, inputs) - inputs.target) ** 2  # [B, 1, D, H, W] or [B, 1, H, W]
     if inputs.weight is not None:
         w = inputs.weight  # [B, D] (windows) or [B] (slices)
@@ -282,7 +339,7 @@ def train(
     started, first_step = time.perf_counter(), state.step
     total = torch.zeros((), device=device)
     log_gamma = contrast_log_gamma(state.model, stage, cfg)
-    batches = StepBatches(source, stage != "informed", cfg.batch_size, state.seed, log_gamma)
+    batches = StepBatches(source, stage in ("slice", "volume"), cfg.batch_size, state.seed, log_gamma)
     for batch in step_batches(batches, state.step, until_step, cfg, device):
         generator = noise_generator(state.seed, state.step, device)
         inputs = noised_inputs(state.model, process, batch.to(device, non_blocking=True), stage, generator, cfg)

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from gem3d.checkpoint import file_sha256, read_metadata
+from gem3d.errors import CheckpointError
 from gem3d.runs import STAGE_FILES
 from gem3d.training import STAGES
 from privacy.ledger import PrivacyLedger
@@ -47,10 +48,18 @@ def site_entry(ledger: PrivacyLedger | None) -> dict[str, Any]:
 
 
 def init_entry(path: Path | None) -> dict[str, Any] | None:
-    """What a stage started from: the file's hash and its own privacy record (None: a fresh init)."""
+    """What a stage started from: the file's hash and its own privacy record (None: a fresh init).
+
+    A file that is not a gem3d checkpoint (a pretrained autoencoder's state dict) has no record:
+    ``statement`` counts it as weights of unknown origin.
+    """
     if path is None:
         return None
-    return {"sha256": file_sha256(path), "privacy": read_metadata(path).get("privacy")}
+    try:
+        privacy = read_metadata(path).get("privacy")
+    except CheckpointError:
+        privacy = None
+    return {"sha256": file_sha256(path), "privacy": privacy}
 
 
 def stage_record(

@@ -1,9 +1,11 @@
-"""The federated GEM-3D schedule: R1 rounds of stage 1, inflate, R2 rounds of stage 2, R3 of the informed generator.
+"""The federated GEM-3D schedule: R1 rounds of stage 1, inflate, R2 rounds of stage 2, R3 of the informed generator
+(for a latent model first R0 rounds of the stage-0 autoencoder).
 
 Each stage is one ``strategy.start`` over the rounds it still needs; its ``evaluate_fn`` runs
-after every round and is where the server evaluates, checkpoints and reports. A frozen stage 2
-first installs the global slice model at every site (a query message), so its rounds carry only
-the slice-axis weights.
+after every round and is where the server evaluates, checkpoints and reports. A stage whose
+network has a frozen part (``gem3d.runs.frozen_part``: the global slice model under a frozen
+stage 2, a latent network's autoencoder) first installs it at every site (a query message), so
+its rounds carry only the weights that train.
 """
 
 from __future__ import annotations
@@ -22,13 +24,13 @@ from flwr.supercore.privacy_accounting.rdp_accountant import RdpAccountant
 from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
-from gem3d.checkpoint import file_sha256, read_metadata
+from gem3d.checkpoint import read_metadata, tensors_sha256
 from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, ConfigError, DataError
 from gem3d.files import writer_lock
 from gem3d.networks import SliceDenoiser
-from gem3d.runs import STAGE_FILES, build_model, init_checkpoint, initial_model
+from gem3d.runs import STAGE_FILES, build_model, codec_source, frozen_part, init_checkpoint, initial_model
 from gem3d.training import STAGES, Stage, ema_copy, freeze_for_stage, held_out_loss, travelling_names
 from privacy.model_privacy import site_entry, stage_record
 from server.settings import ServerSettings
@@ -40,6 +42,8 @@ OnRound = Callable[[dict[str, Any]], None]
 """Called with each round's metrics; the hook for experiment tracking (MLflow lives in experiments/tracking.py)."""
 
 _STAGE_SEED_STRIDE = 1_000_000
+# Each stage's index in the round seeds (the stages before stage 0 existed keep theirs).
+_STAGE_SEED_INDEX: dict[Stage, int] = {"slice": 0, "volume": 1, "informed": 2, "autoencoder": 3}
 # Server-side evaluation (run config server-data) is scored on the same noise and windows every round.
 EVAL_SEED_OFFSET = 2_000_003
 _ROUND_SEED_STRIDE = 1_000
@@ -69,8 +73,8 @@ def initial_global(settings: ServerSettings, store: RunStore, stage: Stage, done
     if start is not None and start != slice_path:
         logger.info("stage %s starts from %s", stage, settings.init)
         return initial_model(stage, cfg, None, settings.init, torch.device("cpu"))
-    if stage != "volume":
-        return build_model(stage, cfg)
+    if stage != "volume":  # a seeded initialisation; a latent one with the run's autoencoder
+        return initial_model(stage, cfg, store.out_dir, None, torch.device("cpu"))
     if start is None:
         raise ConfigError(
             f"{store.out_dir}: stage 2 needs a trained slice model, and this run has none: train the slice "
@@ -179,20 +183,34 @@ def job_config(settings: ServerSettings, stage: Stage) -> dict[str, Any]:
     return record
 
 
-def install_base(grid: Grid, settings: ServerSettings, store: RunStore, timeout: float) -> str:
-    """Send the frozen base (the global slice weights) to every node once; return its id.
+def base_tensors(settings: ServerSettings, store: RunStore, stage: Stage, model: nn.Module) -> dict[str, torch.Tensor]:
+    """The frozen part of ``stage``'s initial global ``model`` (``frozen_part``) that the sites install.
 
-    A node that cannot store it is logged; it will then fail its stage-2 rounds with a clear error.
+    ``slice``: the global slice model's EMA weights (the base a frozen stage 2 is inflated from);
+    ``codec``: the latent network's autoencoder, as ``codec.*`` state-dict entries.
     """
-    slice_path = store.out_dir / STAGE_FILES["slice"]
-    base_id = file_sha256(slice_path)[:16] if slice_path.exists() else "untrained"
+    if frozen_part(stage, settings.cfg) == "codec":
+        codec = getattr(model, "codec", None)
+        assert isinstance(codec, nn.Module)
+        return {f"codec.{name}": tensor for name, tensor in codec.state_dict().items()}
     base = build_model("slice", settings.cfg)
-    if slice_path.exists():
+    if (store.out_dir / STAGE_FILES["slice"]).exists():
         store.load_global(base, "slice", "ema")  # initial_global's base
+    return global_tensors(base, list(base.state_dict()))
+
+
+def install_base(
+    grid: Grid, settings: ServerSettings, stage: Stage, base: dict[str, torch.Tensor], timeout: float
+) -> str:
+    """Send a stage's frozen base (``base_tensors``) to every node once; return its id (a hash of its tensors).
+
+    A node that cannot store it is logged; it will then fail the stage's rounds with a clear error.
+    """
+    base_id = tensors_sha256(base)[:16]
     content = RecordDict(
         {
-            "base": ArrayRecord(global_tensors(base, list(base.state_dict()))),
-            "config": ConfigRecord({**job_config(settings, "volume"), "base-id": base_id}),
+            "base": ArrayRecord(base),
+            "config": ConfigRecord({**job_config(settings, stage), "base-id": base_id}),
         }
     )
     messages = [
@@ -203,10 +221,10 @@ def install_base(grid: Grid, settings: ServerSettings, store: RunStore, timeout:
     for reply in grid.send_and_receive(messages, timeout=timeout):
         if reply.has_error():
             node, reason = reply.metadata.src_node_id, reply.error.reason
-            logger.error("node %d could not install the stage-2 base: %s", node, reason)
+            logger.error("node %d could not install the %s stage's base: %s", node, stage, reason)
         else:
             installed += 1
-    logger.info("stage-2 base %s installed at %d of %d node(s)", base_id, installed, len(messages))
+    logger.info("%s stage's base %s installed at %d of %d node(s)", stage, base_id, installed, len(messages))
     return base_id
 
 
@@ -241,13 +259,13 @@ def _run_all_stages(grid: Grid, settings: ServerSettings, on_round: OnRound | No
     if needs_base and start_checkpoint(settings, store, "volume") is None:
         initial_global(settings, store, "volume", 0)  # raises, naming what is missing, before any round
 
-    for stage_index, stage in enumerate(STAGES):
+    for stage in STAGES:
         total, done = rounds_for(settings, stage), completed[stage]
         if done >= total:
             if total:
                 logger.info("stage %s: %d/%d rounds already completed", stage, done, total)
             continue
-        _run_stage(grid, settings, store, stage, stage_index, completed, server_volumes, on_round)
+        _run_stage(grid, settings, store, stage, _STAGE_SEED_INDEX[stage], completed, server_volumes, on_round)
     final = {"run": str(settings.out_dir), "completed": completed}
     missing = [s for s in STAGES if rounds_for(settings, s) and not (settings.out_dir / STAGE_FILES[s]).exists()]
     if missing:
@@ -273,13 +291,15 @@ def _run_stage(
     nodes = len(list(grid.get_node_ids()))
     accountant = run_accountant(store, options, nodes, completed)
     start = start_checkpoint(settings, store, stage) if done == 0 else None  # a resumed stage's record has it
+    if start is None and done == 0 and frozen_part(stage, cfg) == "codec":
+        start = codec_source(cfg, store.out_dir)  # a fresh latent stage carries its autoencoder's record
     model = initial_global(settings, store, stage, done)
     ema = global_ema(settings, store, model, stage, done)
     freeze_for_stage(model, stage, cfg.train.volume_train_all)
     names = travelling_names(model)
     record = job_config(settings, stage)
-    if stage == "volume" and not cfg.train.volume_train_all:
-        record["base-id"] = install_base(grid, settings, store, timeout)
+    if frozen_part(stage, cfg) is not None:
+        record["base-id"] = install_base(grid, settings, stage, base_tensors(settings, store, stage, model), timeout)
     label = f"stage {stage}"
     observed = ObservedStrategy(build_strategy(cfg, options, nodes, accountant), cfg.federation.min_clients, label)
     seed_base = cfg.train.seed + _STAGE_SEED_STRIDE * stage_index

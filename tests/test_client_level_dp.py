@@ -277,7 +277,7 @@ def test_a_resumed_run_continues_epsilon_from_the_persisted_state(scenario: dict
     assert rounds[3]["client-dp-epsilon"] == pytest.approx(expected_epsilon(4), rel=0.03)
     assert rounds[3]["client-dp-epsilon"] > rounds[2]["client-dp-epsilon"]
     assert sum(item["count"] for item in state[CLIENT_DP_KEY]["compositions"]) == 4
-    assert state["completed"] == {"slice": 2, "volume": 0, "informed": 2}
+    assert state["completed"] == {"autoencoder": 0, "slice": 2, "volume": 0, "informed": 2}
     # assert: the checkpoints' privacy records carry it, apart from the (absent) patient-level ε
     statement = model_statement(scenario["out"])
     assert statement["client_level"]["epsilon"] == pytest.approx(rounds[3]["client-dp-epsilon"])

@@ -11,7 +11,10 @@ from gem3d.config import flatten_config, load_config
 from gem3d.errors import ConfigError
 
 
-@pytest.mark.parametrize("name", ["tiny", "brats", "abdomenct1k"])
+@pytest.mark.parametrize(
+    "name",
+    ["tiny", "brats", "abdomenct1k", "tiny_latent", "brats_latent", "abdomenct1k_latent", "abdomenct1k_latent_256"],
+)
 def test_bundled_configs_load(name: str) -> None:
     cfg = load_config(CONFIG_DIR / f"{name}.toml")
 

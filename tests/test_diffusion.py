@@ -192,6 +192,7 @@ class _Echo(nn.Module):
     """A window denoiser whose output depends on its state only: noise passes straight through."""
 
     num_labels = 2
+    codec, image_channels, factor = None, 1, 1  # a pixel-space denoiser
 
     def __init__(self) -> None:
         super().__init__()

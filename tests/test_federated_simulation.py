@@ -122,11 +122,11 @@ def test_one_site_one_round_of_fedavg_equals_local_training(scenario: dict[str, 
 def test_a_killed_server_resumes_after_its_last_completed_round(scenario: dict[str, Any]) -> None:
     # assert: the first run died by SIGKILL after slice round 1; the second did exactly what was left
     assert scenario["first_returncode"] == -signal.SIGKILL
-    assert scenario["killed_state"]["completed"] == {"slice": 1, "volume": 0, "informed": 0}
+    assert scenario["killed_state"]["completed"] == {"autoencoder": 0, "slice": 1, "volume": 0, "informed": 0}
     rounds = [(r["stage"], r["round"]) for r in read_rounds(scenario["out"])]
     assert rounds == [("slice", 1), ("slice", 2), ("volume", 1), ("informed", 1)]
     progress = json.loads((scenario["out"] / "server_state.json").read_text())
-    assert progress["completed"] == {"slice": 2, "volume": 1, "informed": 1}
+    assert progress["completed"] == {"autoencoder": 0, "slice": 2, "volume": 1, "informed": 1}
 
 
 def test_all_three_stages_leave_a_loadable_run_folder(scenario: dict[str, Any]) -> None:

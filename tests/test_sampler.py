@@ -28,6 +28,7 @@ class OracleDenoiser(nn.Module):
         super().__init__()
         self.num_labels = clean.shape[0] + 1
         self.cfg = ModelConfig(mask_encoding="onehot", informed_mask=False)
+        self.codec, self.image_channels, self.factor = None, 1, 1  # a pixel-space denoiser
         self.clean = clean  # [D, H, W]
         self.alphas = sampler.process.alphas_cumprod.float()
         self.window_offsets = window_offsets

@@ -43,7 +43,7 @@ from gem3d.data.prepare import MANIFEST
 from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, DataError
 from gem3d.runs import load_model, stage_path
-from gem3d.training import STAGES
+from gem3d.training import DENOISING_STAGES
 from privacy.audit import AuditSettings, check_reference, membership_inference, memorization_audit, write_report
 
 NAME = "audit"
@@ -61,7 +61,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", type=Path, help="run folder or stage checkpoint: its data config is used, and the MIA runs"
     )
     parser.add_argument(
-        "--mia-stage", choices=STAGES, default="volume", help="which stage of a run folder the MIA attacks"
+        "--mia-stage", choices=DENOISING_STAGES, default="volume", help="which stage of a run folder the MIA attacks"
     )
     parser.add_argument(
         "--mia-draws", type=positive_int, default=8, help="seeded noisings per case and timestep for the MIA (>= 1)"

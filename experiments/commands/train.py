@@ -29,10 +29,11 @@ from experiments.commands.common import (
 )
 from experiments.progress import progress_bar
 from gem3d.checkpoint import read_metadata
+from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
 from gem3d.errors import ConfigError
 from gem3d.files import writer_lock
-from gem3d.runs import STAGE_FILES, checkpoint_bytes, init_checkpoint, train_stage
+from gem3d.runs import STAGE_FILES, checkpoint_bytes, codec_source, init_checkpoint, train_stage
 from gem3d.training import STAGES, train
 from privacy.dp_sgd import train_private
 from privacy.ledger import PrivacyLedger
@@ -41,13 +42,18 @@ from privacy.policy import enforce_policy, load_policy
 from privacy.site_state import SiteState, default_state_dir
 
 NAME = "train"
-HELP = "train the slice, volume or informed-slice stage"
+HELP = "train the autoencoder (latent models), slice, volume or informed-slice stage"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_argument(parser)
     parser.add_argument("--data", required=True, type=Path, help="dataset folder (nnU-Net v2 raw layout or prepared)")
-    parser.add_argument("--stage", required=True, choices=STAGES, help="slice (stage 1), volume (stage 2), informed")
+    parser.add_argument(
+        "--stage",
+        required=True,
+        choices=STAGES,
+        help="autoencoder (stage 0, latent models), slice (stage 1), volume (stage 2), informed",
+    )
     parser.add_argument("--out", required=True, type=Path, help="run folder shared by the stages")
     parser.add_argument("--steps", type=positive_int, help="total steps for this stage (default: train.steps_<stage>)")
     parser.add_argument("--resume", action="store_true", help="continue this stage's checkpoint up to --steps")
@@ -98,6 +104,8 @@ def _run(args: argparse.Namespace) -> int:
     site = None if args.public_data else SiteState(args.site_state or default_state_dir(args.data))
     policy = load_policy(site) if site is not None else None
     key = site.key() if site is not None else None
+    if _needs_codec(args, cfg.model.latent):
+        codec_source(cfg, args.out)  # a latent stage without its autoencoder is refused before any work
     # the disk first: a full one is found before the data is read or a step is taken
     check_writable(args.out, "--out", checkpoint_bytes(args.stage, cfg))
     volumes = load_volumes(args.data, cfg.data)
@@ -117,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("privacy.enabled=true with --public-data: DP-SGD needs the site's ledger; drop one")
         # The ledger is the site's, not the run's: every run over this data spends from it.
         ledger = site.ledger(cfg.privacy, terms=policy)
-    privacy_metadata = _privacy_metadata(args, site, ledger)
+    privacy_metadata = _privacy_metadata(args, cfg, site, ledger)
     bars: list[tqdm] = []
     tracker = open_tracker(args, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
 
@@ -174,8 +182,13 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _needs_codec(args: argparse.Namespace, latent: bool) -> bool:
+    """A latent slice or informed stage started afresh takes its frozen autoencoder from ``codec_source``."""
+    return latent and args.stage in ("slice", "informed") and args.init is None and not args.resume
+
+
 def _privacy_metadata(
-    args: argparse.Namespace, site: SiteState | None, ledger: PrivacyLedger | None
+    args: argparse.Namespace, cfg: Config, site: SiteState | None, ledger: PrivacyLedger | None
 ) -> Callable[[], dict[str, Any]]:
     """The checkpoint's ``privacy`` record, computed at each checkpoint (the ledger's ε grows)."""
     path = args.out / STAGE_FILES[args.stage]
@@ -187,6 +200,8 @@ def _privacy_metadata(
             start = init_checkpoint(args.init, args.stage)
         elif args.stage == "volume":  # stage 2 carries the stage-1 weights it is inflated from
             start = args.out / STAGE_FILES["slice"]
+        elif _needs_codec(args, cfg.model.latent):  # a latent stage carries its autoencoder's record
+            start = codec_source(cfg, args.out)
 
     def record() -> dict[str, Any]:
         sites = {} if site is None else {site.site_id: site_entry(ledger)}
