@@ -281,3 +281,22 @@ def test_gem3d_train_stage_autoencoder_and_a_refused_latent_stage(phantom_dir: P
     statement = model_statement(tmp_path / "run")
     assert statement["stages"] == ["autoencoder", "slice"]
     assert any(entry.startswith("slice <- init") for entry in statement["non_dp_private"])
+
+
+def test_a_latent_runs_mask_only_baseline_shares_its_autoencoder(
+    latent_run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    from experiments.evaluation.baselines import train_mask_only
+
+    main, cfg, _ = load_model(latent_run / "volume.safetensors")
+    assert isinstance(main, SliceDenoiser) and main.codec is not None
+
+    run = train_mask_only(
+        cfg, load_volumes(phantom_dir, cfg.data), tmp_path / "mask_only", {"slice": 2, "volume": 1}, main.codec
+    )
+
+    baseline, baseline_cfg, _ = load_model(run / "volume.safetensors")
+    assert isinstance(baseline, SliceDenoiser) and baseline.codec is not None
+    assert not baseline_cfg.model.informed_slice
+    theirs, ours = baseline.codec.state_dict(), main.codec.state_dict()
+    assert all(torch.equal(theirs[name], ours[name]) for name in ours)

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from monai.networks.nets import DiffusionModelUNet
+from safetensors.torch import save_file
 
+from gem3d.autoencoder import SliceAutoencoder
 from gem3d.checkpoint import load_checkpoint, save_checkpoint
 from gem3d.config import Config, config_from_dict
 from gem3d.data.volume import Volume, fingerprint
@@ -36,7 +38,13 @@ _DIVISOR = 4  # two downsamplings in the 3-level UNet
 OnStep = Callable[[int, float], None]
 
 
-def train_mask_only(cfg: Config, volumes: list[Volume], run: str | Path, steps: dict[str, int]) -> Path:
+def train_mask_only(
+    cfg: Config,
+    volumes: list[Volume],
+    run: str | Path,
+    steps: dict[str, int],
+    codec: SliceAutoencoder | None = None,
+) -> Path:
     """Train the ``mask_only`` baseline: the main run's config with ``model.informed_slice = false``.
 
     Args:
@@ -44,11 +52,20 @@ def train_mask_only(cfg: Config, volumes: list[Volume], run: str | Path, steps: 
         volumes: the main run's training volumes.
         run: a new run folder.
         steps: stage -> steps, the main run's (``slice`` and ``volume``).
+        codec: a latent run's autoencoder (required then): the baseline works in the same latent
+            space, kept in the run folder as ``codec.safetensors``.
     Returns:
         the run folder, with slice and volume checkpoints.
     """
     payload = cfg.model_dump(mode="json")
     payload["model"]["informed_slice"] = False
+    if cfg.model.latent:
+        if codec is None:
+            raise ValueError("a latent run's mask-only baseline needs the run's autoencoder (codec)")
+        path = Path(run) / "codec.safetensors"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({name: t.detach().cpu().contiguous() for name, t in codec.state_dict().items()}, str(path))
+        payload["autoencoder"]["checkpoint"] = str(path)
     baseline_cfg = config_from_dict(payload, "mask-only baseline")
     for stage in ("slice", "volume"):
         train_stage(baseline_cfg, volumes, stage, run, steps=steps[stage])

@@ -39,6 +39,7 @@ from experiments.evaluation.protocol import (
 from experiments.evaluation.utility import UtilityDesign, utility_curves
 from experiments.previews import save_figure
 from gem3d.apps import Synthesiser, load_synthesiser
+from gem3d.autoencoder import SliceAutoencoder
 from gem3d.checkpoint import read_metadata
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
@@ -248,15 +249,19 @@ def _train_baselines_into(
     steps: dict[str, int],
     channels: tuple[int, ...],
     log: Log,
+    codec: SliceAutoencoder | None = None,
 ) -> dict[str, Path]:
-    """Train the requested trainable baselines into ``folder`` (atomically: a temp folder, then rename)."""
+    """Train the requested trainable baselines into ``folder`` (atomically: a temp folder, then rename).
+
+    ``codec``: a latent run's autoencoder, which its mask-only baseline shares.
+    """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = work_folder_beside(folder)
     try:
         made: dict[str, Path] = {}
         if "mask_only" in wanted:
             log(f"baseline mask_only: training slice {steps['slice']} + volume {steps['volume']} steps")
-            train_mask_only(cfg, train_volumes, tmp / "mask_only", steps)
+            train_mask_only(cfg, train_volumes, tmp / "mask_only", steps, codec)
             made["mask_only"] = folder / "mask_only"
         if "full_3d" in wanted:
             total = steps["slice"] + steps["volume"]
@@ -336,8 +341,9 @@ def evaluate(
         if baselines_dir is None:
             raise ValueError("baselines_dir is required to train baselines")
         trained = _train_baselines_into(
-            Path(baselines_dir), to_train, cfg, train_volumes, steps, settings.full3d_channels, log
-        )
+            Path(baselines_dir), to_train, cfg, train_volumes, steps, settings.full3d_channels, log,
+            synth.volume_model.codec,
+        )  # fmt: skip
         baseline_checkpoints.update(trained)
     runnable, skipped = _methods(synth, methods, baseline_checkpoints, device, sampler_steps)
 
