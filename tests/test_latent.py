@@ -8,6 +8,7 @@ samples, centrally, with DP-SGD and (in ``test_federated_latent_run``) in Flower
 from __future__ import annotations
 
 import functools
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +301,38 @@ def test_a_latent_runs_mask_only_baseline_shares_its_autoencoder(
     assert not baseline_cfg.model.informed_slice
     theirs, ours = baseline.codec.state_dict(), main.codec.state_dict()
     assert all(torch.equal(theirs[name], ours[name]) for name in ours)
+
+
+def test_a_dp_latent_model_is_released_through_the_gate(tmp_path: Path) -> None:
+    """Every stage, the autoencoder included, under DP-SGD with its record: the release gate passes it."""
+    from experiments.cli import main
+    from gem3d.data.phantoms import write_phantom_dataset
+    from privacy.dp_sgd import train_private
+    from privacy.ledger import PrivacyLedger
+    from privacy.model_privacy import site_entry, stage_record
+
+    data = write_phantom_dataset(tmp_path / "site", num_cases=6, shape=(16, 16, 12), seed=21)
+    cfg = config_from_dict({**LATENT, "privacy": {"enabled": True, "budget_epsilon": 1e4}}, "latent dp")
+    volumes = load_volumes(data, cfg.data)
+    ledger = PrivacyLedger.open(tmp_path / "state" / "privacy_ledger.json", cfg.privacy)
+    dp_train = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger)
+    run = tmp_path / "run"
+
+    def record() -> dict[str, object]:
+        codec = run / "autoencoder.safetensors"
+        init = codec if codec.exists() else None
+        return {"privacy": stage_record(public=False, sites={"site-a": site_entry(ledger)}, init=init)}
+
+    for stage in ("autoencoder", "slice", "volume", "informed"):
+        train_stage(cfg, volumes, stage, run, steps=1, train_fn=dp_train, extra_metadata=record)  # type: ignore[arg-type]
+    out = tmp_path / "released"
+
+    code = main(
+        ["release", "--checkpoint", str(run), "--data", str(data), "--out", str(out), "--steps", "2",
+         "--grid", "16", "--quantile", "0.2", "--seed", "3", "--track", "off"]
+    )  # fmt: skip
+
+    assert code == 0
+    report = json.loads((out / "privacy_report.json").read_text())
+    assert report["cases"] == len(volumes) == len(list((out / "imagesTr").glob("*.nii.gz")))
+    assert report["differential_privacy"]["epsilon"] == pytest.approx(ledger.epsilon)
