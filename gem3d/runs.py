@@ -127,12 +127,12 @@ def codec_source(cfg: Config, run: str | Path | None) -> Path:
 def load_codec(cfg: Config, source: Path) -> SliceAutoencoder:
     """The autoencoder of ``cfg.autoencoder`` with the weights in ``source`` (``pretrained_state_dict``).
 
-    A file without a latent scale (another tool's state dict) gets ``autoencoder.latent_scale``
-    when that is a number, else 1.0.
+    The latent scale is ``autoencoder.latent_scale`` when that is a number (it overrides the
+    file's), else the file's (1.0 for another tool's state dict, which has none).
     """
     codec = SliceAutoencoder(cfg.autoencoder)
     weights = pretrained_state_dict(source)
-    if "scale" not in weights and isinstance(cfg.autoencoder.latent_scale, float):
+    if isinstance(cfg.autoencoder.latent_scale, float):
         weights["scale"] = torch.tensor(cfg.autoencoder.latent_scale)
     load_codec_weights(codec, weights, f"{source} (autoencoder weights)")
     return codec

@@ -336,3 +336,15 @@ def test_a_dp_latent_model_is_released_through_the_gate(tmp_path: Path) -> None:
     report = json.loads((out / "privacy_report.json").read_text())
     assert report["cases"] == len(volumes) == len(list((out / "imagesTr").glob("*.nii.gz")))
     assert report["differential_privacy"]["epsilon"] == pytest.approx(ledger.epsilon)
+
+
+def test_a_numeric_latent_scale_overrides_the_autoencoders(latent_run: Path, latent_cfg: Config) -> None:
+    from gem3d.runs import codec_source, load_codec
+
+    measured = load_codec(latent_cfg, codec_source(latent_cfg, latent_run))
+    fixed_cfg = latent_cfg.model_copy(
+        update={"autoencoder": latent_cfg.autoencoder.model_copy(update={"latent_scale": 0.5})}
+    )
+    fixed = load_codec(fixed_cfg, codec_source(fixed_cfg, latent_run))
+
+    assert float(measured.scale) != 1.0 and float(fixed.scale) == 0.5
