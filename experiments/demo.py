@@ -13,38 +13,42 @@
 6. the evaluation against baselines;
 7. everything tracked in MLflow (a local store in the output folder).
 
-Each step is the same ``gem3d`` command a user would run; the demo only chains them and prints a
-summary. The numbers are those of a tiny model trained for minutes on a few deformed copies of one
-template: they show the machinery end to end, not clinical quality.
+Each step does what the ``gem3d`` command a user would run does, by calling that command's typed
+function (``experiments.commands.train.run_train`` and the like, the same code the CLI runs after
+parsing its options); the federated training is the Flower simulation the ``flwr run .`` app runs.
+The demo only chains the steps and prints a summary. The numbers are those of a tiny model trained
+for minutes on a few deformed copies of one template: they show the machinery end to end, not
+clinical quality.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import multiprocessing
 import os
-import shlex
 import shutil
-import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import torch
 
-from experiments.commands import audit as audit_command
-from experiments.commands import deenhance as deenhance_command
-from experiments.commands import demo_data, train
-from experiments.commands import evaluate as evaluate_command
-from experiments.commands import release as release_command
-from experiments.commands.runner import run_command
+from experiments.commands.audit import AuditOptions, run_audit
+from experiments.commands.deenhance import DeenhanceOptions, run_deenhance
+from experiments.commands.demo_data import DemoDataOptions, run_demo_data
+from experiments.commands.evaluate import EvaluateOptions, run_evaluate
+from experiments.commands.release import ReleaseOptions, run_release
+from experiments.commands.runner import report_errors
+from experiments.commands.train import NAME as TRAIN
+from experiments.commands.train import TrainOptions, run_train
 from experiments.previews import loss_curve_png
 from experiments.tracking import Tracker, ui_command
 from gem3d.errors import Gem3dError
+from gem3d.training import Stage
 
 # The demo's settings on top of the tiny config: small enough for ~15 minutes on 2 CPU cores.
 DEMO_SET = (
@@ -79,19 +83,31 @@ def lowest_quantile(cases: int) -> float:
 
 
 PRETRAIN_SET = "privacy.enabled=false train.batch_size=4 train.lr=1e-3"
+# The stages pre-trained on public data (``DemoSettings.pretrain_steps``, ``mask_only_steps``).
+PRETRAIN_STAGES: tuple[Stage, Stage] = ("slice", "informed")
+MASK_ONLY_STAGES: tuple[Stage, Stage] = ("slice", "volume")
 # The public pre-trained weights that ship with the project (experiments/pretrained/make.py makes
 # them; `make pretrained` re-creates them): the demo starts from them when they fit its settings.
 SHIPPED = Path(__file__).resolve().parent / "pretrained" / "demo"
 SHIPPED_MANIFEST = "PRETRAINED.json"
 
 
-# The downstream question at the demo's size: site_0 holds 2 labelled cases; do GEM-3D's synthetic
-# volumes (and, for comparison, the mask-only baseline's) make a converged segmenter better on the
-# held-out cases of every site? 3 paired seeds, each with its own validation cases from site_0.
-DOWNSTREAM_OPTIONS = (
-    "--arms", "gem3d,mask-only", "--real-counts", "2", "--multipliers", "0,2", "--seeds", "0,1,2",
-    "--downstream-steps", "2000",
-)  # fmt: skip
+def downstream_question(options: EvaluateOptions, real_pool: Path) -> EvaluateOptions:
+    """``options`` with the downstream question at the demo's size, asked of the real pool ``real_pool``.
+
+    site_0 holds 2 labelled cases; do GEM-3D's synthetic volumes (and, for comparison, the
+    mask-only baseline's) make a converged segmenter better on the held-out cases of every site?
+    3 paired seeds, each with its own validation cases from site_0.
+    """
+    return replace(
+        options,
+        arms="gem3d,mask-only",
+        real_counts="2",
+        multipliers="0,2",
+        seeds="0,1,2",
+        downstream_steps=2000,
+        downstream_data=real_pool,
+    )
 
 
 @dataclass(frozen=True)
@@ -109,8 +125,12 @@ class DemoSettings:
     test_per_site: int = 4
     size: int = 32
     overrides: str = DEMO_SET
-    evaluate_options: tuple[str, ...] = ("--quick",)
-    """evaluate's options; ``DOWNSTREAM_OPTIONS`` are added unless they say ``--no-downstream``."""
+    quick_evaluation: bool = True
+    """evaluate's ``quick``: its CPU smoke setting (the report lists every reduction)."""
+    baselines: str = EvaluateOptions.baselines
+    """evaluate's ``baselines``: all three by default."""
+    downstream: bool = True
+    """the downstream question (``downstream_question``); False: evaluate's ``no_downstream``."""
     public_sites: int = 4
     public_cases: int = 4
     pretrain_steps: tuple[int, int] = (1000, 1200)
@@ -124,7 +144,8 @@ SMALL = DemoSettings(
     test_per_site=1,
     size=24,
     overrides=f"{DEMO_SET} {SMALL_SET}",
-    evaluate_options=("--quick", "--baselines", "mask-only,no-overlap", "--no-downstream"),
+    baselines="mask-only,no-overlap",
+    downstream=False,
     public_sites=2,
     public_cases=1,
     pretrain_steps=(4, 2),
@@ -169,25 +190,20 @@ def _step(state: DemoState, index: int, total: int, title: str, work: Callable[[
     print(f"[{index}/{total}] done in {state.timings[title]:.0f} s", flush=True)
 
 
-def _run(command: ModuleType, *args: object) -> None:
-    code = run_command(command, [str(a) for a in args])
-    if code != 0:
-        raise Gem3dError(f"gem3d {command.NAME} failed (exit {code}); see the message above")
-
-
 def build_cohort(state: DemoState) -> None:
     settings = state.settings
     if (state.data / "cohort.json").exists():
         return  # a re-run of the demo keeps its cohort
-    _run(
-        demo_data,
-        "--out", state.data,
-        "--sites", settings.sites,
-        "--cases-per-site", settings.cases_per_site,
-        "--test-per-site", settings.test_per_site,
-        "--size", settings.size,
-        "--seed", 0,
-    )  # fmt: skip
+    run_demo_data(
+        DemoDataOptions(
+            out=state.data,
+            sites=settings.sites,
+            cases_per_site=settings.cases_per_site,
+            test_per_site=settings.test_per_site,
+            size=settings.size,
+            seed=0,
+        )
+    )
 
 
 def shipped_weights(settings: DemoSettings) -> dict[str, Any] | None:
@@ -221,8 +237,8 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     patients) and the slice and informed stages trained on it here.
 
     The mask-only baseline (``model.informed_slice=false``) pre-trains on the same public data, for
-    the same slice steps, in a child process on the second core, so the evaluation compares
-    GEM-3D with a baseline that had the same start.
+    the same slice steps, in a child process on the second core (``_train_in_child``, killed if the
+    main pre-training fails), so the evaluation compares GEM-3D with a baseline that had the same start.
     """
     settings = state.settings
     manifest = shipped_weights(settings)
@@ -242,56 +258,95 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
         }
         return
     if not state.public.exists():
-        _run(
-            demo_data,
-            "--out", state.public,
-            "--sites", settings.public_sites,
-            "--cases-per-site", settings.public_cases,
-            "--test-per-site", 0,
-            "--size", settings.size,
-            "--seed", 1,
-            "--pooled",
-        )  # fmt: skip
-    overrides = [arg for item in f"{settings.overrides} {PRETRAIN_SET}".split() for arg in ("--set", item)]
-    # declared public: the checkpoints record it, and the model's privacy statement says so
-    common = [*overrides, "--data", str(state.public / "pooled"), "--public-data"]
+        run_demo_data(
+            DemoDataOptions(
+                out=state.public,
+                sites=settings.public_sites,
+                cases_per_site=settings.public_cases,
+                test_per_site=0,
+                size=settings.size,
+                seed=1,
+                pooled=True,
+            )
+        )
+    overrides = tuple(f"{settings.overrides} {PRETRAIN_SET}".split())
+    # declared public (public_data): the checkpoints record it, and the model's privacy statement says so
+    data = state.public / "pooled"
     baseline, log = None, state.out / "pretrained_mask_only.log"
     if not (state.mask_only / "volume.safetensors").exists():
         # tracked off: two processes writing one SQLite store can lock it, which would switch the
         # main run's tracking off; its log is the file above
-        mask_only = [*common, "--set", "model.informed_slice=false", "--out", str(state.mask_only), "--track", "off"]
-        commands = [
-            ["train", *mask_only, "--stage", stage, "--steps", str(steps)]
-            for stage, steps in zip(("slice", "volume"), settings.mask_only_steps, strict=True)
-            if not (state.mask_only / f"{stage}.safetensors").exists()
-        ]
-        print(f"mask-only baseline: pre-training in a second process (log: {log})", flush=True)
-        with open(log, "w") as handle:
-            # the gem3d commands one after the other, in one child process; the first failure stops it
-            chain = " && ".join(shlex.join([sys.executable, "-m", "experiments.cli", *argv]) for argv in commands)
-            baseline = subprocess.Popen(
-                ["/bin/sh", "-c", chain],
-                stdout=handle,
-                stderr=subprocess.STDOUT,
-                env={**os.environ, "OMP_NUM_THREADS": "1"},
+        stages = tuple(
+            TrainOptions(
+                set=(*overrides, "model.informed_slice=false"),
+                data=data,
+                public_data=True,
+                out=state.mask_only,
+                track="off",
+                stage=stage,
+                steps=steps,
             )
+            for stage, steps in zip(MASK_ONLY_STAGES, settings.mask_only_steps, strict=True)
+            if not (state.mask_only / f"{stage}.safetensors").exists()
+        )
+        print(f"mask-only baseline: pre-training in a second process (log: {log})", flush=True)
+        log.write_text("")  # the child appends: the log exists even if the child dies starting
+        # spawn: a fresh interpreter (a fork would copy this process's torch threads and state)
+        baseline = multiprocessing.get_context("spawn").Process(
+            target=_train_in_child, args=(stages, log), name="gem3d-mask-only-baseline"
+        )
+        baseline.start()
     try:
-        for stage, steps in zip(("slice", "informed"), settings.pretrain_steps, strict=True):
+        for stage, steps in zip(PRETRAIN_STAGES, settings.pretrain_steps, strict=True):
             if (state.pretrained / f"{stage}.safetensors").exists():
                 continue  # a re-run of the demo keeps what it trained
-            _run(train, *common, "--stage", stage, "--out", state.pretrained, "--steps", steps, "--track", tracking)
+            run_train(
+                TrainOptions(
+                    set=overrides,
+                    data=data,
+                    public_data=True,
+                    stage=stage,
+                    out=state.pretrained,
+                    steps=steps,
+                    track=str(tracking),
+                )
+            )
     except BaseException:
         if baseline is not None:
             baseline.kill()
-            baseline.wait()
+            baseline.join()
         raise
-    if baseline is not None and baseline.wait() != 0:
-        raise Gem3dError(f"the mask-only baseline's pre-training failed (exit {baseline.returncode}); see {log}")
+    if baseline is not None:
+        baseline.join()
+        if baseline.exitcode != 0:
+            raise Gem3dError(f"the mask-only baseline's pre-training failed (exit {baseline.exitcode}); see {log}")
     state.summary["pretraining"] = {
         "public_cases": settings.public_sites * settings.public_cases,
         "steps": list(settings.pretrain_steps),
         "mask_only_steps": list(settings.mask_only_steps),
     }
+
+
+def _train_in_child(stages: tuple[TrainOptions, ...], log: Path) -> None:
+    """``run_train`` for each of ``stages`` in turn, in a child process started with the "spawn" context.
+
+    One intra-op thread, as the demo's main process uses: the child runs beside it on the second
+    core. Everything it prints (the stages' lines, progress, a one-line error) goes to ``log``. The
+    first failure stops it, with the exit code ``gem3d train`` would have (2 for bad input).
+    """
+    os.environ["OMP_NUM_THREADS"] = "1"  # for anything that starts threads from the environment
+    torch.set_num_threads(1)
+    with open(log, "a") as handle:  # the process's stdout and stderr, C-level writes included
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(handle.fileno(), sys.stdout.fileno())
+        os.dup2(handle.fileno(), sys.stderr.fileno())
+
+    def train_stages() -> None:
+        for options in stages:
+            run_train(options)
+
+    sys.exit(report_errors(TRAIN, train_stages))
 
 
 def site_policy_text(overrides: str) -> str:
@@ -363,18 +418,19 @@ def train_federated(state: DemoState, tracking: Path) -> None:
 
 def release(state: DemoState) -> None:
     if not (state.out / "release" / "privacy_report.json").exists():  # a re-run keeps the release
-        _run(
-            release_command,
-            "--checkpoint", state.run,
-            "--data", state.data / "site_0",
-            # every site audits the candidates against its own patients (a Flower audit round),
-            # each with its patients as a leave-one-out reference
-            "--audit-sites", state.data,
-            "--quantile", lowest_quantile(state.settings.cases_per_site),
-            "--per-case", 1,
-            "--seed", 0,
-            "--out", state.out / "release",
-        )  # fmt: skip
+        run_release(
+            ReleaseOptions(
+                checkpoint=state.run,
+                data=state.data / "site_0",
+                # every site audits the candidates against its own patients (a Flower audit round),
+                # each with its patients as a leave-one-out reference
+                audit_sites=state.data,
+                quantile=lowest_quantile(state.settings.cases_per_site),
+                per_case=1,
+                seed=0,
+                out=state.out / "release",
+            )
+        )
     report = json.loads((state.out / "release" / "privacy_report.json").read_text())
     state.summary["release"] = report
 
@@ -382,36 +438,25 @@ def release(state: DemoState) -> None:
 def deenhance(state: DemoState) -> None:
     reference = sorted((state.data / "test" / "imagesTr").glob("*_0000.nii.gz"))[0]
     if not (state.out / "deenhanced" / "deenhance_report.json").exists():  # a re-run keeps it
-        _run(
-            deenhance_command,
-            "--checkpoint",
-            state.run,
-            "--data",
-            state.data,
-            "--reference",
-            reference,
-            "--out",
-            state.out / "deenhanced",
-        )
+        out = state.out / "deenhanced"
+        run_deenhance(DeenhanceOptions(checkpoint=state.run, data=state.data, reference=str(reference), out=out))
     state.summary["deenhance"] = json.loads((state.out / "deenhanced" / "deenhance_report.json").read_text())
 
 
 def audit(state: DemoState) -> None:
-    code = run_command(
-        audit_command,
-        [
-            "--synthetic", str(state.out / "release"),
-            "--train", str(state.data / "site_0"),
-            "--holdout", str(state.data / "test"),
+    # copies found are not an error here (the CLI's exit code 3): the summary reports them
+    run_audit(
+        AuditOptions(
+            synthetic=state.out / "release",
+            train=state.data / "site_0",
+            holdout=state.data / "test",
             # the test split (held-out patients of every site) is the reference
-            "--quantile", str(lowest_quantile(state.settings.sites * state.settings.test_per_site)),
-            "--checkpoint", str(state.run),
-            "--out", str(state.out / "audit" / "audit.json"),
-            "--track", str(state.out / "mlflow"),
-        ]
-    )  # fmt: skip
-    if code not in (0, 3):  # 3: copies found, which the summary reports
-        raise Gem3dError(f"gem3d audit failed (exit {code})")
+            quantile=lowest_quantile(state.settings.sites * state.settings.test_per_site),
+            checkpoint=state.run,
+            out=state.out / "audit" / "audit.json",
+            track=str(state.out / "mlflow"),
+        )
+    )
     state.summary["audit"] = json.loads((state.out / "audit" / "audit.json").read_text())
 
 
@@ -419,22 +464,22 @@ def evaluate(state: DemoState, tracking: Path) -> None:
     if (state.out / "evaluation" / "report.json").exists():  # a re-run keeps the evaluation
         state.summary["evaluation"] = json.loads((state.out / "evaluation" / "report.json").read_text())
         return
-    options = state.settings.evaluate_options
-    downstream = (
-        () if "--no-downstream" in options else (*DOWNSTREAM_OPTIONS, "--downstream-data", state.data / "site_0")
+    settings = state.settings
+    options = EvaluateOptions(
+        checkpoint=state.run,
+        data=state.data,
+        train_data=state.data / "site_0",
+        baseline_checkpoint=(f"mask-only={state.mask_only}",),
+        out=state.out / "evaluation" / "report.json",
+        quick=settings.quick_evaluation,
+        baselines=settings.baselines,
+        no_downstream=not settings.downstream,
+        threads=1,
+        track=str(tracking),
     )
-    _run(
-        evaluate_command,
-        "--checkpoint", state.run,
-        "--data", state.data,
-        "--train-data", state.data / "site_0",
-        "--baseline-checkpoint", f"mask-only={state.mask_only}",
-        "--out", state.out / "evaluation" / "report.json",
-        *options,
-        *downstream,
-        "--threads", 1,
-        "--track", tracking,
-    )  # fmt: skip
+    if settings.downstream:
+        options = downstream_question(options, state.data / "site_0")
+    run_evaluate(options)
     state.summary["evaluation"] = json.loads((state.out / "evaluation" / "report.json").read_text())
 
 
@@ -571,7 +616,12 @@ def summary_lines(state: DemoState) -> list[str]:
 
 
 def run_demo(out: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False) -> dict[str, Any]:
-    """Run every step into ``out``; returns the summary (also written to ``out/summary.json``)."""
+    """Run every step into ``out``; returns the summary (also written to ``out/summary.json``).
+
+    From a script, call it under ``if __name__ == "__main__":``: the mask-only baseline's child
+    process is started with "spawn", which imports the script's main module again (Python's rule
+    for ``multiprocessing``; ``gem3d demo`` and ``experiments/pretrained/make.py`` follow it).
+    """
     # One intra-op thread: the demo's networks are small, and two threads per process collapse
     # (10-35x slower, measured) whenever the cores are shared, e.g. with the Ray site workers.
     torch.set_num_threads(1)

@@ -2,13 +2,33 @@
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import json
+import multiprocessing
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
-from experiments.demo import SMALL, run_demo
+from experiments.commands import audit, counterfactual, deenhance, demo_data, enhance, evaluate, release, sample, train
+from experiments.commands.common import CommandOptions
+from experiments.commands.runner import Parser, add_command
+from experiments.demo import SMALL, _train_in_child, run_demo
 from experiments.tracking import read_runs
+
+# what the demo (and any caller) gives each command's typed function, against what its parser reads
+OPTIONS: dict[ModuleType, type[CommandOptions]] = {
+    demo_data: demo_data.DemoDataOptions,
+    train: train.TrainOptions,
+    sample: sample.SampleOptions,
+    counterfactual: counterfactual.CounterfactualOptions,
+    enhance: enhance.EnhanceOptions,
+    deenhance: deenhance.DeenhanceOptions,
+    audit: audit.AuditOptions,
+    release: release.ReleaseOptions,
+    evaluate: evaluate.EvaluateOptions,
+}
 
 
 def test_small_demo_runs_every_step_and_tracks_it(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -35,6 +55,8 @@ def test_small_demo_runs_every_step_and_tracks_it(tmp_path: Path, capsys: pytest
     assert set(summary["deenhance"]["site_spread_before"]["sites"]) == {"site_0", "site_1"}
     assert {"gem3d", "mask_only"} <= set(summary["evaluation"]["methods"])
     assert (out / "pretrained_mask_only" / "volume.safetensors").exists()
+    baseline_log = (out / "pretrained_mask_only.log").read_text()  # the child process's own output
+    assert "slice: step" in baseline_log and "volume: step" in baseline_log
     assert (out / "pictures" / "loss.png").stat().st_size > 0
     assert json.loads((out / "summary.json").read_text())["timings"]
     federated = read_runs(out / "mlflow", "gem3d-federated")
@@ -44,3 +66,37 @@ def test_small_demo_runs_every_step_and_tracks_it(tmp_path: Path, capsys: pytest
     assert {r["run_name"] for r in pretraining} == {"pretrained-slice", "pretrained-informed"}
     assert summary["pretraining"]["steps"] == list(SMALL.pretrain_steps)
     assert "public pre-training" in printed
+
+
+@pytest.mark.parametrize("module", list(OPTIONS), ids=[module.NAME for module in OPTIONS])
+def test_a_commands_options_are_field_for_field_what_its_parser_reads(module: ModuleType) -> None:
+    subparsers = Parser(prog="gem3d").add_subparsers(dest="command")
+    add_command(subparsers, module)
+    parser = subparsers.choices[module.NAME]
+    fields = {f.name: f for f in dataclasses.fields(OPTIONS[module])}
+
+    actions = [a for a in parser._actions if not isinstance(a, argparse._HelpAction)]
+
+    assert {a.dest for a in actions} == set(fields)
+    for action in actions:  # the same defaults, and an option the parser requires has none
+        default = fields[action.dest].default
+        if action.required:
+            assert default is dataclasses.MISSING, action.dest
+        else:
+            expected = tuple(action.default) if isinstance(action.default, list) else action.default
+            assert default == expected, action.dest
+
+
+def test_the_baseline_child_trains_through_the_library_and_logs_a_failure_in_one_line(tmp_path: Path) -> None:
+    log, missing = tmp_path / "baseline.log", tmp_path / "no-such-data"
+    log.write_text("")
+    stages = (train.TrainOptions(data=missing, stage="slice", out=tmp_path / "run", public_data=True, track="off"),)
+
+    child = multiprocessing.get_context("spawn").Process(target=_train_in_child, args=(stages, log))
+    child.start()
+    child.join(timeout=300)
+
+    text = log.read_text()
+    assert child.exitcode == 2  # what `gem3d train` exits on bad input
+    assert text.splitlines()[-1].startswith("gem3d train: error: ") and str(missing) in text
+    assert "Traceback" not in text

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 from experiments.commands.common import (
+    CommandOptions,
+    ConfigOptions,
+    TrackedOptions,
     add_config_argument,
     add_track_option,
     check_new_outputs,
@@ -43,12 +46,42 @@ from gem3d.data.prepare import MANIFEST
 from gem3d.data.volume import Volume
 from gem3d.errors import CheckpointError, DataError
 from gem3d.runs import load_model, stage_path
-from gem3d.training import DENOISING_STAGES
-from privacy.audit import AuditSettings, check_reference, membership_inference, memorization_audit, write_report
+from gem3d.training import DENOISING_STAGES, Stage
+from privacy.audit import (
+    AuditResult,
+    AuditSettings,
+    check_reference,
+    membership_inference,
+    memorization_audit,
+    write_report,
+)
 
 NAME = "audit"
 HELP = "memorization audit: flag synthetic volumes (or slices) that copy training data; membership inference"
 EXIT_COPIES = 3
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CopyRuleOptions(CommandOptions):
+    """The copy rule (``add_copy_rule_arguments``), as ``AuditSettings`` takes it (``copy_rule_settings``)."""
+
+    quantile: float = 0.05
+    margin: float = 0.5
+    min_reference: int | None = None
+    grid: int = 32
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AuditOptions(ConfigOptions, CopyRuleOptions, TrackedOptions):
+    """``gem3d audit``'s options (``add_arguments``); ``out`` is REPORT.json."""
+
+    synthetic: Path
+    train: Path
+    holdout: Path
+    checkpoint: Path | None = None
+    mia_stage: Stage = "volume"
+    mia_draws: int = 8
+    seed: int = 0
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -61,23 +94,40 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--checkpoint", type=Path, help="run folder or stage checkpoint: its data config is used, and the MIA runs"
     )
     parser.add_argument(
-        "--mia-stage", choices=DENOISING_STAGES, default="volume", help="which stage of a run folder the MIA attacks"
+        "--mia-stage",
+        choices=DENOISING_STAGES,
+        default=AuditOptions.mia_stage,
+        help="which stage of a run folder the MIA attacks",
     )
     parser.add_argument(
-        "--mia-draws", type=positive_int, default=8, help="seeded noisings per case and timestep for the MIA (>= 1)"
+        "--mia-draws",
+        type=positive_int,
+        default=AuditOptions.mia_draws,
+        help="seeded noisings per case and timestep for the MIA (>= 1)",
     )
     add_copy_rule_arguments(parser)
-    parser.add_argument("--seed", type=seed_int, default=0, help="seed of the feature network, MIA noise and bootstrap")
+    parser.add_argument(
+        "--seed",
+        type=seed_int,
+        default=AuditOptions.seed,
+        help="seed of the feature network, MIA noise and bootstrap",
+    )
     add_track_option(parser)
 
 
 def add_copy_rule_arguments(parser: argparse.ArgumentParser, prefix: str = "") -> None:
     """The copy rule's options (``--quantile``, ``--margin``, ``--min-reference``, ``--grid``): audit and release."""
     parser.add_argument(
-        "--quantile", type=fraction, default=0.05, help=f"{prefix}low quantile of reference NN distances (0..1)"
+        "--quantile",
+        type=fraction,
+        default=CopyRuleOptions.quantile,
+        help=f"{prefix}low quantile of reference NN distances (0..1)",
     )
     parser.add_argument(
-        "--margin", type=positive_float, default=0.5, help=f"{prefix}copy threshold = margin x that quantile (> 0)"
+        "--margin",
+        type=positive_float,
+        default=CopyRuleOptions.margin,
+        help=f"{prefix}copy threshold = margin x that quantile (> 0)",
     )
     parser.add_argument(
         "--min-reference",
@@ -85,17 +135,20 @@ def add_copy_rule_arguments(parser: argparse.ArgumentParser, prefix: str = "") -
         help=f"{prefix}reference cases needed to certify (default: enough for the quantile, ceil(1 / quantile))",
     )
     parser.add_argument(
-        "--grid", type=grid_size, default=32, help=f"{prefix}volumes are compared on a GRID^3 grid (8..128)"
+        "--grid",
+        type=grid_size,
+        default=CopyRuleOptions.grid,
+        help=f"{prefix}volumes are compared on a GRID^3 grid (8..128)",
     )
 
 
-def copy_rule_settings(args: argparse.Namespace, seed: int = 0) -> AuditSettings:
+def copy_rule_settings(rule: CopyRuleOptions, seed: int = 0) -> AuditSettings:
     """``AuditSettings`` from the options of ``add_copy_rule_arguments``."""
     return AuditSettings(
-        grid=(args.grid,) * 3,
-        quantile=args.quantile,
-        margin=args.margin,
-        min_reference=args.min_reference,
+        grid=(rule.grid,) * 3,
+        quantile=rule.quantile,
+        margin=rule.margin,
+        min_reference=rule.min_reference,
         feature_seed=seed,
     )
 
@@ -123,37 +176,45 @@ def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    return EXIT_COPIES if run_audit(AuditOptions.from_args(args)).copies else 0
+
+
+def run_audit(options: AuditOptions) -> AuditResult:
+    """``gem3d audit``: the memorization audit (and the MIA with a checkpoint), its report written to ``options.out``.
+
+    Returns the result; copies found are reported on stderr (the CLI then exits ``EXIT_COPIES``).
+    """
     started = time.perf_counter()
-    if args.out.suffix != ".json":
-        raise DataError(f"--out {args.out}: the report must be a .json file")
-    check_new_outputs([args.out, args.out.with_suffix(".png")])
-    settings = copy_rule_settings(args, args.seed)
+    if options.out.suffix != ".json":
+        raise DataError(f"--out {options.out}: the report must be a .json file")
+    check_new_outputs([options.out, options.out.with_suffix(".png")])
+    settings = copy_rule_settings(options, options.seed)
     model = None
-    checkpoints = {}
-    if args.checkpoint is not None:
-        path = stage_path(args.checkpoint, args.mia_stage)
+    checkpoints: dict[str, str] = {}
+    if options.checkpoint is not None:
+        path = stage_path(options.checkpoint, options.mia_stage)
         if not path.exists():
-            raise CheckpointError(f"{path}: no {args.mia_stage}-stage checkpoint for the membership-inference test")
+            raise CheckpointError(f"{path}: no {options.mia_stage}-stage checkpoint for the membership-inference test")
         model, cfg, _ = load_model(path, "ema")
-        checkpoints[args.mia_stage] = file_sha256(path)
+        checkpoints[options.mia_stage] = file_sha256(path)
     else:
-        cfg = load_cli_config(args)
-    holdout = load_volumes(args.holdout, cfg.data)
+        cfg = load_cli_config(options.config, options.set)
+    holdout = load_volumes(options.holdout, cfg.data)
     check_reference(settings, len(holdout), "holdout")  # before the expensive part
     # the candidates are read by the audit a chunk at a time: from a raw folder case by case, or a
     # prepared cache memory-mapped (issue 16); the training and holdout sets are its reference
     synthetic: Sequence[Volume] = (
-        load_volumes(args.synthetic, cfg.data)
-        if (args.synthetic / MANIFEST).exists()
-        else RawVolumes(args.synthetic, cfg.data)
+        load_volumes(options.synthetic, cfg.data)
+        if (options.synthetic / MANIFEST).exists()
+        else RawVolumes(options.synthetic, cfg.data)
     )
-    train = load_volumes(args.train, cfg.data)
-    with tracked(args, NAME, cfg, started, checkpoints) as run_log:
+    train = load_volumes(options.train, cfg.data)
+    with tracked(options, NAME, cfg, started, checkpoints) as run_log:
         result = memorization_audit(synthetic, train, holdout, settings)
         if model is not None:
-            mia = membership_inference(model, args.mia_stage, cfg, train, holdout, args.mia_draws, args.seed)
+            mia = membership_inference(model, options.mia_stage, cfg, train, holdout, options.mia_draws, options.seed)
             result = dataclasses.replace(result, mia=mia)
-        report, png = write_report(result, args.out)
+        report, png = write_report(result, options.out)
         figures = audit_metrics(result.report())
         run_log.finish(None, figures, [(report, None), (png, None)], {"audit.passed": result.passed})
     mia = result.mia
@@ -170,6 +231,6 @@ def run(args: argparse.Namespace) -> int:
             f"{verdict['volume_copies']} as whole volumes, {verdict['slice_copies']} copied slices; report: {report}",
             file=sys.stderr,
         )
-        return EXIT_COPIES
+        return result
     print(f"audit passed: no copies among {len(synthetic)} synthetic volumes{mia_text}; report: {report}, {png}")
-    return 0
+    return result

@@ -1,23 +1,66 @@
-"""Arguments, config loading and MLflow runs shared by several subcommands."""
+"""Options, arguments, config loading and MLflow runs shared by several subcommands.
+
+A command's options are a frozen dataclass (``CommandOptions``: one field per argparse
+destination, the option's default as the field's) and a typed function does its work from them
+(``run_train(options)``, ...); its ``run(args)`` only builds the options from the parsed command
+line, so the CLI and a caller such as the demo (``experiments/demo.py``) run the same code.
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from experiments.configs import parse_overrides, resolve_config_path
 from experiments.tracking import Tracker
 from gem3d.config import Config, flatten_config, load_config
 from gem3d.errors import ConfigError
 
-# argparse fields that are not the command's own options: the dispatcher's handler and name, and
-# --track (where the run is logged says nothing about the run).
-_NOT_PARAMS = ("handler", "command", "track")
+# argparse fields that are the dispatcher's, not the command's: its handler and the command's name
+_DISPATCH = ("handler", "command")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class CommandOptions:
+    """A command's options: one typed field per argparse destination (``--per-case`` is ``per_case``).
+
+    A field's default is the option's default; ``add_arguments`` reads it from here. Repeatable
+    options are tuples. A command's ``run(args)`` is ``run_<name>(<Name>Options.from_args(args))``.
+    """
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> Self:
+        """The options of a parsed command line (every destination is a field: a stray one is a TypeError)."""
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in vars(args).items() if k not in _DISPATCH}
+        return cls(**values)
+
+    def params(self) -> dict[str, Any]:
+        """The options as MLflow params, ``args.<field>``; not ``track``: where a run is logged says nothing of it."""
+        names = sorted(f.name for f in dataclasses.fields(self))
+        return {f"args.{name}": getattr(self, name) for name in names if name != "track"}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ConfigOptions(CommandOptions):
+    """``--config`` and ``--set`` (``add_config_argument``): the config and its field overrides."""
+
+    config: str = "tiny"
+    set: tuple[str, ...] = ()
+    """``SECTION.FIELD=VALUE`` items, each as one ``--set`` (VALUE is parsed as TOML)."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrackedOptions(CommandOptions):
+    """A command that writes ``out`` and logs its run in MLflow: ``--track DIR|off`` (None: its default store)."""
+
+    out: Path
+    track: str | None = None
 
 
 def _number(text: str, kind: type[int] | type[float]) -> float:
@@ -141,7 +184,7 @@ def add_config_argument(parser: argparse.ArgumentParser, required: bool = False)
     parser.add_argument(
         "--config",
         required=required,
-        default=None if required else "tiny",
+        default=None if required else ConfigOptions.config,
         help="a TOML config file, or the name of a bundled one: tiny, brats, abdomenct1k (default: tiny)",
     )
     parser.add_argument(
@@ -154,16 +197,21 @@ def add_config_argument(parser: argparse.ArgumentParser, required: bool = False)
 
 
 def load_cli_config(
-    args: argparse.Namespace, extra: dict[str, Any] | None = None, dataset: Path | None = None
+    config: str,
+    set_items: Sequence[str],
+    extra: dict[str, Any] | None = None,
+    dataset: Path | None = None,
 ) -> Config:
     """The config named by ``--config`` with ``--set`` and command-specific overrides applied.
 
     Args:
+        config: a TOML file or the name of a bundled config (``--config``).
+        set_items: ``SECTION.FIELD=VALUE`` overrides (the ``--set`` items); errors name them as ``--set``.
         dataset: a dataset folder whose declarations (``gem3d.data.layouts.declared_data``: its
             number of labels, its modality) decide those fields; a ``--set`` that contradicts
             them is refused.
     """
-    overrides = parse_overrides(args.set)
+    overrides = parse_overrides(list(set_items))
     if dataset is not None and dataset.is_dir():
         from gem3d.data.layouts import declared_data
 
@@ -174,7 +222,7 @@ def load_cli_config(
                 )
             overrides[key] = value
     overrides.update(extra or {})
-    return load_config(resolve_config_path(args.config), overrides, override_source="--set")
+    return load_config(resolve_config_path(config), overrides, override_source="--set")
 
 
 def add_track_argument(parser: argparse.ArgumentParser, default: str) -> None:
@@ -186,17 +234,17 @@ def add_track_argument(parser: argparse.ArgumentParser, default: str) -> None:
 
 
 def open_tracker(
-    args: argparse.Namespace, default_store: Path, command: str, run_name: str, cfg: Config | None = None
+    track: str | None, default_store: Path, command: str, run_name: str, cfg: Config | None = None
 ) -> Tracker | None:
     """The MLflow run of one command, or None with ``--track off``.
 
-    The run goes to experiment ``gem3d-<command>`` in ``--track`` (else ``default_store``), with the
+    The run goes to experiment ``gem3d-<command>`` in ``track`` (else ``default_store``), with the
     flattened config as params. Use it as a context manager: the run ends FAILED if the command raised.
     Tracking never breaks the command: an unreachable store warns once and the tracker turns no-op.
     """
-    if args.track == "off":
+    if track == "off":
         return None
-    tracker = Tracker(Path(args.track) if args.track else default_store, f"gem3d-{command}", run_name)
+    tracker = Tracker(Path(track) if track else default_store, f"gem3d-{command}", run_name)
     if cfg is not None:
         tracker.log_params(flatten_config(cfg))
     return tracker
@@ -221,11 +269,6 @@ def _run_name(out: Path) -> str:
     for suffix in (".nii.gz", ".nii", ".json"):
         name = name.removesuffix(suffix)
     return name or out.name
-
-
-def command_params(args: argparse.Namespace) -> dict[str, Any]:
-    """The command's own options as MLflow params, ``args.<option>`` (paths as strings, None as "None")."""
-    return {f"args.{key}": value for key, value in sorted(vars(args).items()) if key not in _NOT_PARAMS}
 
 
 class CommandRun:
@@ -270,7 +313,7 @@ class CommandRun:
 
 @contextmanager
 def tracked(
-    args: argparse.Namespace,
+    options: TrackedOptions,
     command: str,
     cfg: Config | None,
     started: float,
@@ -279,8 +322,8 @@ def tracked(
 ) -> Iterator[CommandRun]:
     """The MLflow run of one sampling or analysis command, in experiment ``gem3d-<command>``.
 
-    Opens the run in ``--track`` (default: ``default_store(args.out)``) with the config's flattened
-    fields and the command's options (``command_params``) as params, the checkpoint hashes as tags
+    Opens the run in ``--track`` (default: ``default_store(options.out)``) with the config's flattened
+    fields and the command's options (``CommandOptions.params``) as params, the checkpoint hashes as tags
     (``checkpoint_sha256.<stage>``) and the config as ``config.json``. The run ends FAILED if the
     block raises. Tracking never breaks the command: a store that cannot be written warns once and
     the rest of the logging is skipped.
@@ -290,12 +333,12 @@ def tracked(
         started: ``time.perf_counter()`` at the command's start, for ``seconds_total``.
         checkpoints: stage -> sha256 of the checkpoint files used.
     """
-    tracker = open_tracker(args, default_store(args.out), command, _run_name(args.out), cfg)
+    tracker = open_tracker(options.track, default_store(options.out), command, _run_name(options.out), cfg)
     if tracker is None:
         yield CommandRun(None, started)
         return
     with tracker:
-        tracker.log_params(command_params(args))
+        tracker.log_params(options.params())
         hashes = {f"checkpoint_sha256.{stage}": digest for stage, digest in (checkpoints or {}).items()}
         tracker.set_tags({"gem3d.command": command, **hashes, **(tags or {})})
         if cfg is not None:

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.commands.common import add_track_option, tracked
 from experiments.commands.sample import check_output
 from experiments.commands.sampling import (
+    SamplingOptions,
     add_sampling_arguments,
     mask_editor,
     open_synthesiser,
@@ -25,6 +27,17 @@ from gem3d.informed import parse_source
 
 NAME = "counterfactual"
 HELP = "one patient's anatomy with another's appearance, or with a label removed"
+
+
+@dataclass(frozen=True, kw_only=True)
+class CounterfactualOptions(SamplingOptions):
+    """``gem3d counterfactual``'s options (``add_arguments``)."""
+
+    mask: Path
+    informed: str
+    remove_label: int | None = None
+    mask_edit: str | None = None
+    start: int | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -46,25 +59,30 @@ def edited_mask_path(out: Path) -> Path:
 
 
 def run(args: argparse.Namespace) -> int:
+    run_counterfactual(CounterfactualOptions.from_args(args))
+    return 0
+
+
+def run_counterfactual(options: CounterfactualOptions) -> Path:
+    """``gem3d counterfactual``: one volume from an edited mask or another's appearance; returns ``options.out``."""
     started = time.perf_counter()
-    edited = args.remove_label is not None or bool(args.mask_edit)
-    check_output(args.out, *([edited_mask_path(args.out)] if edited else []))
-    source = parse_source(args.informed, ("real", "file", "generate"))
-    synth = open_synthesiser(args)
-    spec = ",".join(
-        s for s in (f"remove:{args.remove_label}" if args.remove_label is not None else "", args.mask_edit) if s
-    )
-    edit = mask_editor(spec, synth.cfg.data.num_labels, args.seed)
-    with tracked(args, NAME, synth.cfg, started, synth.checkpoints, {"mask_edits": spec or "none"}) as run_log:
-        job = mask_job(synth, args.mask, source, args.start, args.seed, edit)
-        label, geometry = write_single(synth, job, args.out)
+    edited = options.remove_label is not None or bool(options.mask_edit)
+    check_output(options.out, *([edited_mask_path(options.out)] if edited else []))
+    source = parse_source(options.informed, ("real", "file", "generate"))
+    synth = open_synthesiser(options)
+    removal = f"remove:{options.remove_label}" if options.remove_label is not None else ""
+    spec = ",".join(s for s in (removal, options.mask_edit) if s)
+    edit = mask_editor(spec, synth.cfg.data.num_labels, options.seed)
+    with tracked(options, NAME, synth.cfg, started, synth.checkpoints, {"mask_edits": spec or "none"}) as run_log:
+        job = mask_job(synth, options.mask, source, options.start, options.seed, edit)
+        label, geometry = write_single(synth, job, options.out)
         if edit is not None:
             from gem3d.data.nifti import save_nifti
 
-            mask_out = edited_mask_path(args.out)
+            mask_out = edited_mask_path(options.out)
             save_nifti(mask_out, label.astype("int16"), geometry.affine_array)
             print(f"wrote {mask_out} (the edited mask)")
-        provenance, preview = single_outputs(args.out)
+        provenance, preview = single_outputs(options.out)
         run_log.finish(1, artifacts=[(provenance, None), (preview, "previews")])
-    print(f"wrote {args.out}")
-    return 0
+    print(f"wrote {options.out}")
+    return options.out

@@ -9,11 +9,18 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, tracked
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, add_worker_arguments, cohort_synthesiser
+from experiments.commands.sampling import (
+    CohortOptions,
+    ProgressBars,
+    add_sampling_arguments,
+    add_worker_arguments,
+    cohort_synthesiser,
+)
 from experiments.previews import case_preview
 from gem3d.apps import deenhance
 from gem3d.errors import DataError
@@ -21,6 +28,15 @@ from gem3d.informed import parse_source
 
 NAME = "deenhance"
 HELP = "regenerate a dataset from its masks with one reference informed slice"
+
+
+@dataclass(frozen=True, kw_only=True)
+class DeenhanceOptions(CohortOptions):
+    """``gem3d deenhance``'s options (``add_arguments``)."""
+
+    data: Path
+    reference: str
+    """``IMAGE.nii.gz[@Z]``: the reference informed slice."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -43,23 +59,30 @@ def spread_metrics(report: dict[str, Any]) -> dict[str, float]:
 
 
 def run(args: argparse.Namespace) -> int:
+    run_deenhance(DeenhanceOptions.from_args(args))
+    return 0
+
+
+def run_deenhance(options: DeenhanceOptions) -> dict[str, Any]:
+    """``gem3d deenhance``: every case of ``options.data`` regenerated with one reference slice; returns the report."""
     started = time.perf_counter()
     # the output and the disk first: a full disk is found before the model is loaded
-    check_new_outputs([args.out], needed_bytes=1 * dataset_bytes(args.data))
-    if args.reference.startswith(("file:", "generate", "copy")):
-        raise DataError(f"--reference {args.reference}: expects IMAGE.nii.gz[@Z]")
-    reference = parse_source(args.reference if args.reference.startswith("real:") else f"real:{args.reference}")
-    with cohort_synthesiser(args) as synth:
-        with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
+    check_new_outputs([options.out], needed_bytes=1 * dataset_bytes(options.data))
+    if options.reference.startswith(("file:", "generate", "copy")):
+        raise DataError(f"--reference {options.reference}: expects IMAGE.nii.gz[@Z]")
+    text = options.reference
+    reference = parse_source(text if text.startswith("real:") else f"real:{text}")
+    with cohort_synthesiser(options) as synth:
+        with tracked(options, NAME, synth.cfg, started, synth.checkpoints) as run_log:
             bars = ProgressBars([])
             try:
-                report = deenhance(synth, args.data, args.out, reference, args.seed, bars, case_preview)
+                report = deenhance(synth, options.data, options.out, reference, options.seed, bars, case_preview)
             finally:
                 bars.close()
             artifacts = [
-                (args.out / "deenhance_report.json", None),
-                (args.out / "provenance", "provenance"),
-                (args.out / "previews", "previews"),
+                (options.out / "deenhance_report.json", None),
+                (options.out / "provenance", "provenance"),
+                (options.out / "previews", "previews"),
             ]
             run_log.finish(
                 len(report["cases"]),
@@ -75,5 +98,5 @@ def run(args: argparse.Namespace) -> int:
                 f"{before['per_label'][label]:.4f} -> {after['per_label'][label]:.4f}"
             )
         print(f"mean spread {before['mean']:.4f} -> {after['mean']:.4f} ({100 * report['spread_reduction']:.0f}% less)")
-        print(f"wrote {args.out} (report: {args.out / 'deenhance_report.json'})")
-    return 0
+        print(f"wrote {options.out} (report: {options.out / 'deenhance_report.json'})")
+    return report

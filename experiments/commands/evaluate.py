@@ -36,11 +36,18 @@ import json
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from experiments.commands.common import CommandRun, add_track_option, check_new_outputs, positive_int, tracked
+from experiments.commands.common import (
+    CommandRun,
+    TrackedOptions,
+    add_track_option,
+    check_new_outputs,
+    positive_int,
+    tracked,
+)
 from experiments.evaluation.arms import ARMS, resolve_arms
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.nnunet_judge import BUDGETS, require_nnunet
@@ -64,13 +71,39 @@ NAME = "evaluate"
 HELP = "score a run against held-out cases and baselines (PROTOCOL.md)"
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EvaluateOptions(TrackedOptions):
+    """``gem3d evaluate``'s options (``add_arguments``); ``out`` is REPORT.json. Lists are comma-separated text."""
+
+    checkpoint: Path
+    data: Path
+    baselines: str = "mask-only,no-overlap,full-3d"
+    baseline_checkpoint: tuple[str, ...] = ()
+    """``NAME=PATH`` items, each as one ``--baseline-checkpoint``."""
+    train_data: Path | None = None
+    feature_extractor: str = "random"
+    seeds: str | None = None
+    downstream_data: Path | None = None
+    arms: str | None = None
+    real_counts: str | None = None
+    multipliers: str | None = None
+    segmenter: Literal["unet", "nnunet"] = "unet"
+    nnunet_budget: str = "full"
+    tstr: bool = False
+    downstream_steps: int | None = None
+    quick: bool = False
+    no_downstream: bool = False
+    device: str | None = None
+    threads: int | None = None
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="the run folder to evaluate")
     parser.add_argument("--data", required=True, type=Path, help="held-out cases (dataset, or cohort root with test/)")
     parser.add_argument("--out", required=True, type=Path, help="REPORT.json (a montage PNG is written beside it)")
     parser.add_argument(
         "--baselines",
-        default="mask-only,no-overlap,full-3d",
+        default=EvaluateOptions.baselines,
         help="comma-separated: mask-only, no-overlap, full-3d, or 'none' (default: all three)",
     )
     parser.add_argument(
@@ -86,7 +119,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--feature-extractor",
         "--features",
-        default="random",
+        default=EvaluateOptions.feature_extractor,
         help="FID/MMD features: random[:SEED] (offline, labelled), export:PATH, torchscript:PATH, resnet50:PATH",
     )
     parser.add_argument(
@@ -106,14 +139,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--segmenter",
         choices=("unet", "nnunet"),
-        default="unet",
+        default=EvaluateOptions.segmenter,
         help="the downstream judge: the protocol's small UNet (default) or nnU-Net v2 (pip install '.[nnunet]'; "
         "the headline point only)",
     )
     parser.add_argument(
         "--nnunet-budget",
         choices=tuple(BUDGETS),
-        default="full",
+        default=EvaluateOptions.nnunet_budget,
         help="nnU-Net's schedule: full (its own 1000 epochs, a GPU job) or short (a CPU smoke run; not converged)",
     )
     parser.add_argument(
@@ -142,7 +175,7 @@ def _parse_baselines(text: str) -> list[str]:
     return chosen
 
 
-def _parse_checkpoints(items: list[str]) -> dict[str, Path]:
+def _parse_checkpoints(items: tuple[str, ...]) -> dict[str, Path]:
     out = {}
     for item in items:
         name, sep, path = item.partition("=")
@@ -165,65 +198,65 @@ def _integers(option: str, text: str, low: int) -> tuple[int, ...]:
     return values
 
 
-def _settings(args: argparse.Namespace) -> Settings:
+def _settings(options: EvaluateOptions) -> Settings:
     """The protocol's settings (``--quick``'s when asked), then each downstream option as a deviation."""
-    settings = quick_settings() if args.quick else Settings()
+    settings = quick_settings() if options.quick else Settings()
     design, changes, deviations = settings.utility, {}, list(settings.deviations)
     protocol = UtilityDesign()  # a given count or multiplier list is read against the protocol's points
-    if args.seeds:
-        changes["seeds"] = _integers("--seeds", args.seeds, 0)
-    if args.real_counts:
-        counts = _integers("--real-counts", args.real_counts, 1)
+    if options.seeds:
+        changes["seeds"] = _integers("--seeds", options.seeds, 0)
+    if options.real_counts:
+        counts = _integers("--real-counts", options.real_counts, 1)
         changes.update(real_counts=counts, few_real=min(counts, key=lambda n: abs(n - protocol.few_real)))
-    if args.multipliers:
-        multipliers = _integers("--multipliers", args.multipliers, 0)
+    if options.multipliers:
+        multipliers = _integers("--multipliers", options.multipliers, 0)
         positive = [m for m in multipliers if m > 0] or [protocol.multiplier]
         changes.update(multipliers=multipliers, multiplier=min(positive, key=lambda m: abs(m - protocol.multiplier)))
-    if args.tstr and not design.tstr:
+    if options.tstr and not design.tstr:
         changes["tstr"] = True
     deviations += [f"--{key.replace('_', '-')}: {value}" for key, value in changes.items()]
     steps = settings.downstream_steps
-    if args.downstream_steps is not None:
-        steps = args.downstream_steps
+    if options.downstream_steps is not None:
+        steps = options.downstream_steps
         deviations.append(f"--downstream-steps: a cap of {steps} steps instead of {settings.downstream_steps}")
     arms = settings.arms
-    if args.arms:
-        arms = tuple(part.strip() for part in args.arms.split(",") if part.strip())
+    if options.arms:
+        arms = tuple(part.strip() for part in options.arms.split(",") if part.strip())
         resolve_arms(arms)
         deviations.append(f"--arms: {','.join(arms)}")
-    if args.segmenter == "nnunet":
+    if options.segmenter == "nnunet":
         deviations.append(
-            f"--segmenter nnunet ({args.nnunet_budget} budget): nnU-Net judges the few-real point only, no TSTR"
-            + ("; the short budget does not converge" if args.nnunet_budget == "short" else "")
+            f"--segmenter nnunet ({options.nnunet_budget} budget): nnU-Net judges the few-real point only, no TSTR"
+            + ("; the short budget does not converge" if options.nnunet_budget == "short" else "")
         )
     return dataclasses.replace(
         settings,
         utility=dataclasses.replace(design, **changes),
         downstream_steps=steps,
         arms=arms,
-        segmenter=args.segmenter,
-        nnunet_budget=args.nnunet_budget,
+        segmenter=options.segmenter,
+        nnunet_budget=options.nnunet_budget,
         deviations=tuple(deviations),
     )
 
 
-def _check_inputs(args: argparse.Namespace) -> None:
-    if not args.checkpoint.exists():
-        raise DataError(f"{args.checkpoint}: checkpoint not found")
-    if not args.data.is_dir():
-        raise DataError(f"{args.data}: evaluation data folder not found")
-    if args.out.suffix != ".json":
-        raise DataError(f"--out {args.out}: the report must be a .json file")
-    check_new_outputs([args.out, args.out.with_suffix(".png"), _curves_path(args.out)])
-    if args.train_data is not None and not args.train_data.is_dir():
-        raise DataError(f"{args.train_data}: training data folder not found")
-    if args.downstream_data is not None and not args.downstream_data.is_dir():
-        raise DataError(f"--downstream-data {args.downstream_data}: folder not found")
-    if args.segmenter == "nnunet" and not args.no_downstream:
+def _check_inputs(options: EvaluateOptions) -> None:
+    if not options.checkpoint.exists():
+        raise DataError(f"{options.checkpoint}: checkpoint not found")
+    if not options.data.is_dir():
+        raise DataError(f"{options.data}: evaluation data folder not found")
+    if options.out.suffix != ".json":
+        raise DataError(f"--out {options.out}: the report must be a .json file")
+    check_new_outputs([options.out, options.out.with_suffix(".png"), _curves_path(options.out)])
+    if options.train_data is not None and not options.train_data.is_dir():
+        raise DataError(f"{options.train_data}: training data folder not found")
+    if options.downstream_data is not None and not options.downstream_data.is_dir():
+        raise DataError(f"--downstream-data {options.downstream_data}: folder not found")
+    if options.segmenter == "nnunet" and not options.no_downstream:
         require_nnunet()
-        check_new_outputs([_nnunet_dir(args.out)])
-    if args.threads is not None and args.threads < 1:
-        raise ConfigError(f"--threads {args.threads}: must be at least 1")
+        check_new_outputs([_nnunet_dir(options.out)])
+    if options.threads is not None and options.threads < 1:
+        raise ConfigError(f"--threads {options.threads}: must be at least 1")
 
 
 def _run_config(checkpoint: Path) -> Config | None:
@@ -264,40 +297,46 @@ def _track(run_log: CommandRun, report_path: Path, pictures: list[Path], report:
 
 
 def run(args: argparse.Namespace) -> int:
+    run_evaluate(EvaluateOptions.from_args(args))
+    return 0
+
+
+def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
+    """``gem3d evaluate``: the protocol's report on ``options.checkpoint``, written to ``options.out``; returns it."""
     started = time.perf_counter()
-    _check_inputs(args)
-    methods = ["gem3d", *_parse_baselines(args.baselines)]
-    checkpoints = _parse_checkpoints(args.baseline_checkpoint)
-    settings = _settings(args)
+    _check_inputs(options)
+    methods = ["gem3d", *_parse_baselines(options.baselines)]
+    checkpoints = _parse_checkpoints(options.baseline_checkpoint)
+    settings = _settings(options)
     try:
-        extractor = load_feature_extractor(args.feature_extractor)
+        extractor = load_feature_extractor(options.feature_extractor)
     except (ValueError, OSError) as error:
         raise ConfigError(f"--feature-extractor: {error}") from None
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    with tracked(args, NAME, _run_config(args.checkpoint), started) as run_log:
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    with tracked(options, NAME, _run_config(options.checkpoint), started) as run_log:
         report, scored = evaluate(
-            args.checkpoint,
-            args.data,
+            options.checkpoint,
+            options.data,
             methods=methods,
             baseline_checkpoints=checkpoints,
-            train_data=args.train_data,
-            baselines_dir=args.out.parent / f"{args.out.stem}.baselines",
+            train_data=options.train_data,
+            baselines_dir=options.out.parent / f"{options.out.stem}.baselines",
             extractor=extractor,
             settings=settings,
-            device=args.device,
-            downstream=not args.no_downstream,
-            downstream_data=args.downstream_data,
-            nnunet_dir=_nnunet_dir(args.out),
+            device=options.device,
+            downstream=not options.no_downstream,
+            downstream_data=options.downstream_data,
+            nnunet_dir=_nnunet_dir(options.out),
         )
-        write_report(args.out, report)
-        picture = montage(scored, args.out.with_suffix(".png"))
+        write_report(options.out, report)
+        picture = montage(scored, options.out.with_suffix(".png"))
         pictures = [picture]
         if "curves" in report["downstream"]:
-            pictures.append(plot_curves(report["downstream"], _curves_path(args.out)))
-        _track(run_log, args.out, pictures, report)
-    _summary(report, args.out, pictures)
-    return 0
+            pictures.append(plot_curves(report["downstream"], _curves_path(options.out)))
+        _track(run_log, options.out, pictures, report)
+    _summary(report, options.out, pictures)
+    return report
 
 
 def _number(value: object) -> str:

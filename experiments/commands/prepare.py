@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"unknown layout '{args.layout}' (expected one of {', '.join(LAYOUTS)})")
     if args.sequence not in SEQUENCES:
         raise DataError(f"unknown BraTS sequence '{args.sequence}' (expected one of {', '.join(SEQUENCES)})")
-    cfg = load_cli_config(args, dataset=args.input)  # the dataset decides its labels and modality
+    cfg = load_cli_config(args.config, args.set, dataset=args.input)  # the dataset decides its labels and modality
     options = PrepareOptions(
         layout=args.layout, sequence=args.sequence, skip_invalid=args.skip_invalid, margin=max(args.margin, 0)
     )

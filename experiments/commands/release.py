@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import nibabel as nib
 import numpy as np
 
-from experiments.commands.audit import add_copy_rule_arguments, audit_metrics, copy_rule_settings
+from experiments.commands.audit import CopyRuleOptions, add_copy_rule_arguments, audit_metrics, copy_rule_settings
 from experiments.commands.common import (
     add_track_argument,
     check_new_outputs,
@@ -34,7 +35,13 @@ from experiments.commands.common import (
     open_tracker,
     positive_int,
 )
-from experiments.commands.sampling import ProgressBars, add_sampling_arguments, add_worker_arguments, cohort_synthesiser
+from experiments.commands.sampling import (
+    CohortOptions,
+    ProgressBars,
+    add_sampling_arguments,
+    add_worker_arguments,
+    cohort_synthesiser,
+)
 from experiments.previews import triplanar_png
 from experiments.tracking import Tracker
 from gem3d.errors import ConfigError
@@ -46,24 +53,46 @@ HELP = "enhance a dataset under the privacy policy: generated informed slices, e
 MAX_PREVIEWS = 8  # previews logged to MLflow: enough to eyeball a release, few enough to stay light
 
 
+@dataclass(frozen=True, kw_only=True)
+class ReleaseOptions(CohortOptions, CopyRuleOptions):
+    """``gem3d release``'s options (``add_arguments``); the copy rule is the audit's."""
+
+    data: Path
+    per_case: int = 1
+    mask_edit: str = "rotate:45,elastic:10"
+    max_linkage_rate: float = 0.5
+    min_mask_edits: int = 1
+    holdout: Path | None = None
+    allow_non_dp: bool = False
+    audit_sites: Path | None = None
+    allow_single_site_audit: bool = False
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_sampling_arguments(parser)
     add_worker_arguments(parser)
     parser.add_argument("--data", required=True, type=Path, help="the site's training data (nnU-Net v2 raw)")
-    parser.add_argument("--per-case", type=positive_int, default=1, help="new pairs per case (default 1)")
+    parser.add_argument(
+        "--per-case", type=positive_int, default=ReleaseOptions.per_case, help="new pairs per case (default 1)"
+    )
     parser.add_argument(
         "--mask-edit",
-        default="rotate:45,elastic:10",
+        default=ReleaseOptions.mask_edit,
         help="mask edits for every mask (default rotate:45,elastic:10: milder edits let the linkage attack find "
         "the source patient of most masks; experiments/benchmarks/mask_linkage.py measures recipes)",
     )
     parser.add_argument(
         "--max-linkage-rate",
         type=float,
-        default=0.5,
+        default=ReleaseOptions.max_linkage_rate,
         help="refuse when more than this fraction of released masks link back to their source (default 0.5)",
     )
-    parser.add_argument("--min-mask-edits", type=nonnegative_int, default=1, help="edits that must change each mask")
+    parser.add_argument(
+        "--min-mask-edits",
+        type=nonnegative_int,
+        default=ReleaseOptions.min_mask_edits,
+        help="edits that must change each mask",
+    )
     parser.add_argument("--holdout", type=Path, help="real cases the model never saw, for the audit's reference")
     parser.add_argument(
         "--allow-non-dp",
@@ -87,25 +116,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    run_release(ReleaseOptions.from_args(args))
+    return 0
+
+
+def run_release(options: ReleaseOptions) -> ReleaseResult:
+    """``gem3d release``: an enhanced cohort of ``options.data`` through the release gate, or nothing written."""
     # the output and the disk first: a full disk is found before the model is loaded
-    check_new_outputs([args.out], needed_bytes=args.per_case * dataset_bytes(args.data))
-    if not 0.0 <= args.max_linkage_rate <= 1.0:
-        raise ConfigError(f"--max-linkage-rate {args.max_linkage_rate:g}: expected a fraction within 0..1")
-    with cohort_synthesiser(args) as synth:
+    check_new_outputs([options.out], needed_bytes=options.per_case * dataset_bytes(options.data))
+    if not 0.0 <= options.max_linkage_rate <= 1.0:
+        raise ConfigError(f"--max-linkage-rate {options.max_linkage_rate:g}: expected a fraction within 0..1")
+    with cohort_synthesiser(options) as synth:
         policy = ReleasePolicy(
-            min_mask_edits=args.min_mask_edits,
-            require_dp=not args.allow_non_dp,
-            max_linkage_rate=args.max_linkage_rate,
-            audit_every_site=not args.allow_single_site_audit,
+            min_mask_edits=options.min_mask_edits,
+            require_dp=not options.allow_non_dp,
+            max_linkage_rate=options.max_linkage_rate,
+            audit_every_site=not options.allow_single_site_audit,
         )
-        settings = copy_rule_settings(args)
+        settings = copy_rule_settings(options)
         site_audit = None
-        if args.audit_sites is not None:
+        if options.audit_sites is not None:
             from experiments.simulation import simulate_audit_round
             from server.audit import site_folders
 
-            site_folders(args.audit_sites)  # checked before any work
-            root, cfg = args.audit_sites, synth.cfg
+            site_folders(options.audit_sites)  # checked before any work
+            root, cfg = options.audit_sites, synth.cfg
 
             def site_audit(candidates: list[np.ndarray]) -> list[dict[str, Any]]:
                 return simulate_audit_round(candidates, root, cfg, settings)
@@ -114,31 +149,31 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = release_dataset(
                 synth,
-                args.data,
-                args.out,
-                per_case=args.per_case,
-                mask_edit=args.mask_edit,
+                options.data,
+                options.out,
+                per_case=options.per_case,
+                mask_edit=options.mask_edit,
                 policy=policy,
-                privacy_statement=model_statement(args.checkpoint),
-                holdout=args.holdout,
+                privacy_statement=model_statement(options.checkpoint),
+                holdout=options.holdout,
                 audit_settings=settings,
-                seed=args.seed,
+                seed=options.seed,
                 on_progress=bars,
                 site_audit=site_audit,
             )
         finally:
             bars.close()
         # opened only after a release: a refusal writes nothing anywhere, tracking store included
-        tracker = open_tracker(args, default_store(args.out), NAME, args.out.name, synth.cfg)
+        tracker = open_tracker(options.track, default_store(options.out), NAME, options.out.name, synth.cfg)
         if tracker is not None:
             with tracker:
-                _track(tracker, args, result)
+                _track(tracker, options, result)
         epsilon = result.report["differential_privacy"]["epsilon"]
         privacy_text = f"ε = {epsilon:.3f}" if epsilon is not None else "no DP guarantee (--allow-non-dp)"
         federated = result.report.get("federated_audit", {})
         audited = f"audit passed at {len(federated['sites'])} sites" if federated.get("run") else "audit passed"
         print(f"released {result.cases} cases to {result.out} ({privacy_text}; {audited})")
-    return 0
+    return result
 
 
 def release_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
@@ -165,10 +200,10 @@ def release_figures(report: dict[str, Any]) -> tuple[dict[str, float], dict[str,
     return metrics, params
 
 
-def _track(tracker: Tracker, args: argparse.Namespace, result: ReleaseResult) -> None:
+def _track(tracker: Tracker, options: ReleaseOptions, result: ReleaseResult) -> None:
     """ε, δ, accountant and audit figures; the privacy report and previews of released cases."""
     metrics, params = release_figures(result.report)
-    tracker.log_params({**params, "release.per_case": args.per_case, "release.mask_edit": args.mask_edit})
+    tracker.log_params({**params, "release.per_case": options.per_case, "release.mask_edit": options.mask_edit})
     tracker.log_metrics(metrics)
     tracker.log_artifact(result.report_path)
     with tempfile.TemporaryDirectory(prefix="gem3d-release-previews-") as tmp:

@@ -1,8 +1,9 @@
-"""Running one command the way ``gem3d NAME ...`` does: its parser, one-line errors, its exit code.
+"""Running a command the way ``gem3d NAME ...`` does: its parser, one-line errors, its exit code.
 
-The CLI (``experiments/cli.py``) builds one parser over every command; the demo runs single
-commands (``run_command``). Both go through ``handle``, so a command behaves the same either way,
-and neither imports the other (no import cycle).
+The CLI (``experiments/cli.py``) builds one parser over every command and runs the parsed one
+through ``handle``; the demo calls the commands' typed functions (``run_train(options)``, ...)
+and, for its child process, reports their errors through ``report_errors``, so an error reads
+the same either way. Nothing here imports the CLI or the demo (no import cycle).
 """
 
 from __future__ import annotations
@@ -34,23 +35,24 @@ def add_command(subparsers: argparse._SubParsersAction, module: ModuleType) -> N
 
 def handle(run: Callable[[argparse.Namespace], int | None], args: argparse.Namespace) -> int:
     """Run a parsed command. A ``Gem3dError`` or ``OSError`` becomes one line on stderr and exit code 2."""
+    return report_errors(args.command, lambda: run(args))
+
+
+def report_errors(command: str, work: Callable[[], int | None]) -> int:
+    """Run ``gem3d <command>``'s ``work``; returns its exit code (None: 0).
+
+    A ``Gem3dError`` or ``OSError`` becomes one line on stderr naming the command and exit code 2;
+    an interrupt, exit code 130.
+    """
     try:
-        return int(run(args) or 0)
+        return int(work() or 0)
     except Gem3dError as error:
-        print(f"gem3d {args.command}: error: {error}", file=sys.stderr)
+        print(f"gem3d {command}: error: {error}", file=sys.stderr)
         return 2
     except OSError as error:  # a full disk, a read-only folder, a permission: one line naming the path
         where = f"{error.filename}: " if error.filename else ""
-        print(f"gem3d {args.command}: error: {where}{error.strerror or error}", file=sys.stderr)
+        print(f"gem3d {command}: error: {where}{error.strerror or error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"gem3d {args.command}: interrupted", file=sys.stderr)
+        print(f"gem3d {command}: interrupted", file=sys.stderr)
         return 130
-
-
-def run_command(module: ModuleType, argv: list[str]) -> int:
-    """``gem3d <module.NAME> argv...``, in this process; returns the exit code."""
-    parser = Parser(prog="gem3d")
-    add_command(parser.add_subparsers(dest="command", required=True), module)
-    args = parser.parse_args([module.NAME, *argv])
-    return handle(args.handler, args)

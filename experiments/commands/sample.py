@@ -11,16 +11,32 @@ from __future__ import annotations
 
 import argparse
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from experiments.commands.common import add_track_option, check_new_outputs, tracked
-from experiments.commands.sampling import add_sampling_arguments, open_synthesiser, single_outputs, write_single
+from experiments.commands.sampling import (
+    SamplingOptions,
+    add_sampling_arguments,
+    open_synthesiser,
+    single_outputs,
+    write_single,
+)
 from gem3d.apps import mask_job
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
 
 NAME = "sample"
 HELP = "generate one volume from a mask and an informed slice"
+
+
+@dataclass(frozen=True, kw_only=True)
+class SampleOptions(SamplingOptions):
+    """``gem3d sample``'s options (``add_arguments``)."""
+
+    mask: Path
+    informed: str
+    start: int | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -42,14 +58,20 @@ def check_output(out: Path, *also: Path) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    started = time.perf_counter()
-    check_output(args.out)
-    source = parse_source(args.informed, ("real", "file", "generate"))
-    synth = open_synthesiser(args)
-    with tracked(args, NAME, synth.cfg, started, synth.checkpoints) as run_log:
-        job = mask_job(synth, args.mask, source, args.start, args.seed)
-        label, geometry = write_single(synth, job, args.out)
-        provenance, preview = single_outputs(args.out)
-        run_log.finish(1, artifacts=[(provenance, None), (preview, "previews")])
-    print(f"wrote {args.out} ({'x'.join(map(str, label.shape))}, spacing {geometry.spacing})")
+    run_sample(SampleOptions.from_args(args))
     return 0
+
+
+def run_sample(options: SampleOptions) -> Path:
+    """``gem3d sample``: one volume from ``options.mask`` and its informed slice; returns ``options.out``."""
+    started = time.perf_counter()
+    check_output(options.out)
+    source = parse_source(options.informed, ("real", "file", "generate"))
+    synth = open_synthesiser(options)
+    with tracked(options, NAME, synth.cfg, started, synth.checkpoints) as run_log:
+        job = mask_job(synth, options.mask, source, options.start, options.seed)
+        label, geometry = write_single(synth, job, options.out)
+        provenance, preview = single_outputs(options.out)
+        run_log.finish(1, artifacts=[(provenance, None), (preview, "previews")])
+    print(f"wrote {options.out} ({'x'.join(map(str, label.shape))}, spacing {geometry.spacing})")
+    return options.out

@@ -5,31 +5,57 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from experiments.commands.common import positive_int, seed_int
+from experiments.commands.common import CommandOptions, TrackedOptions, positive_int, seed_int
 from experiments.previews import case_preview
 from experiments.progress import progress_bar
 from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
 from gem3d.data.geometry import CaseGeometry
 
 
+@dataclass(frozen=True, kw_only=True)
+class SamplingOptions(TrackedOptions):
+    """The options of every sampling command (``add_sampling_arguments``): the run, the seed, steps, device."""
+
+    checkpoint: Path
+    seed: int = 0
+    steps: int | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOptions(CommandOptions):
+    """Where a cohort's volumes are sampled (``add_worker_arguments``): this process, or Ray workers."""
+
+    workers: int | None = None
+    threads_per_worker: int = 1
+    ray_address: str | None = None
+
+
+@dataclass(frozen=True, kw_only=True)
+class CohortOptions(SamplingOptions, WorkerOptions):
+    """A command that samples a whole cohort (enhance, deenhance, release)."""
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path, help="run folder (or a volume checkpoint file)")
-    parser.add_argument("--seed", type=seed_int, default=0, help="seeds all sampling noise (default 0)")
+    parser.add_argument(
+        "--seed", type=seed_int, default=SamplingOptions.seed, help="seeds all sampling noise (default 0)"
+    )
     parser.add_argument(
         "--steps", type=positive_int, help="sampler steps (default: diffusion.inference_steps of the run)"
     )
     parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the run's train.device)")
 
 
-def open_synthesiser(args: argparse.Namespace) -> Synthesiser:
-    return load_synthesiser(args.checkpoint, args.device, args.steps)
+def open_synthesiser(options: SamplingOptions) -> Synthesiser:
+    return load_synthesiser(options.checkpoint, options.device, options.steps)
 
 
 def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +66,10 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
         help="Ray workers that sample the volumes (default: this process alone); any number writes the same bytes",
     )
     parser.add_argument(
-        "--threads-per-worker", type=positive_int, default=1, help="torch threads of each Ray worker (default 1)"
+        "--threads-per-worker",
+        type=positive_int,
+        default=WorkerOptions.threads_per_worker,
+        help="torch threads of each Ray worker (default 1)",
     )
     parser.add_argument(
         "--ray-address",
@@ -49,18 +78,18 @@ def add_worker_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @contextmanager
-def cohort_synthesiser(args: argparse.Namespace) -> Iterator[Synthesiser]:
+def cohort_synthesiser(options: CohortOptions) -> Iterator[Synthesiser]:
     """The run's models; with ``--workers`` or ``--ray-address``, their volumes sampled by Ray actors."""
-    synth = open_synthesiser(args)
-    if args.workers is None and args.ray_address is None:
+    synth = open_synthesiser(options)
+    if options.workers is None and options.ray_address is None:
         yield synth
         return
     from experiments.cohort_workers import RayChunks, WorkerSettings
 
-    device = args.device or synth.cfg.train.device
+    device = options.device or synth.cfg.train.device
     gpus = 1.0 if device.startswith("cuda") else 0.0
-    settings = WorkerSettings(args.workers or 1, args.ray_address, args.threads_per_worker, gpus)
-    with RayChunks(settings, args.checkpoint, args.device, args.steps) as chunks:
+    settings = WorkerSettings(options.workers or 1, options.ray_address, options.threads_per_worker, gpus)
+    with RayChunks(settings, options.checkpoint, options.device, options.steps) as chunks:
         yield replace(synth, sample_chunks=chunks)
 
 

@@ -13,12 +13,15 @@ import functools
 import math
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
 from experiments.commands.common import (
+    ConfigOptions,
+    TrackedOptions,
     add_config_argument,
     add_track_argument,
     check_writable,
@@ -34,7 +37,7 @@ from gem3d.data.dataset import load_volumes
 from gem3d.errors import ConfigError
 from gem3d.files import writer_lock
 from gem3d.runs import STAGE_FILES, checkpoint_bytes, codec_source, init_checkpoint, train_stage
-from gem3d.training import STAGES, train
+from gem3d.training import STAGES, Stage, train
 from privacy.dp_sgd import train_private
 from privacy.ledger import PrivacyLedger
 from privacy.model_privacy import site_entry, stage_record
@@ -43,6 +46,21 @@ from privacy.site_state import SiteState, default_state_dir
 
 NAME = "train"
 HELP = "train the autoencoder (latent models), slice, volume or informed-slice stage"
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainOptions(ConfigOptions, TrackedOptions):
+    """``gem3d train``'s options (``add_arguments``); ``out`` is the run folder shared by the stages."""
+
+    data: Path
+    stage: Stage
+    steps: int | None = None
+    resume: bool = False
+    init: Path | None = None
+    site_state: Path | None = None
+    public_data: bool = False
+    device: str | None = None
+    seed: int | None = None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -80,25 +98,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    fresh = not args.out.exists()
-    with writer_lock(args.out):  # held from the first file written (the MLflow store) to the last
+    run_train(TrainOptions.from_args(args))
+    return 0
+
+
+def run_train(options: TrainOptions) -> dict[str, float]:
+    """``gem3d train``: one stage into the run folder ``options.out``; returns its metrics (``runs.train_stage``)."""
+    fresh = not options.out.exists()
+    with writer_lock(options.out):  # held from the first file written (the MLflow store) to the last
         try:
-            return _run(args)
+            return _run(options)
         except BaseException:
             # a training that fails before its first checkpoint leaves no run folder behind (only
             # the lock's holder gets here: a refused second writer never touches the folder)
-            if fresh and not any(args.out.glob("*.safetensors")):
-                shutil.rmtree(args.out, ignore_errors=True)
+            if fresh and not any(options.out.glob("*.safetensors")):
+                shutil.rmtree(options.out, ignore_errors=True)
             raise
 
 
-def _run(args: argparse.Namespace) -> int:
-    extra = {}
+def _run(args: TrainOptions) -> dict[str, float]:
+    extra: dict[str, Any] = {}
     if args.device:
         extra["train.device"] = args.device
     if args.seed is not None:
         extra["train.seed"] = args.seed
-    cfg = load_cli_config(args, extra, dataset=args.data)  # the dataset decides its labels and modality
+    cfg = load_cli_config(args.config, args.set, extra, dataset=args.data)  # the dataset decides labels, modality
     if args.public_data and args.site_state is not None:
         raise ConfigError("--public-data and --site-state: public data has no site state; pass one of them")
     site = None if args.public_data else SiteState(args.site_state or default_state_dir(args.data))
@@ -127,7 +151,7 @@ def _run(args: argparse.Namespace) -> int:
         ledger = site.ledger(cfg.privacy, terms=policy)
     privacy_metadata = _privacy_metadata(args, cfg, site, ledger)
     bars: list[tqdm] = []
-    tracker = open_tracker(args, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
+    tracker = open_tracker(args.track, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
 
     def on_step(metrics: dict[str, float]) -> None:
         if not bars:  # opened on the first step, so input errors print without a bar
@@ -179,16 +203,16 @@ def _run(args: argparse.Namespace) -> int:
             f"privacy: site total ε = {ledger.epsilon:.3f} at δ = {ledger.delta:g} ({ledger.accountant_name}), "
             f"ledger {ledger.path}"
         )
-    return 0
+    return metrics
 
 
-def _needs_codec(args: argparse.Namespace, latent: bool) -> bool:
+def _needs_codec(args: TrainOptions, latent: bool) -> bool:
     """A latent slice or informed stage started afresh takes its frozen autoencoder from ``codec_source``."""
     return latent and args.stage in ("slice", "informed") and args.init is None and not args.resume
 
 
 def _privacy_metadata(
-    args: argparse.Namespace, cfg: Config, site: SiteState | None, ledger: PrivacyLedger | None
+    args: TrainOptions, cfg: Config, site: SiteState | None, ledger: PrivacyLedger | None
 ) -> Callable[[], dict[str, Any]]:
     """The checkpoint's ``privacy`` record, computed at each checkpoint (the ledger's ε grows)."""
     path = args.out / STAGE_FILES[args.stage]
