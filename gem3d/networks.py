@@ -225,7 +225,23 @@ def _unet(
     )
 
 
-class SliceDenoiser(nn.Module):
+class _ImageSpace:
+    """What a network's image (or latent) input looks like, from its ``codec`` (None: pixel space)."""
+
+    codec: SliceAutoencoder | None
+
+    @property
+    def image_channels(self) -> int:
+        """C: 1 for a pixel model, the latent channels for a latent one."""
+        return 1 if self.codec is None else self.codec.latent_channels
+
+    @property
+    def factor(self) -> int:
+        """f: slice pixels per latent pixel along a side (1 for a pixel model)."""
+        return 1 if self.codec is None else self.codec.factor
+
+
+class SliceDenoiser(_ImageSpace, nn.Module):
     """GEM-3D's conditional denoiser over a window of slices.
 
     Stage 1 (``inflated = False``) treats each slice independently; stage 2 (after ``inflate()``)
@@ -244,16 +260,6 @@ class SliceDenoiser(nn.Module):
         self.unet = _unet(channels + condition_channels(cfg, num_labels, channels), cfg, out_channels=channels)
         self.inflated = False
         self.compute_dtype: torch.dtype | None = None
-
-    @property
-    def image_channels(self) -> int:
-        """C: 1 for a pixel model, the latent channels for a latent one."""
-        return 1 if self.codec is None else self.codec.latent_channels
-
-    @property
-    def factor(self) -> int:
-        """f: slice pixels per latent pixel along a side (1 for a pixel model)."""
-        return 1 if self.codec is None else self.codec.factor
 
     def inflate(self, seed: int = 0) -> None:
         """Add slice-axis layers (stage 2), on the device of the others; a second call is refused.
@@ -313,7 +319,7 @@ def _inflate_children(module: nn.Module, cfg: ModelConfig) -> None:
             _inflate_children(child, cfg)
 
 
-class InformedSliceGenerator(nn.Module):
+class InformedSliceGenerator(_ImageSpace, nn.Module):
     """2D diffusion model of the informed slice at a normalised position, optionally given its mask."""
 
     def __init__(
@@ -332,14 +338,6 @@ class InformedSliceGenerator(nn.Module):
         channels = self.image_channels
         self.unet = _unet(channels + cond, cfg, num_class_embeds=cfg.position_bins, out_channels=channels)
         self.compute_dtype: torch.dtype | None = None  # as SliceDenoiser's
-
-    @property
-    def image_channels(self) -> int:
-        return 1 if self.codec is None else self.codec.latent_channels
-
-    @property
-    def factor(self) -> int:
-        return 1 if self.codec is None else self.codec.factor
 
     def position_bin(self, position: torch.Tensor) -> torch.Tensor:
         """``[B]`` positions in [0, 1] -> ``[B]`` class ids in 0..position_bins-1."""
