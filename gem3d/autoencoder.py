@@ -12,6 +12,15 @@ samples on its own.
 * **Training** (``reconstruction_loss``): L1 or L2 reconstruction of a slice from a latent drawn
   with the reparameterisation noise passed in (drawn by the caller from the step's generator,
   never from the global RNG), plus ``kl_weight`` times the KL divergence to N(0, I).
+* **Optional patch-adversarial term** (``adversarial_weight`` > 0, as in Esser et al.'s VQGAN and
+  MONAI's generative tutorials; sharper decodes than L1 alone): a MONAI ``PatchDiscriminator``
+  (``discriminator``, trained with the autoencoder, only in stage 0: a codec inside the denoisers
+  has none) judges f-wide patches with the least-squares criterion. Both players' losses are in
+  one per-slice loss with disjoint gradients: the autoencoder's term sees the discriminator with
+  detached weights, the discriminator's sees the reconstruction detached. So one optimiser, one
+  gradient clip, one DP-SGD mechanism (per-slice clipping covers both networks, whose weights
+  both leave a site) and one federated average serve both. GroupNorm, not the default BatchNorm:
+  a slice's loss must not depend on its batch-mates (DP's per-sample gradients).
 * **Masks never pass through it**: ``area_downsample`` averages their one-hot channels over each
   latent pixel's f x f area, so a label's share of every latent pixel is exact.
 """
@@ -24,8 +33,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets import AutoencoderKL
+from monai.losses import PatchAdversarialLoss
+from monai.networks.nets import AutoencoderKL, PatchDiscriminator
 from torch import nn
+from torch.func import functional_call
 
 from gem3d.checkpoint import load_checkpoint, load_weights, read_metadata, subset
 from gem3d.config import AutoencoderConfig
@@ -43,11 +54,13 @@ class SliceAutoencoder(nn.Module):
     """``AutoencoderKL`` (2D, one channel) with the latent scale and bounded-batch helpers.
 
     ``compute_dtype``: the autocast dtype of its forward passes (``gem3d.accel``; None: fp32).
+    ``discriminator``: stage 0's ``PatchDiscriminator`` when built ``with_discriminator`` (a codec
+    inside a denoiser is built without one), else None.
     """
 
     scale: torch.Tensor
 
-    def __init__(self, cfg: AutoencoderConfig) -> None:
+    def __init__(self, cfg: AutoencoderConfig, with_discriminator: bool = False) -> None:
         super().__init__()
         self.cfg = cfg
         self.net = AutoencoderKL(
@@ -64,6 +77,16 @@ class SliceAutoencoder(nn.Module):
         )
         self.register_buffer("scale", torch.ones(()))
         self.compute_dtype: torch.dtype | None = None
+        self.discriminator: PatchDiscriminator | None = None
+        if with_discriminator:
+            self.discriminator = PatchDiscriminator(
+                spatial_dims=2,
+                channels=cfg.discriminator_channels,
+                in_channels=1,
+                num_layers_d=cfg.discriminator_layers,
+                norm=("GROUP", {"num_groups": cfg.norm_num_groups}),
+            )
+        self.adversarial = PatchAdversarialLoss(reduction="none", criterion="least_squares")
 
     @property
     def factor(self) -> int:
@@ -86,7 +109,8 @@ class SliceAutoencoder(nn.Module):
         return out.float()
 
     def reconstruction_loss(self, x: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """``[B]`` training loss of each slice: reconstruction (mean per pixel) + ``kl_weight`` * KL (sum).
+        """``[B]`` training loss of each slice: reconstruction (mean per pixel) + ``kl_weight`` * KL (sum),
+        plus, in training mode with a discriminator, the two adversarial terms (``adversarial_loss``).
 
         Args:
             x: ``[B, 1, H, W]`` slices in [-1, 1].
@@ -99,7 +123,43 @@ class SliceAutoencoder(nn.Module):
         error = (recon - x).abs() if self.cfg.reconstruction_loss == "l1" else (recon - x) ** 2
         variance = sigma**2
         kl = 0.5 * (mean**2 + variance - torch.log(variance.clamp_min(1e-12)) - 1.0)
-        return error.flatten(1).mean(dim=1) + self.cfg.kl_weight * kl.flatten(1).sum(dim=1)
+        loss = error.flatten(1).mean(dim=1) + self.cfg.kl_weight * kl.flatten(1).sum(dim=1)
+        if self.discriminator is not None and self.training:  # validation scores the reconstruction alone
+            loss = loss + self.adversarial_loss(x, recon)
+        return loss
+
+    def _judge(self, x: torch.Tensor, *, frozen: bool) -> torch.Tensor:
+        """``[B, 1, h, w]`` the discriminator's patch logits for ``[B, 1, H, W]`` slices; ``frozen``:
+        through detached weights, so the gradient reaches ``x`` only."""
+        assert self.discriminator is not None
+        with _autocast(x, self.compute_dtype):
+            if frozen:
+                weights = {name: p.detach() for name, p in self.discriminator.named_parameters()}
+                logits = functional_call(self.discriminator, weights, (x,))[-1]
+            else:
+                logits = self.discriminator(x)[-1]
+        return logits.float()
+
+    def adversarial_loss(self, x: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
+        """``[B]``: ``adversarial_weight`` * the autoencoder's term (its reconstruction judged real) plus the
+        discriminator's term (real judged real, reconstruction judged fake, halved), least squares, mean per patch.
+
+        The gradients are disjoint: the first reaches the autoencoder only, the second the discriminator only.
+
+        Args:
+            x, recon: ``[B, 1, H, W]`` slices and their reconstructions.
+        """
+
+        def per_slice(logits: torch.Tensor, real: bool, for_discriminator: bool) -> torch.Tensor:
+            elements = self.adversarial(logits, target_is_real=real, for_discriminator=for_discriminator)
+            assert isinstance(elements, list)
+            return elements[0].flatten(1).mean(dim=1)
+
+        fooled = per_slice(self._judge(recon, frozen=True), True, False)
+        caught = per_slice(self._judge(x, frozen=False), True, True) + per_slice(
+            self._judge(recon.detach(), frozen=False), False, True
+        )
+        return self.cfg.adversarial_weight * fooled + 0.5 * caught
 
 
 def area_downsample(x: torch.Tensor, factor: int) -> torch.Tensor:
@@ -196,6 +256,8 @@ def pretrained_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise CheckpointError(
             f"{path}: unknown autoencoder file type '{suffix}' (.safetensors, .pt, .pth, .ckpt, .bin)"
         )
+    # a gem3d stage 0 trained adversarially also holds its discriminator: training's, not the codec's
+    weights = {name: t for name, t in weights.items() if not name.startswith("discriminator.")}
     return {name if name.startswith("net.") or name == "scale" else f"net.{name}": t for name, t in weights.items()}
 
 

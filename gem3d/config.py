@@ -166,7 +166,8 @@ class AutoencoderConfig(_Frozen):
 
     Each level but the last halves the slice, so the latent is ``latent_channels`` x (H / f) x (W / f)
     with f = 2 ** (len(channels) - 1): 4 for three levels, 8 for four. Trained on single slices
-    with an L1 or L2 reconstruction loss and a KL term (no network that would have to be
+    with an L1 or L2 reconstruction loss, a KL term and optionally a patch-adversarial term
+    (``adversarial_weight``; a discriminator trained alongside, no network that would have to be
     downloaded), or loaded from a local file (``checkpoint``). Only images pass through it: masks
     never do.
     """
@@ -188,6 +189,16 @@ class AutoencoderConfig(_Frozen):
         description="a local pretrained autoencoder instead of stage 0: a gem3d autoencoder checkpoint, or the "
         "state dict of a MONAI AutoencoderKL of this shape (.safetensors, or .pt/.pth loaded with weights_only)",
     )
+    adversarial_weight: float = Field(
+        0.0,
+        ge=0,
+        description="weight of a patch-adversarial term (MONAI PatchDiscriminator, least squares) in the stage-0 "
+        "loss; 0: none. The discriminator trains with the autoencoder (one loss, disjoint gradients)",
+    )
+    discriminator_channels: int = Field(32, ge=1, description="channels of the discriminator's first layer")
+    discriminator_layers: int = Field(
+        3, ge=1, description="the discriminator's layers: each patch it judges is about 2^(layers+2) pixels wide"
+    )
 
     @property
     def factor(self) -> int:
@@ -205,7 +216,17 @@ class AutoencoderConfig(_Frozen):
             )
         if isinstance(self.latent_scale, float) and not self.latent_scale > 0:
             raise FieldError("latent_scale", f"{self.latent_scale} must be > 0 (or 'auto')")
+        if self.adversarial_weight > 0 and self.discriminator_channels % self.norm_num_groups:
+            raise FieldError(
+                "discriminator_channels",
+                f"{self.discriminator_channels} is not divisible by norm_num_groups = {self.norm_num_groups} "
+                f"(valid: a multiple of {self.norm_num_groups})",
+            )
         return self
+
+    def discriminator_input_min(self) -> int:
+        """The smallest slice side the discriminator can judge: its output, side / 2^layers - 2, is >= 1."""
+        return 3 * 2**self.discriminator_layers
 
 
 class DiffusionConfig(_Frozen):
@@ -397,6 +418,13 @@ class Config(_Frozen):
                 "data.image_size",
                 f"{self.data.image_size} is not divisible by {factor}, which {need} "
                 f"(valid: a multiple of {factor}, at least 8)",
+            )
+        smallest = self.autoencoder.discriminator_input_min()
+        if self.model.latent and self.autoencoder.adversarial_weight > 0 and self.data.image_size < smallest:
+            raise FieldError(
+                "autoencoder.discriminator_layers",
+                f"{self.autoencoder.discriminator_layers} layers need slices of at least {smallest} pixels "
+                f"(data.image_size = {self.data.image_size}); use fewer layers or no adversarial term",
             )
         if self.sampler.overlap >= self.data.window:
             raise FieldError(

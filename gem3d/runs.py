@@ -90,7 +90,7 @@ def build_model(stage: Stage, cfg: Config) -> nn.Module:
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
         if stage == "autoencoder":
-            return SliceAutoencoder(cfg.autoencoder)
+            return SliceAutoencoder(cfg.autoencoder, with_discriminator=cfg.autoencoder.adversarial_weight > 0)
         if stage == "informed":
             return InformedSliceGenerator(cfg.informed, cfg.data.num_labels, cfg.model.mask_encoding, codec)
         model = SliceDenoiser(cfg.model, cfg.data.num_labels, codec)

@@ -142,14 +142,18 @@ def resolve_grad_sample_mode(model: nn.Module, requested: str = "auto") -> GradS
 
     ``auto`` is ``loop`` on every device: on CPU it was the fastest correct mode in
     experiments/benchmarks/privacy.py (see RESULTS.md); no GPU was available to measure, so CUDA
-    gets the same choice until measured there. ``vmap`` on a model it cannot trace falls back to
-    ``loop``, which computes the same gradients.
+    gets the same choice until measured there. ``vmap`` on a model it cannot trace, and any mode
+    for an adversarial autoencoder, fall back to ``loop``, which computes the same gradients.
     """
     if requested == "auto":
         return "loop"
     if requested not in GRAD_SAMPLE_MODES:
         raise ConfigError(f"privacy.grad_sample_mode={requested!r}: expected auto, {', '.join(GRAD_SAMPLE_MODES)}")
     if requested == "vmap" and not vmap_supported(model):
+        return "loop"
+    if getattr(model, "discriminator", None) is not None:
+        # an adversarial stage 0 judges its reconstruction through the discriminator's detached
+        # weights: Opacus's hooks would count that pass as the discriminator's own gradient
         return "loop"
     return requested  # type: ignore[return-value]
 
