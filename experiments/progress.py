@@ -31,12 +31,20 @@ class _Lines:
         self.stream.flush()
 
 
+class _LogBar(tqdm):
+    """tqdm off a terminal: ``set_postfix`` waits for the next periodic line instead of forcing a redraw
+    (its default ``refresh=True`` would print a line per step, whatever ``mininterval`` says)."""
+
+    def set_postfix(self, ordered_dict: Any = None, refresh: bool = False, **kwargs: Any) -> None:
+        super().set_postfix(ordered_dict, refresh=refresh, **kwargs)
+
+
 def progress_bar(total: int, desc: str, unit: str, stream: TextIO | None = None, **options: Any) -> tqdm:
     """A tqdm bar on ``stream`` (default stderr): live on a terminal, periodic lines elsewhere."""
     stream = stream if stream is not None else sys.stderr
     if stream.isatty():
         return tqdm(total=total, desc=desc, unit=unit, file=stream, dynamic_ncols=True, **options)
-    return tqdm(
+    return _LogBar(
         total=total,
         desc=desc,
         unit=unit,

@@ -13,7 +13,8 @@ def test_a_bar_written_to_a_log_is_a_few_whole_lines() -> None:
 
     # execute: a thousand quick updates, then the end
     bar = progress_bar(1000, "slice", "step", stream=log)
-    for _ in range(1000):
+    for step in range(1000):
+        bar.set_postfix(loss=f"{1 / (step + 1):.4f}")  # as `gem3d train` does at every step
         bar.update(1)
     bar.close()
 
