@@ -490,18 +490,19 @@ def real_original(job: Job) -> np.ndarray | None:
 def _write_jobs(
     synth: Synthesiser, jobs: Sequence[Job], out: Path, on_progress: OnProgress | None, preview: Preview | None
 ) -> Path:
-    writer = DatasetWriter(out, preview=preview)
-    try:
-        # each batch is written into the writer's work folder as it ends; the folder is renamed into
-        # place only when every case is there (``DatasetWriter.finish``): never a half-written dataset
+    # each batch is written into the writer's work folder as it ends; the folder is renamed into
+    # place only when every case is there (``DatasetWriter.finish``): never a half-written dataset
+    with DatasetWriter(out, preview=preview) as writer:
         for job, volume in iter_jobs(synth, jobs, on_progress):
-            image, label, geometry = to_original(volume, job)
-            real = real_original(job) if preview is not None else None
-            writer.add(job.case_id, image, label, geometry, job.provenance, real)
+            _write_job(writer, job, volume, preview is not None)
         return writer.finish(synth.cfg.data.num_labels, _channel_name(synth.cfg))
-    except BaseException:
-        writer.abort()
-        raise
+
+
+def _write_job(writer: DatasetWriter, job: Job, volume: np.ndarray, with_real: bool) -> None:
+    """``job``'s sampled model-grid volume ``[D, H, W]``, back on its case's own grid, as one case of ``writer``."""
+    image, label, geometry = to_original(volume, job)
+    real = real_original(job) if with_real else None
+    writer.add(job.case_id, image, label, geometry, job.provenance, real)
 
 
 def label_means(image: np.ndarray, label: np.ndarray, num_labels: int) -> list[float | None]:
@@ -545,6 +546,49 @@ def deenhance(
         raise DataError("--reference must be IMAGE.nii.gz[@Z]")
     cfg = synth.cfg
     cases = read_grid_cases(data, cfg)
+    base, z_ref, depth, intensity = _reference_slice(reference, cfg)
+    rng = np.random.default_rng(seed)
+    jobs = []
+    for case in cases:
+        assert case.grid.label is not None
+        start = proportional_index(z_ref, depth, case.grid.label.shape[0])
+        job_seed = int(rng.integers(0, 2**31 - 1))
+        provenance = synth.provenance(
+            source_case=case.case_id,
+            site=case.site,
+            informed=base.provenance,
+            start=start,
+            seed=job_seed,
+            mask_edits=[],
+        )
+        jobs.append(Job(case.case_id, case.grid, base, start, job_seed, intensity, provenance))
+    num_labels = cfg.data.num_labels
+    with DatasetWriter(out, preview=preview) as writer:
+        per_case = []
+        for (job, volume), case in zip(iter_jobs(synth, jobs, on_progress), cases, strict=True):
+            assert case.grid.image is not None and case.grid.label is not None
+            per_case.append(
+                {
+                    "case": case.case_id,
+                    "site": case.site,
+                    "before": label_means(case.grid.image, case.grid.label, num_labels),
+                    "after": label_means(volume, case.grid.label, num_labels),
+                }
+            )
+            _write_job(writer, job, volume, preview is not None)
+        report = _deenhance_report(base, per_case, num_labels)
+        writer.add_file("deenhance_report.json", report)
+        writer.finish(num_labels, _channel_name(cfg))
+    return report
+
+
+def _reference_slice(reference: SourceSpec, cfg: Config) -> tuple[InformedSlice, int, int, tuple[float, float]]:
+    """``deenhance``'s one informed slice: the reference image's slice ``reference.index`` (default its middle).
+
+    Returns:
+        the slice on the model grid, its index and the reference's depth there, and its intensity range.
+    """
+    assert reference.path is not None
     image, header = read_image(reference.path)
     ref = to_model_grid(image, None, header.affine, cfg.data, source=str(reference.path))
     assert ref.image is not None
@@ -557,51 +601,18 @@ def deenhance(
     base = InformedSlice(
         ref.image[z_ref], None, "real", {"kind": "reference", "file": reference.path.name, "index": reference.index}
     )
-    intensity = (ref.geometry.intensity_low, ref.geometry.intensity_high)
-    rng = np.random.default_rng(seed)
-    jobs = []
-    for case in cases:
-        assert case.grid.label is not None
-        start = proportional_index(z_ref, ref.image.shape[0], case.grid.label.shape[0])
-        job_seed = int(rng.integers(0, 2**31 - 1))
-        provenance = synth.provenance(
-            source_case=case.case_id,
-            site=case.site,
-            informed=base.provenance,
-            start=start,
-            seed=job_seed,
-            mask_edits=[],
-        )
-        jobs.append(Job(case.case_id, case.grid, base, start, job_seed, intensity, provenance))
-    writer = DatasetWriter(out, preview=preview)
-    try:
-        per_case = []
-        for (job, volume), case in zip(iter_jobs(synth, jobs, on_progress), cases, strict=True):
-            assert case.grid.image is not None and case.grid.label is not None
-            per_case.append(
-                {
-                    "case": case.case_id,
-                    "site": case.site,
-                    "before": label_means(case.grid.image, case.grid.label, cfg.data.num_labels),
-                    "after": label_means(volume, case.grid.label, cfg.data.num_labels),
-                }
-            )
-            image_out, label_out, geometry = to_original(volume, job)
-            real = real_original(job) if preview is not None else None
-            writer.add(job.case_id, image_out, label_out, geometry, job.provenance, real)
-        before = site_spread(per_case, "before", cfg.data.num_labels)
-        after = site_spread(per_case, "after", cfg.data.num_labels)
-        report = {
-            "units": "model grid, intensities normalised to [-1, 1]",
-            "reference": base.provenance,
-            "cases": per_case,
-            "site_spread_before": before,
-            "site_spread_after": after,
-            "spread_reduction": 1.0 - after["mean"] / before["mean"] if before["mean"] > 0 else 0.0,
-        }
-        writer.add_file("deenhance_report.json", report)
-        writer.finish(cfg.data.num_labels, _channel_name(cfg))
-    except BaseException:
-        writer.abort()
-        raise
-    return report
+    return base, z_ref, ref.image.shape[0], (ref.geometry.intensity_low, ref.geometry.intensity_high)
+
+
+def _deenhance_report(base: InformedSlice, per_case: list[dict[str, Any]], num_labels: int) -> dict[str, Any]:
+    """The spread of site-mean label intensities before and after, and its relative reduction."""
+    before = site_spread(per_case, "before", num_labels)
+    after = site_spread(per_case, "after", num_labels)
+    return {
+        "units": "model grid, intensities normalised to [-1, 1]",
+        "reference": base.provenance,
+        "cases": per_case,
+        "site_spread_before": before,
+        "site_spread_after": after,
+        "spread_reduction": 1.0 - after["mean"] / before["mean"] if before["mean"] > 0 else 0.0,
+    }

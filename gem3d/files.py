@@ -1,7 +1,9 @@
-"""Writing files safely: the one atomic writer, the one JSON writer, the one work folder beside an output.
+"""Writing files safely: the one atomic writer, the one JSON writer, the one atomic folder.
 
 Every output appears whole or not at all: it is written to a hidden temporary file in its own
-folder and renamed over the target (``os.replace`` is atomic on one file system). Temporary files
+folder and renamed over the target (``os.replace`` is atomic on one file system). A folder of
+outputs (a dataset, a cache, a release) is built the same way: in a work folder beside it
+(``AtomicFolder``), renamed into place when it is complete, removed on any failure. Temporary files
 and folders get the permissions a plain ``open`` or ``mkdir`` would give under the process's umask
 (``tempfile`` makes them 0600 / 0700, which left shared datasets unreadable by colleagues; issue 13).
 Secrets choose their own, stricter mode (``mode=0o600``: a site's key).
@@ -123,6 +125,82 @@ def work_folder_beside(out: str | Path) -> Path:
     folder = Path(tempfile.mkdtemp(prefix=work_prefix(), dir=out.parent))
     os.chmod(folder, default_mode(folder=True))
     return folder
+
+
+class AtomicFolder:
+    """A folder that appears at ``out`` whole or not at all: the one folder-level atomic write.
+
+    Built in ``work_folder_beside(out)`` (umask permissions, same file system; a killed run's
+    leftover is removed by the next run into the same parent), renamed to ``out`` by ``commit``,
+    removed by ``discard``. As a context manager it yields the work folder, commits when the
+    block ends normally and discards on any exception (``BaseException`` included: Ctrl-C)::
+
+        with AtomicFolder(out) as work:
+            write_json(work / "dataset.json", ...)
+
+    What happens when ``out`` exists at the rename is the caller's to choose; checking it up
+    front, with the caller's own message, stays with the caller.
+
+    Args:
+        replace: remove an existing ``out`` first (a folder this program owns and rebuilds).
+        keep_existing: if ``out`` appeared meanwhile (another process built the same folder),
+            keep that one and drop this one, instead of failing.
+        remove_created_parents: on failure, also remove the folders above ``out`` that this call
+            created (the top-most one that did not exist), so a failure leaves no trace at all.
+    """
+
+    def __init__(
+        self,
+        out: str | Path,
+        *,
+        replace: bool = False,
+        keep_existing: bool = False,
+        remove_created_parents: bool = False,
+    ) -> None:
+        self.out = Path(out)
+        self.replace = replace
+        self.keep_existing = keep_existing
+        missing = [folder for folder in self.out.parents if not folder.exists()] if remove_created_parents else []
+        self.created = missing[-1] if missing else None  # the top-most folder this call creates
+        self.committed = False
+        self.path = work_folder_beside(self.out)
+
+    def commit(self) -> Path:
+        """Rename the work folder to ``out``; on failure discard it and raise."""
+        try:
+            if self.replace and self.out.exists():
+                shutil.rmtree(self.out)
+            try:
+                os.replace(self.path, self.out)
+            except OSError:
+                if not (self.keep_existing and self.out.is_dir()):
+                    raise
+                shutil.rmtree(self.path, ignore_errors=True)
+        except BaseException:
+            self.discard()
+            raise
+        self.committed = True
+        return self.out
+
+    def discard(self) -> None:
+        """Remove the work folder (and the parents this call created, with ``remove_created_parents``).
+
+        After ``commit`` it does nothing: the folder is the output now.
+        """
+        if self.committed:
+            return
+        shutil.rmtree(self.path, ignore_errors=True)
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        if kind is None:
+            self.commit()
+        else:
+            self.discard()
 
 
 RUN_LOCK = ".gem3d-writer.lock"

@@ -39,9 +39,7 @@ batch, not the cohort (issue 16).
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import shutil
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -55,10 +53,10 @@ from gem3d.apps import Job, Synthesiser, enhancement_jobs, iter_jobs
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import RawVolumes, load_volumes
-from gem3d.data.nnunet_raw import dataset_folders, dataset_json
+from gem3d.data.nnunet_raw import case_files, dataset_folders, dataset_json
 from gem3d.data.volume import Volume
 from gem3d.errors import ConfigError, DataError
-from gem3d.files import work_folder_beside, write_json
+from gem3d.files import AtomicFolder, atomic_write, write_json
 from gem3d.sampler import OnProgress
 from privacy.audit import AuditSettings, check_reference, dihedral, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
@@ -369,17 +367,15 @@ def _what_holds(patient: dict[str, Any], client: dict[str, Any] | None, non_dp: 
 INCOMPLETE = "INCOMPLETE-NOT-A-RELEASE"
 
 
-def work_folder(out: Path) -> Path:
-    """A new working folder beside ``out`` (never in the system temp dir), after removing stale ones.
+def mark_incomplete(work: Path) -> None:
+    """Mark a release's work folder ``INCOMPLETE-NOT-A-RELEASE`` until it is renamed to ``out``.
 
-    ``gem3d.files.work_folder_beside``: its name carries the owner's process id, so a folder
-    whose process is gone (a killed release) is removed by the next run into the same parent
-    folder. It is marked ``INCOMPLETE-NOT-A-RELEASE`` until it is renamed to ``out``, and it only
-    ever holds pseudonymous, scrubbed files: no source id, site or path.
+    The folder is ``gem3d.files.AtomicFolder``'s, beside ``out`` (never in the system temp dir):
+    its name carries the owner's process id, so a folder whose process is gone (a killed release)
+    is removed by the next run into the same parent folder. It only ever holds pseudonymous,
+    scrubbed files: no source id, site or path.
     """
-    tmp = work_folder_beside(out)
-    (tmp / INCOMPLETE).write_text("a release in progress or killed: not audited, not a release\n")
-    return tmp
+    (work / INCOMPLETE).write_text("a release in progress or killed: not audited, not a release\n")
 
 
 def secret_order(count: int, seed: int | None = None) -> list[int]:
@@ -544,16 +540,12 @@ def _publish(
     """
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
-    tmp = work_folder(out)
-    try:
+    with AtomicFolder(out) as tmp:
+        mark_incomplete(tmp)
         (tmp / "imagesTr").mkdir()
         (tmp / "labelsTr").mkdir()
         for case_id, case in zip(pseudonymous_ids(count, seed), cases, strict=True):
-            image = scrubbed_image(np.asarray(case.image, dtype=np.float32), case.affine)
-            nib.save(image, tmp / "imagesTr" / f"{case_id}_0000.nii.gz")
-            label = scrubbed_image(np.asarray(case.label, dtype=np.uint8), case.affine)
-            nib.save(label, tmp / "labelsTr" / f"{case_id}.nii.gz")
-            write_json(tmp / "provenance" / f"{case_id}.json", _case_provenance(case, generator or {}))
+            _write_case(tmp, case_id, case, generator or {})
         names = label_names or {}
         channel = "CT" if data_cfg.modality == "ct" else "MRI"
         labels = {i: names.get(i, "background" if i == 0 else f"label_{i}") for i in range(data_cfg.num_labels)}
@@ -590,11 +582,20 @@ def _publish(
             },
         )
         (tmp / INCOMPLETE).unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
+
+
+def _write_case(folder: Path, case_id: str, case: GeneratedCase, generator: dict[str, Any]) -> None:
+    """One released case: scrubbed NIfTI image (float32) and label (uint8) under its pseudonym, and its provenance.
+
+    Not ``DatasetWriter``: a release's headers are scrubbed (``scrubbed_image``) and its labels uint8.
+    """
+    image_file, label_file = case_files(folder, case_id)
+    image = scrubbed_image(np.asarray(case.image, dtype=np.float32), case.affine)
+    atomic_write(image_file, lambda tmp: nib.save(image, tmp))
+    label = scrubbed_image(np.asarray(case.label, dtype=np.uint8), case.affine)
+    atomic_write(label_file, lambda tmp: nib.save(label, tmp))
+    write_json(folder / "provenance" / f"{case_id}.json", _case_provenance(case, generator))
 
 
 @dataclass(frozen=True)
@@ -714,15 +715,7 @@ def release_dataset(
         ConfigError: too few mask edits. ReleasePolicyError, ReleaseRefusedError: refused;
         nothing is written at ``out``.
     """
-    from gem3d.masks import parse_edits
-
-    edits = parse_edits(mask_edit) if mask_edit else []
-    shaping = [e for e in edits if e.name not in SHAPE_PRESERVING_EDITS]
-    if len(shaping) < policy.min_mask_edits:
-        raise ConfigError(
-            f"--mask-edit {mask_edit!r}: {len(shaping)} edit(s) that change the anatomy's shape, the policy needs "
-            f"at least {policy.min_mask_edits} ({', '.join(SHAPE_PRESERVING_EDITS)} keep it: they do not count)"
-        )
+    edits = _shaping_edits(mask_edit, policy)
     # refuse before spending time on generation
     check_model_privacy(privacy_statement, policy)
     if site_audit is None:
@@ -730,17 +723,11 @@ def release_dataset(
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
-    train = load_site_volumes(data, synth.cfg)
-    holdout_volumes = load_site_volumes(holdout, synth.cfg) if holdout else None
-    # enough reference cases for the audit's threshold, before any generation
-    reference = (len(holdout_volumes), "holdout") if holdout_volumes is not None else (len(train), "leave-one-out")
-    check_reference(audit_settings or AuditSettings(), *reference)
+    train, holdout_volumes = _audit_references(data, holdout, synth.cfg, audit_settings)
     # Generated in memory, informed slices included, so the gate checks their pixels; nothing
     # un-audited, and nothing carrying a source id, is ever written to disk.
     jobs = enhancement_jobs(synth, data, per_case, "generate", edits, seed)
-    index = {volume.case_id: i for i, volume in enumerate(train)}
-    masks = [job.target.label for job in jobs if job.target.label is not None]
-    linkage = check_linkage(masks, [index[str(job.provenance["source_case"])] for job in jobs], train, policy)
+    linkage = _check_job_linkage(jobs, train, policy)
     # every check that needs no volume runs on the plan, before the first volume is sampled
     planned = [PlannedCase(job.provenance, job.informed.image) for job in jobs]
     dp, trained_at = _refuse_early(planned, train, privacy_statement, policy, site_audit)
@@ -766,6 +753,44 @@ def release_dataset(
     )
     report = json.loads((published / "privacy_report.json").read_text())
     return ReleaseResult(out=published, cases=len(jobs), report=report)
+
+
+def _shaping_edits(mask_edit: str, policy: ReleasePolicy) -> list[Any]:
+    """The parsed ``--mask-edit`` spec; refused unless enough of its edits change the anatomy's shape.
+
+    Raises:
+        ConfigError: fewer than ``policy.min_mask_edits`` edits outside ``SHAPE_PRESERVING_EDITS``.
+    """
+    from gem3d.masks import parse_edits
+
+    edits = parse_edits(mask_edit) if mask_edit else []
+    shaping = [e for e in edits if e.name not in SHAPE_PRESERVING_EDITS]
+    if len(shaping) < policy.min_mask_edits:
+        raise ConfigError(
+            f"--mask-edit {mask_edit!r}: {len(shaping)} edit(s) that change the anatomy's shape, the policy needs "
+            f"at least {policy.min_mask_edits} ({', '.join(SHAPE_PRESERVING_EDITS)} keep it: they do not count)"
+        )
+    return edits
+
+
+def _audit_references(
+    data: Path, holdout: Path | None, cfg: Config, audit_settings: AuditSettings | None
+) -> tuple[list[Volume], list[Volume] | None]:
+    """The training volumes and the holdout's, checked to be enough for the audit's threshold before any generation."""
+    if holdout:
+        dataset_folders(holdout)  # a bad --holdout is named before the training data is read
+    train = load_site_volumes(data, cfg)
+    holdout_volumes = load_site_volumes(holdout, cfg) if holdout else None
+    reference = (len(holdout_volumes), "holdout") if holdout_volumes is not None else (len(train), "leave-one-out")
+    check_reference(audit_settings or AuditSettings(), *reference)
+    return train, holdout_volumes
+
+
+def _check_job_linkage(jobs: Sequence[Job], train: Sequence[Volume], policy: ReleasePolicy) -> dict[str, Any]:
+    """``check_linkage`` on the planned jobs' edited masks, each against its source among ``train``."""
+    index = {volume.case_id: i for i, volume in enumerate(train)}
+    masks = [job.target.label for job in jobs if job.target.label is not None]
+    return check_linkage(masks, [index[str(job.provenance["source_case"])] for job in jobs], train, policy)
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The one atomic writer: whole or nothing, umask permissions, stale work folders of killed runs removed (issue 13)."""
+"""The one atomic writer and the one atomic folder: whole or nothing, umask permissions, stale work folders
+of killed runs removed (issues 13, 14)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ import numpy as np
 import pytest
 
 from gem3d.data.nifti import save_nifti
-from gem3d.files import WORK_PREFIX, atomic_write, remove_stale_work, work_folder_beside, work_prefix, write_json
+from gem3d.files import (
+    WORK_PREFIX,
+    AtomicFolder,
+    atomic_write,
+    remove_stale_work,
+    work_folder_beside,
+    work_prefix,
+    write_json,
+)
 
 
 @pytest.fixture
@@ -91,3 +100,91 @@ def test_a_second_writer_of_a_folder_is_refused_while_the_first_holds_it(tmp_pat
         holder.wait()
     with writer_lock(tmp_path / "run"), writer_lock(tmp_path / "run"):  # free again, and nestable in one process
         pass
+
+
+def _dead_pid() -> int:
+    """The id of a process that has exited."""
+    done = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    return int(done.stdout)
+
+
+def test_an_atomic_folder_appears_whole_with_umask_permissions(tmp_path: Path, umask_022: None) -> None:
+    out = tmp_path / "made" / "dataset"
+
+    with AtomicFolder(out) as work:
+        write_json(work / "dataset.json", {"n": 1})
+        assert not out.exists() and work.parent == out.parent and work.name.startswith(work_prefix())
+
+    assert (out / "dataset.json").read_text() == '{\n  "n": 1\n}\n'
+    assert _mode(out) == 0o755
+    assert sorted(p.name for p in out.parent.iterdir()) == ["dataset"]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("disk"), KeyboardInterrupt()])
+def test_an_exception_leaves_no_folder_and_no_work_folder(tmp_path: Path, error: BaseException) -> None:
+    out = tmp_path / "dataset"
+
+    with pytest.raises(type(error)), AtomicFolder(out) as work:
+        (work / "half.nii.gz").write_bytes(b"half")
+        raise error
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_existing_output_is_not_lost(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    out.mkdir()
+    (out / "kept.json").write_text("old")
+
+    with pytest.raises(OSError), AtomicFolder(out) as work:
+        (work / "new.json").write_text("new")
+
+    assert [p.name for p in out.iterdir()] == ["kept.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_replace_rebuilds_and_keep_existing_keeps_the_other_writers_folder(tmp_path: Path) -> None:
+    # prepare: a folder this program rebuilds, and one another process built while this one worked
+    rebuilt, raced = tmp_path / "baselines", tmp_path / "site_0"
+    for folder in (rebuilt, raced):
+        folder.mkdir()
+        (folder / "old").write_text("old")
+
+    with AtomicFolder(rebuilt, replace=True) as work:
+        (work / "new").write_text("new")
+    with AtomicFolder(raced, keep_existing=True) as work:
+        (work / "new").write_text("new")
+
+    assert [p.name for p in rebuilt.iterdir()] == ["new"]
+    assert [p.name for p in raced.iterdir()] == ["old"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["baselines", "site_0"]
+
+
+def test_a_failure_removes_the_parents_it_created_only_when_asked(tmp_path: Path) -> None:
+    with pytest.raises(RuntimeError), AtomicFolder(tmp_path / "a" / "b" / "cache", remove_created_parents=True):
+        raise RuntimeError("bad case")
+    with pytest.raises(RuntimeError), AtomicFolder(tmp_path / "c" / "cache"):
+        raise RuntimeError("bad case")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+    assert list((tmp_path / "c").iterdir()) == []
+
+
+def test_a_killed_runs_work_folder_is_removed_by_the_next_atomic_folder(tmp_path: Path) -> None:
+    killed = tmp_path / f"{work_prefix(_dead_pid())}x"
+    (killed / "imagesTr").mkdir(parents=True)
+
+    with AtomicFolder(tmp_path / "dataset") as work:
+        (work / "dataset.json").write_text("{}")
+
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dataset"]
+
+
+def test_discarding_after_a_commit_keeps_the_output_and_its_parents(tmp_path: Path) -> None:
+    folder = AtomicFolder(tmp_path / "a" / "cache", remove_created_parents=True)
+    (folder.path / "manifest.json").write_text("{}")
+
+    folder.commit()
+    folder.discard()  # a writer's ``abort`` after its ``finish``
+
+    assert (tmp_path / "a" / "cache" / "manifest.json").is_file()

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from gem3d.files import atomic_write
 
 
 def json_ready(value: Any) -> Any:
@@ -34,11 +35,10 @@ def json_ready(value: Any) -> Any:
 
 
 def write_report(path: str | Path, report: Mapping[str, Any]) -> Path:
-    """Write ``report`` as indented strict JSON via a temporary file and ``os.replace``."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``report`` as indented strict JSON in its own key order, atomically (``gem3d.files.atomic_write``).
+
+    Not ``gem3d.files.write_json``: a report keeps the protocol's section order (no sorted keys)
+    and refuses NaN and Infinity tokens (``json_ready`` spells them as strings first).
+    """
     text = json.dumps(json_ready(report), indent=2, allow_nan=False, sort_keys=False) + "\n"
-    temporary = path.with_name(f".{path.name}.tmp")
-    temporary.write_text(text)
-    os.replace(temporary, path)
-    return path
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -10,8 +10,6 @@ library (``MethodScorer``, which keeps each case's figures and features, not its
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -46,7 +44,7 @@ from gem3d.data.dataset import load_volumes
 from gem3d.data.volume import Volume, fingerprint
 from gem3d.diffusion import make_sampler
 from gem3d.errors import CheckpointError, DataError
-from gem3d.files import work_folder_beside
+from gem3d.files import AtomicFolder
 from gem3d.runs import STAGE_FILES
 from gem3d.sampler import InformedSlice, SampleRequest, Window, default_start, plan_windows, sample_volumes
 from privacy.site_state import SiteState, default_state_dir, fingerprint_matches
@@ -251,13 +249,11 @@ def _train_baselines_into(
     log: Log,
     codec: SliceAutoencoder | None = None,
 ) -> dict[str, Path]:
-    """Train the requested trainable baselines into ``folder`` (atomically: a temp folder, then rename).
+    """Train the requested trainable baselines into ``folder``, replacing it whole (``AtomicFolder``).
 
     ``codec``: a latent run's autoencoder, which its mask-only baseline shares.
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = work_folder_beside(folder)
-    try:
+    with AtomicFolder(folder, replace=True) as tmp:
         made: dict[str, Path] = {}
         if "mask_only" in wanted:
             log(f"baseline mask_only: training slice {steps['slice']} + volume {steps['volume']} steps")
@@ -270,13 +266,7 @@ def _train_baselines_into(
             model.train(train_volumes, total)
             model.save(tmp / FULL3D_FILE, train_volumes)
             made["full_3d"] = folder / FULL3D_FILE
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-        return made
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return made
 
 
 def _stderr(message: str) -> None:
@@ -316,13 +306,8 @@ def evaluate(
     """
     settings = settings or Settings()
     checkpoint = Path(checkpoint)
-    synth = load_synthesiser(checkpoint, device)
+    synth, sampler_steps = _evaluated_run(checkpoint, device, settings)
     cfg = synth.cfg
-    if not cfg.model.informed_slice:
-        raise CheckpointError(f"{checkpoint}: is a mask-only run; evaluate the GEM-3D run and pass it as a baseline")
-    sampler_steps = min(cfg.diffusion.inference_steps, settings.sampler_steps or cfg.diffusion.inference_steps)
-    if sampler_steps != cfg.diffusion.inference_steps:
-        synth = dataclasses.replace(synth, sampler=make_sampler(cfg.diffusion, sampler_steps))
     folder = eval_data_folder(Path(data))
     cases = sorted(load_volumes(folder, cfg.data), key=lambda v: v.case_id)
     if not cases:
@@ -363,37 +348,63 @@ def evaluate(
         "protocol": PROTOCOL_VERSION,
         "checkpoint": {"path": str(checkpoint), "sha256": synth.checkpoints},
         "data": {"path": str(folder), "fingerprint": fingerprint(cases), "cases": [c.case_id for c in cases]},
-        "settings": {
-            "sampler_steps": len(synth.sampler.timesteps),
-            "eta": cfg.diffusion.eta,
-            "window": cfg.data.window,
-            "overlap": cfg.sampler.overlap,
-            "informed_slice": "real@default_start",
-            "main_seed": MAIN_SEED,
-            "diversity_samples": settings.diversity_samples,
-            "feature_extractor": getattr(extractor, "name", type(extractor).__name__),
-            "views": views,
-            "data_range": 2.0,
-            "downstream": {
-                "seeds": list(settings.utility.seeds),
-                "max_steps": settings.downstream_steps,
-                "arms": list(settings.arms),
-                "pool": str(downstream_data) if downstream_data is not None else "split of the evaluation cases",
-            },
-            "baselines": {
-                "checkpoints": {k: str(v) for k, v in baseline_checkpoints.items()},
-                "training_steps": steps,
-                "full_3d_steps": steps["slice"] + steps["volume"],
-                "full_3d_channels": list(settings.full3d_channels),
-                "independent_windows_tile_seed": f"seed * {TILE_SEED_STRIDE} + tile index",
-            },
-        },
+        "settings": _report_settings(synth, settings, extractor, views, downstream_data, baseline_checkpoints, steps),
         "deviations": deviations,
         "methods": reports,
         "appearance_transfer": _appearance_transfer(reports),
         "downstream": downstream_report,
     }
     return report, scored
+
+
+def _evaluated_run(checkpoint: Path, device: str | None, settings: Settings) -> tuple[Synthesiser, int]:
+    """The evaluated GEM-3D run (not a mask-only one) with its sampler capped at ``settings.sampler_steps``."""
+    synth = load_synthesiser(checkpoint, device)
+    cfg = synth.cfg
+    if not cfg.model.informed_slice:
+        raise CheckpointError(f"{checkpoint}: is a mask-only run; evaluate the GEM-3D run and pass it as a baseline")
+    sampler_steps = min(cfg.diffusion.inference_steps, settings.sampler_steps or cfg.diffusion.inference_steps)
+    if sampler_steps != cfg.diffusion.inference_steps:
+        synth = dataclasses.replace(synth, sampler=make_sampler(cfg.diffusion, sampler_steps))
+    return synth, sampler_steps
+
+
+def _report_settings(
+    synth: Synthesiser,
+    settings: Settings,
+    extractor: FeatureExtractor,
+    views: dict[str, int],
+    downstream_data: str | Path | None,
+    baseline_checkpoints: dict[str, str | Path],
+    steps: dict[str, int],
+) -> dict[str, Any]:
+    """The report's ``settings`` section: what the protocol ran with, the baselines' training included."""
+    cfg = synth.cfg
+    return {
+        "sampler_steps": len(synth.sampler.timesteps),
+        "eta": cfg.diffusion.eta,
+        "window": cfg.data.window,
+        "overlap": cfg.sampler.overlap,
+        "informed_slice": "real@default_start",
+        "main_seed": MAIN_SEED,
+        "diversity_samples": settings.diversity_samples,
+        "feature_extractor": getattr(extractor, "name", type(extractor).__name__),
+        "views": views,
+        "data_range": 2.0,
+        "downstream": {
+            "seeds": list(settings.utility.seeds),
+            "max_steps": settings.downstream_steps,
+            "arms": list(settings.arms),
+            "pool": str(downstream_data) if downstream_data is not None else "split of the evaluation cases",
+        },
+        "baselines": {
+            "checkpoints": {k: str(v) for k, v in baseline_checkpoints.items()},
+            "training_steps": steps,
+            "full_3d_steps": steps["slice"] + steps["volume"],
+            "full_3d_channels": list(settings.full3d_channels),
+            "independent_windows_tile_seed": f"seed * {TILE_SEED_STRIDE} + tile index",
+        },
+    }
 
 
 def _downstream_pool(

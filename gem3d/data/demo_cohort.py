@@ -25,8 +25,6 @@ from __future__ import annotations
 import functools
 import importlib.util
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -38,9 +36,9 @@ from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff
 from scipy.ndimage import gaussian_filter
 
 from gem3d.data.nifti import save_nifti
-from gem3d.data.nnunet_raw import dataset_json
+from gem3d.data.nnunet_raw import case_files, dataset_json
 from gem3d.errors import DataError
-from gem3d.files import work_folder_beside
+from gem3d.files import AtomicFolder
 
 LABEL_NAMES = ("background", "CSF", "GM", "WM", "lesion")
 ORIENTATIONS = ("RAS", "LAS", "LPS")
@@ -240,7 +238,12 @@ def _write_split(
     size: int,
     lesion: bool,
 ) -> list[dict[str, str]]:
-    """Write ``count`` cases of one site into ``folder`` (imagesTr, labelsTr); return their cohort entries."""
+    """Write ``count`` cases of one site into ``folder`` (imagesTr, labelsTr); return their cohort entries.
+
+    Not ``DatasetWriter``: ``folder`` is one split inside a cohort renamed into place whole, and
+    a seed fixes the cohort's bytes: uint8 labels (the writer stores int16) and a ``dataset.json``
+    with a name and description. The file names are the layout's (``case_files``).
+    """
     (folder / "imagesTr").mkdir(parents=True, exist_ok=True)
     (folder / "labelsTr").mkdir(parents=True, exist_ok=True)
     cases = []
@@ -249,8 +252,7 @@ def _write_split(
         # One stream per case: a case does not change when other counts change.
         rng = np.random.default_rng([seed, site_index, int(held_out), index])
         image, label, affine = make_case(character, size, rng, lesion)
-        files = (folder / "imagesTr" / f"{case_id}_0000.nii.gz", folder / "labelsTr" / f"{case_id}.nii.gz")
-        for array, path in zip((image, label), files, strict=True):
+        for array, path in zip((image, label), case_files(folder, case_id), strict=True):
             save_nifti(path, array, affine)
         cases.append({"id": case_id, "site": character.name, "split": folder.name})
     return cases
@@ -276,19 +278,11 @@ def write_demo_site(
     root.mkdir(parents=True, exist_ok=True)
     (root / DEMO_ROOT_MARKER).touch()
     character = site_characters(sites, seed)[index]
-    tmp = work_folder_beside(target)
-    try:
+    with AtomicFolder(target, keep_existing=True) as tmp:
         written = _write_split(tmp, character, index, cases_per_site, False, seed, size, lesion=False)
         (tmp / "dataset.json").write_text(
             json.dumps(_dataset_json(f"gem3d-demo-{target.name}", len(written), 4), indent=2)
         )
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            if not target.is_dir():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
@@ -313,13 +307,12 @@ def write_demo_cohort(
     out = Path(out)
     if sites < 1 or cases_per_site < 1 or test_per_site < 0:
         raise DataError("demo-data needs at least one site and one case per site")
-    if size < 8:
-        raise DataError(f"demo-data --size {size}: must be at least 8")
+    if not 8 <= size <= 512:  # beyond 512 a single case is gigabytes: no demo needs it
+        raise DataError(f"demo-data --size {size}: expected 8..512 voxels")
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new folder")
     try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = work_folder_beside(out)
+        folder = AtomicFolder(out)
     except OSError as error:
         raise DataError(f"{out}: output folder not writable ({error.strerror})") from None
     num_labels = 5 if lesion else 4
@@ -334,7 +327,7 @@ def write_demo_cohort(
         "pooled": pooled,
         "cases": cases,
     }
-    try:
+    with folder as tmp:
         training = [("pooled" if pooled else c.name, c, cases_per_site, False) for c in characters]
         for split, character, count, held_out in training + [("test", c, test_per_site, True) for c in characters]:
             cases += _write_split(
@@ -346,8 +339,4 @@ def write_demo_cohort(
                 json.dumps(_dataset_json(f"gem3d-demo-{split}", count, num_labels), indent=2)
             )
         (tmp / "cohort.json").write_text(json.dumps(record, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

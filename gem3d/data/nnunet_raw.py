@@ -2,14 +2,16 @@
 
 ``read_grid_cases`` reads every case of a dataset (or of each site dataset of a cohort root) onto
 the model grid. ``DatasetWriter`` writes ``imagesTr``, ``labelsTr`` and ``dataset.json``
-(``dataset_json``) atomically: cases go into a temporary folder beside the target, renamed into
-place by ``finish``; an existing target is never overwritten, and ``abort`` leaves nothing behind.
+(``dataset_json``) atomically: cases go into a work folder beside the target
+(``gem3d.files.AtomicFolder``), renamed into place by ``finish``; an existing target is never
+overwritten, and ``abort`` (or leaving its ``with`` block unfinished) leaves nothing behind.
+``case_files`` names a case's files, for the writers that choose their own bytes (the demo
+cohort's labels stay uint8; a release scrubs its headers).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +24,7 @@ from gem3d.data.geometry import CaseGeometry, ModelGridCase, to_model_grid
 from gem3d.data.layouts import check_case_headers, discover, read_case
 from gem3d.data.nifti import save_nifti
 from gem3d.errors import DataError
-from gem3d.files import work_folder_beside, write_json
+from gem3d.files import AtomicFolder, write_json
 
 
 def dataset_json(channel: str, labels: dict[int, str], num_training: int, **meta: Any) -> dict[str, Any]:
@@ -44,12 +46,22 @@ def dataset_json(channel: str, labels: dict[int, str], num_training: int, **meta
     }
 
 
+def case_files(folder: Path, case_id: str, split: str = "Tr") -> tuple[Path, Path]:
+    """A case's image and label files in an nnU-Net v2 raw dataset: ``images{split}/{case_id}_0000.nii.gz``
+    (one input channel) and ``labels{split}/{case_id}.nii.gz``; ``split`` ``Ts`` for a test case."""
+    return folder / f"images{split}" / f"{case_id}_0000.nii.gz", folder / f"labels{split}" / f"{case_id}.nii.gz"
+
+
 Preview = Callable[[Path, np.ndarray, np.ndarray, CaseGeometry, "np.ndarray | None"], Any]
 """``preview(png_path, image, label, geometry, real)``: draws one written case (the CLI passes a plotter)."""
 
 
 class DatasetWriter:
-    """Writes an nnU-Net v2 raw dataset into a temporary folder and renames it into place at the end."""
+    """Writes an nnU-Net v2 raw dataset into a work folder and renames it into place at the end.
+
+    Use it as ``with DatasetWriter(out) as writer: ...; writer.finish(...)``: leaving the block
+    without ``finish`` (an exception, Ctrl-C) removes the work folder; or call ``abort`` yourself.
+    """
 
     def __init__(self, out: Path, label_names: dict[int, str] | None = None, preview: Preview | None = None) -> None:
         if out.exists():
@@ -58,10 +70,17 @@ class DatasetWriter:
         if not os.access(out.parent, os.W_OK):
             raise DataError(f"{out.parent}: output folder is not writable")
         self.out = out
-        self.tmp = work_folder_beside(out)
+        self.folder = AtomicFolder(out)
+        self.tmp = self.folder.path
         self.label_names = label_names or {}
         self.preview = preview
         self.count = 0
+
+    def __enter__(self) -> DatasetWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
+        self.abort()  # after ``finish`` there is nothing left to remove
 
     def add(
         self,
@@ -91,9 +110,10 @@ class DatasetWriter:
         ``image`` and ``label`` are ``[X, Y, Z]`` arrays with a 4x4 ``affine``; ``folder`` ``Ts``
         writes a test case (``imagesTs``, not counted in ``numTraining``).
         """
-        save_nifti(self.tmp / f"images{folder}" / f"{case_id}_0000.nii.gz", image, affine)
+        image_file, label_file = case_files(self.tmp, case_id, folder)
+        save_nifti(image_file, image, affine)
         if label is not None:
-            save_nifti(self.tmp / f"labels{folder}" / f"{case_id}.nii.gz", label.astype(np.int16), affine)
+            save_nifti(label_file, label.astype(np.int16), affine)
         if provenance is not None:
             write_json(self.tmp / "provenance" / f"{case_id}.json", provenance)
         self.count += int(folder == "Tr")
@@ -104,11 +124,10 @@ class DatasetWriter:
     def finish(self, num_labels: int, channel_name: str) -> Path:
         labels = {i: self.label_names.get(i, "background" if i == 0 else f"label_{i}") for i in range(num_labels)}
         write_json(self.tmp / "dataset.json", dataset_json(channel_name, labels, self.count))
-        os.replace(self.tmp, self.out)
-        return self.out
+        return self.folder.commit()
 
     def abort(self) -> None:
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.folder.discard()
 
 
 @dataclass(frozen=True)

@@ -7,16 +7,11 @@ per-label intensities, so an informed slice carries information the mask alone d
 
 from __future__ import annotations
 
-import json
-import os
-import shutil
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 
-from gem3d.data.nnunet_raw import dataset_json
-from gem3d.files import work_folder_beside
+from gem3d.data.nnunet_raw import DatasetWriter
 
 
 def make_phantom(shape: tuple[int, int, int], num_labels: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -64,26 +59,14 @@ def write_phantom_dataset(
     num_labels: int = 4,
     seed: int = 0,
 ) -> Path:
-    """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (atomically: temp folder, then rename)."""
+    """Write an nnU-Net v2 raw dataset of phantoms to ``out`` (atomically: ``DatasetWriter``)."""
     out = Path(out)
     if out.exists():
         raise FileExistsError(f"{out}: already exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = work_folder_beside(out)
-    try:
-        (tmp / "imagesTr").mkdir()
-        (tmp / "labelsTr").mkdir()
-        affine = phantom_affine()
+    names = ["background", "shell", "middle", "core", "lesion"][:num_labels]
+    affine = phantom_affine()
+    with DatasetWriter(out, label_names=dict(enumerate(names))) as writer:
         for index in range(num_cases):
             image, label = make_phantom(shape, num_labels, seed=seed * 1000 + index)
-            case = f"phantom_{index:03d}"
-            nib.save(nib.Nifti1Image(image, affine), tmp / "imagesTr" / f"{case}_0000.nii.gz")
-            nib.save(nib.Nifti1Image(label, affine), tmp / "labelsTr" / f"{case}.nii.gz")
-        names = ["background", "shell", "middle", "core", "lesion"][:num_labels]
-        dataset = dataset_json("MRI", dict(enumerate(names)), num_cases)
-        (tmp / "dataset.json").write_text(json.dumps(dataset, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
+            writer.add_arrays(f"phantom_{index:03d}", image, label, affine)
+        return writer.finish(num_labels, "MRI")

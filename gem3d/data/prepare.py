@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from gem3d.data.geometry import CaseGeometry, map_labels, to_model_grid
 from gem3d.data.layouts import SEQUENCES, Layout, Listing, Sequence_, check_case_headers, discover, read_case
 from gem3d.data.volume import Volume
 from gem3d.errors import DataError
-from gem3d.files import work_folder_beside
+from gem3d.files import AtomicFolder
 
 MANIFEST = "manifest.json"
 FORMAT = "gem3d-prepared-v1"
@@ -145,11 +144,8 @@ def prepare_dataset(
         if on_case:
             on_case(files.case_id, problem)
 
-    missing = [folder for folder in output.parents if not folder.exists()]
-    created = missing[-1] if missing else None  # the top-most folder this call creates
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = work_folder_beside(output)
-    try:
+    # folders made only to hold the output go too on a failure: nothing is left behind
+    with AtomicFolder(output, remove_created_parents=True) as tmp:
         (tmp / "cases").mkdir()
         records = _process_cases(listing, valid, cfg, options, tmp, report, on_case)
         label_values = _label_table(listing, records, cfg, input_dir)
@@ -177,12 +173,6 @@ def prepare_dataset(
             "cases": entries,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, output)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if created is not None:  # folders made only to hold the output go too: nothing is left behind
-            shutil.rmtree(created, ignore_errors=True)
-        raise
     return report
 
 
