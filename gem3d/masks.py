@@ -90,25 +90,26 @@ def left_right_axis(slice_axis: int) -> int:
     return 0 if slice_axis == 0 else 1
 
 
-def parse_edits(spec: str, slice_axis: int = 2) -> list[MaskEdit]:
+def parse_edits(spec: str, slice_axis: int = 2, option: str = "--mask-edit") -> list[MaskEdit]:
     """Parse ``"rotate:10,flip,elastic:2,shift-lesion:0.5,transplant,remove:3,relabel:3=1"``.
 
     Args:
         spec: comma-separated edits (see the module docstring); empty or blank gives no edits.
         slice_axis: the data's canonical slice axis, which decides the axis of a plain ``flip``.
+        option: where ``spec`` came from, for the message (a command's option).
     Raises:
-        ConfigError: one line naming the bad token and what is wrong with it.
+        ConfigError: one line naming ``option``, the bad token and what is wrong with it.
     """
     if not spec.strip():
         return []
-    return [_parse_token(token.strip(), slice_axis) for token in spec.split(",")]
+    return [_parse_token(token.strip(), slice_axis, f"{option} {spec}") for token in spec.split(",")]
 
 
-def _parse_token(token: str, slice_axis: int) -> MaskEdit:
+def _parse_token(token: str, slice_axis: int, where: str) -> MaskEdit:
     name, has_arg, arg = (part.strip() for part in token.partition(":"))
 
     def bad(problem: str) -> ConfigError:
-        return ConfigError(f"mask edit {token!r}: {problem}")
+        return ConfigError(f"{where}: mask edit {token!r}: {problem}")
 
     if not token:
         raise bad("empty edit (two commas in a row, or a trailing comma?)")

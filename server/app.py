@@ -20,7 +20,7 @@ from experiments.tracking import Tracker
 from gem3d.errors import ConfigError, Gem3dError
 from server.federation import OnRound, run_federation
 from server.round_log import RoundLogger
-from server.settings import ServerSettings
+from server.settings import ServerSettings, describe_paths, relative_paths
 
 logger = logging.getLogger("flwr").getChild("gem3d.server")
 
@@ -40,7 +40,11 @@ def create_app(run_config: dict[str, Any] | None = None, on_round: OnRound | Non
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            settings = ServerSettings.from_run_config({**dict(context.run_config), **(run_config or {})})
+            merged_config = {**dict(context.run_config), **(run_config or {})}
+            settings = ServerSettings.from_run_config(merged_config)
+            relative = relative_paths(merged_config)
+            for line in describe_paths(settings, relative):  # a SuperLink from another checkout shows here
+                (logger.warning if relative and line.startswith("run config paths") else logger.info)(line)
             if settings.options["audit-candidates"]:
                 _audit(grid, settings)
                 return

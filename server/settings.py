@@ -53,9 +53,39 @@ def parse_set(text: str) -> dict[str, Any]:
     return parse_overrides(text.split(), "run config 'set':")
 
 
+PATH_KEYS = ("out-dir", "data-root", "state-root", "server-data", "init")
+
+
 def _path(value: Any) -> Path | None:
     text = str(value).strip()
     return Path(text).expanduser().resolve() if text else None
+
+
+def relative_paths(run_config: dict[str, Any]) -> dict[str, str]:
+    """The run config's path keys given as relative paths (key -> the text given).
+
+    Flower runs the ServerApp in the working folder of the process that executes it (the local
+    SuperLink in a simulation or deployment), not the folder of ``flwr run``: a SuperLink left
+    running from another checkout resolves ``data-root = "demo_out/data"`` against *its* folder.
+    """
+    merged = {**APP_KEYS, **run_config}
+    return {key: str(merged[key]).strip() for key in PATH_KEYS if str(merged[key]).strip()
+            and not Path(str(merged[key]).strip()).expanduser().is_absolute()}  # fmt: skip
+
+
+def describe_paths(settings: ServerSettings, relative: dict[str, str]) -> list[str]:
+    """Log lines for the start of a run: every resolved path, and how relative ones were resolved."""
+    paths = {"out-dir": settings.out_dir, "data-root": settings.data_root, "state-root": settings.state_root,
+             "server-data": settings.server_data, "init": settings.init}  # fmt: skip
+    lines = [f"run config {key} = {path}" for key, path in paths.items() if path is not None]
+    if relative:
+        given = ", ".join(f"{key}={text!r}" for key, text in relative.items())
+        lines.append(
+            f"run config paths {given} are relative: resolved against this ServerApp's working folder {Path.cwd()} "
+            "(the SuperLink's, not necessarily where `flwr run` was typed); to be sure, pass absolute ones, "
+            'e.g. flwr run . --run-config \'data-root="/abs/path/data" out-dir="/abs/path/run"\''
+        )
+    return lines
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
+import numpy as np
 import pytest
 from mlflow import MlflowClient
 
@@ -205,10 +207,18 @@ def test_evaluate_tracks_by_default_and_keeps_its_report_logging(run: Path, proj
     }
 
 
-def test_a_command_that_raises_ends_its_run_failed(run: Path, project: Path) -> None:
-    # execute: the mask is read after the run opened
+def test_a_command_that_raises_ends_its_run_failed(run: Path, phantom_dir: Path, project: Path) -> None:
+    # arrange: a gzipped mask whose header reads (the checks before the run pass) but whose
+    # compressed voxels are cut short (their size cannot be checked without decompressing them)
+    label = nib.load(phantom_dir / "labelsTr" / "phantom_002.nii.gz")
+    truncated = project / "truncated_mask.nii.gz"
+    noise = np.random.default_rng(0).integers(0, 3, label.shape).astype(np.int16)  # does not compress away
+    nib.save(nib.Nifti1Image(noise, label.affine), truncated)
+    truncated.write_bytes(truncated.read_bytes()[:1000])
+
+    # execute: the voxels are read after the run opened
     code = _gem3d(
-        "sample", "--checkpoint", run, "--mask", project / "missing_mask.nii.gz",
+        "sample", "--checkpoint", run, "--mask", truncated,
         "--informed", "generate", "--out", project / "failed.nii.gz",
     )  # fmt: skip
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from experiments.commands.common import (
+    PROVENANCE_BYTES,
     CommandOptions,
     ConfigOptions,
     TrackedOptions,
@@ -35,6 +36,7 @@ from experiments.commands.common import (
     fraction,
     grid_size,
     load_cli_config,
+    png_bytes,
     positive_float,
     positive_int,
     seed_int,
@@ -175,6 +177,12 @@ def audit_metrics(report: dict[str, Any]) -> dict[str, float]:
     return metrics
 
 
+def audit_bytes(tracked: bool) -> int:
+    """About what the audit writes: the report JSON and its histogram PNG (``privacy.audit.write_report``),
+    copied once more into the MLflow run when tracked."""
+    return (PROVENANCE_BYTES + png_bytes(15, 3.6, 100)) * (2 if tracked else 1)
+
+
 def run(args: argparse.Namespace) -> int:
     return EXIT_COPIES if run_audit(AuditOptions.from_args(args)).copies else 0
 
@@ -187,7 +195,7 @@ def run_audit(options: AuditOptions) -> AuditResult:
     started = time.perf_counter()
     if options.out.suffix != ".json":
         raise DataError(f"--out {options.out}: the report must be a .json file")
-    check_new_outputs([options.out, options.out.with_suffix(".png")])
+    check_new_outputs([options.out, options.out.with_suffix(".png")], needed_bytes=audit_bytes(options.track != "off"))
     settings = copy_rule_settings(options, options.seed)
     model = None
     checkpoints: dict[str, str] = {}
@@ -199,16 +207,17 @@ def run_audit(options: AuditOptions) -> AuditResult:
         checkpoints[options.mia_stage] = file_sha256(path)
     else:
         cfg = load_cli_config(options.config, options.set)
-    holdout = load_volumes(options.holdout, cfg.data)
+    # the audit never samples a mask on its own: the training field-of-view warning is not its concern
+    holdout = load_volumes(options.holdout, cfg.data, warn_partial=False)
     check_reference(settings, len(holdout), "holdout")  # before the expensive part
     # the candidates are read by the audit a chunk at a time: from a raw folder case by case, or a
     # prepared cache memory-mapped (issue 16); the training and holdout sets are its reference
     synthetic: Sequence[Volume] = (
-        load_volumes(options.synthetic, cfg.data)
+        load_volumes(options.synthetic, cfg.data, warn_partial=False)
         if (options.synthetic / MANIFEST).exists()
         else RawVolumes(options.synthetic, cfg.data)
     )
-    train = load_volumes(options.train, cfg.data)
+    train = load_volumes(options.train, cfg.data, warn_partial=False)
     with tracked(options, NAME, cfg, started, checkpoints) as run_log:
         result = memorization_audit(synthetic, train, holdout, settings)
         if model is not None:

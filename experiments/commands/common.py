@@ -180,6 +180,33 @@ def check_writable(path: Path, option: str = "--out", needed_bytes: int = 0) -> 
         raise DataError(f"{option} {path}: needs about {_size(needed_bytes)} in {folder}, which has {_size(free)} free")
 
 
+def check_outside(out: Path, option: str, inputs: Mapping[str, Path | None]) -> None:
+    """Before any work: ``out`` is neither one of ``inputs`` (option -> folder) nor inside one.
+
+    An output written into an input folder would become part of that input (an extra "case" of a
+    dataset, a stray folder in a run); the same path in and out would overwrite the input.
+    """
+    from gem3d.errors import DataError
+
+    target = out.expanduser().resolve()
+    for name, folder in inputs.items():
+        if folder is None:
+            continue
+        source = folder.expanduser().resolve()
+        if target == source or source in target.parents:
+            raise DataError(
+                f"{option} {out}: inside {name} {folder}; write outputs outside the input folder (nothing is changed)"
+            )
+
+
+PROVENANCE_BYTES = 2**20  # a provenance or report JSON: a few KiB in practice; 1 MiB bounds it
+
+
+def png_bytes(width_in: float, height_in: float, dpi: int) -> int:
+    """An upper bound on a matplotlib PNG of this size: its RGBA pixels uncompressed, plus the PNG's overhead."""
+    return int(width_in * dpi) * int(height_in * dpi) * 4 + 2**16
+
+
 def add_config_argument(parser: argparse.ArgumentParser, required: bool = False) -> None:
     parser.add_argument(
         "--config",
@@ -211,6 +238,9 @@ def load_cli_config(
             number of labels, its modality) decide those fields; a ``--set`` that contradicts
             them is refused.
     """
+    path = Path(config).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"--config {config}: is a folder; expected a TOML file or a bundled config name")
     overrides = parse_overrides(list(set_items))
     if dataset is not None and dataset.is_dir():
         from gem3d.data.layouts import declared_data

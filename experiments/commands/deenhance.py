@@ -13,12 +13,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, tracked
+from experiments.commands.common import add_track_option, check_new_outputs, check_outside, dataset_bytes, tracked
 from experiments.commands.sampling import (
     CohortOptions,
     ProgressBars,
     add_sampling_arguments,
     add_worker_arguments,
+    check_informed_index,
     cohort_synthesiser,
 )
 from experiments.previews import case_preview
@@ -67,11 +68,16 @@ def run_deenhance(options: DeenhanceOptions) -> dict[str, Any]:
     """``gem3d deenhance``: every case of ``options.data`` regenerated with one reference slice; returns the report."""
     started = time.perf_counter()
     # the output and the disk first: a full disk is found before the model is loaded
+    check_outside(options.out, "--out", {"--data": options.data})
     check_new_outputs([options.out], needed_bytes=1 * dataset_bytes(options.data))
-    if options.reference.startswith(("file:", "generate", "copy")):
-        raise DataError(f"--reference {options.reference}: expects IMAGE.nii.gz[@Z]")
-    text = options.reference
-    reference = parse_source(text if text.startswith("real:") else f"real:{text}")
+    text = options.reference.removeprefix("real:")
+    if not text or options.reference.startswith(("file:", "generate", "copy")):
+        raise DataError(f"--reference {options.reference!r}: expects IMAGE.nii.gz[@Z]")
+    try:
+        reference = parse_source(f"real:{text}")
+    except DataError as error:  # parse_source speaks of --informed; here the option is --reference
+        raise DataError(str(error).replace(f"--informed real:{text}", f"--reference {options.reference}")) from None
+    check_informed_index("--reference", reference)
     with cohort_synthesiser(options) as synth:
         with tracked(options, NAME, synth.cfg, started, synth.checkpoints) as run_log:
             bars = ProgressBars([])

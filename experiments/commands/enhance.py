@@ -16,7 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from experiments.commands.common import add_track_option, check_new_outputs, dataset_bytes, positive_int, tracked
+from experiments.commands.common import (
+    add_track_option,
+    check_new_outputs,
+    check_outside,
+    dataset_bytes,
+    positive_int,
+    tracked,
+)
 from experiments.commands.sampling import (
     CohortOptions,
     ProgressBars,
@@ -67,6 +74,7 @@ def run_enhance(options: EnhanceOptions) -> Path:
     """``gem3d enhance``: ``options.per_case`` new pairs per case of ``options.data``; returns the written dataset."""
     started = time.perf_counter()
     # the output and the disk first: a full disk is found before the model is loaded
+    check_outside(options.out, "--out", {"--data": options.data, "--checkpoint": options.checkpoint})
     check_new_outputs([options.out], needed_bytes=options.per_case * dataset_bytes(options.data))
     edits = []
     if options.mask_edit:  # a bad edit is refused before any model loads or worker starts

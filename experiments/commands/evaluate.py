@@ -41,14 +41,18 @@ from typing import Any, Literal
 import torch
 
 from experiments.commands.common import (
+    PROVENANCE_BYTES,
     CommandRun,
     TrackedOptions,
     add_track_option,
     check_new_outputs,
+    check_writable,
+    png_bytes,
     positive_int,
     tracked,
 )
 from experiments.evaluation.arms import ARMS, resolve_arms
+from experiments.evaluation.baselines import Full3D
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.nnunet_judge import BUDGETS, require_nnunet
 from experiments.evaluation.protocol import DOWNSTREAM_STEPS
@@ -57,6 +61,7 @@ from experiments.evaluation.run import (
     BASELINE_NAMES,
     BASELINES,
     DEFAULT_ARMS,
+    MONTAGE_CASES,
     Settings,
     evaluate,
     montage,
@@ -65,7 +70,7 @@ from experiments.evaluation.run import (
 from experiments.evaluation.utility import UtilityDesign, plot_curves
 from gem3d.config import Config, config_from_dict
 from gem3d.errors import CheckpointError, ConfigError, DataError
-from gem3d.runs import stage_metadata
+from gem3d.runs import checkpoint_bytes, stage_metadata
 
 NAME = "evaluate"
 HELP = "score a run against held-out cases and baselines (PROTOCOL.md)"
@@ -203,7 +208,7 @@ def _settings(options: EvaluateOptions) -> Settings:
     settings = quick_settings() if options.quick else Settings()
     design, changes, deviations = settings.utility, {}, list(settings.deviations)
     protocol = UtilityDesign()  # a given count or multiplier list is read against the protocol's points
-    if options.seeds:
+    if options.seeds is not None:
         changes["seeds"] = _integers("--seeds", options.seeds, 0)
     if options.real_counts:
         counts = _integers("--real-counts", options.real_counts, 1)
@@ -267,6 +272,27 @@ def _run_config(checkpoint: Path) -> Config | None:
         return None
 
 
+def _needed_bytes(
+    options: EvaluateOptions, methods: list[str], checkpoints: dict[str, Path], settings: Settings
+) -> int:
+    """About what ``evaluate`` writes: the report, the montage (at most ``MONTAGE_CASES`` rows of
+    four methods) and the curves (uncompressed PNGs: an upper bound), copied into the MLflow run
+    when tracked, and the baselines it trains (``--train-data``) at the run's network size, as
+    ``runs.checkpoint_bytes`` counts a checkpoint. Nothing is allocated: networks are built on the meta device."""
+    pictures = png_bytes(2.2 * 4, 2.2 * MONTAGE_CASES, 100) + png_bytes(4.2 * 4, 3.4, 100)
+    needed = (PROVENANCE_BYTES + pictures) * (2 if options.track != "off" else 1)
+    cfg = _run_config(options.checkpoint)
+    if options.train_data is None or cfg is None:
+        return needed
+    if "mask_only" in methods and "mask_only" not in checkpoints:
+        needed += checkpoint_bytes("slice", cfg) + checkpoint_bytes("volume", cfg)
+    if "full_3d" in methods and "full_3d" not in checkpoints:
+        with torch.device("meta"):
+            net = Full3D(cfg, settings.full3d_channels).net
+        needed += 2 * 4 * 4 * sum(p.numel() for p in net.parameters())
+    return needed
+
+
 def _nnunet_dir(out: Path) -> Path:
     return out.parent / f"{out.stem}.nnunet"
 
@@ -308,6 +334,8 @@ def run_evaluate(options: EvaluateOptions) -> dict[str, Any]:
     methods = ["gem3d", *_parse_baselines(options.baselines)]
     checkpoints = _parse_checkpoints(options.baseline_checkpoint)
     settings = _settings(options)
+    # the disk before the work: the report, its pictures and the baselines trained here
+    check_writable(options.out, "--out", _needed_bytes(options, methods, checkpoints, settings))
     try:
         extractor = load_feature_extractor(options.feature_extractor)
     except (ValueError, OSError) as error:

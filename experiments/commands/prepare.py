@@ -12,7 +12,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from experiments.commands.common import add_config_argument, load_cli_config, nonnegative_int
+from experiments.commands.common import add_config_argument, check_outside, load_cli_config, nonnegative_int
 from gem3d.data.layouts import LAYOUTS, SEQUENCES
 from gem3d.data.prepare import PrepareOptions, prepare_dataset
 from gem3d.errors import DataError
@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
         raise DataError(f"unknown layout '{args.layout}' (expected one of {', '.join(LAYOUTS)})")
     if args.sequence not in SEQUENCES:
         raise DataError(f"unknown BraTS sequence '{args.sequence}' (expected one of {', '.join(SEQUENCES)})")
+    check_outside(args.output, "--output", {"--input": args.input})
     cfg = load_cli_config(args.config, args.set, dataset=args.input)  # the dataset decides its labels and modality
     options = PrepareOptions(
         layout=args.layout, sequence=args.sequence, skip_invalid=args.skip_invalid, margin=max(args.margin, 0)

@@ -29,6 +29,7 @@ from experiments.commands.audit import CopyRuleOptions, add_copy_rule_arguments,
 from experiments.commands.common import (
     add_track_argument,
     check_new_outputs,
+    check_outside,
     dataset_bytes,
     default_store,
     nonnegative_int,
@@ -123,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
 def run_release(options: ReleaseOptions) -> ReleaseResult:
     """``gem3d release``: an enhanced cohort of ``options.data`` through the release gate, or nothing written."""
     # the output and the disk first: a full disk is found before the model is loaded
+    inputs = {"--data": options.data, "--holdout": options.holdout, "--audit-sites": options.audit_sites}
+    check_outside(options.out, "--out", inputs)
     check_new_outputs([options.out], needed_bytes=options.per_case * dataset_bytes(options.data))
     if not 0.0 <= options.max_linkage_rate <= 1.0:
         raise ConfigError(f"--max-linkage-rate {options.max_linkage_rate:g}: expected a fraction within 0..1")

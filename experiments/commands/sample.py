@@ -18,7 +18,9 @@ from experiments.commands.common import add_track_option, check_new_outputs, tra
 from experiments.commands.sampling import (
     SamplingOptions,
     add_sampling_arguments,
+    check_informed_index,
     open_synthesiser,
+    single_output_bytes,
     single_outputs,
     write_single,
 )
@@ -50,11 +52,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_track_option(parser)
 
 
-def check_output(out: Path, *also: Path) -> None:
-    """``--out`` is a new NIfTI path in a writable folder, and so are its sidecars and ``also``."""
+def check_output(out: Path, *also: Path, needed_bytes: int = 0) -> None:
+    """``--out`` is a new NIfTI path in a writable folder (``needed_bytes`` free); so are its sidecars and ``also``."""
     if not out.name.endswith((".nii.gz", ".nii")):
         raise DataError(f"--out {out}: must end in .nii.gz or .nii")
-    check_new_outputs([out, *single_outputs(out), *also])
+    check_new_outputs([out, *single_outputs(out), *also], needed_bytes=needed_bytes)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -65,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
 def run_sample(options: SampleOptions) -> Path:
     """``gem3d sample``: one volume from ``options.mask`` and its informed slice; returns ``options.out``."""
     started = time.perf_counter()
-    check_output(options.out)
+    # the output and the disk first, from the mask's header: a full disk is found before the model loads
+    check_output(options.out, needed_bytes=single_output_bytes(options.mask, False, options.track != "off"))
     source = parse_source(options.informed, ("real", "file", "generate"))
+    check_informed_index("--informed", source)
     synth = open_synthesiser(options)
     with tracked(options, NAME, synth.cfg, started, synth.checkpoints) as run_log:
         job = mask_job(synth, options.mask, source, options.start, options.seed)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
@@ -12,11 +13,19 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from experiments.commands.common import CommandOptions, TrackedOptions, positive_int, seed_int
+from experiments.commands.common import (
+    PROVENANCE_BYTES,
+    CommandOptions,
+    TrackedOptions,
+    png_bytes,
+    positive_int,
+    seed_int,
+)
 from experiments.previews import case_preview
 from experiments.progress import progress_bar
 from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
 from gem3d.data.geometry import CaseGeometry
+from gem3d.informed import SourceSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -128,6 +137,31 @@ def mask_editor(
         return apply_edits(label, edits, num_labels, np.random.default_rng(seed))
 
     return edit
+
+
+PREVIEW_BYTES = png_bytes(7.5, 2.6 * 3, 80)  # ``case_preview``: a fixed-size figure (three rows at most)
+
+
+def single_output_bytes(mask: Path, edited_mask: bool, tracked: bool) -> int:
+    """About what ``write_single`` writes for ``mask``, from its header alone (no voxel is read).
+
+    The volume is written in the mask's own grid as float32 (gzip ignored: an upper bound), the
+    edited mask as int16, plus the provenance JSON and the preview; the MLflow run keeps copies
+    of those two. Raises ``DataError`` naming the mask when its header is unreadable.
+    """
+    from gem3d.data.nifti import read_header
+
+    voxels = math.prod(read_header(mask).spatial_shape)
+    sidecars = PROVENANCE_BYTES + PREVIEW_BYTES
+    return voxels * 4 + (voxels * 2 if edited_mask else 0) + sidecars * (2 if tracked else 1)
+
+
+def check_informed_index(option: str, spec: SourceSpec) -> None:
+    """A ``real:IMAGE@Z`` slice index counts from 0 (a negative one would silently count from the end)."""
+    from gem3d.errors import DataError
+
+    if spec.index is not None and spec.index < 0:
+        raise DataError(f"{option} {spec.path}@{spec.index}: slice index {spec.index}: expected a voxel index >= 0")
 
 
 def single_outputs(out: Path) -> tuple[Path, Path]:

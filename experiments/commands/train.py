@@ -24,6 +24,7 @@ from experiments.commands.common import (
     TrackedOptions,
     add_config_argument,
     add_track_argument,
+    check_outside,
     check_writable,
     load_cli_config,
     open_tracker,
@@ -31,12 +32,12 @@ from experiments.commands.common import (
     seed_int,
 )
 from experiments.progress import progress_bar
-from gem3d.checkpoint import read_metadata
+from gem3d.checkpoint import load_checkpoint, read_metadata
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
-from gem3d.errors import ConfigError
+from gem3d.errors import CheckpointError, ConfigError
 from gem3d.files import writer_lock
-from gem3d.runs import STAGE_FILES, checkpoint_bytes, codec_source, init_checkpoint, train_stage
+from gem3d.runs import STAGE_FILES, checkpoint_bytes, codec_source, init_checkpoint, resolve_device, train_stage
 from gem3d.training import STAGES, Stage, train
 from privacy.dp_sgd import train_private
 from privacy.ledger import PrivacyLedger
@@ -104,6 +105,7 @@ def run(args: argparse.Namespace) -> int:
 
 def run_train(options: TrainOptions) -> dict[str, float]:
     """``gem3d train``: one stage into the run folder ``options.out``; returns its metrics (``runs.train_stage``)."""
+    check_outside(options.out, "--out", {"--data": options.data})  # before the lock writes into --out
     fresh = not options.out.exists()
     with writer_lock(options.out):  # held from the first file written (the MLflow store) to the last
         try:
@@ -132,6 +134,7 @@ def _run(args: TrainOptions) -> dict[str, float]:
         codec_source(cfg, args.out)  # a latent stage without its autoencoder is refused before any work
     # the disk first: a full one is found before the data is read or a step is taken
     check_writable(args.out, "--out", checkpoint_bytes(args.stage, cfg))
+    _check_start(args, cfg)
     volumes = load_volumes(args.data, cfg.data)
     total = args.steps if args.steps is not None else getattr(cfg.train, f"steps_{args.stage}")
     ledger = None
@@ -204,6 +207,38 @@ def _run(args: TrainOptions) -> dict[str, float]:
             f"ledger {ledger.path}"
         )
     return metrics
+
+
+def _check_start(args: TrainOptions, cfg: Config) -> None:
+    """Before the data is read: the device exists, and what the stage starts from (``--resume``,
+    ``--init``, the run's slice stage) is there and verified (``runs.train_stage`` would find the
+    same, but only after loading every case)."""
+    resolve_device(cfg.train.device)
+    path = args.out / STAGE_FILES[args.stage]
+    if path.exists() and not args.resume:
+        raise CheckpointError(f"{path}: already exists; pass --resume to continue it, or choose another --out")
+    if args.resume:
+        if not path.exists():
+            raise CheckpointError(f"--resume: {path}: nothing to resume (train this stage without --resume first)")
+        load_checkpoint(path)  # checksums verified
+        return
+    if args.init is not None:
+        source = init_checkpoint(args.init, args.stage)
+        _, metadata = load_checkpoint(source)  # schema and checksums verified
+        allowed = ("slice", "volume") if args.stage == "volume" else (args.stage,)
+        if metadata.get("stage") not in allowed:
+            raise CheckpointError(
+                f"--init {args.init}: {source} holds a '{metadata.get('stage')}'-stage checkpoint; "
+                f"the {args.stage} stage starts from {' or '.join(allowed)}"
+            )
+    elif args.stage == "volume":
+        slice_path = args.out / STAGE_FILES["slice"]
+        if not slice_path.exists():
+            raise CheckpointError(
+                f"{slice_path}: no slice-stage checkpoint to start the volume stage from; "
+                "run --stage slice with this --out first, or pass --init"
+            )
+        load_checkpoint(slice_path)
 
 
 def _needs_codec(args: TrainOptions, latent: bool) -> bool:

@@ -122,11 +122,15 @@ def load_raw(data_dir: str | Path, cfg: DataConfig, layout: Layout | None = None
     return list(RawVolumes(data_dir, cfg, layout))
 
 
-def load_volumes(data_dir: str | Path, cfg: DataConfig, case_ids: list[str] | None = None) -> list[Volume]:
+def load_volumes(
+    data_dir: str | Path, cfg: DataConfig, case_ids: list[str] | None = None, warn_partial: bool = True
+) -> list[Volume]:
     """Load every case of a prepared cache (``manifest.json``) or a raw nnU-Net v2 / MSD folder.
 
     Args:
         case_ids: only these cases of a prepared cache (e.g. one simulated site's partition).
+        warn_partial: warn when the labels cover part of the anatomy (``warn_if_partial``): for
+            training data; a reader that never samples a mask on its own (the audit) turns it off.
     Returns:
         one ``Volume`` per case, ``image`` ``[D, H, W]`` float32 in [-1, 1], ``label`` uint8, sorted by id.
     """
@@ -140,5 +144,6 @@ def load_volumes(data_dir: str | Path, cfg: DataConfig, case_ids: list[str] | No
         if case_ids is not None:
             wanted = set(case_ids)
             volumes = [v for v in volumes if v.case_id in wanted]
-    warn_if_partial(volumes, cfg, data_dir)
+    if warn_partial:
+        warn_if_partial(volumes, cfg, data_dir)
     return volumes
