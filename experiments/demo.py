@@ -136,6 +136,18 @@ class DemoSettings:
     pretrain_steps: tuple[int, int] = (1000, 1200)
     mask_only_steps: tuple[int, int] = (1000, 150)
     shipped: Path | None = SHIPPED
+    config: str = "tiny"
+    """the bundled config under ``overrides``: ``tiny``, or ``tiny_latent`` for the latent variant."""
+    autoencoder_steps: int = 0
+    """a latent demo's stage 0, pre-trained on the public data first (0: a pixel-space demo)."""
+
+    @property
+    def latent(self) -> bool:
+        return self.autoencoder_steps > 0
+
+    def recorded(self) -> dict[str, Any]:
+        """What a demo folder was made with: a re-run must use the same (``check_demo_folder``)."""
+        return {"config": self.config, "overrides": self.overrides, "sites": self.sites, "size": self.size}
 
 
 SMALL = DemoSettings(
@@ -151,6 +163,20 @@ SMALL = DemoSettings(
     pretrain_steps=(4, 2),
     mask_only_steps=(4, 2),
     shipped=None,
+)
+
+
+# The latent variant (``gem3d demo --latent``): the same story in the latent space of a slice
+# autoencoder (tiny_latent: 32x32 slices -> 4 x 8 x 8 latents). Stage 0 is pre-trained on the
+# public data with the other public stages and stays frozen in the federated rounds (the sites
+# fine-tune the denoiser and the informed generator on latents, under DP-SGD).
+LATENT_SET = f"{DEMO_SET} federation.rounds_autoencoder=0"
+LATENT = replace(DemoSettings(), config="tiny_latent", overrides=LATENT_SET, autoencoder_steps=600, shipped=None)
+SMALL_LATENT = replace(
+    SMALL,
+    config="tiny_latent",
+    overrides=f"{LATENT_SET} {SMALL_SET} autoencoder.channels=8,8 autoencoder.norm_num_groups=4",
+    autoencoder_steps=4,
 )
 
 
@@ -273,12 +299,31 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     # declared public (public_data): the checkpoints record it, and the model's privacy statement says so
     data = state.public / "pooled"
     baseline, log = None, state.out / "pretrained_mask_only.log"
+    baseline_overrides = (*overrides, "model.informed_slice=false")
+    if settings.latent:
+        # stage 0 first: the latent stages (the mask-only baseline's too) encode with it
+        autoencoder = state.pretrained / "autoencoder.safetensors"
+        if not autoencoder.exists():
+            run_train(
+                TrainOptions(
+                    config=settings.config,
+                    set=overrides,
+                    data=data,
+                    public_data=True,
+                    stage="autoencoder",
+                    out=state.pretrained,
+                    steps=settings.autoencoder_steps,
+                    track=str(tracking),
+                )
+            )
+        baseline_overrides = (*baseline_overrides, f"autoencoder.checkpoint={json.dumps(str(autoencoder))}")
     if not (state.mask_only / "volume.safetensors").exists():
         # tracked off: two processes writing one SQLite store can lock it, which would switch the
         # main run's tracking off; its log is the file above
         stages = tuple(
             TrainOptions(
-                set=(*overrides, "model.informed_slice=false"),
+                config=settings.config,
+                set=baseline_overrides,
                 data=data,
                 public_data=True,
                 out=state.mask_only,
@@ -302,6 +347,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
                 continue  # a re-run of the demo keeps what it trained
             run_train(
                 TrainOptions(
+                    config=settings.config,
                     set=overrides,
                     data=data,
                     public_data=True,
@@ -325,6 +371,8 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
         "steps": list(settings.pretrain_steps),
         "mask_only_steps": list(settings.mask_only_steps),
     }
+    if settings.latent:
+        state.summary["pretraining"]["autoencoder_steps"] = settings.autoencoder_steps
 
 
 def _train_in_child(stages: tuple[TrainOptions, ...], log: Path) -> None:
@@ -349,16 +397,17 @@ def _train_in_child(stages: tuple[TrainOptions, ...], log: Path) -> None:
     sys.exit(report_errors(TRAIN, train_stages))
 
 
-def site_policy_text(overrides: str) -> str:
+def site_policy_text(overrides: str, config: str = "tiny") -> str:
     """The privacy policy each demo hospital writes for itself: the demo's DP settings, as a floor.
 
     In the demo the hospitals and the coordinator agree, so the server's request passes; a
     request for less noise, a larger δ or budget, or no DP, would be refused by every site.
     """
+    from experiments.configs import resolve_config_path
     from gem3d.config import load_config
     from server.settings import parse_set
 
-    privacy = load_config(overrides=parse_set(overrides)).privacy
+    privacy = load_config(resolve_config_path(config), overrides=parse_set(overrides)).privacy
     return (
         "# This site's own privacy policy: a federated server may only ask for more privacy.\n"
         "[privacy]\n"
@@ -375,7 +424,7 @@ def write_site_policies(state: DemoState) -> None:
         policy = SiteState(default_state_dir(state.data / f"site_{site}")).policy_path
         if not policy.exists():
             policy.parent.mkdir(parents=True, exist_ok=True)
-            policy.write_text(site_policy_text(state.settings.overrides))
+            policy.write_text(site_policy_text(state.settings.overrides, state.settings.config))
 
 
 def train_federated(state: DemoState, tracking: Path) -> None:
@@ -386,6 +435,7 @@ def train_federated(state: DemoState, tracking: Path) -> None:
 
     write_site_policies(state)
     run_config = {
+        "config": state.settings.config,
         "data-root": str(state.data),
         "out-dir": str(state.run),
         "init": str(state.pretrained),
@@ -540,6 +590,13 @@ def summary_lines(state: DemoState) -> list[str]:
                 f"({pretraining['mask_only_steps'][0]} / {pretraining['mask_only_steps'][1]})",
             )
         )
+        if "autoencoder_steps" in pretraining:
+            rows.append(
+                (
+                    "  latent: autoencoder (stage 0) steps, shared by GEM-3D and mask-only",
+                    str(pretraining["autoencoder_steps"]),
+                )
+            )
     for site, eps in s.get("epsilon", {}).items():
         rows.append((f"epsilon {site} (patient-level DP-SGD, all stages, delta 1e-5)", _fmt(eps, 2)))
     privacy = s.get("privacy")
@@ -615,6 +672,41 @@ def summary_lines(state: DemoState) -> list[str]:
     return lines
 
 
+DEMO_RECORD = "demo.json"
+
+
+def check_demo_folder(out: Path, settings: DemoSettings, fresh: bool) -> None:
+    """Check ``--out`` before any work: a new or empty folder, or a demo's own to resume or replace.
+
+    A folder that holds something else is refused (``--fresh`` deletes only a demo's folder, and a
+    resume must not mix a pixel and a latent run).
+
+    Raises:
+        Gem3dError: ``out`` is a file, holds other files, or a demo made with other settings.
+    """
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise Gem3dError(f"--out {out}: is a file; the demo writes a folder")
+    record = out / DEMO_RECORD
+    # a demo folder of an earlier version has no record, but its summary or pre-trained stages
+    is_demo = record.is_file() or (out / "summary.json").is_file() or (out / "pretrained").is_dir()
+    if not is_demo and any(out.iterdir()):
+        raise Gem3dError(f"--out {out}: a non-empty folder that is not a demo's; choose another --out")
+    if fresh or not record.is_file():
+        return
+    try:
+        made = json.loads(record.read_text())
+    except (OSError, ValueError):
+        made = None
+    if made != settings.recorded():
+        config = made.get("config") if isinstance(made, dict) else "unknown"
+        raise Gem3dError(
+            f"--out {out}: holds a demo made with other settings (config {config}); "
+            "resume it with the same options, or pass --fresh, or choose another --out"
+        )
+
+
 def run_demo(out: Path, settings: DemoSettings = DemoSettings(), fresh: bool = False) -> dict[str, Any]:
     """Run every step into ``out``; returns the summary (also written to ``out/summary.json``).
 
@@ -625,9 +717,11 @@ def run_demo(out: Path, settings: DemoSettings = DemoSettings(), fresh: bool = F
     # One intra-op thread: the demo's networks are small, and two threads per process collapse
     # (10-35x slower, measured) whenever the cores are shared, e.g. with the Ray site workers.
     torch.set_num_threads(1)
+    check_demo_folder(out, settings, fresh)
     if fresh and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_RECORD).write_text(json.dumps(settings.recorded(), indent=2) + "\n")
     state = DemoState(out=out, settings=settings)
     tracking = out / "mlflow"
     steps: list[tuple[str, Callable[[], None]]] = [

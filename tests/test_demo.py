@@ -14,8 +14,10 @@ import pytest
 from experiments.commands import audit, counterfactual, deenhance, demo_data, enhance, evaluate, release, sample, train
 from experiments.commands.common import CommandOptions
 from experiments.commands.runner import Parser, add_command
-from experiments.demo import SMALL, _train_in_child, run_demo
+from experiments.demo import SMALL, SMALL_LATENT, _train_in_child, run_demo
 from experiments.tracking import read_runs
+from gem3d.checkpoint import load_checkpoint, subset
+from gem3d.errors import Gem3dError
 
 # what the demo (and any caller) gives each command's typed function, against what its parser reads
 OPTIONS: dict[ModuleType, type[CommandOptions]] = {
@@ -100,3 +102,30 @@ def test_the_baseline_child_trains_through_the_library_and_logs_a_failure_in_one
     assert child.exitcode == 2  # what `gem3d train` exits on bad input
     assert text.splitlines()[-1].startswith("gem3d train: error: ") and str(missing) in text
     assert "Traceback" not in text
+
+
+def _codec(path: Path) -> dict[str, object]:
+    """A latent checkpoint's autoencoder weights (EMA copy), by name inside the autoencoder."""
+    return {n[len("codec.") :]: t for n, t in subset(load_checkpoint(path)[0], "ema").items() if n.startswith("codec.")}
+
+
+def test_the_small_latent_demo_shares_one_public_autoencoder_and_refuses_a_mixed_resume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+
+    summary = run_demo(out, SMALL_LATENT)
+
+    printed = capsys.readouterr().out
+    assert "latent: autoencoder (stage 0) steps" in printed
+    autoencoder = subset(load_checkpoint(out / "pretrained" / "autoencoder.safetensors")[0], "ema")
+    for run in (out / "federated", out / "pretrained_mask_only"):  # the sites and the baseline: one codec
+        for stage in ("slice", "volume"):
+            codec = _codec(run / f"{stage}.safetensors")
+            assert codec.keys() == autoencoder.keys(), (run, stage)
+            assert all(bool((codec[n] == autoencoder[n]).all()) for n in codec), (run, stage)  # type: ignore[union-attr]
+    privacy = summary["privacy"]
+    assert privacy["non_dp_private"] == [] and privacy["public"]  # stage 0 is public pre-training
+    assert summary["release"]["cases"] > 0 and {"gem3d", "mask_only"} <= set(summary["evaluation"]["methods"])
+    with pytest.raises(Gem3dError, match=r"holds a demo made with other settings \(config tiny_latent\)"):
+        run_demo(out, SMALL)  # a pixel demo resumed into a latent one's folder would mix the two
