@@ -1,0 +1,135 @@
+"""One site on several processes (``gem3d.distributed``): 2 gloo processes on CPU against one process.
+
+Non-DP training must give the single process's weights for the same global batch; DP-SGD must
+add the clipped per-patient gradients of all ranks and the mechanism's noise once, spend the
+ledger once, and leave every rank with the same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from gem3d import distributed
+from gem3d.config import Config, config_from_dict
+from gem3d.data.dataset import load_volumes
+from gem3d.data.windows import WindowSource
+from gem3d.diffusion import noise_process
+from gem3d.errors import ConfigError
+from gem3d.runs import build_model
+from gem3d.training import freeze_for_stage, new_state, train
+from tests.conftest import MICRO
+
+WORLD = 2
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _worker(rank: int, size: int, port: int, job: Callable[..., Any], out: Path, kwargs: dict[str, Any]) -> None:
+    """One rank: join a gloo group of ``size`` on localhost, run ``job``, save what it returns to ``out/rank.pt``."""
+    torch.set_num_threads(1)
+    os.environ.update({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "LOCAL_RANK": str(rank)})
+    dist.init_process_group("gloo", rank=rank, world_size=size, timeout=distributed.TIMEOUT)
+    try:
+        torch.save(job(**kwargs), out / f"{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def run_ranks(job: Callable[..., Any], tmp_path: Path, size: int = WORLD, **kwargs: Any) -> list[Any]:
+    """What ``job(**kwargs)`` returns on each of ``size`` gloo ranks (a module-level function: spawn pickles it)."""
+    out = tmp_path / f"ranks-{job.__name__}"
+    out.mkdir()
+    mp.spawn(_worker, args=(size, free_port(), job, out, kwargs), nprocs=size, join=True)
+    return [torch.load(out / f"{rank}.pt", weights_only=False) for rank in range(size)]
+
+
+def _cfg(batch_size: int = 4) -> Config:
+    return config_from_dict({**MICRO, "train": {**MICRO["train"], "batch_size": batch_size}}, "micro")
+
+
+def _train(stage: str, data: Path, steps: tuple[int, ...], batch_size: int = 4) -> dict[str, dict[str, torch.Tensor]]:
+    """Train a fresh micro ``stage`` network, stopping at each of ``steps`` (as checkpoints do); its weights."""
+    cfg = _cfg(batch_size)
+    model = build_model(stage, cfg)  # type: ignore[arg-type]
+    if stage == "volume":  # a trained base, as after stage 1: a fresh one's zero output layer stops every gradient
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(0.05 * torch.randn(parameter.shape, generator=generator))
+    freeze_for_stage(model, stage, False)  # type: ignore[arg-type]
+    state = new_state(model, cfg.train)
+    source = WindowSource(load_volumes(data, cfg.data), cfg.data.window)
+    norms: list[float] = []
+    process = noise_process(cfg.diffusion)
+    metrics = [
+        train(state, process, source, stage, until, cfg.train, lambda m: norms.append(m["grad_norm"]))  # type: ignore[arg-type]
+        for until in steps
+    ]
+    return {
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "ema": {k: v.clone() for k, v in state.ema.module.state_dict().items()},
+        "grad": {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},  # the last step's
+        "curve": {"loss": torch.tensor([m["loss"] for m in metrics]), "grad_norm": torch.tensor(norms)},
+    }
+
+
+# The ranks' gradient sums are ordered differently from one process's: float32 rounding, ~1e-7
+# relative. Gradients and their norms (which would show a missed all-reduce, a wrong shard or a
+# sum in place of a mean) are compared at that level. Weights get lr / 20: AdamW moves every
+# coordinate by up to ~lr whatever its gradient's size, so a coordinate whose true gradient is 0
+# (an attention key's bias: softmax ignores it) moves by a fraction of lr on rounding alone.
+GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
+WEIGHT_TOLERANCE = {"rtol": 0.0, "atol": MICRO["train"]["lr"] / 20}  # type: ignore[index]
+
+
+@pytest.mark.parametrize("stage", ["slice", "volume", "informed"])
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
+    phantom_dir: Path, tmp_path: Path, stage: str
+) -> None:
+    steps = (2, 4)  # two calls, as between checkpoints: the second DDP wrapper must not add to the first
+    torch.set_num_threads(1)
+    single = _train(stage, phantom_dir, steps)
+
+    ranks = run_ranks(_train, tmp_path, stage=stage, data=phantom_dir, steps=steps)
+
+    assert ranks[0]["model"].keys() == single["model"].keys()  # no "module." prefix
+    assert ranks[0]["grad"].keys() == single["grad"].keys()
+    for rank in ranks:
+        torch.testing.assert_close(rank["curve"], single["curve"], rtol=1e-5, atol=0)
+        for name, value in single["grad"].items():
+            torch.testing.assert_close(rank["grad"][name], value, **GRAD_TOLERANCE, msg=f"grad of {name}")
+        for part in ("model", "ema"):
+            for name, value in single[part].items():
+                torch.testing.assert_close(rank[part][name], value, **WEIGHT_TOLERANCE, msg=f"{part}.{name}")
+    # every rank holds the same weights, bit for bit (the all-reduced gradient is the same everywhere)
+    assert all(torch.equal(ranks[0]["model"][n], ranks[1]["model"][n]) for n in single["model"])
+    start = _train(stage, phantom_dir, (0,))["model"]
+    changed = [n for n in start if not torch.equal(start[n], single["model"][n])]
+    assert changed and all(".slice_" in n for n in changed) == (stage == "volume")  # trained; a frozen base stays
+
+
+def _refused_batch(data: Path) -> str:
+    try:
+        _train("slice", data, (1,), batch_size=3)
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+def test_a_global_batch_not_divisible_by_the_processes_is_refused(phantom_dir: Path, tmp_path: Path) -> None:
+    messages = run_ranks(_refused_batch, tmp_path, data=phantom_dir)
+
+    assert all("train.batch_size = 3" in m and "divisible by the 2 processes" in m for m in messages)
