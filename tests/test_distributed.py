@@ -133,3 +133,125 @@ def test_a_global_batch_not_divisible_by_the_processes_is_refused(phantom_dir: P
     messages = run_ranks(_refused_batch, tmp_path, data=phantom_dir)
 
     assert all("train.batch_size = 3" in m and "divisible by the 2 processes" in m for m in messages)
+
+
+# --- DP-SGD across ranks -------------------------------------------------------------------------
+
+
+def _dp_aggregate(per_sample: list[torch.Tensor], sigma: float, seed: int | None) -> dict[str, torch.Tensor]:
+    """The update ``dp_optimizer`` makes of ``per_sample`` gradients ``[n, 64, 64]`` (this rank's share
+    ``distributed.split``), noise from ``seed`` on rank 0 (a secret generator for ``None``)."""
+    from privacy.dp_sgd import dp_optimizer, secret_generator
+
+    weight = torch.nn.Parameter(torch.zeros(64, 64))
+    current = distributed.world()
+    generator = None
+    if current.leader:
+        generator = torch.Generator().manual_seed(seed) if seed is not None else secret_generator()
+    optimizer = dp_optimizer(torch.optim.SGD([weight], lr=0.0), sigma, 1.0, 4, generator)
+    share = distributed.split(per_sample, current)
+    weight.grad_sample = torch.stack(share) if share else torch.zeros(0, 64, 64)  # type: ignore[attr-defined]
+    optimizer.step()
+    assert weight.grad is not None
+    return {"grad": weight.grad.clone()}
+
+
+def _dp_aggregates(per_sample: list[torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        "seeded": _dp_aggregate(per_sample, 0.5, seed=7),
+        "noise_only": _dp_aggregate([], 1.0, seed=None),  # no patient: the update is the noise alone
+    }
+
+
+@pytest.fixture(scope="module")
+def aggregates(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.Tensor], list[Any]]:
+    generator = torch.Generator().manual_seed(0)
+    # five patients, norms from ~0.3 to ~3: some clipped to C = 1, some not
+    per_sample = [torch.randn(64, 64, generator=generator) * scale / 64 for scale in (0.3, 0.8, 1.5, 2.0, 3.0)]
+    return per_sample, run_ranks(_dp_aggregates, tmp_path_factory.mktemp("dp"), per_sample=per_sample)
+
+
+def test_two_ranks_add_their_clipped_gradients_and_the_noise_of_one_process(aggregates) -> None:
+    per_sample, ranks = aggregates
+    clipped = sum(g * min(1.0, 1.0 / (float(g.norm()) + 1e-6)) for g in per_sample)
+    noise = torch.normal(0.0, 0.5 * 1.0, (64, 64), generator=torch.Generator().manual_seed(7))
+
+    expected = (clipped + noise) / 4  # one process: (clipped sum + N(0, σ²C²)) / expected batch
+
+    for rank in ranks:
+        torch.testing.assert_close(rank["seeded"]["grad"], expected, rtol=1e-5, atol=1e-7)
+    assert torch.equal(ranks[0]["seeded"]["grad"], ranks[1]["seeded"]["grad"])
+
+
+def test_the_noise_is_added_once_not_once_per_rank(aggregates) -> None:
+    _, ranks = aggregates
+    update = ranks[0]["noise_only"]["grad"]
+
+    # σ C / E = 0.25 for noise drawn once; 0.25 √2 = 0.354 had each rank added its own
+    assert float(update.std()) == pytest.approx(0.25, rel=0.05)
+    assert torch.equal(update, ranks[1]["noise_only"]["grad"])  # the same update everywhere
+
+
+def _dp_train(data: Path, ledger_path: Path, steps: int) -> dict[str, Any]:
+    """DP-SGD of a micro slice stage at q = 1/4 on every rank; rank 0 holds the ledger. First an
+    over-budget request (refused on every rank), then ``steps`` steps."""
+    from privacy.dp_sgd import train_private
+    from privacy.ledger import PrivacyLedger
+
+    cfg = config_from_dict(
+        {**MICRO, "train": {**MICRO["train"], "batch_size": 1}, "privacy": {"enabled": True, "budget_epsilon": 50.0}},
+        "micro dp",
+    )
+    current = distributed.world()
+    ledger = PrivacyLedger.open(ledger_path, cfg.privacy) if current.leader else None
+    model = build_model("slice", cfg)
+    state = new_state(model, cfg.train)
+    source = WindowSource(load_volumes(data, cfg.data), cfg.data.window)
+    process = noise_process(cfg.diffusion)
+    refused = ""
+    try:
+        train_private(state, process, source, "slice", 10**6, cfg.train, privacy_cfg=cfg.privacy, ledger=ledger)
+    except Exception as error:  # rank 0: the budget; the others: PeerError with its message
+        refused = f"{type(error).__name__}: {error}"
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    seen: list[dict[str, float]] = []
+    metrics = train_private(
+        state, process, source, "slice", steps, cfg.train, seen.append, privacy_cfg=cfg.privacy, ledger=ledger
+    )
+    return {
+        "refused": refused,
+        "start": start,
+        "model": {k: v.clone() for k, v in model.state_dict().items()},
+        "ema": {k: v.clone() for k, v in state.ema.module.state_dict().items()},
+        "metrics": metrics,
+        "seen": seen,
+        "grad_sample_left": any(hasattr(p, "grad_sample") for p in model.parameters()),
+    }
+
+
+def test_dp_sgd_on_two_ranks_spends_the_ledger_once_and_leaves_every_rank_the_same_weights(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    from privacy.dp_sgd import sample_rate
+    from privacy.ledger import PrivacyLedger
+
+    steps = 12
+    ledger_path = tmp_path / "site" / "privacy_ledger.json"
+
+    ranks = run_ranks(_dp_train, tmp_path, data=phantom_dir, ledger_path=ledger_path, steps=steps)
+
+    ledger = PrivacyLedger.read(ledger_path)
+    assert ledger.history == [(1.0, sample_rate(1, 4), steps)]  # one spend of 12 steps at q = 1/4, not two
+    assert ranks[0]["refused"].startswith("PrivacyBudgetError") and "budget" in ranks[0]["refused"]
+    assert ranks[1]["refused"] == "PeerError: " + ranks[0]["refused"].split(": ", 1)[1]
+    for rank in ranks:
+        assert rank["metrics"]["epsilon"] == pytest.approx(ledger.epsilon) and rank["metrics"]["steps"] == steps
+        assert not rank["grad_sample_left"]
+    for part in ("model", "ema"):
+        assert all(torch.equal(ranks[0][part][n], ranks[1][part][n]) for n in ranks[0][part])
+    assert any(not torch.equal(ranks[0]["start"][n], ranks[0]["model"][n]) for n in ranks[0]["start"])
+    # every rank saw the same (secret, shared) Poisson sample sizes; with one patient expected per
+    # step, rank 1 had no patient in most steps (P(no step has under 2) = 0.26^12) and the run went on
+    sizes = [m["batch_size"] for m in ranks[0]["seen"]]
+    assert sizes == [m["batch_size"] for m in ranks[1]["seen"]] and len(sizes) == steps
+    assert any(size < 2 for size in sizes)
