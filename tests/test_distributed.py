@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +19,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from safetensors.torch import load_file
 
 from gem3d import distributed
+from gem3d.checkpoint import read_metadata
 from gem3d.config import Config, config_from_dict
 from gem3d.data.dataset import load_volumes
 from gem3d.data.windows import WindowSource
@@ -255,3 +259,69 @@ def test_dp_sgd_on_two_ranks_spends_the_ledger_once_and_leaves_every_rank_the_sa
     sizes = [m["batch_size"] for m in ranks[0]["seen"]]
     assert sizes == [m["batch_size"] for m in ranks[1]["seen"]] and len(sizes) == steps
     assert any(size < 2 for size in sizes)
+
+
+# --- gem3d train under torchrun ------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parent.parent
+MICRO_SET = ["--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels='8,16'"]
+MICRO_SET += ["--set", "model.attention_levels='false,true'", "--set", "model.norm_num_groups=4"]
+MICRO_SET += ["--set", "model.num_head_channels=8", "--set", "train.checkpoint_every=2"]
+
+
+def torchrun_train(*options: str, processes: int = WORLD) -> subprocess.CompletedProcess[str]:
+    """``torchrun --standalone --nproc-per-node N -m experiments.cli train OPTIONS`` from the repository."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={processes}"]
+    command += ["-m", "experiments.cli", "train", *MICRO_SET, *options]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_gem3d_train_under_torchrun_writes_the_weights_of_one_process(phantom_dir: Path, tmp_path: Path) -> None:
+    from experiments.cli import main
+
+    common = ["--data", str(phantom_dir), "--stage", "slice", "--steps", "3", "--set", "train.batch_size=4"]
+    common += ["--site-state", str(tmp_path / "site")]
+    assert main(["train", *MICRO_SET, *common, "--out", str(tmp_path / "one")]) == 0
+
+    done = torchrun_train(*common, "--out", str(tmp_path / "two"))
+
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("slice: step 3") == 1  # rank 0 alone reports
+    one = load_file(tmp_path / "one" / "slice.safetensors")
+    two = load_file(tmp_path / "two" / "slice.safetensors")
+    assert one.keys() == two.keys()
+    for name in (n for n in one if n.startswith(("model.", "ema."))):
+        torch.testing.assert_close(two[name], one[name], **WEIGHT_TOLERANCE, msg=name)
+    assert read_metadata(tmp_path / "two" / "slice.safetensors")["step"] == 3
+
+
+def test_gem3d_train_under_torchrun_refuses_bad_input_in_one_line_on_every_rank(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "run"
+
+    done = torchrun_train(
+        "--data", str(phantom_dir), "--stage", "slice", "--out", str(out), "--set", "train.batch_size=3",
+        "--site-state", str(tmp_path / "site"),
+    )  # fmt: skip
+
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("gem3d train")]
+    assert ours == ["gem3d train: error: train.batch_size = 3: must be divisible by the 2 processes training this "
+                    "site (the global batch is split evenly; e.g. 4)"]  # fmt: skip
+    assert "/gem3d/" not in done.stderr  # no traceback of ours (torchrun prints its own summary)
+    assert not out.exists()
+
+
+def test_a_volume_stage_under_torchrun_without_its_slice_stage_ends_every_rank(
+    phantom_dir: Path, tmp_path: Path
+) -> None:
+    done = torchrun_train(
+        "--data", str(phantom_dir), "--stage", "volume", "--out", str(tmp_path / "run"),
+        "--site-state", str(tmp_path / "site"),
+    )  # fmt: skip
+
+    assert done.returncode != 0
+    ours = [line for line in done.stderr.splitlines() if line.startswith("gem3d train")]
+    assert len(ours) == 1 and "no slice-stage checkpoint" in ours[0], done.stderr[-2000:]
