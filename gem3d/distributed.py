@@ -20,14 +20,18 @@ The single-process path is untouched: with no process group (``world().size == 1
 from __future__ import annotations
 
 import os
+import socket
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import TypeVar
+from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 
 from gem3d.errors import ConfigError, Gem3dError
 
@@ -209,3 +213,47 @@ def barrier() -> None:
     """Wait for every rank (within the process group's ``TIMEOUT``)."""
     if world().size > 1:
         dist.barrier()
+
+
+def run_local(processes: int, work: Callable[..., T], *args: Any) -> T:
+    """``work(*args)`` on ``processes`` local processes in one process group, as torchrun would start
+    them; returns rank 0's result. For a caller that is itself one process (a Flower ClientApp).
+
+    Each process is started afresh (``spawn``: ``work`` and ``args`` must pickle) and takes the same
+    intra-op thread count as this one. A ``Gem3dError`` on any rank is raised here with rank 0's
+    message (``agreed``); anything else raises ``torch.multiprocessing``'s error with its traceback.
+    """
+    with tempfile.TemporaryDirectory(prefix="gem3d-ranks.") as folder:
+        with socket.socket() as probe:  # a free port for the group's rendezvous on this machine
+            probe.bind(("127.0.0.1", 0))
+            port = int(probe.getsockname()[1])
+        threads = torch.get_num_threads()
+        mp.spawn(_local_rank, args=(processes, port, threads, work, args, folder), nprocs=processes, join=True)
+        outcome = torch.load(Path(folder) / "rank0.pt", weights_only=False)
+    if "error" in outcome:
+        raise Gem3dError(outcome["error"])
+    return outcome["result"]  # type: ignore[no-any-return]
+
+
+def _local_rank(
+    rank: int, processes: int, port: int, threads: int, work: Callable[..., Any], args: tuple[Any, ...], folder: str
+) -> None:
+    """One process of ``run_local``: torchrun's environment, the group, ``work``; rank 0 saves the outcome."""
+    torch.set_num_threads(threads)
+    os.environ.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(processes),
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+        }
+    )
+    outcome: dict[str, Any]
+    try:
+        with session():
+            outcome = {"result": work(*args)}
+    except Gem3dError as error:  # rank 0 carries every rank's failure (agreed): the others stay quiet
+        outcome = {"error": str(error)}
+    if rank == 0:
+        torch.save(outcome, Path(folder) / "rank0.pt")

@@ -27,7 +27,7 @@ from gem3d.config import Config, config_from_dict
 from gem3d.data.dataset import load_volumes
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import noise_process
-from gem3d.errors import ConfigError
+from gem3d.errors import ConfigError, Gem3dError
 from gem3d.runs import build_model
 from gem3d.training import freeze_for_stage, new_state, train
 from tests.conftest import MICRO
@@ -325,3 +325,37 @@ def test_a_volume_stage_under_torchrun_without_its_slice_stage_ends_every_rank(
     assert done.returncode != 0
     ours = [line for line in done.stderr.splitlines() if line.startswith("gem3d train")]
     assert len(ours) == 1 and "no slice-stage checkpoint" in ours[0], done.stderr[-2000:]
+
+
+# --- a Flower site with several processes --------------------------------------------------------
+
+
+def test_a_site_round_on_two_processes_replies_the_weights_of_one(phantom_dir: Path, tmp_path: Path) -> None:
+    from client.task import Site, locate_site, train_round
+    from tests.test_federated_site import global_weights, make_job
+
+    cfg = _cfg(batch_size=4)
+    one = Site(name="site_0", data_dir=phantom_dir, state_dir=tmp_path / "state", index=0)
+    two = locate_site({"data-dir": str(phantom_dir), "state-dir": str(tmp_path / "state"), "train-processes": 2}, {})
+    assert two.processes == 2
+    job = make_job(cfg)
+
+    single, single_reply = train_round(one, job, global_weights(cfg))
+    weights, reply = train_round(two, job, global_weights(cfg))
+
+    assert weights.keys() == single.keys()
+    for name, value in single.items():
+        torch.testing.assert_close(weights[name], value, **WEIGHT_TOLERANCE, msg=name)
+    assert reply["loss"] == pytest.approx(single_reply["loss"], rel=1e-5) and reply["steps"] == 2
+
+
+def test_a_site_refuses_a_bad_process_count_and_an_uneven_batch(phantom_dir: Path, tmp_path: Path) -> None:
+    from client.task import locate_site, train_round
+    from tests.test_federated_site import global_weights, make_job
+
+    with pytest.raises(ConfigError, match="train-processes"):
+        locate_site({"data-dir": str(phantom_dir), "train-processes": 0}, {})
+    site = locate_site({"data-dir": str(phantom_dir), "state-dir": str(tmp_path / "s"), "train-processes": 2}, {})
+
+    with pytest.raises(Gem3dError, match=r"train\.batch_size = 3"):
+        train_round(site, make_job(_cfg(batch_size=3)), global_weights(_cfg(batch_size=3)))
