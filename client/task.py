@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from gem3d import distributed
 from gem3d.accel import accelerate
 from gem3d.checkpoint import load_checkpoint, load_weights, save_checkpoint, subset
 from gem3d.config import Config, PrivacyConfig, config_from_dict
@@ -72,6 +73,8 @@ class Site:
         index: distinguishes the sites' random streams (partition id in simulation).
         policy_file: the site's privacy policy named by node config ``privacy-policy``
             (default: ``privacy_policy.toml`` in ``state_dir``; see ``privacy.policy``).
+        processes: node config ``train-processes``: how many local processes train each round
+            together (one per GPU, ``cuda:0`` .. ``cuda:N-1``; ``gem3d.distributed.run_local``).
     """
 
     name: str
@@ -79,6 +82,7 @@ class Site:
     state_dir: Path
     index: int
     policy_file: Path | None = None
+    processes: int = 1
 
 
 def locate_site(node_config: dict[str, Any], job: dict[str, Any]) -> Site:
@@ -112,7 +116,18 @@ def locate_site(node_config: dict[str, Any], job: dict[str, Any]) -> Site:
         state_dir = data_dir / ".gem3d-site"
     policy = node_config.get("privacy-policy")
     policy_file = Path(str(policy)).expanduser() if policy else None
-    return Site(name=name, data_dir=data_dir, state_dir=state_dir, index=index, policy_file=policy_file)
+    try:
+        processes = int(node_config.get("train-processes", 1))
+    except ValueError:
+        processes = 0
+    if processes < 1:
+        raise ConfigError(
+            f"node config train-processes={node_config.get('train-processes')!r}: expected a whole number >= 1 "
+            "(processes training each round together, one per GPU)"
+        )
+    return Site(
+        name=name, data_dir=data_dir, state_dir=state_dir, index=index, policy_file=policy_file, processes=processes
+    )
 
 
 def build_demo_partition(data_dir: Path, index: int, sites: int) -> None:
@@ -273,7 +288,7 @@ def _network(site: Site, job: RoundJob) -> nn.Module:
     if frozen == "codec":
         base, _ = load_checkpoint(path)
         load_weights(model.codec, subset(base, "codec"), f"{site.name}: autoencoder base {path}")
-    model = accelerate(model, cfg.accel, torch.device(cfg.train.device))
+    model = accelerate(model, cfg.accel, distributed.rank_device(torch.device(cfg.train.device)))
     if cacheable:
         _model_cache[key] = model
         while len(_model_cache) > _MODEL_CACHE_SIZE:
@@ -367,14 +382,17 @@ def train_fn_for(site: Site, job: RoundJob, privacy_cfg: PrivacyConfig) -> Train
     from privacy.dp_sgd import train_private
     from privacy.site_state import SiteState
 
-    ledger = SiteState(site.state_dir).ledger(privacy_cfg, terms=site_policy(site))
+    # several processes: rank 0 alone spends from the ledger (privacy.dp_sgd.train_private)
+    ledger = None
+    if distributed.world().leader:
+        ledger = SiteState(site.state_dir).ledger(privacy_cfg, terms=site_policy(site))
     return functools.partial(train_private, privacy_cfg=privacy_cfg, ledger=ledger, planned_steps=planned_steps(job))
 
 
 def train_round(
     site: Site, job: RoundJob, arrays: dict[str, torch.Tensor]
 ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Run this round's local steps on the global weights.
+    """Run this round's local steps on the global weights (on ``site.processes`` local processes).
 
     Returns:
         ``(trainable weights, metrics)``; metrics hold ``num-examples`` (training cases), ``loss``,
@@ -382,14 +400,30 @@ def train_round(
         ``setup-seconds`` (data, network, optimizer), ``train-seconds`` (the local steps alone),
         ``pack-seconds`` (copying out the weights that travel).
     """
+    if site.processes > 1:
+        # A SuperNode starts one ClientApp process per message: it starts the site's GPUs' processes
+        # for the round, as torchrun would, and replies with rank 0's weights (every rank's are equal).
+        return distributed.run_local(site.processes, _train_round, site, job, arrays)
+    return _train_round(site, job, arrays)
+
+
+def _train_round(
+    site: Site, job: RoundJob, arrays: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     started = time.perf_counter()
-    volumes, _ = split_volumes(site, job)
-    privacy_cfg = site_privacy(site, job, len(volumes))  # refused before anything is built or trained
-    model = site_model(site, job, arrays)
+
+    def setup() -> tuple[list[Volume], PrivacyConfig, nn.Module, TrainFn]:
+        volumes, _ = split_volumes(site, job)
+        privacy_cfg = site_privacy(site, job, len(volumes))  # refused before anything is built or trained
+        if not privacy_cfg.enabled:
+            distributed.check_batch(job.cfg.train.batch_size)
+        return volumes, privacy_cfg, site_model(site, job, arrays), train_fn_for(site, job, privacy_cfg)
+
+    # under several processes: a refusal on any one ends them all, before the first collective step
+    volumes, privacy_cfg, model, train_fn = distributed.agreed(setup)
     state = new_state(model, job.cfg.train, seed=job.seed + _SITE_SEED_STRIDE * site.index)
     hooks = _proximal_hooks(model, job.proximal_mu) if job.proximal_mu > 0 else []
     source = WindowSource(volumes, job.cfg.data.window, job.cfg.train.informed_from)
-    train_fn = train_fn_for(site, job, privacy_cfg)
     process = noise_process(job.cfg.diffusion)
     trained = time.perf_counter()
     try:

@@ -9,6 +9,7 @@ checkpoint holds its frozen codec's weights too, so it samples on its own. It is
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -16,6 +17,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from gem3d import distributed
 from gem3d.accel import accelerate
 from gem3d.autoencoder import SliceAutoencoder, latent_scale, load_codec_weights, pretrained_state_dict
 from gem3d.checkpoint import (
@@ -374,13 +376,21 @@ def train_stage(
             (see ``gem3d.data.volume.fingerprint``).
         extra_metadata: called at every checkpoint for more metadata fields (e.g. the privacy
             record, whose ε changes as training goes on).
+    Under several processes (``gem3d.distributed``) every rank calls this alike and trains on its
+    own device; only rank 0 writes the run folder (lock, config, checkpoints), and a failure on
+    any rank in setting up or checkpointing ends them all (``distributed.agreed``).
+
     Returns:
         the metrics of ``gem3d.training.train`` plus ``step`` (the stage's total steps).
     """
     run = Path(run)
     total = steps if steps is not None else getattr(cfg.train, f"steps_{stage}")
-    device = resolve_device(cfg.train.device)
-    with writer_lock(run):  # two trainings into one run folder: the second is refused, not raced
+    current = distributed.world()
+    device = distributed.agreed(lambda: distributed.rank_device(resolve_device(cfg.train.device), current))
+    with contextlib.ExitStack() as held:
+        # two trainings into one run folder: the second is refused, not raced; under several
+        # processes the leader holds the lock for them all
+        distributed.agreed(lambda: held.enter_context(writer_lock(run)) if current.leader else None)
         return _train_stage(cfg, volumes, stage, run, total, resume, init, on_step, train_fn, fingerprint_key,
                             extra_metadata, device)  # fmt: skip
 
@@ -400,12 +410,58 @@ def _train_stage(
     device: torch.device,
 ) -> dict[str, float]:
     path = run / STAGE_FILES[stage]
+    data_fingerprint = fingerprint(volumes, fingerprint_key)
+    leader = distributed.world().leader
+
+    def setup() -> TrainState:
+        state = _start_state(cfg, volumes, stage, run, path, resume, init, data_fingerprint, device)
+        if leader:
+            write_json(run / "config.json", cfg.model_dump(mode="json"))
+        return state
+
+    state = distributed.agreed(setup)  # a refusal on any rank (or the leader's write) ends them all
+    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
+    process = noise_process(cfg.diffusion)
+    # "auto" measures the latent scale on the training slices: not for DP-SGD (outside its mechanism)
+    measures_scale = cfg.autoencoder.latent_scale == "auto" and train_fn is train
+    every = cfg.train.checkpoint_every
+    metrics: dict[str, float] = {}
+
+    def checkpoint() -> None:
+        def write() -> None:
+            if leader:
+                extra = extra_metadata() if extra_metadata is not None else {}
+                save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes), **extra)
+
+        distributed.agreed(write)  # a full disk at the leader ends every rank, not just the leader
+
+    while state.step < total:
+        until = min(total, state.step + every) if every else total
+        metrics = train_fn(state, process, source, stage, until, cfg.train, on_step)
+        if stage == "autoencoder" and state.step >= total and measures_scale:
+            set_latent_scale(state, source, cfg.train.seed)
+        checkpoint()
+    if not path.exists():  # zero steps asked: still leave a loadable checkpoint
+        checkpoint()
+    return {**metrics, "step": float(state.step)}
+
+
+def _start_state(
+    cfg: Config,
+    volumes: list[Volume],
+    stage: Stage,
+    run: Path,
+    path: Path,
+    resume: bool,
+    init: str | Path | None,
+    data_fingerprint: str,
+    device: torch.device,
+) -> TrainState:
+    """The state ``stage`` starts from: fresh (or from ``init``), or the checkpoint at ``path`` resumed."""
     if path.exists() and not resume:
         raise CheckpointError(f"{path}: already exists; pass --resume to continue it, or choose another --out")
     if resume and not path.exists():
         raise CheckpointError(f"{path}: nothing to resume")
-
-    data_fingerprint = fingerprint(volumes, fingerprint_key)
     if resume:
         tensors, metadata = load_checkpoint(path)
         checkpoint_stage(metadata, path)
@@ -421,32 +477,11 @@ def _train_stage(
     state = new_state(model, cfg.train)
     if resume:
         restore_state(state, tensors, metadata, str(path))
-
-    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
-    process = noise_process(cfg.diffusion)
-    # "auto" measures the latent scale on the training slices: not for DP-SGD (outside its mechanism)
-    measures_scale = cfg.autoencoder.latent_scale == "auto" and train_fn is train
     if stage == "autoencoder" and isinstance(cfg.autoencoder.latent_scale, float):
         for module in (state.model, state.ema.module):
             assert isinstance(module, SliceAutoencoder)
             module.scale.fill_(cfg.autoencoder.latent_scale)
-    write_json(run / "config.json", cfg.model_dump(mode="json"))
-    every = cfg.train.checkpoint_every
-    metrics: dict[str, float] = {}
-
-    def checkpoint() -> None:
-        extra = extra_metadata() if extra_metadata is not None else {}
-        save_state(path, state, stage, cfg, data_fingerprint, num_cases=len(volumes), **extra)
-
-    while state.step < total:
-        until = min(total, state.step + every) if every else total
-        metrics = train_fn(state, process, source, stage, until, cfg.train, on_step)
-        if stage == "autoencoder" and state.step >= total and measures_scale:
-            set_latent_scale(state, source, cfg.train.seed)
-        checkpoint()
-    if not path.exists():  # zero steps asked: still leave a loadable checkpoint
-        checkpoint()
-    return {**metrics, "step": float(state.step)}
+    return state
 
 
 # Training slices the latent scale is measured on (a seeded draw, one slice per draw).

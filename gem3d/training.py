@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Literal
 
 import torch
 from torch import nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
+from gem3d import distributed
 from gem3d.autoencoder import SliceAutoencoder, encode_slices
 from gem3d.config import Config, TrainConfig
 from gem3d.data.loader import StepBatches, step_batches, step_seed
@@ -330,6 +331,12 @@ def train(
     same weights on the same device, for any number of loader workers and across a resume. The
     host waits for the device only when ``on_step`` asks for the step's numbers, and at the end.
 
+    Under a process group of N ranks (``gem3d.distributed``, torchrun) ``cfg.batch_size`` is the
+    global batch: every rank draws it whole, computes its B / N rows, and DDP averages the
+    gradients, so clipping, AdamW and the EMA are the same on every rank and the weights those of
+    one process with the same batch (to float rounding: the sums are ordered differently). The
+    metrics, the loss included, are the global batch's on every rank.
+
     Returns:
         ``{"loss": mean loss over these steps, "steps": steps taken, "steps_per_s": ...}``.
     """
@@ -340,12 +347,22 @@ def train(
     total = torch.zeros((), device=device)
     log_gamma = contrast_log_gamma(state.model, stage, cfg)
     batches = StepBatches(source, stage in ("slice", "volume"), cfg.batch_size, state.seed, log_gamma)
+    current = distributed.world()
+    parallel = data_parallel_loss(state.model, cfg.batch_size, current) if current.size > 1 else None
     for batch in step_batches(batches, state.step, until_step, cfg, device):
         generator = noise_generator(state.seed, state.step, device)
         inputs = noised_inputs(state.model, process, batch.to(device, non_blocking=True), stage, generator, cfg)
-        loss = per_sample_loss(state.model, inputs).mean()
+        if parallel is None:
+            loss = per_sample_loss(state.model, inputs).mean()
+        else:
+            # Every rank drew and noised the whole global batch from (seed, step), exactly as one
+            # process does, and computes only its rows; DDP averages the rank means during the
+            # backward, which is the global mean's gradient (equal shards).
+            loss = parallel(shard_inputs(inputs, distributed.shard(cfg.batch_size, current))).mean()
         state.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        if parallel is not None:
+            loss = distributed.all_reduce_sum(loss.detach()) / current.size  # the global batch's loss, for metrics
         grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         state.optimizer.step()
         state.ema.update_parameters(state.model)
@@ -360,6 +377,42 @@ def train(
         "steps": float(steps),
         "steps_per_s": steps / elapsed if elapsed > 0 else 0.0,
     }
+
+
+class _BatchLoss(nn.Module):
+    """``per_sample_loss`` of a model as a module's ``forward``, so DDP can wrap the loss, whichever
+    network (and whichever of its methods: the autoencoder's loss is not its ``forward``) it is."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, inputs: DenoisingInputs) -> torch.Tensor:
+        return per_sample_loss(self.model, inputs)
+
+
+def data_parallel_loss(
+    model: nn.Module, batch_size: int, current: distributed.World
+) -> nn.parallel.DistributedDataParallel:
+    """``per_sample_loss`` of ``model`` under DDP: its backward averages the trainable gradients over the ranks.
+
+    The wrapper is around a loss module holding ``model``, never saved: the model's own
+    ``state_dict`` keeps its names (no ``module.`` prefix), and the frozen parts (a frozen stage-2
+    base, a latent codec) have no gradient, so DDP leaves them alone. Building it broadcasts
+    rank 0's weights, which are every rank's already (seeded initialisation or the same checkpoint).
+    """
+    distributed.check_batch(batch_size, current)
+    device = next(model.parameters()).device
+    return nn.parallel.DistributedDataParallel(
+        _BatchLoss(model),
+        device_ids=[device.index] if device.type == "cuda" else None,
+    )
+
+
+def shard_inputs(inputs: DenoisingInputs, rows: slice) -> DenoisingInputs:
+    """The ``rows`` of every batched field of ``inputs`` (each field's leading axis is the batch)."""
+    values = {f.name: getattr(inputs, f.name) for f in fields(inputs)}
+    return replace(inputs, **{name: value[rows] for name, value in values.items() if value is not None})
 
 
 def noise_generator(seed: int, step: int, device: torch.device) -> torch.Generator:

@@ -47,24 +47,38 @@ Gaussian noise and divides by the expected batch size.
 
 Because the module is never wrapped, its ``state_dict`` has no ``_module.`` prefixes: weights
 leave a site exactly as ``gem3d.training`` names them.
+
+Several processes (``gem3d.distributed``, torchrun) run the mechanism of one process:
+* rank 0 alone draws the Poisson sample, with its secret generator, and broadcasts it; the
+  sampled patients are dealt out over the ranks (every N-th), so each is still in exactly one
+  rank's share and contributes one clipped gradient;
+* each rank draws its patients' windows, timesteps and noise from its own secret generator and
+  clips their per-window gradients; ``distributed_dp_optimizer`` (Opacus's
+  ``DistributedDPOptimizer``) adds the Gaussian noise on rank 0 only and sums the ranks' clipped,
+  noised parts, each already divided by the *global* expected batch, in one flat all-reduce;
+* so the update is (sum over the sampled patients of their clipped gradients + N(0, σ²C²)) / E,
+  the single-process update, and the accountant's (σ, q, steps) are unchanged: only rank 0
+  reserves and settles them in the ledger, once per step of the site, not per rank.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 import time
 import warnings
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.grad_sample import GradSampleHooks
-from opacus.optimizers import DPOptimizer
+from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from gem3d import distributed
 from gem3d.config import PrivacyConfig, TrainConfig
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import NoiseProcess
@@ -273,6 +287,58 @@ class _SampleLoss(nn.Module):
         return per_sample_loss(self.model, _one_sample(fields)).sum()
 
 
+class _FlatDistributedDPOptimizer(DistributedDPOptimizer):  # type: ignore[misc]  # Opacus is untyped
+    """Opacus's ``DistributedDPOptimizer`` with the ranks' parts *summed* in one flat all-reduce.
+
+    Opacus all-reduces parameter by parameter (a collective each) and divides by the world size;
+    here every rank's part is already divided by the global expected batch (``scale_grad``), so
+    the sum is the update, and one collective carries all of it.
+    """
+
+    def reduce_gradients(self) -> None:
+        grads = [p.grad for p in self.params if p.requires_grad]
+        flat = distributed.all_reduce_sum(torch._utils._flatten_dense_tensors(grads))
+        for grad, reduced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads), strict=True):
+            grad.copy_(reduced)
+
+
+def dp_optimizer(
+    optimizer: torch.optim.Optimizer,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    expected_batch_size: int,
+    generator: torch.Generator | None,
+) -> DPOptimizer:
+    """Opacus's optimizer over ``optimizer``: clip each sample to ``max_grad_norm``, sum, add
+    N(0, (``noise_multiplier`` · ``max_grad_norm``)²) from ``generator``, divide by ``expected_batch_size``.
+
+    Under several processes the ranks' clipped sums are added and the noise is drawn once, on rank 0
+    from its ``generator`` (the others' is unused: pass ``None``), so the result is one process's.
+    """
+    kwargs: dict[str, Any] = {
+        "noise_multiplier": noise_multiplier,
+        "max_grad_norm": max_grad_norm,
+        "expected_batch_size": expected_batch_size,
+        "loss_reduction": "mean",
+        "generator": generator,
+    }
+    if distributed.world().size == 1:
+        return DPOptimizer(optimizer, **kwargs)
+    return _FlatDistributedDPOptimizer(optimizer, **kwargs)
+
+
+def _shared_sample(sampled: list[int] | None, num_volumes: int, device: torch.device) -> list[int]:
+    """Rank 0's Poisson sample on every rank (broadcast as a ``[num_volumes]`` 0/1 mask); ``sampled``
+    is rank 0's, ``None`` elsewhere."""
+    if distributed.world().size == 1:
+        assert sampled is not None
+        return sampled
+    mask = torch.zeros(num_volumes, dtype=torch.uint8, device=device)
+    if sampled:
+        mask[torch.tensor(sampled, device=device)] = 1
+    return [int(i) for i in distributed.broadcast(mask).nonzero().flatten().tolist()]
+
+
 def train_private(
     state: TrainState,
     process: NoiseProcess,
@@ -283,7 +349,7 @@ def train_private(
     on_step: OnStep | None = None,
     *,
     privacy_cfg: PrivacyConfig,
-    ledger: PrivacyLedger,
+    ledger: PrivacyLedger | None,
     planned_steps: int | None = None,
 ) -> dict[str, float]:
     """DP-SGD for ``stage`` until ``state.step == until_step``; same contract as ``gem3d.training.train``.
@@ -295,44 +361,65 @@ def train_private(
     checkpoint holds no trace of the Poisson sample. ``train_cfg.grad_clip`` is replaced by
     ``privacy_cfg.max_grad_norm``, the per-sample clipping bound.
 
+    Under several processes (``gem3d.distributed``) every rank calls this with the same arguments
+    and the site's ``train.batch_size`` as the expected batch: rank 0 samples, reserves and
+    settles (see the module's docstring), the others pass ``ledger=None``; every rank returns the
+    same metrics and ends with the same weights.
+
     Args:
+        ledger: the site's ledger; ``None`` on ranks other than 0 (and only there).
         planned_steps: the steps a ``target_epsilon`` is spread over (default ``until_step``).
     Returns:
         ``train``'s metrics plus ``epsilon``, ``delta`` (the site's totals from the ledger),
-        ``noise_multiplier`` and ``sample_rate``.
+        ``noise_multiplier`` and ``sample_rate``; ``loss``, ``grad_norm`` and ``batch_size`` in
+        ``on_step`` are over all ranks' patients.
     Raises:
         PrivacyBudgetError: the steps would push the site past ``privacy_cfg.budget_epsilon``.
     """
     device = next(state.model.parameters()).device
+    current = distributed.world()
+    if (ledger is None) == current.leader:
+        raise ValueError("train_private: rank 0 (and only rank 0) spends from the ledger; pass it there alone")
     num_volumes = len(source)
     rate = sample_rate(train_cfg.batch_size, num_volumes)
     sigma = resolve_noise_multiplier(privacy_cfg, rate, planned_steps or until_step)
     to_take = until_step - state.step
-    summary = {"noise_multiplier": sigma, "sample_rate": rate, "delta": ledger.delta}
+    summary = {"noise_multiplier": sigma, "sample_rate": rate}
     if to_take <= 0:
-        return {"loss": float("nan"), "steps": 0.0, "steps_per_s": 0.0, "epsilon": ledger.epsilon, **summary}
+        return {"loss": float("nan"), "steps": 0.0, "steps_per_s": 0.0, **_site_totals(ledger, device), **summary}
     params = [p for p in state.model.parameters() if p.requires_grad]
     names = {id(p): name for name, p in state.model.named_parameters()}
     mode = resolve_grad_sample_mode(state.model, privacy_cfg.grad_sample_mode)
     # Every draw of a DP step is secret (see secret_generator): the Poisson sample, the windows,
-    # timesteps and diffusion noise drawn for it, and the Gaussian noise of the mechanism.
+    # timesteps and diffusion noise drawn for it, and the Gaussian noise of the mechanism. Each
+    # rank has its own; rank 0's alone draws the sample and the mechanism's noise.
     secret = secret_generator()
-    optimizer = DPOptimizer(
+    optimizer = dp_optimizer(
         state.optimizer,
-        noise_multiplier=sigma,
-        max_grad_norm=privacy_cfg.max_grad_norm,
-        expected_batch_size=min(train_cfg.batch_size, num_volumes),
-        loss_reduction="mean",
-        generator=secret_generator(device),
+        sigma,
+        privacy_cfg.max_grad_norm,
+        min(train_cfg.batch_size, num_volumes),
+        secret_generator(device) if current.leader else None,
     )
-    sampler = UniformWithReplacementSampler(num_samples=num_volumes, sample_rate=rate, generator=secret, steps=to_take)
+    sampler = (
+        iter(UniformWithReplacementSampler(num_samples=num_volumes, sample_rate=rate, generator=secret, steps=to_take))
+        if current.leader
+        else None
+    )
     state.model.train()
     started, total_loss, loss_steps = time.perf_counter(), 0.0, 0
     # Reserved under the ledger's lock before the first step and settled to the steps taken on
     # the way out (an exception included); a killed process leaves its whole reservation counted.
-    with ledger.reserve(to_take, sigma, rate, label=stage) as reservation:
+    with contextlib.ExitStack() as stack:
+        reservation = distributed.agreed(
+            lambda: (
+                stack.enter_context(ledger.reserve(to_take, sigma, rate, label=stage)) if ledger is not None else None
+            )
+        )
         try:
-            for indices in sampler:
+            for _ in range(to_take):
+                everyone = _shared_sample(next(sampler) if sampler is not None else None, num_volumes, device)
+                indices = distributed.split(everyone, current)
                 optimizer.zero_grad(set_to_none=True)
                 if indices:
                     inputs = draw_inputs(
@@ -342,27 +429,36 @@ def train_private(
                     for p in params:
                         p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]
                     norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
-                else:  # an empty Poisson batch is still a step: the update is pure noise
+                else:  # an empty Poisson batch (or share) is still a step: the update is pure noise
                     for p in params:
                         p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
-                    losses = norms = torch.zeros(0)
-                reservation.taken += 1  # counted before the noisy update can leave this function
+                    losses = norms = torch.zeros(0, device=device)
+                if reservation is not None:
+                    reservation.taken += 1  # counted before the noisy update can leave this function
                 optimizer.step()
                 state.ema.update_parameters(state.model)
                 state.step += 1
-                if len(losses):
-                    total_loss += float(losses.mean())
+                # sums over every rank's patients: [loss, patients, gradient norm, clipped]
+                sums = torch.stack(
+                    [
+                        losses.sum(),
+                        torch.tensor(float(len(losses)), device=device),
+                        norms.sum(),
+                        (norms > privacy_cfg.max_grad_norm).sum().float(),
+                    ]
+                ).to(device, torch.float64)
+                loss_sum, count, norm_sum, clipped = distributed.all_reduce_sum(sums).tolist()
+                if count:
+                    total_loss += loss_sum / count
                     loss_steps += 1
                 if on_step is not None:
                     on_step(
                         {
                             "step": state.step,
-                            "loss": float(losses.mean()) if len(losses) else float("nan"),
-                            "grad_norm": float(norms.mean()) if len(norms) else 0.0,
-                            "clipped_fraction": float((norms > privacy_cfg.max_grad_norm).float().mean())
-                            if len(norms)
-                            else 0.0,
-                            "batch_size": float(len(indices)),
+                            "loss": loss_sum / count if count else float("nan"),
+                            "grad_norm": norm_sum / count if count else 0.0,
+                            "clipped_fraction": clipped / count if count else 0.0,
+                            "batch_size": float(len(everyone)),
                         }
                     )
         finally:
@@ -371,13 +467,18 @@ def train_private(
                 for attribute in ("grad_sample", "summed_grad"):
                     if hasattr(p, attribute):
                         delattr(p, attribute)
-    taken = reservation.taken
-    epsilon = ledger.epsilon
     elapsed = time.perf_counter() - started
     return {
         "loss": total_loss / loss_steps if loss_steps else float("nan"),
-        "steps": float(taken),
-        "steps_per_s": taken / elapsed if elapsed > 0 else 0.0,
-        "epsilon": epsilon,
+        "steps": float(to_take),
+        "steps_per_s": to_take / elapsed if elapsed > 0 else 0.0,
+        **_site_totals(ledger, device),
         **summary,
     }
+
+
+def _site_totals(ledger: PrivacyLedger | None, device: torch.device) -> dict[str, float]:
+    """The site's ε and δ from rank 0's ledger, on every rank."""
+    totals = torch.tensor([ledger.epsilon, ledger.delta] if ledger is not None else [0.0, 0.0], dtype=torch.float64)
+    epsilon, delta = distributed.broadcast(totals.to(device)).tolist()
+    return {"epsilon": epsilon, "delta": delta}

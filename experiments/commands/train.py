@@ -4,18 +4,25 @@ Stages share the run folder: ``--stage volume`` starts from the slice stage's ch
 in ``--out``. ``--init`` starts any stage from another run's weights instead (fine-tuning a model
 pre-trained elsewhere, e.g. on public data), with a fresh optimizer. The folder is then a valid
 ``--checkpoint`` for every later command.
+
+Several GPUs of one site train one stage together under torchrun, with the same options:
+``torchrun --standalone --nproc-per-node N -m experiments.cli train ...`` (or ``torchrun --no-python
+gem3d train ...``). ``train.batch_size`` is then the global batch, split over the processes; rank 0
+alone writes (run folder, ledger, MLflow, progress) and a failure on any rank ends them all with
+rank 0's one line (``gem3d.distributed``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from tqdm import tqdm
 
@@ -32,10 +39,12 @@ from experiments.commands.common import (
     seed_int,
 )
 from experiments.progress import progress_bar
+from gem3d import distributed
 from gem3d.checkpoint import load_checkpoint, read_metadata
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
-from gem3d.errors import CheckpointError, ConfigError
+from gem3d.data.volume import Volume
+from gem3d.errors import CheckpointError, ConfigError, Gem3dError
 from gem3d.files import writer_lock
 from gem3d.runs import STAGE_FILES, checkpoint_bytes, codec_source, init_checkpoint, resolve_device, train_stage
 from gem3d.training import STAGES, Stage, train
@@ -99,26 +108,48 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    run_train(TrainOptions.from_args(args))
+    try:
+        run_train(TrainOptions.from_args(args))
+    except (Gem3dError, OSError):
+        if distributed.launched().rank == 0:
+            raise
+        return 2  # under torchrun rank 0 prints the one line of every rank's failure (distributed.agreed)
     return 0
 
 
 def run_train(options: TrainOptions) -> dict[str, float]:
-    """``gem3d train``: one stage into the run folder ``options.out``; returns its metrics (``runs.train_stage``)."""
+    """``gem3d train``: one stage into the run folder ``options.out``; returns its metrics (``runs.train_stage``).
+
+    Under torchrun each process joins the site's process group here and leaves it on return.
+    """
     check_outside(options.out, "--out", {"--data": options.data})  # before the lock writes into --out
-    fresh = not options.out.exists()
-    with writer_lock(options.out):  # held from the first file written (the MLflow store) to the last
+    with distributed.session() as current, contextlib.ExitStack() as held:
+        fresh = not options.out.exists()
+        # held from the first file written (the MLflow store) to the last; by rank 0 for every rank
+        distributed.agreed(lambda: held.enter_context(writer_lock(options.out)) if current.leader else None)
         try:
-            return _run(options)
+            return _run(options, current)
         except BaseException:
             # a training that fails before its first checkpoint leaves no run folder behind (only
             # the lock's holder gets here: a refused second writer never touches the folder)
-            if fresh and not any(options.out.glob("*.safetensors")):
+            if current.leader and fresh and not any(options.out.glob("*.safetensors")):
                 shutil.rmtree(options.out, ignore_errors=True)
             raise
 
 
-def _run(args: TrainOptions) -> dict[str, float]:
+class _Prepared(NamedTuple):
+    """What ``_prepare`` checked and loaded."""
+
+    cfg: Config
+    site: SiteState | None
+    key: bytes | None
+    volumes: list[Volume]
+    total: int
+    ledger: PrivacyLedger | None
+
+
+def _prepare(args: TrainOptions, leader: bool) -> _Prepared:
+    """Every input checked and the data loaded, before any step (on every rank; the ledger on rank 0 only)."""
     extra: dict[str, Any] = {}
     if args.device:
         extra["train.device"] = args.device
@@ -127,6 +158,8 @@ def _run(args: TrainOptions) -> dict[str, float]:
     cfg = load_cli_config(args.config, args.set, extra, dataset=args.data)  # the dataset decides labels, modality
     if args.public_data and args.site_state is not None:
         raise ConfigError("--public-data and --site-state: public data has no site state; pass one of them")
+    if not cfg.privacy.enabled:  # DP-SGD's batch is a Poisson sample, dealt out over the ranks as it falls
+        distributed.check_batch(cfg.train.batch_size)
     site = None if args.public_data else SiteState(args.site_state or default_state_dir(args.data))
     policy = load_policy(site) if site is not None else None
     key = site.key() if site is not None else None
@@ -150,11 +183,18 @@ def _run(args: TrainOptions) -> dict[str, float]:
     if cfg.privacy.enabled:
         if site is None:
             raise ConfigError("privacy.enabled=true with --public-data: DP-SGD needs the site's ledger; drop one")
-        # The ledger is the site's, not the run's: every run over this data spends from it.
-        ledger = site.ledger(cfg.privacy, terms=policy)
+        # The ledger is the site's, not the run's: every run over this data spends from it (rank 0 alone).
+        ledger = site.ledger(cfg.privacy, terms=policy) if leader else None
+    return _Prepared(cfg=cfg, site=site, key=key, volumes=volumes, total=total, ledger=ledger)
+
+
+def _run(args: TrainOptions, current: distributed.World) -> dict[str, float]:
+    cfg, site, key, volumes, total, ledger = distributed.agreed(lambda: _prepare(args, current.leader))
     privacy_metadata = _privacy_metadata(args, cfg, site, ledger)
     bars: list[tqdm] = []
-    tracker = open_tracker(args.track, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
+    tracker = None
+    if current.leader:
+        tracker = open_tracker(args.track, args.out / "mlflow", "train", f"{args.out.name}-{args.stage}", cfg)
 
     def on_step(metrics: dict[str, float]) -> None:
         if not bars:  # opened on the first step, so input errors print without a bar
@@ -169,7 +209,7 @@ def _run(args: TrainOptions) -> dict[str, float]:
             tracker.log_metrics({"loss": metrics["loss"], "grad_norm": metrics["grad_norm"]}, step=int(metrics["step"]))
 
     train_fn = train
-    if ledger is not None:
+    if cfg.privacy.enabled:  # the ledger is rank 0's; the other ranks pass None (train_private)
         train_fn = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger, planned_steps=total)
     try:
         metrics = train_stage(
@@ -180,7 +220,7 @@ def _run(args: TrainOptions) -> dict[str, float]:
             args.steps,
             args.resume,
             args.init,
-            on_step,
+            on_step if current.leader else None,
             train_fn=train_fn,
             fingerprint_key=key,
             extra_metadata=privacy_metadata,
@@ -192,6 +232,8 @@ def _run(args: TrainOptions) -> dict[str, float]:
     finally:
         for bar in bars:
             bar.close()
+    if not current.leader:
+        return metrics
     if tracker is not None:
         if ledger is not None:
             tracker.log_metrics({"epsilon": ledger.epsilon})
