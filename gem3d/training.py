@@ -306,11 +306,37 @@ def per_sample_loss(model: nn.Module, inputs: DenoisingInputs) -> torch.Tensor:
     if isinstance(model, SliceAutoencoder):
         assert inputs.noise is not None
         return model.reconstruction_loss(inputs.noisy, inputs.noise)
-    error = (predict(model, inputs) - inputs.target) ** 2  # [B, 1, D, H, W] or [B, 1, H, W]
-    if inputs.weight is not None:
-        w = inputs.weight  # [B, D] (windows) or [B] (slices)
-        error = error * (w[:, None, :, None, None] if w.ndim == 2 else w.reshape(-1, *[1] * (error.ndim - 1)))
+    return weighted_error(predict(model, inputs), inputs.target, inputs.weight)
+
+
+def weighted_error(prediction: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
+    """``[B]``: each sample's mean squared error, weighted per timestep: the one diffusion loss.
+
+    Args:
+        prediction, target: ``[B, 1, D, H, W]`` (windows, volumes) or ``[B, 1, H, W]`` (slices).
+        weight: ``[B, D]`` (a timestep per frame of a window), ``[B]`` (one per sample), or None.
+    """
+    error = (prediction - target) ** 2
+    if weight is not None:
+        error = error * (
+            weight[:, None, :, None, None] if weight.ndim == 2 else weight.reshape(-1, *[1] * (error.ndim - 1))
+        )
     return error.flatten(1).mean(dim=1)
+
+
+def optimizer_step(
+    optimizer: torch.optim.Optimizer, loss: torch.Tensor, params: list[nn.Parameter], max_norm: float
+) -> torch.Tensor:
+    """One step on ``loss``: gradients reset, backward, clipped to ``max_norm`` (global norm), applied.
+
+    Returns:
+        the gradients' norm before clipping (a 0-dim tensor; reading it waits for the device).
+    """
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    optimizer.step()
+    return grad_norm
 
 
 def train(
@@ -359,12 +385,9 @@ def train(
             # process does, and computes only its rows; DDP averages the rank means during the
             # backward, which is the global mean's gradient (equal shards).
             loss = parallel(shard_inputs(inputs, distributed.shard(cfg.batch_size, current))).mean()
-        state.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        grad_norm = optimizer_step(state.optimizer, loss, params, cfg.grad_clip)
         if parallel is not None:
             loss = distributed.all_reduce_sum(loss.detach()) / current.size  # the global batch's loss, for metrics
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        state.optimizer.step()
         state.ema.update_parameters(state.model)
         state.step += 1
         total += loss.detach()

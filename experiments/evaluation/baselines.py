@@ -29,7 +29,9 @@ from gem3d.config import Config, config_from_dict
 from gem3d.data.volume import Volume, fingerprint
 from gem3d.diffusion import make_sampler, noise_process
 from gem3d.errors import CheckpointError
+from gem3d.files import atomic_write
 from gem3d.runs import train_stage
+from gem3d.training import optimizer_step, weighted_error
 
 FULL3D_CHANNELS = (16, 32, 32)  # the largest width that trains 32^3 volumes in minutes on 2 CPU cores
 FULL3D_FILE = "full_3d.safetensors"
@@ -64,7 +66,8 @@ def train_mask_only(
             raise ValueError("a latent run's mask-only baseline needs the run's autoencoder (codec)")
         path = Path(run) / "codec.safetensors"
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({name: t.detach().cpu().contiguous() for name, t in codec.state_dict().items()}, str(path))
+        weights = {name: t.detach().cpu().contiguous() for name, t in codec.state_dict().items()}
+        atomic_write(path, lambda tmp: save_file(weights, str(tmp)))  # whole or not at all
         payload["autoencoder"]["checkpoint"] = str(path)
     baseline_cfg = config_from_dict(payload, "mask-only baseline")
     for stage in ("slice", "volume"):
@@ -125,7 +128,8 @@ class Full3D:
         images = torch.stack([_pad(torch.from_numpy(v.image), shape, -1.0) for v in volumes]).unsqueeze(1)
         labels = torch.stack([_pad(torch.from_numpy(v.label.astype(np.int64)), shape, 0) for v in volumes])
         generator = torch.Generator().manual_seed(cfg.train.seed)
-        optimizer = torch.optim.AdamW(self.net.parameters(), lr=cfg.train.lr)
+        params = list(self.net.parameters())
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
         self.net.train()
         loss_value = float("nan")
         for _ in range(steps):
@@ -135,13 +139,8 @@ class Full3D:
             t = process.draw_timesteps((len(index),), generator)
             noisy = process.add_noise(clean, noise, t)
             prediction = self.net(torch.cat([noisy, cond], dim=1), t)
-            error = ((prediction - process.target(clean, noise, t)) ** 2).flatten(1).mean(dim=1)
-            weight = process.loss_weight(t)
-            loss = (error if weight is None else error * weight).mean()
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self.net.parameters(), cfg.train.grad_clip)
-            optimizer.step()
+            loss = weighted_error(prediction, process.target(clean, noise, t), process.loss_weight(t)).mean()
+            optimizer_step(optimizer, loss, params, cfg.train.grad_clip)
             self.step += 1
             loss_value = float(loss.detach())
             if on_step is not None:
