@@ -133,7 +133,8 @@ class AtomicFolder:
     Built in ``work_folder_beside(out)`` (umask permissions, same file system; a killed run's
     leftover is removed by the next run into the same parent), renamed to ``out`` by ``commit``,
     removed by ``discard``. As a context manager it yields the work folder, commits when the
-    block ends normally and discards on any exception (``BaseException`` included: Ctrl-C)::
+    block ends normally and discards on any exception (``BaseException`` included: Ctrl-C); an
+    ``OSError`` that names no file (a full disk, a quota) comes back as a ``DataError`` naming ``out``::
 
         with AtomicFolder(out) as work:
             write_json(work / "dataset.json", ...)
@@ -199,8 +200,14 @@ class AtomicFolder:
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
         if kind is None:
             self.commit()
-        else:
-            self.discard()
+            return
+        committed = self.committed
+        self.discard()
+        if not committed and isinstance(error, OSError) and not error.filename:
+            # a full disk or a quota fails a write with no file name: say which output it was
+            from gem3d.errors import DataError
+
+            raise DataError(f"{self.out}: {error.strerror or error} while writing it; nothing was written") from error
 
 
 RUN_LOCK = ".gem3d-writer.lock"

@@ -30,8 +30,8 @@ File format (``gem3d-privacy-ledger/2``)::
                  "steps": 20, "status": "spent", "epsilon_after": 0.81}, ...]}
 
 ``id`` is random (it names the ledger in model privacy records without saying anything about
-the data). Writes are atomic (temp file in the same folder, then ``os.replace``). Files of format
-``gem3d-privacy-ledger/1`` are read and upgraded on the next write.
+the data). Writes are atomic (``gem3d.files.write_json``: a temporary file beside it, then
+``os.replace``). Files of format ``gem3d-privacy-ledger/1`` are read and upgraded on the next write.
 """
 
 from __future__ import annotations

@@ -323,3 +323,13 @@ def test_release_names_a_missing_holdout_before_reading_the_training_data(
     argv = ["release", "--checkpoint", micro_run, "--data", data, "--out", work / "release", "--allow-non-dp"]
 
     _refused([*argv, "--holdout", work / "no_holdout", "--track", "off"], work, capsys, "no_holdout", "not found")
+
+
+def test_prepare_refuses_a_dataset_json_declaring_more_labels_than_a_label_map_holds(
+    data: Path, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    meta = json.loads((data / "dataset.json").read_text())
+    meta["labels"] = {"background": 0, **{f"structure_{v}": v for v in range(1, 300)}}
+    (data / "dataset.json").write_text(json.dumps(meta))
+
+    _refused(["prepare", "--layout", "nnunet", "--input", data, "--output", work / "cache"], work, capsys, "300 label")

@@ -3,6 +3,7 @@ of killed runs removed (issues 13, 14)."""
 
 from __future__ import annotations
 
+import errno
 import os
 import socket
 import stat
@@ -15,6 +16,8 @@ import numpy as np
 import pytest
 
 from gem3d.data.nifti import save_nifti
+from gem3d.data.nnunet_raw import DatasetWriter
+from gem3d.errors import DataError
 from gem3d.files import (
     WORK_PREFIX,
     AtomicFolder,
@@ -127,6 +130,21 @@ def test_an_exception_leaves_no_folder_and_no_work_folder(tmp_path: Path, error:
     with pytest.raises(type(error)), AtomicFolder(out) as work:
         (work / "half.nii.gz").write_bytes(b"half")
         raise error
+
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_full_disk_is_named_by_the_output_it_was_writing(tmp_path: Path) -> None:
+    out = tmp_path / "dataset"
+    # what a write() on a full disk raises: an errno, no file name
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    message = rf"{out}: No space left on device while writing it; nothing was written"
+    with pytest.raises(DataError, match=message), AtomicFolder(out) as work:
+        (work / "half.nii.gz").write_bytes(b"half")
+        raise full
+    with pytest.raises(DataError, match=str(out)), DatasetWriter(out):  # the dataset writer says the same
+        raise full
 
     assert list(tmp_path.iterdir()) == []
 

@@ -124,6 +124,8 @@ def _declared_labels(path: Path, labels: Any, msd: bool) -> tuple[tuple[int, ...
         raise DataError(f"{path}: 'labels' has a non-integer label value") from None
     if 0 not in values or min(values) < 0:
         raise DataError(f"{path}: 'labels' must include background 0 and no negative values")
+    if len(values) > 256:  # the model grid maps them to contiguous ids held as uint8
+        raise DataError(f"{path}: 'labels' declares {len(values)} label values; at most 256 (background included)")
     return tuple(sorted(values)), names
 
 

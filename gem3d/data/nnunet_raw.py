@@ -80,7 +80,10 @@ class DatasetWriter:
         return self
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: object) -> None:
-        self.abort()  # after ``finish`` there is nothing left to remove
+        if kind is None:
+            self.abort()  # after ``finish`` there is nothing left to remove
+        else:
+            self.folder.__exit__(kind, error, trace)  # removed, and a full disk named by the output
 
     def add(
         self,
