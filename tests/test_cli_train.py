@@ -45,6 +45,17 @@ def test_train_three_stages_into_one_run_folder(phantom_dir: Path, tmp_path: Pat
     assert all(r["status"] == "FINISHED" and "loss" in r["metrics"] for r in runs)
 
 
+def _train_argv(phantom_dir: Path, tmp_path: Path, args: list[str]) -> list[str]:
+    base = {"--data": str(phantom_dir), "--stage": "slice", "--out": str(tmp_path / "run"), "--steps": "1"}
+    base["--site-state"] = str(tmp_path / "site")
+    for flag, value in zip(args[::2], args[1::2], strict=True):
+        base[flag] = value
+    argv = [arg for pair in base.items() for arg in pair]
+    if "--set" in args:
+        argv = [*argv[: argv.index("--set")], *argv[argv.index("--set") + 2 :], "--set", args[1]]
+    return ["train", *argv]
+
+
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
@@ -54,24 +65,27 @@ def test_train_three_stages_into_one_run_folder(phantom_dir: Path, tmp_path: Pat
     ],
 )
 def test_bad_input_is_one_line_without_traceback(
-    phantom_dir: Path, tmp_path: Path, args: list[str], fragment: str
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], fragment: str
 ) -> None:
-    base = {"--data": str(phantom_dir), "--stage": "slice", "--out": str(tmp_path / "run"), "--steps": "1"}
-    base["--site-state"] = str(tmp_path / "site")
-    for flag, value in zip(args[::2], args[1::2], strict=True):
-        base[flag] = value
-    argv = [arg for pair in base.items() for arg in pair]
-    if "--set" in args:
-        argv = [*argv[: argv.index("--set")], *argv[argv.index("--set") + 2 :], "--set", args[1]]
+    code = main(_train_argv(phantom_dir, tmp_path, args))
 
-    result = subprocess.run(
-        [sys.executable, "-m", "experiments.cli", "train", *argv], capture_output=True, text=True, check=False
-    )
+    err = capsys.readouterr().err
+    assert code == 2
+    assert fragment in err
+    assert "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
 
+
+def test_a_bad_input_ends_the_whole_process_in_one_line(phantom_dir: Path, tmp_path: Path) -> None:
+    # the same through the interpreter: exit status 2, nothing else on stderr (no warning, no traceback)
+    argv = _train_argv(phantom_dir, tmp_path, ["--set", "train.lr=-1"])
+
+    result = subprocess.run([sys.executable, "-m", "experiments.cli", *argv], capture_output=True, text=True)
+
+    lines = result.stderr.strip().splitlines()
     assert result.returncode == 2
-    assert fragment in result.stderr
-    assert "Traceback" not in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(lines) == 1 and "field 'train.lr'" in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
 
 

@@ -99,15 +99,39 @@ GRAD_TOLERANCE = {"rtol": 1e-4, "atol": 1e-6}
 WEIGHT_TOLERANCE = {"rtol": 0.0, "atol": MICRO["train"]["lr"] / 20}  # type: ignore[index]
 
 
-@pytest.mark.parametrize("stage", ["slice", "volume", "informed"])
-def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
-    phantom_dir: Path, tmp_path: Path, stage: str
-) -> None:
-    steps = (2, 4)  # two calls, as between checkpoints: the second DDP wrapper must not add to the first
-    torch.set_num_threads(1)
-    single = _train(stage, phantom_dir, steps)
+STAGES = ("slice", "volume", "informed")
+STEPS = (2, 4)  # two calls, as between checkpoints: the second DDP wrapper must not add to the first
 
-    ranks = run_ranks(_train, tmp_path, stage=stage, data=phantom_dir, steps=steps)
+
+def _refused_batch(data: Path) -> str:
+    try:
+        _train("slice", data, (1,), batch_size=3)
+    except ConfigError as error:
+        return str(error)
+    return ""
+
+
+def _every_stage(data: Path) -> dict[str, Any]:
+    """On each rank: every stage trained as ``_train`` does, and the refusal of an uneven global batch
+    (one group of processes for all of them: each start costs seconds of imports)."""
+    ran: dict[str, Any] = {stage: _train(stage, data, STEPS) for stage in STAGES}
+    ran["refused"] = _refused_batch(data)
+    return ran
+
+
+@pytest.fixture(scope="module")
+def two_ranks(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, Any]]:
+    return run_ranks(_every_stage, tmp_path_factory.mktemp("ranks"), data=phantom_dir)
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
+    phantom_dir: Path, two_ranks: list[dict[str, Any]], stage: str
+) -> None:
+    torch.set_num_threads(1)
+    single = _train(stage, phantom_dir, STEPS)
+
+    ranks = [ran[stage] for ran in two_ranks]
 
     assert ranks[0]["model"].keys() == single["model"].keys()  # no "module." prefix
     assert ranks[0]["grad"].keys() == single["grad"].keys()
@@ -125,18 +149,13 @@ def test_two_processes_train_the_weights_of_one_with_the_same_global_batch(
     assert changed and all(".slice_" in n for n in changed) == (stage == "volume")  # trained; a frozen base stays
 
 
-def _refused_batch(data: Path) -> str:
-    try:
-        _train("slice", data, (1,), batch_size=3)
-    except ConfigError as error:
-        return str(error)
-    return ""
-
-
-def test_a_global_batch_not_divisible_by_the_processes_is_refused(phantom_dir: Path, tmp_path: Path) -> None:
-    messages = run_ranks(_refused_batch, tmp_path, data=phantom_dir)
+def test_a_global_batch_not_divisible_by_the_processes_is_refused(
+    phantom_dir: Path, two_ranks: list[dict[str, Any]]
+) -> None:
+    messages = [ran["refused"] for ran in two_ranks]
 
     assert all("train.batch_size = 3" in m and "divisible by the 2 processes" in m for m in messages)
+    assert _refused_batch(phantom_dir) == ""  # one process takes any batch
 
 
 # --- DP-SGD across ranks -------------------------------------------------------------------------
@@ -167,16 +186,28 @@ def _dp_aggregates(per_sample: list[torch.Tensor]) -> dict[str, dict[str, torch.
     }
 
 
+DP_STEPS = 12
+
+
+def _dp_jobs(per_sample: list[torch.Tensor], data: Path, ledger_path: Path) -> dict[str, Any]:
+    """On each rank: the mechanism's aggregates and a DP-SGD training (one group of processes for both)."""
+    return {**_dp_aggregates(per_sample), "train": _dp_train(data, ledger_path, DP_STEPS)}
+
+
 @pytest.fixture(scope="module")
-def aggregates(tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.Tensor], list[Any]]:
+def dp_ranks(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[list[torch.Tensor], Path, list[Any]]:
+    """The five per-patient gradients, the DP training's ledger and what each rank returned."""
     generator = torch.Generator().manual_seed(0)
     # five patients, norms from ~0.3 to ~3: some clipped to C = 1, some not
     per_sample = [torch.randn(64, 64, generator=generator) * scale / 64 for scale in (0.3, 0.8, 1.5, 2.0, 3.0)]
-    return per_sample, run_ranks(_dp_aggregates, tmp_path_factory.mktemp("dp"), per_sample=per_sample)
+    folder = tmp_path_factory.mktemp("dp")
+    ledger_path = folder / "site" / "privacy_ledger.json"
+    ranks = run_ranks(_dp_jobs, folder, per_sample=per_sample, data=phantom_dir, ledger_path=ledger_path)
+    return per_sample, ledger_path, ranks
 
 
-def test_two_ranks_add_their_clipped_gradients_and_the_noise_of_one_process(aggregates) -> None:
-    per_sample, ranks = aggregates
+def test_two_ranks_add_their_clipped_gradients_and_the_noise_of_one_process(dp_ranks) -> None:
+    per_sample, _, ranks = dp_ranks
     clipped = sum(g * min(1.0, 1.0 / (float(g.norm()) + 1e-6)) for g in per_sample)
     noise = torch.normal(0.0, 0.5 * 1.0, (64, 64), generator=torch.Generator().manual_seed(7))
 
@@ -187,8 +218,8 @@ def test_two_ranks_add_their_clipped_gradients_and_the_noise_of_one_process(aggr
     assert torch.equal(ranks[0]["seeded"]["grad"], ranks[1]["seeded"]["grad"])
 
 
-def test_the_noise_is_added_once_not_once_per_rank(aggregates) -> None:
-    _, ranks = aggregates
+def test_the_noise_is_added_once_not_once_per_rank(dp_ranks) -> None:
+    _, _, ranks = dp_ranks
     update = ranks[0]["noise_only"]["grad"]
 
     # σ C / E = 0.25 for noise drawn once; 0.25 √2 = 0.354 had each rank added its own
@@ -233,16 +264,14 @@ def _dp_train(data: Path, ledger_path: Path, steps: int) -> dict[str, Any]:
     }
 
 
-def test_dp_sgd_on_two_ranks_spends_the_ledger_once_and_leaves_every_rank_the_same_weights(
-    phantom_dir: Path, tmp_path: Path
-) -> None:
+def test_dp_sgd_on_two_ranks_spends_the_ledger_once_and_leaves_every_rank_the_same_weights(dp_ranks) -> None:
     from privacy.dp_sgd import sample_rate
     from privacy.ledger import PrivacyLedger
 
-    steps = 12
-    ledger_path = tmp_path / "site" / "privacy_ledger.json"
+    steps = DP_STEPS
+    _, ledger_path, both = dp_ranks
 
-    ranks = run_ranks(_dp_train, tmp_path, data=phantom_dir, ledger_path=ledger_path, steps=steps)
+    ranks = [ran["train"] for ran in both]
 
     ledger = PrivacyLedger.read(ledger_path)
     assert ledger.history == [(1.0, sample_rate(1, 4), steps)]  # one spend of 12 steps at q = 1/4, not two
