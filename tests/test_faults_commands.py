@@ -333,3 +333,11 @@ def test_prepare_refuses_a_dataset_json_declaring_more_labels_than_a_label_map_h
     (data / "dataset.json").write_text(json.dumps(meta))
 
     _refused(["prepare", "--layout", "nnunet", "--input", data, "--output", work / "cache"], work, capsys, "300 label")
+
+
+def test_an_empty_device_is_refused_not_taken_for_the_default(
+    micro_run: Path, phantom_dir: Path, work: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    mask = phantom_dir / "labelsTr" / "phantom_001.nii.gz"
+
+    _refused([*_sample("sample", micro_run, mask, work / "o.nii.gz"), "--device", ""], work, capsys, "--device")

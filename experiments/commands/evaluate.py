@@ -47,6 +47,7 @@ from experiments.commands.common import (
     add_track_option,
     check_new_outputs,
     check_writable,
+    device_name,
     png_bytes,
     positive_int,
     tracked,
@@ -162,7 +163,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--quick", action="store_true", help="CPU smoke setting (reported as deviations)")
     parser.add_argument("--no-downstream", action="store_true", help="skip the segmentation task (a deviation)")
-    parser.add_argument("--device", help="override train.device for sampling (cpu, cuda)")
+    parser.add_argument("--device", type=device_name, help="override train.device for sampling (cpu, cuda)")
     parser.add_argument(
         "--threads", type=positive_int, help="torch intra-op threads (1 is fastest on a shared small CPU)"
     )

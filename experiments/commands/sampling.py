@@ -17,6 +17,7 @@ from experiments.commands.common import (
     PROVENANCE_BYTES,
     CommandOptions,
     TrackedOptions,
+    device_name,
     png_bytes,
     positive_int,
     seed_int,
@@ -60,7 +61,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=positive_int, help="sampler steps (default: diffusion.inference_steps of the run)"
     )
-    parser.add_argument("--device", help="cpu, cuda, cuda:1 (default: the run's train.device)")
+    parser.add_argument("--device", type=device_name, help="cpu, cuda, cuda:1 (default: the run's train.device)")
 
 
 def open_synthesiser(options: SamplingOptions) -> Synthesiser:

@@ -33,6 +33,7 @@ from experiments.commands.common import (
     add_track_argument,
     check_outside,
     check_writable,
+    device_name,
     load_cli_config,
     open_tracker,
     positive_int,
@@ -102,7 +103,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="declare --data public (e.g. for pre-training): recorded as such in the checkpoint; no site state",
     )
-    parser.add_argument("--device", help="override train.device (cpu, cuda, cuda:1)")
+    parser.add_argument("--device", type=device_name, help="override train.device (cpu, cuda, cuda:1)")
     parser.add_argument("--seed", type=seed_int, help="override train.seed")
     add_track_argument(parser, "OUT/mlflow")
 
