@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -237,45 +235,32 @@ def test_dp_sgd_trains_the_autoencoder_under_the_ledger(phantom_dir: Path, laten
     assert float(tensors["ema.scale"]) == 1.0  # "auto" measures no scale on patients outside DP
 
 
-def test_gem3d_train_stage_autoencoder_and_a_refused_latent_stage(phantom_dir: Path, tmp_path: Path) -> None:
+def test_gem3d_train_stage_autoencoder_and_a_refused_latent_stage(
+    phantom_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from experiments.cli import main as gem3d
+
     sets = [
         "--set", "data.image_size=16", "--set", "data.window=4", "--set", "model.channels=8,16",
         "--set", "model.norm_num_groups=4", "--set", "model.num_head_channels=8",
         "--set", "autoencoder.channels=8,8", "--set", "autoencoder.norm_num_groups=4",
     ]  # fmt: skip
-    base = [
-        sys.executable,
-        "-m",
-        "experiments.cli",
-        "train",
-        "--config",
-        "tiny_latent",
-        *sets,
-        "--data",
-        str(phantom_dir),
-    ]
+    base = ["train", "--config", "tiny_latent", *sets, "--data", str(phantom_dir), "--out", str(tmp_path / "run")]
 
-    refused = subprocess.run(
-        [*base, "--stage", "slice", "--out", str(tmp_path / "run"), "--steps", "1", "--track", "off"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
-    trained = subprocess.run(
-        [*base, "--stage", "autoencoder", "--out", str(tmp_path / "run"), "--steps", "2", "--track", "off"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    refused = gem3d([*base, "--stage", "slice", "--steps", "1", "--track", "off"])
+    refused_err = capsys.readouterr().err
+    trained = gem3d([*base, "--stage", "autoencoder", "--steps", "2", "--track", "off"])
+    trained_err = capsys.readouterr().err
 
-    assert refused.returncode == 2 and "Traceback" not in refused.stderr
-    assert "needs its autoencoder" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    assert refused == 2 and "Traceback" not in refused_err
+    assert "needs its autoencoder" in refused_err and len(refused_err.strip().splitlines()) == 1
     assert not (tmp_path / "run" / "slice.safetensors").exists()
-    assert trained.returncode == 0, trained.stderr[-2000:]
+    assert trained == 0, trained_err[-2000:]
     assert (tmp_path / "run" / "autoencoder.safetensors").exists()
 
-    latent = subprocess.run(
-        [*base, "--stage", "slice", "--out", str(tmp_path / "run"), "--steps", "1", "--track", "off"],
-        cwd=REPO, capture_output=True, text=True,
-    )  # fmt: skip
+    latent = gem3d([*base, "--stage", "slice", "--steps", "1", "--track", "off"])
 
-    assert latent.returncode == 0, latent.stderr[-2000:]
+    assert latent == 0, capsys.readouterr().err[-2000:]
     record = read_metadata(tmp_path / "run" / "slice.safetensors")["privacy"]
     stage_0 = read_metadata(tmp_path / "run" / "autoencoder.safetensors")["privacy"]
     assert record["init"]["privacy"] == stage_0  # the slice stage carries its autoencoder's record

@@ -466,8 +466,8 @@ def test_a_killed_release_leaves_nothing_and_the_next_one_cleans_up(
         "1",
     ]  # fmt: skip; the linkage gate is not this test's subject
     temp_before = set(Path(tempfile.gettempdir()).iterdir())
-    # execute: SIGKILL at several points of a release (start-up, generation, writing and audit)
-    for delay in (3.0, 6.0, 9.0):
+    # execute: SIGKILL at two points of a release (start-up or generation, then writing or audit)
+    for delay in (3.0, 7.0):
         process = subprocess.Popen([*argv, "--out", str(tmp_path / "killed")], cwd=repo, env=os.environ.copy())
         time.sleep(delay)
         process.send_signal(signal.SIGKILL)
