@@ -300,22 +300,25 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     data = state.public / "pooled"
     baseline, log = None, state.out / "pretrained_mask_only.log"
     baseline_overrides = (*overrides, "model.informed_slice=false")
+
+    def public_stage(stage: Stage, steps: int) -> TrainOptions:
+        """One stage of the public pre-training into ``state.pretrained``, tracked."""
+        return TrainOptions(
+            config=settings.config,
+            set=overrides,
+            data=data,
+            public_data=True,
+            stage=stage,
+            out=state.pretrained,
+            steps=steps,
+            track=str(tracking),
+        )
+
     if settings.latent:
         # stage 0 first: the latent stages (the mask-only baseline's too) encode with it
         autoencoder = state.pretrained / "autoencoder.safetensors"
         if not autoencoder.exists():
-            run_train(
-                TrainOptions(
-                    config=settings.config,
-                    set=overrides,
-                    data=data,
-                    public_data=True,
-                    stage="autoencoder",
-                    out=state.pretrained,
-                    steps=settings.autoencoder_steps,
-                    track=str(tracking),
-                )
-            )
+            run_train(public_stage("autoencoder", settings.autoencoder_steps))
         baseline_overrides = (*baseline_overrides, f"autoencoder.checkpoint={json.dumps(str(autoencoder))}")
     if not (state.mask_only / "volume.safetensors").exists():
         # tracked off: two processes writing one SQLite store can lock it, which would switch the
@@ -345,18 +348,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
         for stage, steps in zip(PRETRAIN_STAGES, settings.pretrain_steps, strict=True):
             if (state.pretrained / f"{stage}.safetensors").exists():
                 continue  # a re-run of the demo keeps what it trained
-            run_train(
-                TrainOptions(
-                    config=settings.config,
-                    set=overrides,
-                    data=data,
-                    public_data=True,
-                    stage=stage,
-                    out=state.pretrained,
-                    steps=steps,
-                    track=str(tracking),
-                )
-            )
+            run_train(public_stage(stage, steps))
     except BaseException:
         if baseline is not None:
             baseline.kill()

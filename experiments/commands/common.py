@@ -201,8 +201,9 @@ def check_outside(out: Path, option: str, inputs: Mapping[str, Path | None]) -> 
             continue
         source = folder.expanduser().resolve()
         if target == source or source in target.parents:
+            where = "is" if target == source else "inside"
             raise DataError(
-                f"{option} {out}: inside {name} {folder}; write outputs outside the input folder (nothing is changed)"
+                f"{option} {out}: {where} {name} {folder}; write outputs outside the input folder (nothing is changed)"
             )
 
 
