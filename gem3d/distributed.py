@@ -110,8 +110,23 @@ def session() -> Iterator[World]:
     dist.init_process_group(backend(), timeout=TIMEOUT, rank=started.rank, world_size=started.size)
     try:
         yield world()
+    except Gem3dError:
+        _leave_together()  # an agreed failure (``agreed``): every rank is here
+        raise
+    else:
+        _leave_together()
     finally:
         dist.destroy_process_group()
+
+
+def _leave_together() -> None:
+    """Wait for every rank before the group is torn down: rank 0 hosts its store, and a rank that
+    exits while another still talks to it can abort the process (seen: SIGABRT in gloo's teardown).
+    On gloo, a rank that never comes is reported after two minutes rather than the group's timeout."""
+    if "nccl" not in str(dist.get_backend()):
+        dist.monitored_barrier(timeout=timedelta(minutes=2))
+    else:
+        dist.barrier()
 
 
 def rank_device(device: torch.device, current: World | None = None) -> torch.device:
