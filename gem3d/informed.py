@@ -40,29 +40,34 @@ class SourceSpec:
     index: int | None = None
 
 
-def parse_source(spec: str, allowed: tuple[SourceKind, ...] = SOURCE_KINDS) -> SourceSpec:
-    """Parse ``real:IMAGE[@Z]``, ``file:PATH``, ``generate`` or ``copy``; raise ``DataError`` otherwise."""
+def parse_source(spec: str, allowed: tuple[SourceKind, ...] = SOURCE_KINDS, option: str = "--informed") -> SourceSpec:
+    """Parse ``real:IMAGE[@Z]``, ``file:PATH``, ``generate`` or ``copy``; else ``DataError`` naming ``option``.
+
+    ``Z`` is a voxel index from 0 (a negative one would silently count from the end: refused).
+    """
     kind, _, rest = spec.partition(":")
     if kind not in allowed:
-        raise DataError(f"--informed {spec}: unknown source '{kind}' (allowed: {', '.join(allowed)})")
+        raise DataError(f"{option} {spec}: unknown source '{kind}' (allowed: {', '.join(allowed)})")
     if kind in ("generate", "copy"):
         if rest:
-            raise DataError(f"--informed {spec}: '{kind}' takes no argument")
+            raise DataError(f"{option} {spec}: '{kind}' takes no argument")
         return SourceSpec(kind)  # type: ignore[arg-type]
     if not rest:
-        raise DataError(f"--informed {spec}: '{kind}' needs a path, e.g. {kind}:IMAGE.nii.gz")
+        raise DataError(f"{option} {spec}: '{kind}' needs a path, e.g. {kind}:IMAGE.nii.gz")
     index = None
     if kind == "real" and "@" in rest:
         rest, _, z = rest.rpartition("@")
         try:
             index = int(z)
         except ValueError:
-            raise DataError(f"--informed {spec}: slice index '{z}' is not an integer") from None
+            raise DataError(f"{option} {spec}: slice index '{z}' is not an integer") from None
+        if index < 0:
+            raise DataError(f"{option} {spec}: slice index {index}: expected a voxel index >= 0")
     path = Path(rest)
     if path.is_dir():
-        raise DataError(f"--informed {spec}: {path} is a folder, an image file was expected")
+        raise DataError(f"{option} {spec}: {path} is a folder, an image file was expected")
     if not path.is_file():
-        raise DataError(f"--informed {spec}: {path}: informed-slice file not found")
+        raise DataError(f"{option} {spec}: {path}: informed-slice file not found")
     return SourceSpec(kind, path, index)  # type: ignore[arg-type]
 
 

@@ -17,7 +17,6 @@ from experiments.commands.sample import check_output
 from experiments.commands.sampling import (
     SamplingOptions,
     add_sampling_arguments,
-    check_informed_index,
     mask_editor,
     open_synthesiser,
     single_output_bytes,
@@ -72,7 +71,6 @@ def run_counterfactual(options: CounterfactualOptions) -> Path:
     needed = single_output_bytes(options.mask, edited, options.track != "off")
     check_output(options.out, *([edited_mask_path(options.out)] if edited else []), needed_bytes=needed)
     source = parse_source(options.informed, ("real", "file", "generate"))
-    check_informed_index("--informed", source)
     synth = open_synthesiser(options)
     removal = f"remove:{options.remove_label}" if options.remove_label is not None else ""
     spec = ",".join(s for s in (removal, options.mask_edit) if s)

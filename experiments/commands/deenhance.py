@@ -19,7 +19,6 @@ from experiments.commands.sampling import (
     ProgressBars,
     add_sampling_arguments,
     add_worker_arguments,
-    check_informed_index,
     cohort_synthesiser,
 )
 from experiments.previews import case_preview
@@ -73,11 +72,7 @@ def run_deenhance(options: DeenhanceOptions) -> dict[str, Any]:
     text = options.reference.removeprefix("real:")
     if not text or options.reference.startswith(("file:", "generate", "copy")):
         raise DataError(f"--reference {options.reference!r}: expects IMAGE.nii.gz[@Z]")
-    try:
-        reference = parse_source(f"real:{text}")
-    except DataError as error:  # parse_source speaks of --informed; here the option is --reference
-        raise DataError(str(error).replace(f"--informed real:{text}", f"--reference {options.reference}")) from None
-    check_informed_index("--reference", reference)
+    reference = parse_source(f"real:{text}", option="--reference")
     with cohort_synthesiser(options) as synth:
         with tracked(options, NAME, synth.cfg, started, synth.checkpoints) as run_log:
             bars = ProgressBars([])

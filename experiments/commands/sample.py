@@ -18,7 +18,6 @@ from experiments.commands.common import add_track_option, check_new_outputs, tra
 from experiments.commands.sampling import (
     SamplingOptions,
     add_sampling_arguments,
-    check_informed_index,
     open_synthesiser,
     single_output_bytes,
     single_outputs,
@@ -70,7 +69,6 @@ def run_sample(options: SampleOptions) -> Path:
     # the output and the disk first, from the mask's header: a full disk is found before the model loads
     check_output(options.out, needed_bytes=single_output_bytes(options.mask, False, options.track != "off"))
     source = parse_source(options.informed, ("real", "file", "generate"))
-    check_informed_index("--informed", source)
     synth = open_synthesiser(options)
     with tracked(options, NAME, synth.cfg, started, synth.checkpoints) as run_log:
         job = mask_job(synth, options.mask, source, options.start, options.seed)

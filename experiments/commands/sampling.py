@@ -26,7 +26,6 @@ from experiments.previews import case_preview
 from experiments.progress import progress_bar
 from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
 from gem3d.data.geometry import CaseGeometry
-from gem3d.informed import SourceSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -155,14 +154,6 @@ def single_output_bytes(mask: Path, edited_mask: bool, tracked: bool) -> int:
     voxels = math.prod(read_header(mask).spatial_shape)
     sidecars = PROVENANCE_BYTES + PREVIEW_BYTES
     return voxels * 4 + (voxels * 2 if edited_mask else 0) + sidecars * (2 if tracked else 1)
-
-
-def check_informed_index(option: str, spec: SourceSpec) -> None:
-    """A ``real:IMAGE@Z`` slice index counts from 0 (a negative one would silently count from the end)."""
-    from gem3d.errors import DataError
-
-    if spec.index is not None and spec.index < 0:
-        raise DataError(f"{option} {spec.path}@{spec.index}: slice index {spec.index}: expected a voxel index >= 0")
 
 
 def single_outputs(out: Path) -> tuple[Path, Path]:
