@@ -22,7 +22,7 @@ touch betas (STYLE.md, convention 2).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -55,6 +55,15 @@ class NoiseProcess:
 
     cfg: DiffusionConfig
     alphas_cumprod: torch.Tensor  # [T] (ddpm); unused by rflow
+    # the schedule on each device it was asked on: copied once, so a step never waits for a copy
+    _on_device: dict[torch.device, torch.Tensor] = field(default_factory=dict, init=False, repr=False, compare=False)
+
+    def abar(self, t: torch.Tensor) -> torch.Tensor:
+        """ᾱ at timesteps ``t`` (same shape, float64, on ``t``'s device)."""
+        table = self._on_device.get(t.device)
+        if table is None:
+            table = self._on_device[t.device] = self.alphas_cumprod.to(t.device)
+        return table[t]
 
     @property
     def num_train_timesteps(self) -> int:
@@ -71,7 +80,7 @@ class NoiseProcess:
         if self.cfg.process == "rflow":
             s = _expand(t.double() / self.num_train_timesteps, x0)
             return (1 - s) * x0 + s * noise
-        abar = _expand(self.alphas_cumprod.to(t.device)[t], x0)
+        abar = _expand(self.abar(t), x0)
         return abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -83,7 +92,7 @@ class NoiseProcess:
             return noise
         if kind == "sample":
             return x0
-        abar = _expand(self.alphas_cumprod.to(t.device)[t], x0)
+        abar = _expand(self.abar(t), x0)
         return abar.sqrt() * noise - (1 - abar).sqrt() * x0  # v
 
     def loss_weight(self, t: torch.Tensor) -> torch.Tensor | None:
@@ -94,7 +103,7 @@ class NoiseProcess:
         """
         if self.cfg.loss_weighting == "uniform":
             return None
-        abar = self.alphas_cumprod.to(t.device)[t]
+        abar = self.abar(t)
         snr = abar / (1 - abar)
         clipped = snr.clamp(max=self.cfg.min_snr_gamma)
         kind = self.cfg.prediction_type
@@ -142,8 +151,8 @@ class Sampler:
 
     def noisy(self, x0: torch.Tensor, noise: torch.Tensor, index: int) -> torch.Tensor:
         """``x0`` noised to the level of ``timesteps[index]`` (replacement inpainting)."""
-        t = torch.full(x0.shape[:1], self.timesteps[index], dtype=torch.long)
-        return self.process.add_noise(x0, noise, t.to(x0.device))
+        t = torch.full(x0.shape[:1], self.timesteps[index], dtype=torch.long, device=x0.device)
+        return self.process.add_noise(x0, noise, t)
 
     def _abar(self, index: int) -> float:
         if index >= len(self.timesteps):

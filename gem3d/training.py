@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+from torch.optim.swa_utils import AveragedModel
 
 from gem3d import distributed
 from gem3d.autoencoder import SliceAutoencoder, encode_slices
@@ -61,23 +61,42 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
-def ema_copy(model: nn.Module, decay: float, warmup: bool = False) -> AveragedModel:
+class ExponentialAverage(AveragedModel):
+    """An EMA of a model's parameters (its buffers copied), updated without waiting for the device.
+
+    ``AveragedModel``'s own update copies its update count to the device at every call, which on
+    CUDA makes the host wait for the queued step (a host synchronisation per training step). Here
+    the count stays a host tensor (``n_averaged``, saved in checkpoints as before) and the decay a
+    Python float, so an update only queues two ``_foreach`` kernels.
+    """
+
+    def __init__(self, model: nn.Module, decay: float, warmup: bool) -> None:
+        super().__init__(model)
+        self.decay, self.warmup = decay, warmup
+
+    @torch.no_grad()
+    def update_parameters(self, model: nn.Module) -> None:
+        averaged = [p.detach() for p in self.module.parameters()]
+        current = [p.detach().to(a.device) for p, a in zip(model.parameters(), averaged, strict=True)]
+        n = int(self.n_averaged)  # updates so far (a CPU tensor: no device wait)
+        if n == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            decay = min(self.decay, (1.0 + n) / (10.0 + n)) if self.warmup else self.decay
+            torch._foreach_lerp_(averaged, current, 1.0 - decay)
+        for mine, theirs in zip(self.module.buffers(), model.buffers(), strict=True):
+            mine.copy_(theirs)
+        self.n_averaged += 1
+
+
+def ema_copy(model: nn.Module, decay: float, warmup: bool = False) -> ExponentialAverage:
     """An EMA of ``model``'s parameters: each ``update_parameters`` does ema = d ema + (1 - d) model.
 
     The first update copies the model. With ``warmup``, update n (n >= 1 updates so far) uses
     d = min(decay, (1 + n) / (10 + n)), so a short history (a few federated rounds) is not
     dominated by its first, least trained, weights.
     """
-    if not warmup:
-        return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay))
-
-    Tensors = tuple[torch.Tensor, ...] | list[torch.Tensor]
-
-    def update(averaged: Tensors, current: Tensors, count: torch.Tensor | int) -> None:
-        n = float(count)
-        torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
-
-    return AveragedModel(model, multi_avg_fn=update)
+    return ExponentialAverage(model, decay, warmup)
 
 
 def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None) -> TrainState:

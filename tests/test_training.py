@@ -124,3 +124,23 @@ def test_corrupt_or_pickled_checkpoints_are_refused(tmp_path: Path) -> None:
     for path in (truncated, pickled, tmp_path / "missing.safetensors"):
         with pytest.raises(CheckpointError, match=path.name):
             load_checkpoint(path)
+
+
+@pytest.mark.parametrize("warmup", [False, True])
+def test_the_ema_follows_its_formula_and_keeps_its_count_on_the_host(warmup: bool) -> None:
+    from gem3d.training import ema_copy
+
+    model = torch.nn.Linear(3, 2)
+    ema = ema_copy(model, 0.9, warmup=warmup)
+    expected = [p.detach().clone() for p in model.parameters()]
+    for n in range(4):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0 + n)
+        ema.update_parameters(model)
+        # by hand: the first update copies, update n >= 1 is d ema + (1 - d) model
+        d = (min(0.9, (1 + n) / (10 + n)) if warmup else 0.9) if n else 0.0
+        expected = [d * e + (1 - d) * p.detach() for e, p in zip(expected, model.parameters(), strict=True)]
+    for got, want in zip(ema.module.parameters(), expected, strict=True):
+        assert torch.allclose(got, want, atol=1e-6)
+    assert int(ema.n_averaged) == 4 and ema.n_averaged.device.type == "cpu"
