@@ -13,14 +13,21 @@
   flag ``use_flash_attention`` of ``SABlock``), which picks a fused kernel on the GPU.
 * **channels_last**: the 2D convolution weights (and so their activations) in NHWC.
 * **compile**: ``nn.Module.compile`` (state-dict names are unchanged, checkpoints stay portable).
+* **deterministic** (CUDA): cuDNN's deterministic algorithms (no autotuning), a fixed cuBLAS
+  workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: set before the first matmul) and
+  ``torch.use_deterministic_algorithms(True)``, which also makes the fused attention's backward
+  pick its deterministic algorithm (with ``warn_only`` it only warns that it did not, and the
+  bytes of a brats-size run can differ). Process-wide, like TF32. The bytes are checked on a GPU
+  by ``tests/test_cuda.py``; what determinism costs is in RESULTS.md.
 
 Weights, checkpoints and the random draws (drawn on the device, ``gem3d.training``) are the same
 with or without the fast path; only rounding differs, so bytes match between runs with the same
-switches on the same device.
+switches on the same device (on CUDA, with ``deterministic``).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -42,6 +49,7 @@ class FastPath:
     flash_attention: bool
     channels_last: bool
     compile: bool
+    deterministic: bool
 
 
 def _on(switch: Switch, device: torch.device) -> bool:
@@ -56,6 +64,7 @@ def fast_path(cfg: AccelConfig, device: torch.device) -> FastPath:
         flash_attention=_on(cfg.flash_attention, device),
         channels_last=_on(cfg.channels_last, device),
         compile=cfg.compile,
+        deterministic=cfg.deterministic and device.type == "cuda",
     )
 
 
@@ -68,6 +77,11 @@ def accelerate(model: M, cfg: AccelConfig, device: torch.device) -> M:
     Safe to call again (e.g. after ``SliceDenoiser.inflate`` added layers): each switch is set, not toggled.
     """
     path = fast_path(cfg, device)
+    if path.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.backends.cudnn.deterministic = True
+        torch.backends.cudnn.benchmark = False
+        torch.use_deterministic_algorithms(True)
     model.to(device)
     if path.tf32:
         torch.backends.cuda.matmul.allow_tf32 = True

@@ -387,6 +387,11 @@ class AccelConfig(_Frozen):
     flash_attention: Switch = Field("auto", description="fused scaled-dot-product attention in MONAI's blocks")
     channels_last: Switch = Field("auto", description="channels-last memory format for the 2D convolutions")
     compile: bool = Field(False, description="torch.compile the networks (slow first steps, faster after)")
+    deterministic: bool = Field(
+        True,
+        description="CUDA: deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms), so a seed "
+        "gives the same bytes on the same device; off trades that for speed (no effect on a CPU)",
+    )
 
 
 class Config(_Frozen):

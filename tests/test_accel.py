@@ -42,8 +42,9 @@ def _inputs(cfg: Config, phantom_dir: Path, model: SliceDenoiser):  # type: igno
 def test_auto_is_off_on_a_cpu_and_on_for_cuda() -> None:
     cpu = fast_path(AccelConfig(), CPU)
     cuda = fast_path(AccelConfig(), torch.device("cuda"))
-    assert not (cpu.bf16 or cpu.tf32 or cpu.flash_attention or cpu.channels_last or cpu.compile)
-    assert cuda.bf16 and cuda.tf32 and cuda.flash_attention and cuda.channels_last and not cuda.compile
+    assert not (cpu.bf16 or cpu.tf32 or cpu.flash_attention or cpu.channels_last or cpu.compile or cpu.deterministic)
+    assert cuda.bf16 and cuda.tf32 and cuda.flash_attention and cuda.channels_last and cuda.deterministic
+    assert not cuda.compile
     forced = fast_path(AccelConfig(bf16="on", flash_attention="on", channels_last="on"), CPU)
     assert forced.bf16 and forced.flash_attention and forced.channels_last and not forced.tf32
 

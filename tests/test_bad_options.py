@@ -122,3 +122,28 @@ def test_training_without_room_for_its_checkpoint_is_refused_before_reading_data
     assert code == 2 and len(err.splitlines()) == 1, err
     assert "--out" in err and "needs about" in err and "TiB" in err, err
     assert not out.exists()
+
+
+def test_an_op_without_a_deterministic_kernel_is_one_line_naming_it_and_the_switch(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import torch
+
+    from experiments.commands.runner import report_errors
+
+    def work() -> int:  # what accel.deterministic does on CUDA, met by an op with no deterministic kernel
+        torch.use_deterministic_algorithms(True)
+        try:
+            torch.zeros(5).put_(torch.tensor([0, 0]), torch.ones(2), accumulate=False)
+        finally:
+            torch.use_deterministic_algorithms(False)
+        return 0
+
+    code = report_errors("train", work)
+
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert err.startswith("gem3d train: error: put_ does not have a deterministic implementation")
+    assert "--set accel.deterministic=false" in err
+    with pytest.raises(RuntimeError, match="boom"):  # any other RuntimeError is not ours to hide
+        report_errors("train", lambda: (_ for _ in ()).throw(RuntimeError("boom")))

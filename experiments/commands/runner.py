@@ -41,8 +41,8 @@ def handle(run: Callable[[argparse.Namespace], int | None], args: argparse.Names
 def report_errors(command: str, work: Callable[[], int | None]) -> int:
     """Run ``gem3d <command>``'s ``work``; returns its exit code (None: 0).
 
-    A ``Gem3dError`` or ``OSError`` becomes one line on stderr naming the command and exit code 2;
-    an interrupt, exit code 130.
+    A ``Gem3dError`` or ``OSError`` becomes one line on stderr naming the command and exit code 2,
+    and so does torch's refusal of an op with no deterministic CUDA kernel; an interrupt, exit code 130.
     """
     try:
         return int(work() or 0)
@@ -56,3 +56,15 @@ def report_errors(command: str, work: Callable[[], int | None]) -> int:
     except KeyboardInterrupt:
         print(f"gem3d {command}: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as error:
+        # On CUDA, accel.deterministic asks torch for deterministic kernels (gem3d/accel.py); an op
+        # that has none stops the run with torch's message, which names it.
+        if "deterministic" not in str(error):
+            raise
+        first = str(error).strip().splitlines()[0]
+        print(
+            f"gem3d {command}: error: {first} (to run without deterministic kernels, and without "
+            "same-seed-same-bytes on the GPU: --set accel.deterministic=false)",
+            file=sys.stderr,
+        )
+        return 2
