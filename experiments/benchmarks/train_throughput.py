@@ -49,7 +49,7 @@ from experiments.benchmarks import (
     reset_peak,
     run_worker,
 )
-from experiments.configs import resolve_config_path
+from experiments.configs import parse_overrides, resolve_config_path
 from gem3d.accel import accelerate
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
@@ -156,6 +156,10 @@ def main() -> int:
     parser.add_argument("--matmul", type=int, default=2048, help="size of the square matmul baseline (default 2048)")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per measurement")
     parser.add_argument("--peak-tflops", type=float, default=None, help="CUDA: the device's dense bf16 peak")
+    parser.add_argument("--stages", default="slice,volume", help="stages to measure (default slice,volume)")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="config override, e.g. accel.compile=true"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -163,15 +167,17 @@ def main() -> int:
         emit(worker(json.loads(args.worker)))
         return 0
 
-    configs: list[tuple[str, dict[str, Any]]] = [("tiny", {})]
+    extra_overrides = parse_overrides(args.set)
+    name = args.config + "".join(f" {k}={v}" for k, v in extra_overrides.items())
+    configs: list[tuple[str, dict[str, Any]]] = [(name, {})]
     if args.mid:
-        configs.append(("mid (96x96, W=16)", MID))
+        configs.append((f"mid (96x96, W=16) {name}", MID))
     rows, results = [], []
     for label, overrides in configs:
-        for stage in ("slice", "volume"):
+        for stage in args.stages.split(","):
             spec = {
                 "config": args.config,
-                "overrides": {**overrides, "train.device": args.device},
+                "overrides": {**overrides, **extra_overrides, "train.device": args.device},
                 "stage": stage,
                 "steps": args.steps,
                 "threads": args.threads,
