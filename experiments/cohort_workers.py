@@ -1,7 +1,7 @@
 """Cohort generation sharded over worker processes or machines, on Ray.
 
 ``gem3d enhance``, ``deenhance`` and ``release`` sample their volumes in chunks of
-``sampler.batch_volumes`` (``gem3d.apps.iter_jobs``). With ``--workers N`` the chunks go to N
+``sampler.batch_volumes`` (``gem3d.synthesis.iter_jobs``). With ``--workers N`` the chunks go to N
 Ray actors on this machine; with ``--ray-address ADDR`` to actors on a running Ray cluster
 (``ray start --head`` on one machine, ``ray start --address HEAD:6379`` on the others; every
 machine needs this project installed in the same Python environment). Each actor receives the
@@ -36,10 +36,10 @@ from typing import Any
 
 import numpy as np
 
-from gem3d.apps import Synthesiser, load_synthesiser
 from gem3d.errors import ConfigError
 from gem3d.runs import STAGE_FILES
 from gem3d.sampler import SampleRequest, sample_volumes
+from gem3d.synthesis import Synthesiser, load_synthesiser
 
 IN_FLIGHT_PER_WORKER = 2
 
@@ -104,7 +104,7 @@ class ChunkWorker:
 class RayChunks:
     """``chunks -> volumes`` on Ray actors (a context manager: the actors and a local Ray stop on exit).
 
-    Use as ``gem3d.apps.iter_jobs``'s ``sample_chunks``: called with the cohort's chunks of
+    Use as ``gem3d.synthesis.iter_jobs``'s ``sample_chunks``: called with the cohort's chunks of
     requests, it yields each chunk's volumes in chunk order.
     """
 

@@ -73,7 +73,7 @@ def triplanar_png(
 def case_preview(
     path: Path, image: np.ndarray, label: np.ndarray, geometry: CaseGeometry, real: np.ndarray | None
 ) -> None:
-    """The ``gem3d.apps.Preview`` hook: one PNG per written case."""
+    """The ``gem3d.data.nnunet_raw.Preview`` hook: one PNG per written case."""
     triplanar_png(path, image, label, geometry.spacing, real)
 
 

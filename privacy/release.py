@@ -30,7 +30,7 @@ A refusal raises ``ReleasePolicyError`` or ``ReleaseRefusedError`` and leaves no
 
 ``release_dataset`` is the whole of ``gem3d release`` behind the command line: it checks the
 mask edits and the model's privacy before generating anything, plans the enhanced cases
-(``gem3d.apps.enhancement_jobs`` with generated informed slices), runs the checks of step 1 on
+(``gem3d.enhance.enhancement_jobs`` with generated informed slices), runs the checks of step 1 on
 the plan, then samples the cases in their secret order a batch at a time and writes each one
 into the working folder as its batch ends (steps 3 to 5 as ``release_cohort``): memory holds one
 batch, not the cohort (issue 16).
@@ -49,15 +49,16 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from gem3d.apps import Job, Synthesiser, enhancement_jobs, iter_jobs
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
 from gem3d.data.dataset import RawVolumes, load_volumes
 from gem3d.data.nnunet_raw import case_files, dataset_folders, dataset_json
 from gem3d.data.volume import Volume
+from gem3d.enhance import enhancement_jobs
 from gem3d.errors import ConfigError, DataError
 from gem3d.files import AtomicFolder, atomic_write, write_json
 from gem3d.sampler import OnProgress
+from gem3d.synthesis import Job, Synthesiser, iter_jobs
 from privacy.audit import AuditSettings, check_reference, dihedral, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.linkage import linkage_test
@@ -700,7 +701,7 @@ def release_dataset(
     refusal costs nothing; the audit runs on the written files inside ``release_cohort``.
 
     Args:
-        synth: the run's models (``gem3d.apps.load_synthesiser``); informed slices are generated.
+        synth: the run's models (``gem3d.synthesis.load_synthesiser``); informed slices are generated.
         data: the site's training data (nnU-Net v2 raw, or a folder of site datasets).
         per_case: new pairs per case.
         mask_edit: ``gem3d.masks`` edit spec applied to every mask (at least

@@ -23,15 +23,16 @@ import torch
 from torch import nn
 
 import privacy.audit
-from gem3d.apps import Synthesiser, enhance, enhancement_jobs, generated_informed, iter_jobs, load_synthesiser
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.data.volume import Volume
 from gem3d.diffusion import make_sampler
+from gem3d.enhance import enhance, enhancement_jobs
 from gem3d.informed import generated_slices
 from gem3d.runs import build_model
 from gem3d.sampler import SampleRequest, sample_volumes
+from gem3d.synthesis import Synthesiser, generated_informed, iter_jobs, load_synthesiser
 from privacy.audit import AuditSettings, case_losses, memorization_audit, planted_copy, timestep_losses
 
 
@@ -153,7 +154,7 @@ def test_iter_jobs_gives_the_bytes_of_one_sampler_call(micro_run: Path, phantom_
 @pytest.mark.parametrize("app", ["enhance", "deenhance"])
 def test_a_cohort_is_written_a_batch_at_a_time(micro_run: Path, phantom_dir: Path, tmp_path: Path, app: str) -> None:
     # prepare: one volume per batch
-    from gem3d.apps import deenhance
+    from gem3d.deenhance import deenhance
     from gem3d.informed import SourceSpec
 
     synth = _with_batch(load_synthesiser(micro_run, steps=2), 1)

@@ -10,9 +10,9 @@ import pytest
 
 from experiments.cli import main
 from experiments.cohort_workers import RayChunks, WorkerSettings
-from gem3d.apps import load_synthesiser
 from gem3d.errors import ConfigError
 from gem3d.sampler import InformedSlice, SampleRequest
+from gem3d.synthesis import load_synthesiser
 
 
 def _gem3d(*args: object) -> int:

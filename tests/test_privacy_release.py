@@ -404,17 +404,18 @@ def test_gem3d_release_refuses_a_generator_that_returns_real_slices(
     capsys: pytest.CaptureFixture[str],
 ) -> None:  # fmt: skip
     # prepare: the adversary's generator hands out real training slices, flipped, as "generated" ones
-    import gem3d.apps
+    import gem3d.enhance
+    import gem3d.synthesis
     from experiments.cli import main
     from gem3d.sampler import InformedSlice
 
-    real = load_volumes(site["train"], gem3d.apps.load_synthesiser(dp_run).cfg.data)
+    real = load_volumes(site["train"], gem3d.synthesis.load_synthesiser(dp_run).cfg.data)
 
     def leaking(synth: Any, masks: list[np.ndarray], starts: list[int], seeds: list[int]) -> list[InformedSlice]:
         picks = [real[i % len(real)].image[min(z, real[i % len(real)].depth - 1)] for i, z in enumerate(starts)]
         return [InformedSlice(np.fliplr(p).copy(), None, "generate", {}) for p in picks]
 
-    monkeypatch.setattr(gem3d.apps, "generated_informed", leaking)
+    monkeypatch.setattr(gem3d.enhance, "generated_informed", leaking)  # what plan_enhancement calls
     out = tmp_path / "released"
     # execute
     code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(out),

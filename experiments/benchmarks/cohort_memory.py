@@ -3,7 +3,7 @@
 For each cohort size (``--cases``, default 10, 50, 200) and each workload, one fresh subprocess
 measures the peak resident memory of:
 
-* ``enhance``: ``gem3d.apps.enhance`` with ``--informed generate``, one new pair per case: the
+* ``enhance``: ``gem3d.enhance.enhance`` with ``--informed generate``, one new pair per case: the
   dataset read onto the model grid, the informed slices generated (``informed_batch`` per call),
   the volumes sampled ``sampler.batch_volumes`` at a time and each written as its batch ends;
 * ``audit``: the memorisation audit of the cohort as synthetic cases, read back from disk a
@@ -38,12 +38,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
 from experiments.configs import resolve_config_path
-from gem3d.apps import Synthesiser, enhance
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import RawVolumes, load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.diffusion import make_sampler
+from gem3d.enhance import enhance
 from gem3d.runs import build_model
+from gem3d.synthesis import Synthesiser
 from privacy.audit import AuditSettings, membership_inference, memorization_audit
 
 WORKLOADS = ("enhance", "audit")

@@ -1,7 +1,7 @@
 """Cohort generation on 1 and 2 Ray workers: throughput side by side, and the bytes compared (issue 16, point 5).
 
 One run: a run folder of the config trained a few steps on phantoms (throughput does not depend
-on the weights), a phantom dataset of ``--cases`` cases, then ``gem3d.apps.enhance`` (copied
+on the weights), a phantom dataset of ``--cases`` cases, then ``gem3d.enhance.enhance`` (copied
 informed slices, one pair per case, ``--steps`` sampler steps) three times:
 
 * in this process (``torch`` with every core's thread), for reference;
@@ -34,11 +34,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from experiments.benchmarks import machine
 from experiments.cohort_workers import RayChunks, WorkerSettings
 from experiments.configs import resolve_config_path
-from gem3d.apps import Synthesiser, enhance, load_synthesiser
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
+from gem3d.enhance import enhance
 from gem3d.runs import train_stage
+from gem3d.synthesis import Synthesiser, load_synthesiser
 
 
 def arrays(folder: Path) -> dict[str, np.ndarray]:

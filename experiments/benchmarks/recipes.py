@@ -50,13 +50,13 @@ from experiments.evaluation.consistency import seam_ratio
 from experiments.evaluation.downstream import t_interval
 from experiments.evaluation.fidelity import psnr
 from experiments.evaluation.protocol import seam_boundaries
-from gem3d.apps import load_synthesiser
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.demo_cohort import write_demo_cohort
 from gem3d.data.volume import Volume
 from gem3d.runs import train_stage
 from gem3d.sampler import InformedSlice, SampleRequest, default_start, plan_windows, sample_volumes
+from gem3d.synthesis import load_synthesiser
 from server.settings import parse_set
 
 RECIPES = {

@@ -23,7 +23,7 @@ from experiments.commands.sampling import (
     single_outputs,
     write_single,
 )
-from gem3d.apps import mask_job
+from gem3d.from_mask import mask_job
 from gem3d.informed import parse_source
 
 NAME = "counterfactual"

@@ -22,7 +22,7 @@ from experiments.commands.sampling import (
     cohort_synthesiser,
 )
 from experiments.previews import case_preview
-from gem3d.apps import deenhance
+from gem3d.deenhance import deenhance
 from gem3d.errors import DataError
 from gem3d.informed import parse_source
 

@@ -32,7 +32,7 @@ from experiments.commands.sampling import (
     cohort_synthesiser,
 )
 from experiments.previews import case_preview
-from gem3d.apps import enhance
+from gem3d.enhance import enhance
 
 NAME = "enhance"
 HELP = "generate new image/label pairs for every case of a dataset"

@@ -23,8 +23,8 @@ from experiments.commands.sampling import (
     single_outputs,
     write_single,
 )
-from gem3d.apps import mask_job
 from gem3d.errors import DataError
+from gem3d.from_mask import mask_job
 from gem3d.informed import parse_source
 
 NAME = "sample"

@@ -24,8 +24,8 @@ from experiments.commands.common import (
 )
 from experiments.previews import case_preview
 from experiments.progress import progress_bar
-from gem3d.apps import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
 from gem3d.data.geometry import CaseGeometry
+from gem3d.synthesis import Job, Synthesiser, load_synthesiser, real_original, run_jobs, to_original, write_volume
 
 
 @dataclass(frozen=True, kw_only=True)

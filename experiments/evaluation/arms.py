@@ -2,7 +2,7 @@
 
 An arm is a generator (a protocol method) plus GEM-3D's enhancement recipe, stated in full: where
 the informed slice comes from and which mask edits are applied. Every arm plans its pairs with
-``gem3d.apps.plan_enhancement`` (random start over the labelled slices, the edits, the informed
+``gem3d.enhance.plan_enhancement`` (random start over the labelled slices, the edits, the informed
 slice), the one planning step that ``gem3d enhance`` and the privacy release use too, so an arm is
 what a user would get from ``gem3d enhance`` with the same options.
 
@@ -21,11 +21,12 @@ import numpy as np
 from experiments.evaluation.downstream import Pair
 from experiments.evaluation.protocol import SYNTHETIC_SEED_BASE
 from experiments.evaluation.utility import Synthesise
-from gem3d.apps import Synthesiser, plan_enhancement
 from gem3d.data.volume import Volume
+from gem3d.enhance import plan_enhancement
 from gem3d.errors import ConfigError
 from gem3d.masks import parse_edits
 from gem3d.sampler import SampleRequest
+from gem3d.synthesis import Synthesiser
 
 DEFAULT_EDITS = "rotate:15,elastic:3"  # mild shape edits: new anatomy that stays plausible
 Informed = Literal["generate", "copy", "own", "none"]

@@ -36,7 +36,6 @@ from experiments.evaluation.protocol import (
 )
 from experiments.evaluation.utility import UtilityDesign, utility_curves
 from experiments.previews import save_figure
-from gem3d.apps import Synthesiser, load_synthesiser
 from gem3d.autoencoder import SliceAutoencoder
 from gem3d.checkpoint import read_metadata
 from gem3d.config import Config
@@ -47,6 +46,7 @@ from gem3d.errors import CheckpointError, DataError
 from gem3d.files import AtomicFolder
 from gem3d.runs import STAGE_FILES
 from gem3d.sampler import InformedSlice, SampleRequest, Window, default_start, plan_windows, sample_volumes
+from gem3d.synthesis import Synthesiser, load_synthesiser
 from privacy.site_state import SiteState, default_state_dir, fingerprint_matches
 
 # CLI spellings of the baselines -> protocol method keys.
