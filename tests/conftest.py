@@ -36,6 +36,18 @@ MICRO = {
 }
 
 
+def randomise_zero_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """``model`` with its all-zero parameters (output convolutions, slice-axis layers) set to 0.2 N(0, 1),
+    in place: a fresh network's output is then not identically zero, nor its gradients, so a changed
+    computation can show."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
+    return model
+
+
 @pytest.fixture
 def micro_cfg() -> Config:
     """A config whose networks have a few thousand parameters: 16x16 slices, window 4."""

@@ -16,6 +16,7 @@ from gem3d.diffusion import noise_process
 from gem3d.networks import SliceDenoiser
 from gem3d.runs import build_model
 from gem3d.training import draw_inputs, predict
+from tests.conftest import randomise_zero_parameters
 
 CPU = torch.device("cpu")
 
@@ -23,13 +24,8 @@ CPU = torch.device("cpu")
 def _network(cfg: Config) -> SliceDenoiser:
     """The stage-2 network with its zero-initialised layers (output conv, slice-axis attention) randomised,
     so that its output is not identically zero and a changed computation can show."""
-    model = build_model("volume", cfg).eval()
+    model = randomise_zero_parameters(build_model("volume", cfg).eval())
     assert isinstance(model, SliceDenoiser)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
     return model
 
 

@@ -23,6 +23,7 @@ from gem3d.diffusion import make_sampler, noise_process
 from gem3d.runs import build_model, load_model
 from gem3d.sampler import InformedSlice, SampleRequest, sample_volumes
 from gem3d.training import Stage, TrainState, freeze_for_stage, new_state, train
+from tests.conftest import randomise_zero_parameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -34,15 +35,9 @@ def _cuda_cfg(cfg: Config) -> Config:
 
 
 def _network(cfg: Config, stage: Stage) -> torch.nn.Module:
-    """A fresh network for ``stage`` with its zero-initialised layers (output convolutions, slice-axis
-    layers) randomised: a fresh stage-2 network's frozen output is zero, and so are its gradients."""
-    model = build_model(stage, cfg)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=generator))
-    return model
+    """A fresh network for ``stage``, its zero-initialised layers randomised (a fresh stage-2
+    network's frozen output is zero, and so are its gradients)."""
+    return randomise_zero_parameters(build_model(stage, cfg))
 
 
 def _state(cfg: Config, stage: Stage) -> TrainState:
