@@ -53,6 +53,7 @@ the TPR at 1% FPR, and the single-loss attack of the first audit as ``auc_loss``
 
 from __future__ import annotations
 
+import hashlib
 import itertools
 import json
 import math
@@ -515,6 +516,31 @@ class AuditResult:
             "passed": self.passed,
             "verdict": self.verdict(),
         }
+
+
+def check_holdout_disjoint(train: Sequence[Volume], holdout: Sequence[Volume], where: str) -> None:
+    """Refuse (``AuditReferenceError``, one line) a holdout that shares a case with the training set.
+
+    A holdout is the audit's picture of patients the model never saw: a training case in it
+    lowers the threshold towards copies and makes the membership test compare members with
+    members. Cases are compared by their voxels on the model grid (image and mask bytes), so a
+    renamed copy counts too. ``where`` names the holdout (``--holdout PATH``).
+    """
+    seen = {_case_digest(v): v.case_id for v in train}
+    shared = [(v.case_id, seen[d]) for v in holdout if (d := _case_digest(v)) in seen]
+    if shared:
+        pairs = ", ".join(f"{h} = training {t}" for h, t in shared[:3]) + (" ..." if len(shared) > 3 else "")
+        raise AuditReferenceError(
+            f"{where}: {len(shared)} of {len(holdout)} holdout cases are training cases ({pairs}); "
+            "a holdout must be cases the model never saw"
+        )
+
+
+def _case_digest(volume: Volume) -> bytes:
+    digest = hashlib.sha256(str(volume.image.shape).encode())
+    digest.update(np.ascontiguousarray(volume.image, dtype=np.float32).tobytes())
+    digest.update(np.ascontiguousarray(volume.label, dtype=np.uint8).tobytes())
+    return digest.digest()
 
 
 def check_reference(settings: AuditSettings, cases: int, kind: str) -> None:

@@ -59,7 +59,7 @@ from gem3d.errors import ConfigError, DataError
 from gem3d.files import AtomicFolder, atomic_write, write_json
 from gem3d.sampler import OnProgress
 from gem3d.synthesis import Job, Synthesiser, iter_jobs
-from privacy.audit import AuditSettings, check_reference, dihedral, memorization_audit
+from privacy.audit import AuditSettings, check_holdout_disjoint, check_reference, dihedral, memorization_audit
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.linkage import linkage_test
 from privacy.model_privacy import statement
@@ -782,6 +782,8 @@ def _audit_references(
         dataset_folders(holdout)  # a bad --holdout is named before the training data is read
     train = load_site_volumes(data, cfg)
     holdout_volumes = load_site_volumes(holdout, cfg) if holdout else None
+    if holdout_volumes is not None:
+        check_holdout_disjoint(train, holdout_volumes, f"--holdout {holdout}")
     reference = (len(holdout_volumes), "holdout") if holdout_volumes is not None else (len(train), "leave-one-out")
     check_reference(audit_settings or AuditSettings(), *reference)
     return train, holdout_volumes

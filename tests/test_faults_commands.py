@@ -341,3 +341,26 @@ def test_an_empty_device_is_refused_not_taken_for_the_default(
     mask = phantom_dir / "labelsTr" / "phantom_001.nii.gz"
 
     _refused([*_sample("sample", micro_run, mask, work / "o.nii.gz"), "--device", ""], work, capsys, "--device")
+
+
+@pytest.mark.parametrize("holdout", ["same folder", "renamed copy"])
+def test_a_holdout_that_holds_a_training_case_is_refused(
+    phantom_dir: Path, work: Path, capsys: pytest.CaptureFixture[str], holdout: str
+) -> None:
+    # prepare: the training folder itself, or a holdout of two new cases and a training case renamed
+    import shutil
+
+    if holdout == "same folder":
+        reference = phantom_dir
+    else:
+        from gem3d.data.phantoms import write_phantom_dataset
+
+        reference = write_phantom_dataset(work / "holdout", num_cases=3, shape=(16, 16, 12), seed=7)
+        for kind, suffix in (("imagesTr", "_0000.nii.gz"), ("labelsTr", ".nii.gz")):
+            shutil.copy(phantom_dir / kind / f"phantom_001{suffix}", reference / kind / f"phantom_002{suffix}")
+    argv = ["audit", "--synthetic", phantom_dir, "--train", phantom_dir, "--holdout", reference]
+    argv += ["--out", work / "a.json", "--quantile", "0.5", "--track", "off"]
+
+    line = _refused(argv, work, capsys, f"--holdout {reference}", "training cases", "never saw")
+    shared = "phantom_001" if holdout == "same folder" else "phantom_002"
+    assert f"{shared} = training phantom_001" in line

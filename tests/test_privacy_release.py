@@ -427,6 +427,21 @@ def test_gem3d_release_refuses_a_generator_that_returns_real_slices(
     assert list(tmp_path.iterdir()) == []
 
 
+def test_gem3d_release_refuses_a_holdout_that_is_its_training_data(
+    site: dict[str, Path], dp_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from experiments.cli import main
+
+    out = tmp_path / "released"
+    code = main(["release", "--checkpoint", str(dp_run), "--data", str(site["train"]), "--out", str(out),
+                 "--holdout", str(site["train"]), "--steps", "2", "--track", "off"])  # fmt: skip
+
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert f"--holdout {site['train']}: 6 of 6 holdout cases are training cases" in err
+    assert list(tmp_path.iterdir()) == []
+
+
 def _source_ids(site: dict[str, Path]) -> list[str]:
     return [p.name.removesuffix(".nii.gz") for p in (site["train"] / "labelsTr").glob("*.nii.gz")]
 

@@ -52,6 +52,7 @@ from gem3d.training import DENOISING_STAGES, Stage
 from privacy.audit import (
     AuditResult,
     AuditSettings,
+    check_holdout_disjoint,
     check_reference,
     membership_inference,
     memorization_audit,
@@ -218,6 +219,7 @@ def run_audit(options: AuditOptions) -> AuditResult:
         else RawVolumes(options.synthetic, cfg.data)
     )
     train = load_volumes(options.train, cfg.data, warn_partial=False)
+    check_holdout_disjoint(train, holdout, f"--holdout {options.holdout}")
     with tracked(options, NAME, cfg, started, checkpoints) as run_log:
         result = memorization_audit(synthetic, train, holdout, settings)
         if model is not None:
