@@ -186,89 +186,27 @@ def utility_curves(
         notes.append(f"few_real {design.few_real} is beyond the pool: the multiplier curve uses {few} real cases")
     multipliers = sorted({*design.multipliers, design.multiplier} - {0})
     largest = counts[-1]
-    dice: dict[tuple[str, int, int], list[float]] = {}
-    capped: dict[tuple[str, int, int], int] = {}
-    runs: list[dict[str, Any]] = []
     patch = train_options.get("patch", 32)
 
     def small_unet(fit: list[Pair], val: list[Pair], seed: int) -> tuple[float, dict[str, Any]]:
         net, record = train_segmenter(fit, val, num_labels, seed, max_steps, device, **train_options)
         return evaluate_dice(net, test, num_labels, patch), record.as_dict()
 
-    fit_and_score = segmenter or small_unet
-
-    def train(key: tuple[str, int, int], seed: int, real: list[int], extra: list[Pair], val: list[int]) -> None:
-        """One segmenter: ``real`` pool cases plus ``extra`` synthetic pairs, stopped on ``val``."""
-        fit = [pool[i] for i in real] + extra
-        score, record = fit_and_score(fit, [pool[i] for i in val], seed)
-        dice.setdefault(key, []).append(score)
-        capped[key] = capped.get(key, 0) + int(bool(record["capped"]))
-        arm, n, m = key
-        runs.append({"arm": arm, "seed": seed, "real": n, "multiplier": m, "real_cases": real,
-                     "synthetic": len(extra), "validation_cases": val, "test_dice": score,
-                     **record})  # fmt: skip
-        log(f"downstream seed {seed}: {arm}, {len(real)} real + {len(extra)} synthetic: {record['steps']} steps, "
-            f"Dice {score:.3f}")  # fmt: skip
-
+    runs = _Runs(pool, segmenter or small_unet, log)
     for seed in design.seeds:
         validation, order, _ = draws[seed]
         for n in counts:
             ids = order[:n]
             val = validation or ids  # too small a pool: the training cases validate
-            train((REAL_ONLY, n, 0), seed, ids, [], val)
+            runs.train((REAL_ONLY, n, 0), seed, ids, [], val)
             for arm in arms:
                 replicates = max(multipliers) if n == few else design.multiplier
                 synthetic = synthesise(arm, seed, ids, replicates)
                 for m in multipliers if n == few else [design.multiplier]:
-                    train((arm, n, m), seed, ids, [pair for per_case in synthetic for pair in per_case[:m]], val)
+                    runs.train((arm, n, m), seed, ids, [pair for per_case in synthetic for pair in per_case[:m]], val)
                 if design.tstr and n == largest:
                     only = [pair for per_case in synthetic for pair in per_case[: design.multiplier]]
-                    train((f"{arm}:tstr", n, design.multiplier), seed, [], only, val)
-
-    def paired(first: str, second: str, n: int, m: int) -> dict[str, Any]:
-        """``first`` minus ``second`` per seed at (n, m), with its interval."""
-        differences = [a - b for a, b in zip(dice[(first, n, m)], dice[(second, n, m)], strict=True)]
-        return interval_summary(differences)
-
-    def point(arm: str, n: int, m: int) -> dict[str, Any]:
-        key = (arm, n, m) if m else (REAL_ONLY, n, 0)
-        gain = [b - a for a, b in zip(dice[(REAL_ONLY, n, 0)], dice[key], strict=True)]
-        return {"real": n, "multiplier": m, "dice": interval_summary(dice[key]), "gain": interval_summary(gain),
-                "capped": capped[key]}  # fmt: skip
-
-    curves: dict[str, dict[str, list[dict[str, Any]]]] = {"real_count": {}, "multiplier": {}}
-    curves["real_count"][REAL_ONLY] = [point(REAL_ONLY, n, 0) for n in counts]
-    for arm in arms:
-        curves["real_count"][arm] = [point(arm, n, design.multiplier) for n in counts]
-        curves["multiplier"][arm] = [point(arm, few, m) for m in [0, *multipliers]]
-    tstr = {}
-    if design.tstr:
-        for arm in arms:
-            only, real = dice[(f"{arm}:tstr", largest, design.multiplier)], dice[(REAL_ONLY, largest, 0)]
-            tstr[arm] = {
-                "real": largest,
-                "multiplier": design.multiplier,
-                "synthetic_only": interval_summary(only),
-                "real_only": interval_summary(real),
-                "difference": interval_summary([b - a for a, b in zip(real, only, strict=True)]),
-            }
-    head = point(arms[0], few, design.multiplier)
-    headline = {
-        "arm": arms[0],
-        "real": few,
-        "multiplier": design.multiplier,
-        "real_only": interval_summary(dice[(REAL_ONLY, few, 0)]),
-        "with_synthetic": head["dice"],
-        "gain": head["gain"],
-        "verdict": _verdict(head["gain"]),
-        # the headline arm against each other arm at the same point, paired per seed: is it the
-        # generator (e.g. the informed slice) that helps, or any extra masks?
-        "versus": {arm: paired(arms[0], arm, few, design.multiplier) for arm in arms[1:]},
-        "target": f"gain >= {TARGET_GAIN} with the 95% interval above 0 (issue 15)",
-        "target_met": bool(
-            head["gain"]["ci_low"] is not None and head["gain"]["ci_low"] > 0 and head["gain"]["mean"] >= TARGET_GAIN
-        ),
-    }
+                    runs.train((f"{arm}:tstr", n, design.multiplier), seed, [], only, val)
     kinds = {kind for _, _, kind in draws.values()}
     return {
         "design": {**asdict(design), "real_counts": counts, "multipliers": [0, *multipliers], "few_real": few},
@@ -277,11 +215,84 @@ def utility_curves(
         "pool": len(pool),
         "test": len(test),
         "notes": notes,
-        "curves": curves,
-        "tstr": tstr,
-        "headline": headline,
-        "runs": runs,
+        **runs.report(arms, design, counts, multipliers, few),
+        "runs": runs.records,
     }
+
+
+class _Runs:
+    """The segmenters ``utility_curves`` trains: their test Dice by ``(arm, real count, multiplier)``,
+    one per seed in seed order, and the curves, TSTR and headline read from them."""
+
+    def __init__(self, pool: Sequence[Pair], fit_and_score: Segmenter, log: Log) -> None:
+        self.pool, self.fit_and_score, self.log = pool, fit_and_score, log
+        self.dice: dict[tuple[str, int, int], list[float]] = {}
+        self.capped: dict[tuple[str, int, int], int] = {}
+        self.records: list[dict[str, Any]] = []
+
+    def train(self, key: tuple[str, int, int], seed: int, real: list[int], extra: list[Pair], val: list[int]) -> None:
+        """One segmenter: ``real`` pool cases plus ``extra`` synthetic pairs, stopped on ``val``."""
+        fit = [self.pool[i] for i in real] + extra
+        score, record = self.fit_and_score(fit, [self.pool[i] for i in val], seed)
+        self.dice.setdefault(key, []).append(score)
+        self.capped[key] = self.capped.get(key, 0) + int(bool(record["capped"]))
+        arm, n, m = key
+        self.records.append({"arm": arm, "seed": seed, "real": n, "multiplier": m, "real_cases": real,
+                             "synthetic": len(extra), "validation_cases": val, "test_dice": score,
+                             **record})  # fmt: skip
+        self.log(f"downstream seed {seed}: {arm}, {len(real)} real + {len(extra)} synthetic: {record['steps']} "
+                 f"steps, Dice {score:.3f}")  # fmt: skip
+
+    def paired(self, first: str, second: str, n: int, m: int) -> dict[str, Any]:
+        """``first`` minus ``second`` per seed at (n, m), with its interval."""
+        differences = [a - b for a, b in zip(self.dice[(first, n, m)], self.dice[(second, n, m)], strict=True)]
+        return interval_summary(differences)
+
+    def point(self, arm: str, n: int, m: int) -> dict[str, Any]:
+        """A curve's point: Dice at (n, m) and its gain over real-only at n, paired per seed."""
+        key = (arm, n, m) if m else (REAL_ONLY, n, 0)
+        gain = [b - a for a, b in zip(self.dice[(REAL_ONLY, n, 0)], self.dice[key], strict=True)]
+        return {"real": n, "multiplier": m, "dice": interval_summary(self.dice[key]), "gain": interval_summary(gain),
+                "capped": self.capped[key]}  # fmt: skip
+
+    def report(
+        self, arms: Sequence[str], design: UtilityDesign, counts: list[int], multipliers: list[int], few: int
+    ) -> dict[str, Any]:
+        """``{"curves", "tstr", "headline"}`` of ``utility_curves``."""
+        curves: dict[str, dict[str, list[dict[str, Any]]]] = {"real_count": {}, "multiplier": {}}
+        curves["real_count"][REAL_ONLY] = [self.point(REAL_ONLY, n, 0) for n in counts]
+        for arm in arms:
+            curves["real_count"][arm] = [self.point(arm, n, design.multiplier) for n in counts]
+            curves["multiplier"][arm] = [self.point(arm, few, m) for m in [0, *multipliers]]
+        tstr = {}
+        largest = counts[-1]
+        if design.tstr:
+            for arm in arms:
+                only, real = self.dice[(f"{arm}:tstr", largest, design.multiplier)], self.dice[(REAL_ONLY, largest, 0)]
+                tstr[arm] = {
+                    "real": largest,
+                    "multiplier": design.multiplier,
+                    "synthetic_only": interval_summary(only),
+                    "real_only": interval_summary(real),
+                    "difference": interval_summary([b - a for a, b in zip(real, only, strict=True)]),
+                }
+        head = self.point(arms[0], few, design.multiplier)
+        gain = head["gain"]
+        headline = {
+            "arm": arms[0],
+            "real": few,
+            "multiplier": design.multiplier,
+            "real_only": interval_summary(self.dice[(REAL_ONLY, few, 0)]),
+            "with_synthetic": head["dice"],
+            "gain": gain,
+            "verdict": _verdict(gain),
+            # the headline arm against each other arm at the same point, paired per seed: is it the
+            # generator (e.g. the informed slice) that helps, or any extra masks?
+            "versus": {arm: self.paired(arms[0], arm, few, design.multiplier) for arm in arms[1:]},
+            "target": f"gain >= {TARGET_GAIN} with the 95% interval above 0 (issue 15)",
+            "target_met": bool(gain["ci_low"] is not None and gain["ci_low"] > 0 and gain["mean"] >= TARGET_GAIN),
+        }
+        return {"curves": curves, "tstr": tstr, "headline": headline}
 
 
 def plot_curves(report: dict[str, Any], path: str | Path) -> Path:
