@@ -388,7 +388,6 @@ def train_private(
     if to_take <= 0:
         return {"loss": float("nan"), "steps": 0.0, "steps_per_s": 0.0, **_site_totals(ledger, device), **summary}
     params = [p for p in state.model.parameters() if p.requires_grad]
-    names = {id(p): name for name, p in state.model.named_parameters()}
     mode = resolve_grad_sample_mode(state.model, privacy_cfg.grad_sample_mode)
     # Every draw of a DP step is secret (see secret_generator): the Poisson sample, the windows,
     # timesteps and diffusion noise drawn for it, and the Gaussian noise of the mechanism. Each
@@ -421,33 +420,18 @@ def train_private(
                 everyone = _shared_sample(next(sampler) if sampler is not None else None, num_volumes, device)
                 indices = distributed.split(everyone, current)
                 optimizer.zero_grad(set_to_none=True)
-                if indices:
-                    inputs = draw_inputs(
-                        state.model, process, source, indices, stage, secret, train_cfg, device, augment=True
-                    )
-                    grads, losses = per_sample_gradients(state.model, inputs, mode)
-                    for p in params:
-                        p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]
-                    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
-                else:  # an empty Poisson batch (or share) is still a step: the update is pure noise
-                    for p in params:
-                        p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
-                    losses = norms = torch.zeros(0, device=device)
+                inputs = (
+                    draw_inputs(state.model, process, source, indices, stage, secret, train_cfg, device, augment=True)
+                    if indices
+                    else None
+                )
+                losses, norms = _attach_grad_samples(state.model, params, inputs, mode)
                 if reservation is not None:
                     reservation.taken += 1  # counted before the noisy update can leave this function
                 optimizer.step()
                 state.ema.update_parameters(state.model)
                 state.step += 1
-                # sums over every rank's patients: [loss, patients, gradient norm, clipped]
-                sums = torch.stack(
-                    [
-                        losses.sum(),
-                        torch.tensor(float(len(losses)), device=device),
-                        norms.sum(),
-                        (norms > privacy_cfg.max_grad_norm).sum().float(),
-                    ]
-                ).to(device, torch.float64)
-                loss_sum, count, norm_sum, clipped = distributed.all_reduce_sum(sums).tolist()
+                loss_sum, count, norm_sum, clipped = _step_sums(losses, norms, privacy_cfg.max_grad_norm)
                 if count:
                     total_loss += loss_sum / count
                     loss_steps += 1
@@ -475,6 +459,44 @@ def train_private(
         **_site_totals(ledger, device),
         **summary,
     }
+
+
+def _attach_grad_samples(
+    model: nn.Module, params: list[nn.Parameter], inputs: DenoisingInputs | None, mode: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each trainable parameter's per-patient gradients as its ``grad_sample`` (what ``DPOptimizer`` clips).
+
+    ``inputs`` None is an empty Poisson batch (or a rank's empty share): still a step, whose update
+    is pure noise, so every ``grad_sample`` is empty.
+
+    Returns:
+        ``[B]`` each patient's loss and ``[B]`` the norm of its whole gradient (before clipping).
+    """
+    device = params[0].device
+    if inputs is None:
+        for p in params:
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)  # type: ignore[attr-defined]
+        empty = torch.zeros(0, device=device)
+        return empty, empty
+    names = {id(p): name for name, p in model.named_parameters()}
+    grads, losses = per_sample_gradients(model, inputs, mode)
+    for p in params:
+        p.grad_sample = grads[names[id(p)]]  # type: ignore[attr-defined]
+    norms = torch.stack([g.flatten(1).norm(dim=1) for g in grads.values()], dim=1).norm(dim=1)
+    return losses, norms
+
+
+def _step_sums(losses: torch.Tensor, norms: torch.Tensor, max_grad_norm: float) -> list[float]:
+    """A step's figures summed over every rank's patients: ``[loss, patients, gradient norm, clipped]``."""
+    sums = torch.stack(
+        [
+            losses.sum(),
+            torch.tensor(float(len(losses)), device=losses.device),
+            norms.sum(),
+            (norms > max_grad_norm).sum().float(),
+        ]
+    ).to(losses.device, torch.float64)
+    return distributed.all_reduce_sum(sums).tolist()
 
 
 def _site_totals(ledger: PrivacyLedger | None, device: torch.device) -> dict[str, float]:
