@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,6 +40,17 @@ def _answer(msg: Message, context: Context, work: Callable[[], RecordDict]) -> M
         return Message(error=Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=str(error)), reply_to=msg)
 
 
+def _process_age() -> float | None:
+    """Seconds since this process started (Linux ``/proc``), None elsewhere: in a deployment every
+    message gets a fresh ClientApp process, so this is what the message paid before its handler ran."""
+    try:
+        fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - int(fields[19]) / os.sysconf("SC_CLK_TCK")  # field 22: start time, in clock ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _job(msg: Message) -> tuple[dict[str, Any], RoundJob]:
     record = dict(msg.content["config"])
     # Sites often share a machine (simulation, small hospitals): the server sets the thread budget.
@@ -53,6 +66,8 @@ def _arrays(msg: Message) -> dict[str, torch.Tensor]:
 def train(msg: Message, context: Context) -> Message:
     """Local steps of the current stage on the global weights; reply with trainable weights + metrics."""
 
+    started = _process_age()  # before any work: the process's start, its imports and Flower's own set-up
+
     def work() -> RecordDict:
         record, job = _job(msg)
         site = locate_site(dict(context.node_config), record)
@@ -64,6 +79,8 @@ def train(msg: Message, context: Context) -> Message:
         reply = ArrayRecord(weights)
         # Message (de)serialisation on the site, for the overhead accounting of a round.
         metrics["serialise-seconds"] = unpacked - unpacking + time.perf_counter() - packing
+        if started is not None:
+            metrics["process-start-seconds"] = started
         return RecordDict({"arrays": reply, "metrics": MetricRecord(metrics)})
 
     return _answer(msg, context, work)

@@ -16,9 +16,11 @@ server's round records:
   <= 10% at mid.
 
 Each site's train message also reports ``setup-seconds`` (data, network, optimizer inside the
-ClientApp); what is neither setup nor training nor packing is the process start, the imports
-and the transport. Rounds of several local-step counts (``--local-steps``, one run each) show how
-the fixed per-message cost is amortised: a round is "heavier" with more local steps.
+ClientApp) and ``process-start-seconds`` (the ClientApp process's age when its handler ran: the
+interpreter, the imports of torch, MONAI and Flower, Flower's own set-up); the server's own share
+(unpacking, aggregation, checkpoint, report) is ``server s``. The rest is transport and waiting.
+Rounds of several local-step counts (``--local-steps``, one run each) show how the fixed
+per-message cost is amortised: a round is "heavier" with more local steps.
 
     .venv/bin/python experiments/benchmarks/deployed_rounds.py [--sites 2] [--local-steps 2,10] [--rounds 2]
 """
@@ -68,13 +70,17 @@ def row(local_steps: int, record: dict[str, Any]) -> dict[str, Any]:
     sites = list(record["per-site"].values())
     train = max(float(s["train-seconds"]) for s in sites)
     setup = max(float(s["setup-seconds"]) for s in sites)
+    start = max(float(s.get("process-start-seconds", float("nan"))) for s in sites)
     total = float(record["round-seconds"])
+    server = sum(float(record.get(k, 0.0)) for k in ("server-unpack-seconds", "checkpoint-seconds", "report-seconds"))
     return {
         "local_steps": local_steps,
         "round": int(record["round"]),
         "round_s": total,
         "train_s": train,
         "setup_s": setup,
+        "process_start_s": start,
+        "server_s": server + float(record.get("aggregate-seconds", 0.0)),
         "overhead_s": total - train,
         "overhead_share": (total - train) / total,
     }
@@ -108,7 +114,8 @@ def main() -> int:
             print(f"# {local_steps} local steps: {len(records)} rounds in {time.perf_counter() - started:.0f} s")
             rows += [row(local_steps, r) for r in records]
     print(f"# mid: {args.sites} SuperNodes x {args.cases} phantom cases, 96x96 slices, window 16, non-DP, TLS")
-    headers = ["local steps", "round", "round s", "slowest site: train s", "setup s", "overhead s", "overhead share"]
+    headers = ["local steps", "round", "round s", "slowest site: train s", "setup s", "process start s"]
+    headers += ["server s", "overhead s", "overhead share"]
     table = [
         [
             r["local_steps"],
@@ -116,6 +123,8 @@ def main() -> int:
             f"{r['round_s']:.1f}",
             f"{r['train_s']:.1f}",
             f"{r['setup_s']:.2f}",
+            f"{r['process_start_s']:.1f}",
+            f"{r['server_s']:.2f}",
             f"{r['overhead_s']:.1f}",
             f"{100 * r['overhead_share']:.1f}%",
         ]
