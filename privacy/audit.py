@@ -560,6 +560,63 @@ def check_reference(settings: AuditSettings, cases: int, kind: str) -> None:
         )
 
 
+class _TrainingReference:
+    """The training set every other volume is compared with, held in canonical form.
+
+    Holdout and synthetic volumes are streamed through ``compare`` in chunks of ``_VOLUMES``, so
+    memory does not grow with the synthetic cohort (issue 16). Two spaces: ``image`` (RMS
+    difference over the grid's voxels, over flips and residual shifts) and ``feature`` (random
+    convolutional features, over flips); and the training slices when ``settings.slice_check``.
+    """
+
+    def __init__(self, train: Sequence[Volume], settings: AuditSettings) -> None:
+        self.settings = settings
+        self.pad = _padding(settings)
+        grids = volume_grid([v.image for v in train], settings)
+        self.scale = standard_scale(grids.flatten(1))
+        canon = torch.cat(
+            [canonical(grids[i : i + _VOLUMES], self.scale, self.pad) for i in range(0, len(train), _VOLUMES)]
+        )
+        del grids
+        features = RandomFeatures(settings.feature_seed)
+
+        def feature_variants(chunk: torch.Tensor) -> Iterable[torch.Tensor]:
+            for flip in FLIPS:
+                yield features(torch.flip(chunk, dims=[d + 2 for d in flip]) if flip else chunk)
+
+        train_features = torch.cat([features(canon[i : i + _VOLUMES]) for i in range(0, len(train), _VOLUMES)])
+        norm = float(np.prod(settings.grid)) ** 0.5  # RMS difference over the grid's voxels
+        self.spaces: dict[str, tuple[Variants, torch.Tensor, float]] = {
+            "image": (volume_variants(settings.max_shift), canon, norm),
+            "feature": (feature_variants, train_features, 1.0),
+        }
+        self.slices = _TrainSlices.build(train, settings, self.pad) if settings.slice_check else None
+
+    def compare(self, volumes: Sequence[Volume]) -> _Distances:
+        """Every volume (in chunks) and its slices against the training set."""
+        found = _Distances(len(volumes), list(self.spaces))
+        for first in range(0, len(volumes), _VOLUMES):
+            chunk = [volumes[i] for i in range(first, min(first + _VOLUMES, len(volumes)))]
+            found.case_ids += [v.case_id for v in chunk]
+            canon = canonical(volume_grid([v.image for v in chunk], self.settings), self.scale, self.pad)
+            for space, (variants, reference, space_norm) in self.spaces.items():
+                distance, index = _nearest(canon, variants, reference, space_norm)
+                found.volume_nn[space][first : first + len(chunk)] = distance
+                found.volume_nearest[space][first : first + len(chunk)] = index
+            if self.slices is not None:
+                found.add_slices(first, self.slices.nearest([v.image for v in chunk], self.settings, self.pad))
+        return found
+
+    def leave_one_out(self) -> dict[str, np.ndarray]:
+        """Each training case's distance to the nearest other training case, per space."""
+        canon = self.spaces["image"][1]
+        cases = torch.arange(len(canon))
+        return {
+            space: _nearest(canon, variants, reference, space_norm, owners=(cases, cases))[0]
+            for space, (variants, reference, space_norm) in self.spaces.items()
+        }
+
+
 def memorization_audit(
     synthetic: Sequence[Volume],
     train: Sequence[Volume],
@@ -592,56 +649,18 @@ def memorization_audit(
     check_reference(settings, reference_cases, kind)
     if holdout is not None:
         check_holdout_disjoint(train, holdout, "audit: the holdout")
-    pad = _padding(settings)
-    norm = float(np.prod(settings.grid)) ** 0.5  # RMS difference over the grid's voxels
-    reference_nn, synthetic_nn, nearest, thresholds = {}, {}, {}, {}
-
-    # The training set is the reference every other volume is compared with: it is held, in
-    # canonical form. Holdout and synthetic volumes are streamed through in chunks of _VOLUMES,
-    # so memory does not grow with the synthetic cohort (issue 16).
-    grids = volume_grid([v.image for v in train], settings)
-    scale = standard_scale(grids.flatten(1))
-    train_canon = torch.cat([canonical(grids[i : i + _VOLUMES], scale, pad) for i in range(0, len(train), _VOLUMES)])
-    del grids
-    features = RandomFeatures(settings.feature_seed)
-
-    def feature_variants(chunk: torch.Tensor) -> Iterable[torch.Tensor]:
-        for flip in FLIPS:
-            yield features(torch.flip(chunk, dims=[d + 2 for d in flip]) if flip else chunk)
-
-    train_features = torch.cat([features(train_canon[i : i + _VOLUMES]) for i in range(0, len(train), _VOLUMES)])
-    spaces: dict[str, tuple[Variants, torch.Tensor, float]] = {
-        "image": (volume_variants(settings.max_shift), train_canon, norm),
-        "feature": (feature_variants, train_features, 1.0),
-    }
-    train_slices = _TrainSlices.build(train, settings, pad) if settings.slice_check else None
-
-    def compare(volumes: Sequence[Volume]) -> _Distances:
-        """Every volume (in chunks) and its slices against the training set."""
-        found = _Distances(len(volumes), list(spaces))
-        for first in range(0, len(volumes), _VOLUMES):
-            chunk = [volumes[i] for i in range(first, min(first + _VOLUMES, len(volumes)))]
-            found.case_ids += [v.case_id for v in chunk]
-            canon = canonical(volume_grid([v.image for v in chunk], settings), scale, pad)
-            for space, (variants, reference, space_norm) in spaces.items():
-                distance, index = _nearest(canon, variants, reference, space_norm)
-                found.volume_nn[space][first : first + len(chunk)] = distance
-                found.volume_nearest[space][first : first + len(chunk)] = index
-            if train_slices is not None:
-                found.add_slices(first, train_slices.nearest([v.image for v in chunk], settings, pad))
-        return found
-
+    reference = _TrainingReference(train, settings)
+    spaces, train_slices = reference.spaces, reference.slices
+    synthetic_nn, nearest, thresholds = {}, {}, {}
     # the reference distances: holdout to train, or each training case to the other training cases
     if holdout is not None:
-        held = compare(holdout)
+        held = reference.compare(holdout)
         reference_nn = {space: held.volume_nn[space] for space in spaces}
         slice_ref = held.slice_arrays()[0]
     else:
-        cases = torch.arange(len(train))
-        for space, (variants, reference, space_norm) in spaces.items():
-            reference_nn[space] = _nearest(train_canon, variants, reference, space_norm, owners=(cases, cases))[0]
+        reference_nn = reference.leave_one_out()
         slice_ref = train_slices.leave_one_out() if train_slices is not None else np.zeros(0)
-    found = compare(synthetic)
+    found = reference.compare(synthetic)
     for space in spaces:
         synthetic_nn[space], nearest[space] = found.volume_nn[space], found.volume_nearest[space]
         thresholds[space] = settings.margin * float(np.quantile(reference_nn[space], settings.quantile))
