@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(VENV)/bin/gem3d demo
 
+# Two workers, a test file each at a time (its module fixtures built once): most tests use one
+# core, so the suite takes about half its serial time on two cores.
 test: $(STAMP)
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile
 
 # nnU-Net v2 as the downstream judge (an optional extra), end to end with its short CPU budget.
 # The torch already installed is kept; a torchvision that cannot load next to it (a CUDA build
