@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -34,6 +35,12 @@ MICRO = {
     "diffusion": {"inference_steps": 5},
     "train": {"batch_size": 2, "lr": 2e-3, "ema_decay": 0.9, "steps_slice": 4, "steps_volume": 3, "steps_informed": 3},
 }
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    """A private copy of a shared dataset fixture (``phantom_dir``), without the site state
+    (``.gem3d-site``: key, ledger) that other tests' training runs leave beside the data."""
+    return Path(shutil.copytree(source, target, ignore=shutil.ignore_patterns(".gem3d-site")))
 
 
 def randomise_zero_parameters(model: torch.nn.Module, seed: int = 0) -> torch.nn.Module:

@@ -14,6 +14,7 @@ import pytest
 
 from experiments.cli import main
 from gem3d.data.prepare import read_manifest
+from tests.conftest import copy_dataset
 
 CASE = "phantom_001"
 
@@ -165,7 +166,7 @@ def test_bad_input_gives_one_line_and_writes_nothing(
 ) -> None:
     # prepare
     root = tmp_path / "data"
-    shutil.copytree(phantom_dir, root)
+    copy_dataset(phantom_dir, root)
     make_bad(root)
     out = tmp_path / "out" / "prepared"
     # execute
@@ -183,7 +184,7 @@ def test_skip_invalid_reports_bad_cases_and_keeps_the_rest(
 ) -> None:
     # prepare: one case with NaNs, one with a missing label
     root = tmp_path / "data"
-    shutil.copytree(phantom_dir, root)
+    copy_dataset(phantom_dir, root)
     nan_voxels(root)
     (root / "labelsTr" / "phantom_002.nii.gz").unlink()
     out = tmp_path / "prepared"

@@ -20,6 +20,7 @@ import torch
 
 from experiments.cli import main
 from gem3d.checkpoint import save_checkpoint
+from tests.conftest import copy_dataset
 
 MICRO_SET = [
     "data.image_size=16", "data.window=4", "model.channels='8,16'", "model.attention_levels='false,true'",
@@ -82,7 +83,7 @@ def work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 @pytest.fixture
 def data(phantom_dir: Path, work: Path) -> Path:
     """A writable copy of the phantom dataset inside ``work``."""
-    return Path(shutil.copytree(phantom_dir, work / "data"))
+    return copy_dataset(phantom_dir, work / "data")
 
 
 def _sample(command: str, run: Path, mask: Path, out: Path, *extra: str | Path) -> list[str | Path]:

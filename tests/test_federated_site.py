@@ -25,6 +25,7 @@ from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.errors import ConfigError, DataError
 from gem3d.runs import build_model
 from gem3d.training import freeze_for_stage
+from tests.conftest import copy_dataset
 
 
 def make_job(cfg: Config, **record: object) -> RoundJob:
@@ -40,7 +41,7 @@ def global_weights(cfg: Config) -> dict[str, torch.Tensor]:
 
 @pytest.fixture
 def site(phantom_dir: Path, tmp_path: Path) -> Site:
-    data = shutil.copytree(phantom_dir, tmp_path / "site_0")
+    data = copy_dataset(phantom_dir, tmp_path / "site_0")
     return Site(name="site_0", data_dir=data, state_dir=tmp_path / "state", index=0)
 
 

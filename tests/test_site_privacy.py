@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +41,7 @@ from privacy.model_privacy import model_statement
 from privacy.policy import enforce_policy
 from privacy.site_state import SiteState
 from server.app import create_app
+from tests.conftest import copy_dataset
 
 REPO = Path(__file__).resolve().parent.parent
 MICRO_ARGS = [
@@ -138,7 +138,7 @@ def test_stricter_requests_are_run_and_a_site_without_policy_refuses_dp() -> Non
 
 
 def _site_with(phantom_dir: Path, tmp_path: Path) -> Site:
-    data = shutil.copytree(phantom_dir, tmp_path / "site_0")
+    data = copy_dataset(phantom_dir, tmp_path / "site_0")
     return Site(name="site_0", data_dir=data, state_dir=tmp_path / "state", index=0)
 
 
