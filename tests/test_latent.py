@@ -147,10 +147,11 @@ def test_latent_informed_slices_are_generated_and_decoded(latent_run: Path, phan
 def test_decoding_in_bounded_batches_changes_nothing(latent_run: Path) -> None:
     model, _, _ = load_model(latent_run / "autoencoder.safetensors")
     assert isinstance(model, SliceAutoencoder)
-    x = torch.rand(7, 1, 16, 16) * 2 - 1
+    x = torch.rand(7, 1, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     z = encode_slices(model, x, batch=7)
-    np.testing.assert_allclose(encode_slices(model, x, batch=2), z, atol=1e-6)
-    np.testing.assert_allclose(decode_slices(model, z, batch=3), decode_slices(model, z, batch=7), atol=1e-6)
+    # float32 convolutions round differently with the batch size (seen: 1.2e-6 on a latent of ~1.7)
+    np.testing.assert_allclose(encode_slices(model, x, batch=2), z, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(decode_slices(model, z, batch=3), decode_slices(model, z, batch=7), rtol=1e-5, atol=1e-5)
     assert z.shape == (7, 2, 8, 8)
 
 
