@@ -59,7 +59,7 @@ def report_errors(command: str, work: Callable[[], int | None]) -> int:
     except RuntimeError as error:
         # On CUDA, accel.deterministic asks torch for deterministic kernels (gem3d/accel.py); an op
         # that has none stops the run with torch's message, which names it.
-        if "deterministic" not in str(error):
+        if "use_deterministic_algorithms" not in str(error):  # torch's words for exactly this refusal
             raise
         first = str(error).strip().splitlines()[0]
         print(
