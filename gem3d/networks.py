@@ -241,7 +241,24 @@ class _ImageSpace:
         return 1 if self.codec is None else self.codec.factor
 
 
-class SliceDenoiser(_ImageSpace, nn.Module):
+class WindowDenoiser(nn.Module):
+    """A conditional denoiser of windows ``[B, C, D, h, w]``: what ``gem3d.training`` trains on windows.
+
+    Subclasses build their condition from a window's masks (``condition``) and predict the
+    diffusion target from ``forward(x, t, cond)``. ``codec``: a latent model's frozen slice
+    autoencoder (None: pixel space), which encodes the windows before they are noised.
+    """
+
+    num_labels: int
+    codec: SliceAutoencoder | None  # set by every subclass (a class default would hide a registered module)
+
+    def condition(self, mask: torch.Tensor, informed: torch.Tensor, informed_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, Cc, D, h, w]``: the condition of windows with ``mask`` ``[B, D, H, W]`` label ids,
+        ``informed`` ``[B, Ci, h, w]`` (or ``[B, H, W]``) and ``informed_mask`` ``[B, H, W]``."""
+        raise NotImplementedError
+
+
+class SliceDenoiser(_ImageSpace, WindowDenoiser):
     """GEM-3D's conditional denoiser over a window of slices.
 
     Stage 1 (``inflated = False``) treats each slice independently; stage 2 (after ``inflate()``)
@@ -275,6 +292,10 @@ class SliceDenoiser(_ImageSpace, nn.Module):
             _inflate_children(self.unet, self.cfg)
         self.to(device)
         self.inflated = True
+
+    def condition(self, mask: torch.Tensor, informed: torch.Tensor, informed_mask: torch.Tensor) -> torch.Tensor:
+        """``build_condition`` with this network's labels, model config and latent factor."""
+        return build_condition(mask, informed, informed_mask, self.num_labels, self.cfg, self.factor)
 
     def slice_axis_parameters(self) -> list[nn.Parameter]:
         """Parameters of the layers ``inflate()`` added."""

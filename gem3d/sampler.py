@@ -32,7 +32,7 @@ import torch
 
 from gem3d.autoencoder import DEFAULT_SLICE_BATCH, decode_slices, encode_slices
 from gem3d.diffusion import Sampler
-from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
+from gem3d.networks import InformedSliceGenerator, SliceDenoiser
 
 OnProgress = Callable[[int, int, int], None]
 """``on_progress(volume_index, windows_done, windows_total)``."""
@@ -244,25 +244,23 @@ def _denoise_windows(
     for n, indices in enumerate(carried):
         carry[n, :, indices] = True
     # Noise is drawn on the device from each volume's own generator: no host copy per step.
-    x = _noise(generators, shape, device)
-    cond = build_condition(
-        mask.to(device), informed.to(device), informed_mask.to(device), model.num_labels, model.cfg, model.factor
-    )
+    x = seeded_noise(generators, shape, device)
+    cond = model.condition(mask.to(device), informed.to(device), informed_mask.to(device))
     known_d, carry_d = known.to(device), carry.to(device)
     any_carried = any(carried)
     for index, t in enumerate(sampler.timesteps):
         if any_carried:
             # 1. replacement inpainting: carried slices noised to this step's own timestep
-            x = torch.where(carry_d, sampler.noisy(known_d, _noise(generators, shape, device), index), x)
+            x = torch.where(carry_d, sampler.noisy(known_d, seeded_noise(generators, shape, device), index), x)
         # 2. predict and step to the noise level of the next timestep
         timesteps = torch.full((known.shape[0],), t, dtype=torch.long, device=device)
         output = model(x, timesteps, cond)
-        x = sampler.step(output, index, x, _noise(generators, shape, device) if sampler.stochastic else None)
+        x = sampler.step(output, index, x, seeded_noise(generators, shape, device) if sampler.stochastic else None)
     x = torch.where(carry_d, known_d, x)
     return (x if model.codec is not None else x.clamp(-1.0, 1.0)).cpu()
 
 
-def _noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+def seeded_noise(generators: list[torch.Generator], shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
     """``[N, *shape]`` unit Gaussian noise on ``device``, row n from ``generators[n]`` (on that device)."""
     return torch.stack([torch.randn(shape, generator=g, device=g.device) for g in generators]).to(device)
 
@@ -291,7 +289,7 @@ def generate_informed_slices(
         raise ValueError("this informed-slice generator is conditioned on the mask slice; pass masks")
     generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
     shape = (model.image_channels, size[0] // model.factor, size[1] // model.factor)
-    x = _noise(generators, shape, device)
+    x = seeded_noise(generators, shape, device)
     position = torch.tensor(list(positions), dtype=torch.float32, device=device)
     mask = None
     if masks is not None and model.cfg.condition_on_mask:
@@ -299,7 +297,7 @@ def generate_informed_slices(
     for index, t in enumerate(sampler.timesteps):
         timesteps = torch.full((x.shape[0],), t, dtype=torch.long, device=device)
         output = model(x, timesteps, position, mask)
-        x = sampler.step(output, index, x, _noise(generators, shape, device) if sampler.stochastic else None)
+        x = sampler.step(output, index, x, seeded_noise(generators, shape, device) if sampler.stochastic else None)
     if model.codec is not None:
         x = decode_slices(model.codec, x)
     return [s[0].clamp(-1.0, 1.0).cpu().numpy() for s in x]

@@ -34,7 +34,7 @@ from gem3d.data.loader import StepBatches, step_batches, step_seed
 from gem3d.data.volume import Volume
 from gem3d.data.windows import SliceBatch, WindowBatch, WindowSource
 from gem3d.diffusion import NoiseProcess, noise_process
-from gem3d.networks import InformedSliceGenerator, SliceDenoiser, build_condition
+from gem3d.networks import InformedSliceGenerator, SliceDenoiser, WindowDenoiser
 
 Stage = Literal["autoencoder", "slice", "volume", "informed"]
 STAGES: tuple[Stage, ...] = ("autoencoder", "slice", "volume", "informed")
@@ -182,7 +182,7 @@ def autoencoder_inputs(model: SliceAutoencoder, batch: SliceBatch, generator: to
 
 
 def window_inputs(
-    model: SliceDenoiser,
+    model: WindowDenoiser,
     process: NoiseProcess,
     batch: WindowBatch,
     generator: torch.Generator,
@@ -216,7 +216,7 @@ def window_inputs(
     x0_slices, noise_slices = batch.image.transpose(1, 2), noise.transpose(1, 2)
     noisy = process.add_noise(x0_slices, noise_slices, t).transpose(1, 2)
     target = process.target(x0_slices, noise_slices, t).transpose(1, 2)
-    cond = build_condition(batch.mask, batch.informed, batch.informed_mask, model.num_labels, model.cfg, model.factor)
+    cond = model.condition(batch.mask, batch.informed, batch.informed_mask)
     return DenoisingInputs(noisy=noisy, t=t, cond=cond, target=target, weight=process.loss_weight(t))
 
 
@@ -279,7 +279,7 @@ def noised_inputs(
     if stage == "informed":
         assert isinstance(model, InformedSliceGenerator) and isinstance(batch, SliceBatch)
         return slice_inputs(model, process, batch, generator, timestep)
-    assert isinstance(model, SliceDenoiser) and isinstance(batch, WindowBatch)
+    assert isinstance(model, WindowDenoiser) and isinstance(batch, WindowBatch)
     if stage == "slice":
         return window_inputs(model, process, batch, generator, per_slice_t=True, timestep=timestep)
     return window_inputs(

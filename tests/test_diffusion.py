@@ -18,7 +18,7 @@ from torch import nn
 
 from gem3d.config import DiffusionConfig, InformedModelConfig
 from gem3d.diffusion import Sampler, make_sampler, noise_process
-from gem3d.networks import InformedSliceGenerator
+from gem3d.networks import InformedSliceGenerator, WindowDenoiser
 from gem3d.sampler import InformedSlice, SampleRequest, generate_informed_slices, sample_volumes
 
 SHAPE = (4, 1, 24, 24)  # [N, 1, H, W]
@@ -188,7 +188,7 @@ def test_min_snr_weights_follow_the_prediction_type() -> None:
     assert noise_process(DiffusionConfig()).loss_weight(t) is None
 
 
-class _Echo(nn.Module):
+class _Echo(WindowDenoiser):
     """A window denoiser whose output depends on its state only: noise passes straight through."""
 
     num_labels = 2
@@ -200,6 +200,9 @@ class _Echo(nn.Module):
 
         self.cfg = ModelConfig(mask_encoding="onehot", informed_mask=False)
         self.anchor = nn.Parameter(torch.zeros(1))
+
+    def condition(self, mask: torch.Tensor, informed: torch.Tensor, informed_mask: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(mask.shape[0], 1, *mask.shape[1:])  # [B, 1, D, H, W], unused
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         return 0.5 * x

@@ -11,12 +11,13 @@ from torch import nn
 
 from gem3d.config import DiffusionConfig, ModelConfig
 from gem3d.diffusion import Sampler, make_sampler
+from gem3d.networks import WindowDenoiser, build_condition
 from gem3d.sampler import InformedSlice, SampleRequest, plan_windows, sample_volumes
 
 SIZE = 4
 
 
-class OracleDenoiser(nn.Module):
+class OracleDenoiser(WindowDenoiser):
     """Predicts the noise that leads each window to ``clean + offset(window)``.
 
     The mask of slice z is the label z + 1 everywhere, so the one-hot condition tells the oracle
@@ -34,6 +35,9 @@ class OracleDenoiser(nn.Module):
         self.window_offsets = window_offsets
         self.anchor = nn.Parameter(torch.zeros(1))
         self.calls: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def condition(self, mask: torch.Tensor, informed: torch.Tensor, informed_mask: torch.Tensor) -> torch.Tensor:
+        return build_condition(mask, informed, informed_mask, self.num_labels, self.cfg)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         positions = cond[:, : self.num_labels - 1].argmax(dim=1)[:, :, 0, 0]  # [N, L]

@@ -53,7 +53,7 @@ from experiments.commands.common import (
     tracked,
 )
 from experiments.evaluation.arms import ARMS, resolve_arms
-from experiments.evaluation.baselines import Full3D
+from experiments.evaluation.baselines import VolumeUNet
 from experiments.evaluation.distribution import load_feature_extractor
 from experiments.evaluation.nnunet_judge import BUDGETS, require_nnunet
 from experiments.evaluation.protocol import DOWNSTREAM_STEPS
@@ -289,7 +289,7 @@ def _needed_bytes(
         needed += checkpoint_bytes("slice", cfg) + checkpoint_bytes("volume", cfg)
     if "full_3d" in methods and "full_3d" not in checkpoints:
         with torch.device("meta"):
-            net = Full3D(cfg, settings.full3d_channels).net
+            net = VolumeUNet(cfg.data.num_labels, settings.full3d_channels)
         needed += 2 * 4 * 4 * sum(p.numel() for p in net.parameters())
     return needed
 

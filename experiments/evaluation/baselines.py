@@ -13,7 +13,7 @@ Nothing here downloads anything; every model is trained on the data it is given.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,17 +27,18 @@ from gem3d.autoencoder import SliceAutoencoder
 from gem3d.checkpoint import load_checkpoint, save_checkpoint
 from gem3d.config import Config, config_from_dict
 from gem3d.data.volume import Volume, fingerprint
+from gem3d.data.windows import WindowSource
 from gem3d.diffusion import make_sampler, noise_process
 from gem3d.errors import CheckpointError
 from gem3d.files import atomic_write
-from gem3d.runs import train_stage
-from gem3d.training import optimizer_step, weighted_error
+from gem3d.networks import WindowDenoiser
+from gem3d.runs import resolve_device, train_stage
+from gem3d.sampler import seeded_noise
+from gem3d.training import OnStep, new_state, train
 
 FULL3D_CHANNELS = (16, 32, 32)  # the largest width that trains 32^3 volumes in minutes on 2 CPU cores
 FULL3D_FILE = "full_3d.safetensors"
 _DIVISOR = 4  # two downsamplings in the 3-level UNet
-
-OnStep = Callable[[int, float], None]
 
 
 def train_mask_only(
@@ -92,61 +93,97 @@ def _one_hot(label: torch.Tensor, num_labels: int) -> torch.Tensor:
     return F.one_hot(label.long(), num_labels).permute(0, 4, 1, 2, 3).float() * 2.0 - 1.0
 
 
-class Full3D:
-    """A whole-volume conditional diffusion model (the ``full_3d`` baseline).
+def _padded_volumes(volumes: Sequence[Volume]) -> list[Volume]:
+    """``volumes`` padded at their far ends (images with -1, labels with 0) to one shape the UNet
+    divides: each is then a single window of ``gem3d.training``'s window source."""
+    shape = _padded_shape(np.max([v.image.shape for v in volumes], axis=0))
+    return [
+        Volume(
+            v.case_id,
+            _pad(torch.from_numpy(np.asarray(v.image, dtype=np.float32)), shape, -1.0).numpy(),
+            _pad(torch.from_numpy(np.asarray(v.label, dtype=np.uint8)), shape, 0).numpy(),
+        )
+        for v in volumes
+    ]
+
+
+class VolumeUNet(WindowDenoiser):
+    """``DiffusionModelUNet(spatial_dims=3)`` on whole volumes, conditioned on the one-hot mask.
 
     Attributes:
-        net: ``DiffusionModelUNet(spatial_dims=3)``; input ``[B, 1 + L, D', H', W']`` (noisy image
-            then one-hot mask), output ``[B, 1, D', H', W']`` (the prediction type of the run).
-        cfg: the main run's config (schedule, labels, seed).
+        net: input ``[B, 1 + L, D', H', W']`` (noisy image then one-hot mask), output
+            ``[B, 1, D', H', W']`` (the prediction type of the run); its state dict is the checkpoint's.
     """
 
-    def __init__(self, cfg: Config, channels: Sequence[int] = FULL3D_CHANNELS) -> None:
-        self.cfg = cfg
-        self.channels = tuple(channels)
-        torch.manual_seed(cfg.train.seed)
+    def __init__(self, num_labels: int, channels: Sequence[int]) -> None:
+        super().__init__()
+        self.num_labels = num_labels
+        self.codec = None  # pixel space
         self.net = DiffusionModelUNet(
             spatial_dims=3,
-            in_channels=1 + cfg.data.num_labels,
+            in_channels=1 + num_labels,
             out_channels=1,
-            channels=self.channels,
-            attention_levels=(False,) * len(self.channels),
+            channels=tuple(channels),
+            attention_levels=(False,) * len(channels),
             num_res_blocks=1,
             norm_num_groups=8,
         )
-        self.step = 0
+
+    def condition(self, mask: torch.Tensor, informed: torch.Tensor, informed_mask: torch.Tensor) -> torch.Tensor:
+        """``[B, L, D, H, W]``: the one-hot ``mask`` ``[B, D, H, W]`` in [-1, 1]; no informed slice."""
+        return _one_hot(mask, self.num_labels)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        """``x`` ``[B, 1, D, H, W]`` noisy volumes at ``t`` (``[B]``, or ``[B, D]`` all equal along D)."""
+        return self.net(torch.cat([x, cond], dim=1), t[:, 0] if t.ndim == 2 else t)
+
+
+class Full3D:
+    """A whole-volume conditional diffusion model (the ``full_3d`` baseline).
+
+    It trains through ``gem3d.training.train`` as the ``volume`` stage on windows that are whole
+    padded volumes (one timestep per volume, drawn uniformly): the same batches, AdamW, clipping,
+    EMA, seeding, loader workers and device as GEM-3D's own stages. It samples with the EMA weights.
+
+    Attributes:
+        model: the trained ``VolumeUNet``, on ``device`` (default: the config's ``train.device``);
+            ``ema``: its exponential average (what ``sample`` uses).
+        cfg: the main run's config (schedule, labels, seed, training settings).
+    """
+
+    def __init__(self, cfg: Config, channels: Sequence[int] = FULL3D_CHANNELS, device: str | None = None) -> None:
+        self.cfg = cfg
+        self.channels = tuple(channels)
+        torch.manual_seed(cfg.train.seed)
+        self.model = VolumeUNet(cfg.data.num_labels, self.channels).to(resolve_device(device or cfg.train.device))
+        # One timestep per volume, drawn uniformly (stage 2's skew to small t is for tuning, not from scratch).
+        self.train_cfg = cfg.train.model_copy(update={"volume_t_power": 1.0})
+        self.state = new_state(self.model, self.train_cfg)
+        self.ema = self.state.ema.module
+
+    @property
+    def net(self) -> DiffusionModelUNet:
+        """The sampled network (the EMA's ``DiffusionModelUNet``)."""
+        net = self.ema.net
+        assert isinstance(net, DiffusionModelUNet)
+        return net
+
+    @property
+    def step(self) -> int:
+        return self.state.step
 
     def train(self, volumes: Sequence[Volume], steps: int, on_step: OnStep | None = None) -> float:
-        """Train for ``steps`` AdamW steps on random volumes of ``volumes``; returns the last loss.
+        """Train for ``steps`` more steps on ``volumes`` (``gem3d.training.train``); returns their mean loss.
 
-        Each step draws ``train.batch_size`` volumes (with replacement, seeded), one timestep each,
-        and regresses the run's prediction target (epsilon, v or sample) with MSE.
+        Each step draws ``train.batch_size`` volumes (with replacement) and a timestep each from
+        ``(train.seed, step)`` and regresses the run's prediction target (epsilon, v or sample).
         """
-        cfg = self.cfg
-        process = noise_process(cfg.diffusion)
-        shape = _padded_shape(np.max([v.image.shape for v in volumes], axis=0))
-        images = torch.stack([_pad(torch.from_numpy(v.image), shape, -1.0) for v in volumes]).unsqueeze(1)
-        labels = torch.stack([_pad(torch.from_numpy(v.label.astype(np.int64)), shape, 0) for v in volumes])
-        generator = torch.Generator().manual_seed(cfg.train.seed)
-        params = list(self.net.parameters())
-        optimizer = torch.optim.AdamW(params, lr=cfg.train.lr)
-        self.net.train()
-        loss_value = float("nan")
-        for _ in range(steps):
-            index = torch.randint(len(volumes), (cfg.train.batch_size,), generator=generator)
-            clean, cond = images[index], _one_hot(labels[index], cfg.data.num_labels)
-            noise = torch.randn(clean.shape, generator=generator)
-            t = process.draw_timesteps((len(index),), generator)
-            noisy = process.add_noise(clean, noise, t)
-            prediction = self.net(torch.cat([noisy, cond], dim=1), t)
-            loss = weighted_error(prediction, process.target(clean, noise, t), process.loss_weight(t)).mean()
-            optimizer_step(optimizer, loss, params, cfg.train.grad_clip)
-            self.step += 1
-            loss_value = float(loss.detach())
-            if on_step is not None:
-                on_step(self.step, loss_value)
-        self.net.eval()
-        return loss_value
+        padded = _padded_volumes(volumes)
+        source = WindowSource(padded, padded[0].depth)  # each window a whole volume
+        process = noise_process(self.cfg.diffusion)
+        result = train(self.state, process, source, "volume", self.state.step + steps, self.train_cfg, on_step)
+        self.model.eval()
+        return result["loss"]
 
     @torch.no_grad()
     def sample(self, masks: Sequence[np.ndarray], seeds: Sequence[int], steps: int | None = None) -> list[np.ndarray]:
@@ -160,7 +197,8 @@ class Full3D:
             ``[D, H, W]`` float32 volumes in [-1, 1], cropped back to each mask's shape.
         """
         sampler = make_sampler(self.cfg.diffusion, steps)
-        self.net.eval()
+        model = self.ema.eval()
+        device = next(model.parameters()).device
         outputs: list[np.ndarray | None] = [None] * len(masks)
         groups: dict[tuple[int, int, int], list[int]] = {}
         for index, mask in enumerate(masks):
@@ -168,27 +206,23 @@ class Full3D:
         batch = self.cfg.sampler.batch_volumes
         chunks = [(shape, m[i : i + batch]) for shape, m in groups.items() for i in range(0, len(m), batch)]
         for shape, members in chunks:
-            cond = _one_hot(
-                torch.stack([_pad(torch.from_numpy(masks[i].astype(np.int64)), shape, 0) for i in members]),
-                self.cfg.data.num_labels,
-            )
+            labels = torch.stack([_pad(torch.from_numpy(masks[i].astype(np.int64)), shape, 0) for i in members])
+            cond = model.condition(labels.to(device), torch.empty(0), torch.empty(0))
             generators = [torch.Generator().manual_seed(int(seeds[i])) for i in members]
-            x = torch.stack([torch.randn((1, *shape), generator=g) for g in generators])
+            x = seeded_noise(generators, (1, *shape), device)
             for step, t in enumerate(sampler.timesteps):
-                timesteps = torch.full((len(members),), t, dtype=torch.long)
-                prediction = self.net(torch.cat([x, cond], dim=1), timesteps)
-                noise = None
-                if sampler.stochastic:
-                    noise = torch.stack([torch.randn((1, *shape), generator=g) for g in generators])
-                x = sampler.step(prediction, step, x, noise)
+                timesteps = torch.full((len(members),), t, dtype=torch.long, device=device)
+                noise = seeded_noise(generators, (1, *shape), device) if sampler.stochastic else None
+                x = sampler.step(model(x, timesteps, cond), step, x, noise)
             for row, i in enumerate(members):
                 d, h, w = masks[i].shape
-                outputs[i] = x[row, 0, :d, :h, :w].clamp(-1, 1).numpy().astype(np.float32)
+                outputs[i] = x[row, 0, :d, :h, :w].clamp(-1, 1).cpu().numpy().astype(np.float32)
         return [volume for volume in outputs if volume is not None]
 
     def save(self, path: str | Path, volumes: Sequence[Volume]) -> Path:
-        """Checkpoint the network (safetensors + JSON metadata: config, steps, channels, data fingerprint)."""
-        tensors = {k: v.detach().contiguous() for k, v in self.net.state_dict().items()}
+        """Checkpoint the sampled (EMA) network (safetensors + JSON metadata: config, steps, channels,
+        data fingerprint)."""
+        tensors = {k: v.detach().cpu().contiguous() for k, v in self.net.state_dict().items()}
         metadata: dict[str, Any] = {
             "stage": "full_3d",
             "step": self.step,
@@ -199,13 +233,15 @@ class Full3D:
         return save_checkpoint(path, tensors, metadata)
 
     @classmethod
-    def load(cls, path: str | Path) -> Full3D:
-        """A model saved by ``save``; a clear ``CheckpointError`` for anything else."""
+    def load(cls, path: str | Path, device: str | None = None) -> Full3D:
+        """A model saved by ``save`` (its sampled weights), on ``device`` (default: its config's
+        ``train.device``); a clear ``CheckpointError`` for anything else."""
         tensors, metadata = load_checkpoint(path)
         if metadata.get("stage") != "full_3d":
             raise CheckpointError(f"{path}: is not a full-3D baseline checkpoint")
-        model = cls(config_from_dict(metadata["config"], f"{path} (embedded config)"), metadata["channels"])
-        model.net.load_state_dict(tensors)
-        model.step = int(metadata["step"])
-        model.net.eval()
+        model = cls(config_from_dict(metadata["config"], f"{path} (embedded config)"), metadata["channels"], device)
+        for net in (model.model.net, model.net):
+            net.load_state_dict(tensors)
+        model.state.step = int(metadata["step"])
+        model.model.eval()
         return model

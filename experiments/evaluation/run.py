@@ -466,7 +466,7 @@ def _methods(
             baseline = _load_baseline_run(Path(baseline_checkpoints[key]), device, sampler_steps, cfg)
             runnable[key] = _overlapped(baseline, key, baseline.cfg.sampler.overlap)
         else:
-            runnable[key] = _full_3d(Full3D.load(baseline_checkpoints[key]), sampler_steps)
+            runnable[key] = _full_3d(Full3D.load(baseline_checkpoints[key], device), sampler_steps)
     return runnable, skipped
 
 
