@@ -32,6 +32,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Any
 
@@ -269,19 +270,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     settings = state.settings
     manifest = shipped_weights(settings)
     if manifest is not None:
-        assert settings.shipped is not None
-        for name in manifest["files"]:
-            target = state.out / name
-            if not target.exists():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(settings.shipped / name, target)
-        print(f"public pre-trained weights: shipped ({settings.shipped}, made by {manifest['command']})", flush=True)
-        state.summary["pretraining"] = {
-            "shipped": True,
-            "public_cases": manifest["data"]["cases"],
-            "steps": manifest["steps"]["gem3d"],
-            "mask_only_steps": manifest["steps"]["mask_only"],
-        }
+        _copy_shipped(state, manifest)
         return
     if not state.public.exists():
         run_demo_data(
@@ -298,7 +287,8 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     overrides = tuple(f"{settings.overrides} {PRETRAIN_SET}".split())
     # declared public (public_data): the checkpoints record it, and the model's privacy statement says so
     data = state.public / "pooled"
-    baseline, log = None, state.out / "pretrained_mask_only.log"
+    baseline: BaseProcess | None = None
+    log = state.out / "pretrained_mask_only.log"
     baseline_overrides = (*overrides, "model.informed_slice=false")
 
     def public_stage(stage: Stage, steps: int) -> TrainOptions:
@@ -321,29 +311,7 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
             run_train(public_stage("autoencoder", settings.autoencoder_steps))
         baseline_overrides = (*baseline_overrides, f"autoencoder.checkpoint={json.dumps(str(autoencoder))}")
     if not (state.mask_only / "volume.safetensors").exists():
-        # tracked off: two processes writing one SQLite store can lock it, which would switch the
-        # main run's tracking off; its log is the file above
-        stages = tuple(
-            TrainOptions(
-                config=settings.config,
-                set=baseline_overrides,
-                data=data,
-                public_data=True,
-                out=state.mask_only,
-                track="off",
-                stage=stage,
-                steps=steps,
-            )
-            for stage, steps in zip(MASK_ONLY_STAGES, settings.mask_only_steps, strict=True)
-            if not (state.mask_only / f"{stage}.safetensors").exists()
-        )
-        print(f"mask-only baseline: pre-training in a second process (log: {log})", flush=True)
-        log.write_text("")  # the child appends: the log exists even if the child dies starting
-        # spawn: a fresh interpreter (a fork would copy this process's torch threads and state)
-        baseline = multiprocessing.get_context("spawn").Process(
-            target=_train_in_child, args=(stages, log), name="gem3d-mask-only-baseline"
-        )
-        baseline.start()
+        baseline = _start_mask_only_pretraining(state, data, baseline_overrides, log)
     try:
         for stage, steps in zip(PRETRAIN_STAGES, settings.pretrain_steps, strict=True):
             if (state.pretrained / f"{stage}.safetensors").exists():
@@ -365,6 +333,55 @@ def pretrain_public(state: DemoState, tracking: Path) -> None:
     }
     if settings.latent:
         state.summary["pretraining"]["autoencoder_steps"] = settings.autoencoder_steps
+
+
+def _copy_shipped(state: DemoState, manifest: dict[str, Any]) -> None:
+    """Copy the shipped pre-trained weights of ``manifest`` into the demo folder (kept if there)."""
+    settings = state.settings
+    assert settings.shipped is not None
+    for name in manifest["files"]:
+        target = state.out / name
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(settings.shipped / name, target)
+    print(f"public pre-trained weights: shipped ({settings.shipped}, made by {manifest['command']})", flush=True)
+    state.summary["pretraining"] = {
+        "shipped": True,
+        "public_cases": manifest["data"]["cases"],
+        "steps": manifest["steps"]["gem3d"],
+        "mask_only_steps": manifest["steps"]["mask_only"],
+    }
+
+
+def _start_mask_only_pretraining(state: DemoState, data: Path, overrides: tuple[str, ...], log: Path) -> BaseProcess:
+    """Start the mask-only baseline's public pre-training (its stages not yet trained) in a child process.
+
+    Tracked off: two processes writing one SQLite store can lock it, which would switch the main
+    run's tracking off; the child's output goes to ``log``.
+    """
+    settings = state.settings
+    stages = tuple(
+        TrainOptions(
+            config=settings.config,
+            set=overrides,
+            data=data,
+            public_data=True,
+            out=state.mask_only,
+            track="off",
+            stage=stage,
+            steps=steps,
+        )
+        for stage, steps in zip(MASK_ONLY_STAGES, settings.mask_only_steps, strict=True)
+        if not (state.mask_only / f"{stage}.safetensors").exists()
+    )
+    print(f"mask-only baseline: pre-training in a second process (log: {log})", flush=True)
+    log.write_text("")  # the child appends: the log exists even if the child dies starting
+    # spawn: a fresh interpreter (a fork would copy this process's torch threads and state)
+    baseline = multiprocessing.get_context("spawn").Process(
+        target=_train_in_child, args=(stages, log), name="gem3d-mask-only-baseline"
+    )
+    baseline.start()
+    return baseline
 
 
 def _train_in_child(stages: tuple[TrainOptions, ...], log: Path) -> None:
@@ -567,28 +584,49 @@ def downstream_rows(downstream: dict[str, Any]) -> list[tuple[str, str]]:
     return rows
 
 
+Rows = list[tuple[str, str]]  # (what, value) rows of the closing table
+
+
 def summary_lines(state: DemoState) -> list[str]:
     """The closing table: (what, value) rows, then the time of every step."""
     s = state.summary
-    rows: list[tuple[str, str]] = []
-    pretraining = s.get("pretraining")
-    if pretraining:
+    evaluation = s.get("evaluation", {})
+    rows = _pretraining_rows(s.get("pretraining") or {}) + _privacy_rows(s) + _deenhance_rows(s.get("deenhance", {}))
+    rows += _evaluation_rows(evaluation) + downstream_rows(evaluation.get("downstream") or {})
+    width = max((len(name) for name, _ in rows), default=20) + 2
+    lines = ["", "gem3d demo: summary", "-" * (width + 20)]
+    lines += [f"{name:<{width}}{value}" for name, value in rows]
+    lines.append("-" * (width + 20))
+    lines += [f"{seconds:7.0f} s  {title}" for title, seconds in state.timings.items()]
+    return lines
+
+
+def _pretraining_rows(pretraining: dict[str, Any]) -> Rows:
+    """The public pre-training: cases and steps (and a latent run's autoencoder steps)."""
+    if not pretraining:
+        return []
+    rows = [
+        (
+            "public pre-training"
+            + (" (shipped weights)" if pretraining.get("shipped") else "")
+            + ": cases, slice / informed steps (mask-only: slice / volume)",
+            f"{pretraining['public_cases']}, {pretraining['steps'][0]} / {pretraining['steps'][1]} "
+            f"({pretraining['mask_only_steps'][0]} / {pretraining['mask_only_steps'][1]})",
+        )
+    ]
+    if "autoencoder_steps" in pretraining:
         rows.append(
             (
-                "public pre-training"
-                + (" (shipped weights)" if pretraining.get("shipped") else "")
-                + ": cases, slice / informed steps (mask-only: slice / volume)",
-                f"{pretraining['public_cases']}, {pretraining['steps'][0]} / {pretraining['steps'][1]} "
-                f"({pretraining['mask_only_steps'][0]} / {pretraining['mask_only_steps'][1]})",
+                "  latent: autoencoder (stage 0) steps, shared by GEM-3D and mask-only",
+                str(pretraining["autoencoder_steps"]),
             )
         )
-        if "autoencoder_steps" in pretraining:
-            rows.append(
-                (
-                    "  latent: autoencoder (stage 0) steps, shared by GEM-3D and mask-only",
-                    str(pretraining["autoencoder_steps"]),
-                )
-            )
+    return rows
+
+
+def _privacy_rows(s: dict[str, Any]) -> Rows:
+    """Each site's ε, the model's privacy statement, the release and its audits."""
+    rows: Rows = []
     for site, eps in s.get("epsilon", {}).items():
         rows.append((f"epsilon {site} (patient-level DP-SGD, all stages, delta 1e-5)", _fmt(eps, 2)))
     privacy = s.get("privacy")
@@ -617,11 +655,20 @@ def summary_lines(state: DemoState) -> list[str]:
                 f" (95% CI {_fmt(low, 2)}-{_fmt(high, 2)}, {mia.get('train_cases')} vs {mia.get('holdout_cases')})"
             )
             rows.append(("membership-inference AUC (0.5 = no signal)", _fmt(mia.get("auc")) + interval))
-    de = s.get("deenhance", {})
-    if de:
-        before, after = de["site_spread_before"]["mean"], de["site_spread_after"]["mean"]
-        rows.append(("site spread of label means, before -> after", f"{before:.3f} -> {after:.3f}"))
-    evaluation = s.get("evaluation", {})
+    return rows
+
+
+def _deenhance_rows(de: dict[str, Any]) -> Rows:
+    """The de-enhancement's harmonisation: the spread of label means between sites, before and after."""
+    if not de:
+        return []
+    before, after = de["site_spread_before"]["mean"], de["site_spread_after"]["mean"]
+    return [("site spread of label means, before -> after", f"{before:.3f} -> {after:.3f}")]
+
+
+def _evaluation_rows(evaluation: dict[str, Any]) -> Rows:
+    """Each method's fidelity and seams, the informed slice's effect and the background noise."""
+    rows: Rows = []
     methods = evaluation.get("methods", {})
     for name, method in methods.items():
         if not isinstance(method, dict) or "skipped" in method:
@@ -655,13 +702,7 @@ def summary_lines(state: DemoState) -> list[str]:
         rows.append(("(full_3d: trained from scratch by evaluate --quick, not a fair comparison)", ""))
     if "mask_only" in methods:
         rows.append(("(mask_only: the same public pre-training as GEM-3D, no informed slice)", ""))
-    rows += downstream_rows(evaluation.get("downstream") or {})
-    width = max((len(name) for name, _ in rows), default=20) + 2
-    lines = ["", "gem3d demo: summary", "-" * (width + 20)]
-    lines += [f"{name:<{width}}{value}" for name, value in rows]
-    lines.append("-" * (width + 20))
-    lines += [f"{seconds:7.0f} s  {title}" for title, seconds in state.timings.items()]
-    return lines
+    return rows
 
 
 DEMO_RECORD = "demo.json"

@@ -14,6 +14,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -300,75 +301,26 @@ def _run_stage(
     record = job_config(settings, stage)
     if frozen_part(stage, cfg) is not None:
         record["base-id"] = install_base(grid, settings, stage, base_tensors(settings, store, stage, model), timeout)
-    label = f"stage {stage}"
-    observed = ObservedStrategy(build_strategy(cfg, options, nodes, accountant), cfg.federation.min_clients, label)
+    observed = ObservedStrategy(
+        build_strategy(cfg, options, nodes, accountant), cfg.federation.min_clients, f"stage {stage}"
+    )
     seed_base = cfg.train.seed + _STAGE_SEED_STRIDE * stage_index
     train_config = ConfigRecord({**record, "seed": seed_base + _ROUND_SEED_STRIDE * done})
-    # A round's clock runs from the end of the previous one (its report included) to its checkpoint.
-    started = [time.perf_counter()]
-    reporting = [0.0]
-
-    def after_round(server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        """Flower's evaluate_fn: evaluate, checkpoint and report the new global model."""
-        if server_round == 0:  # the initial arrays: nothing trained yet
-            return MetricRecord({})
-        stage_round = done + server_round
-        unpacking = time.perf_counter()
-        model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
-        ema.update_parameters(model)
-        metrics: dict[str, Any] = {"stage": stage, "round": stage_round, **observed.round}
-        metrics["server-unpack-seconds"] = time.perf_counter() - unpacking
-        if server_volumes:
-            evaluating = time.perf_counter()
-            batches = int(options["eval-batches"])
-            seed = cfg.train.seed + EVAL_SEED_OFFSET
-            metrics["server-eval-loss"] = held_out_loss(model, stage, server_volumes, cfg, batches, seed)
-            metrics["server-eval-loss-ema"] = held_out_loss(ema.module, stage, server_volumes, cfg, batches, seed)
-            metrics["server-eval-seconds"] = time.perf_counter() - evaluating
-        steps = stage_round * cfg.federation.local_steps
-        saving = time.perf_counter()
-        client_dp = accountant.state_dict() if accountant is not None else None
-        privacy = privacy_record(store, stage, start, observed.round.get("per-site") or {}, observed.round)
-        path = store.save_round(
-            model,
-            ema,
-            stage,
-            stage_round,
-            completed,
-            steps,
-            int(metrics.get("sites-ok", 0)),
-            client_dp=client_dp,
-            privacy=privacy,
-        )
-        completed[stage] = stage_round
-        metrics["checkpoint-seconds"] = time.perf_counter() - saving
-        # The previous round's report (MLflow, on_round) ran inside this round's clock.
-        metrics["report-seconds"] = reporting[0]
-        metrics["round-seconds"] = time.perf_counter() - started[0]
-        metrics["checkpoint"] = str(path)
-        store.append_metrics(metrics)
-        logger.info(
-            "%s round %d/%d: train loss %.4f, eval loss %s, %d site(s) ok, %d failed -> %s",
-            stage,
-            stage_round,
-            total,
-            metrics.get("train", {}).get("loss", float("nan")),
-            metrics.get("evaluate", {}).get("eval-loss", "n/a"),
-            metrics.get("sites-ok", 0),
-            metrics.get("sites-failed", 0),
-            path,
-        )
-        reported = time.perf_counter()
-        started[0] = reported
-        if on_round is not None:
-            on_round(metrics)
-        reporting[0] = time.perf_counter() - reported
-        # Round numbers restart with every strategy.start: tell the sites the next round's seed.
-        train_config["seed"] = seed_base + _ROUND_SEED_STRIDE * stage_round
-        return MetricRecord(
-            {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        )
-
+    rounds = _StageRounds(
+        settings=settings,
+        store=store,
+        stage=stage,
+        model=model,
+        ema=ema,
+        observed=observed,
+        accountant=accountant,
+        start=start,
+        completed=completed,
+        server_volumes=server_volumes,
+        on_round=on_round,
+        train_config=train_config,
+        seed_base=seed_base,
+    )
     observed.start(
         grid=grid,
         initial_arrays=ArrayRecord(global_tensors(model, names)),
@@ -376,8 +328,111 @@ def _run_stage(
         timeout=timeout,
         train_config=train_config,
         evaluate_config=ConfigRecord(record),
-        evaluate_fn=after_round,
+        evaluate_fn=rounds.after_round,
     )
+
+
+@dataclass
+class _StageRounds:
+    """What the server does after each round of one stage (Flower's ``evaluate_fn``): take in the
+    new global model, evaluate it on the server's own split, checkpoint it and report the round.
+
+    A round's clock (``round-seconds``) runs from the end of the previous one, its report
+    included, to its checkpoint; the report's own time is in the next round's ``report-seconds``.
+    """
+
+    settings: ServerSettings
+    store: RunStore
+    stage: Stage
+    model: nn.Module
+    ema: AveragedModel
+    observed: ObservedStrategy
+    accountant: RdpAccountant | None
+    start: Path | None  # the checkpoint the stage started from (its privacy record's source)
+    completed: dict[str, int]  # stage -> rounds done, updated after every checkpoint
+    server_volumes: list[Volume]
+    on_round: OnRound | None
+    train_config: ConfigRecord  # the sites' next round's config: its seed is set after every round
+    seed_base: int
+    started: float = field(default_factory=time.perf_counter)
+    reporting: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.done, self.total = self.completed[self.stage], rounds_for(self.settings, self.stage)
+
+    def after_round(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        """Flower's evaluate_fn: evaluate, checkpoint and report the new global model."""
+        if server_round == 0:  # the initial arrays: nothing trained yet
+            return MetricRecord({})
+        stage_round = self.done + server_round
+        unpacking = time.perf_counter()
+        self.model.load_state_dict(arrays.to_torch_state_dict(), strict=False)
+        self.ema.update_parameters(self.model)
+        metrics: dict[str, Any] = {"stage": self.stage, "round": stage_round, **self.observed.round}
+        metrics["server-unpack-seconds"] = time.perf_counter() - unpacking
+        if self.server_volumes:
+            metrics.update(self._server_evaluation())
+        self._checkpoint(stage_round, metrics)
+        self._report(stage_round, metrics)
+        # Round numbers restart with every strategy.start: tell the sites the next round's seed.
+        self.train_config["seed"] = self.seed_base + _ROUND_SEED_STRIDE * stage_round
+        return MetricRecord(
+            {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        )
+
+    def _server_evaluation(self) -> dict[str, float]:
+        """The model's and the EMA's held-out loss on the server's split, on the same draws every round."""
+        cfg = self.settings.cfg
+        evaluating = time.perf_counter()
+        batches, seed = int(self.settings.options["eval-batches"]), cfg.train.seed + EVAL_SEED_OFFSET
+        return {
+            "server-eval-loss": held_out_loss(self.model, self.stage, self.server_volumes, cfg, batches, seed),
+            "server-eval-loss-ema": held_out_loss(self.ema.module, self.stage, self.server_volumes, cfg, batches, seed),
+            "server-eval-seconds": time.perf_counter() - evaluating,
+        }
+
+    def _checkpoint(self, stage_round: int, metrics: dict[str, Any]) -> None:
+        """Save the round's global checkpoint (with its privacy record) and append its metrics."""
+        saving = time.perf_counter()
+        client_dp = self.accountant.state_dict() if self.accountant is not None else None
+        round_info = self.observed.round
+        privacy = privacy_record(self.store, self.stage, self.start, round_info.get("per-site") or {}, round_info)
+        path = self.store.save_round(
+            self.model,
+            self.ema,
+            self.stage,
+            stage_round,
+            self.completed,
+            stage_round * self.settings.cfg.federation.local_steps,
+            int(metrics.get("sites-ok", 0)),
+            client_dp=client_dp,
+            privacy=privacy,
+        )
+        self.completed[self.stage] = stage_round
+        metrics["checkpoint-seconds"] = time.perf_counter() - saving
+        metrics["report-seconds"] = self.reporting  # the previous round's report ran inside this round's clock
+        metrics["round-seconds"] = time.perf_counter() - self.started
+        metrics["checkpoint"] = str(path)
+        self.store.append_metrics(metrics)
+
+    def _report(self, stage_round: int, metrics: dict[str, Any]) -> None:
+        """Log the round and hand its metrics to ``on_round`` (MLflow), timing the hand-over."""
+        logger.info(
+            "%s round %d/%d: train loss %.4f, eval loss %s, %d site(s) ok, %d failed -> %s",
+            self.stage,
+            stage_round,
+            self.total,
+            metrics.get("train", {}).get("loss", float("nan")),
+            metrics.get("evaluate", {}).get("eval-loss", "n/a"),
+            metrics.get("sites-ok", 0),
+            metrics.get("sites-failed", 0),
+            metrics["checkpoint"],
+        )
+        reported = time.perf_counter()
+        self.started = reported
+        if self.on_round is not None:
+            self.on_round(metrics)
+        self.reporting = time.perf_counter() - reported
 
 
 def run_accountant(
