@@ -68,6 +68,7 @@ import dataclasses
 import secrets
 import time
 import warnings
+from collections.abc import Iterator
 from typing import Any, Literal
 
 import torch
@@ -400,11 +401,7 @@ def train_private(
         min(train_cfg.batch_size, num_volumes),
         secret_generator(device) if current.leader else None,
     )
-    sampler = (
-        iter(UniformWithReplacementSampler(num_samples=num_volumes, sample_rate=rate, generator=secret, steps=to_take))
-        if current.leader
-        else None
-    )
+    sampler = _poisson_batches(num_volumes, rate, to_take, secret) if current.leader else None
     state.model.train()
     started, total_loss, loss_steps = time.perf_counter(), 0.0, 0
     # Reserved under the ledger's lock before the first step and settled to the steps taken on
@@ -436,21 +433,9 @@ def train_private(
                     total_loss += loss_sum / count
                     loss_steps += 1
                 if on_step is not None:
-                    on_step(
-                        {
-                            "step": state.step,
-                            "loss": loss_sum / count if count else float("nan"),
-                            "grad_norm": norm_sum / count if count else 0.0,
-                            "clipped_fraction": clipped / count if count else 0.0,
-                            "batch_size": float(len(everyone)),
-                        }
-                    )
+                    on_step(_step_record(state.step, loss_sum, count, norm_sum, clipped, len(everyone)))
         finally:
-            optimizer.zero_grad(set_to_none=True)
-            for p in params:  # leave plain torch parameters behind, nothing Opacus-specific
-                for attribute in ("grad_sample", "summed_grad"):
-                    if hasattr(p, attribute):
-                        delattr(p, attribute)
+            _drop_grad_samples(optimizer, params)
     elapsed = time.perf_counter() - started
     return {
         "loss": total_loss / loss_steps if loss_steps else float("nan"),
@@ -459,6 +444,33 @@ def train_private(
         **_site_totals(ledger, device),
         **summary,
     }
+
+
+def _poisson_batches(num_volumes: int, rate: float, steps: int, secret: torch.Generator) -> Iterator[list[int]]:
+    """``steps`` Poisson samples of the ``num_volumes`` volume indices at ``rate``, from the secret generator."""
+    return iter(UniformWithReplacementSampler(num_samples=num_volumes, sample_rate=rate, generator=secret, steps=steps))
+
+
+def _step_record(
+    step: int, loss_sum: float, count: float, norm_sum: float, clipped: float, batch: int
+) -> dict[str, float]:
+    """A DP step's ``on_step`` metrics: mean loss and gradient norm, the clipped fraction, the batch size."""
+    return {
+        "step": step,
+        "loss": loss_sum / count if count else float("nan"),
+        "grad_norm": norm_sum / count if count else 0.0,
+        "clipped_fraction": clipped / count if count else 0.0,
+        "batch_size": float(batch),
+    }
+
+
+def _drop_grad_samples(optimizer: torch.optim.Optimizer, params: list[nn.Parameter]) -> None:
+    """Leave plain torch parameters behind: no gradients, nothing Opacus-specific."""
+    optimizer.zero_grad(set_to_none=True)
+    for p in params:
+        for attribute in ("grad_sample", "summed_grad"):
+            if hasattr(p, attribute):
+                delattr(p, attribute)
 
 
 def _attach_grad_samples(
