@@ -8,26 +8,33 @@ TF32, fused attention, channels-last, deterministic kernels).
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from gem3d.accel import accelerate
-from gem3d.config import Config
+from gem3d.config import Config, config_from_dict
 from gem3d.data.dataset import load_volumes
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import make_sampler, noise_process
-from gem3d.runs import build_model, load_model
+from gem3d.runs import build_model, load_model, train_stage
 from gem3d.sampler import InformedSlice, SampleRequest, sample_volumes
-from gem3d.training import Stage, TrainState, freeze_for_stage, new_state, train
+from gem3d.training import DenoisingInputs, Stage, TrainState, draw_inputs, freeze_for_stage, new_state, train
+from privacy.dp_sgd import GRAD_SAMPLE_MODES, per_sample_gradients, sample_rate, train_private
+from privacy.ledger import PrivacyLedger
 from tests.conftest import randomise_zero_parameters
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 CUDA = torch.device("cuda")
+CPU = torch.device("cpu")
 
 
 def _cuda_cfg(cfg: Config) -> Config:
@@ -132,3 +139,74 @@ def test_a_training_step_on_cuda_does_not_wait_for_the_device(micro_cfg: Config,
     # assert: the host waits as often for 8 steps as for 2 (once at the end, for the mean loss)
     assert len(long) == len(short), "\n".join(["2 steps:", *short, "8 steps:", *long])
     assert len(short) <= 2, "\n".join(short)
+
+
+def _on(inputs: DenoisingInputs, device: torch.device) -> DenoisingInputs:
+    moved = {f.name: getattr(inputs, f.name) for f in dataclasses.fields(inputs)}
+    return dataclasses.replace(inputs, **{k: v.to(device) for k, v in moved.items() if v is not None})
+
+
+@pytest.mark.parametrize("mode", GRAD_SAMPLE_MODES)
+@pytest.mark.parametrize("stage", ["slice", "volume"])
+def test_per_window_gradients_on_cuda_are_those_on_the_cpu(
+    micro_cfg: Config, phantom_dir: Path, stage: Stage, mode: str
+) -> None:
+    # prepare: one network on the CPU (fp32) and its copy on CUDA with the fast path (bf16, channels-last,
+    # deterministic kernels), one batch of two windows
+    cfg = _cuda_cfg(micro_cfg)
+    cpu_model = _network(micro_cfg, stage)
+    freeze_for_stage(cpu_model, stage, False)
+    cuda_model = accelerate(copy.deepcopy(cpu_model), cfg.accel, CUDA)
+    source = WindowSource(load_volumes(phantom_dir, cfg.data), cfg.data.window)
+    generator = torch.Generator().manual_seed(1)
+    inputs = draw_inputs(cpu_model, noise_process(cfg.diffusion), source, [0, 3], stage, generator, cfg.train, CPU)
+
+    # execute
+    expected, _ = per_sample_gradients(cpu_model, inputs, mode)
+    got, _ = per_sample_gradients(cuda_model, _on(inputs, CUDA), mode)
+
+    # assert: every trainable tensor's per-window gradients agree to bf16 rounding (a wrong unit is O(1) off)
+    assert torch.are_deterministic_algorithms_enabled()
+    assert set(got) == set(expected)
+    for name, grads in expected.items():
+        error = float((got[name].cpu() - grads).norm() / grads.norm().clamp_min(1e-12))
+        assert error < 0.05, f"{name}: relative difference {error:.3g}"
+
+
+def test_dp_sgd_on_cuda_trains_both_stages_and_is_accounted(
+    micro_cfg: Config, phantom_dir: Path, tmp_path: Path
+) -> None:
+    # prepare
+    cfg = _cuda_cfg(micro_cfg)
+    values = {"enabled": True, "noise_multiplier": 1.0, "budget_epsilon": 1e4}
+    cfg = cfg.model_copy(update={"privacy": cfg.privacy.model_copy(update=values)})
+    volumes = load_volumes(phantom_dir, cfg.data)
+    run = tmp_path / "run"
+    ledger = PrivacyLedger.open(run / "privacy_ledger.json", cfg.privacy)
+    dp_train = functools.partial(train_private, privacy_cfg=cfg.privacy, ledger=ledger)
+
+    # execute: two DP steps of each stage, under deterministic kernels
+    for stage in ("slice", "volume"):
+        train_stage(cfg, volumes, stage, run, steps=2, train_fn=dp_train)
+
+    # assert: four steps in the ledger, finite weights that moved, no Opacus attribute left behind
+    assert ledger.history == [(1.0, sample_rate(cfg.train.batch_size, len(volumes)), 4)]
+    model, _, _ = load_model(run / "volume.safetensors", "model")
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(not hasattr(p, "grad_sample") for p in model.parameters())
+
+
+def test_latent_stages_on_cuda_give_the_same_bytes_for_the_same_seed(phantom_dir: Path, tmp_path: Path) -> None:
+    from tests.test_latent import LATENT
+
+    cfg = _cuda_cfg(config_from_dict(LATENT, "latent micro"))
+    volumes = load_volumes(phantom_dir, cfg.data)
+    runs = [tmp_path / "first", tmp_path / "second"]
+    for run in runs:
+        for stage, steps in (("autoencoder", 3), ("slice", 2), ("volume", 2)):
+            train_stage(cfg, volumes, stage, run, steps=steps)  # type: ignore[arg-type]
+
+    for name in ("autoencoder", "slice", "volume"):
+        first, second = (load_file(run / f"{name}.safetensors") for run in runs)
+        differ = [k for k in first if not torch.equal(first[k], second[k])]
+        assert not differ, f"{name}: {len(differ)} of {len(first)} tensors differ, e.g. {differ[:3]}"

@@ -36,7 +36,7 @@ part() {  # part KEY SECONDS COMMAND...: run COMMAND with a limit if KEY is aske
     nproc
 } 2>&1 | tee -a "$log"
 
-part tests 150 "$py" -m pytest -p no:cacheprovider -q -rA tests/test_cuda.py
+part tests 240 "$py" -m pytest -p no:cacheprovider -q -rA tests/test_cuda.py
 part sampling 90 "$py" $bench/sampling.py --config brats --size 128 --depths 155 --steps 20 --device cuda \
     --no-baseline --no-cube --json "$out/sampling_brats.json"
 part brats 120 "$py" $bench/train_throughput.py --config brats --device cuda --steps 20 \
