@@ -143,7 +143,8 @@ class Full3D:
 
     It trains through ``gem3d.training.train`` as the ``volume`` stage on windows that are whole
     padded volumes (one timestep per volume, drawn uniformly): the same batches, AdamW, clipping,
-    EMA, seeding, loader workers and device as GEM-3D's own stages. It samples with the EMA weights.
+    EMA, seeding, loader workers and device as GEM-3D's own stages, the EMA warming up (``ema_copy``).
+    It samples with the EMA weights.
 
     Attributes:
         model: the trained ``VolumeUNet``, on ``device`` (default: the config's ``train.device``);
@@ -158,7 +159,10 @@ class Full3D:
         self.model = VolumeUNet(cfg.data.num_labels, self.channels).to(resolve_device(device or cfg.train.device))
         # One timestep per volume, drawn uniformly (stage 2's skew to small t is for tuning, not from scratch).
         self.train_cfg = cfg.train.model_copy(update={"volume_t_power": 1.0})
-        self.state = new_state(self.model, self.train_cfg)
+        # A warming-up EMA: a short run (evaluate --quick, 100 steps) samples trained weights, not an
+        # average still 37% its random start (0.99 ** 100). At tiny, 100 steps, held-out denoising
+        # loss: plain EMA 0.71, warm-up EMA 0.195, raw weights 0.20; the two EMAs agree on long runs.
+        self.state = new_state(self.model, self.train_cfg, ema_warmup=True)
         self.ema = self.state.ema.module
 
     @property
