@@ -316,7 +316,10 @@ class SliceDenoiser(_ImageSpace, WindowDenoiser):
             t = t[:, None].expand(batch, depth)
         slices = torch.cat([x, cond], dim=1).movedim(2, 1)  # [B, D, C, H, W]
         slices = slices.reshape(batch * depth, *slices.shape[2:])  # [B*D, C, H, W]
-        with slice_frames(depth), _autocast(x, self.compute_dtype):
+        # Stage 1 has no slice-axis layers, so no scope: torch.compile then traces the whole call as
+        # one graph (a ContextVar is a graph break; stage 2 breaks at each slice-axis layer).
+        frames = slice_frames(depth) if self.inflated else nullcontext()
+        with frames, _autocast(x, self.compute_dtype):
             out = self.unet(slices, t.reshape(batch * depth))  # [B*D, C, h, w]
         return out.float().reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
 

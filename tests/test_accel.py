@@ -111,3 +111,28 @@ def test_training_under_bf16_keeps_fp32_weights_and_a_finite_loss(
     assert torch.isfinite(torch.tensor(metrics["loss"]))
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert saved.accel.bf16 == "on" and model.compute_dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("stage", ["slice", "informed"])
+def test_stage_1_and_the_informed_generator_trace_as_one_graph_for_torch_compile(
+    micro_cfg: Config, phantom_dir: Path, stage: str
+) -> None:
+    # prepare: the network under the CUDA fast path's bf16 autocast (traced, not run, so a CPU will do)
+    model = build_model(stage, micro_cfg).eval()  # type: ignore[arg-type]
+    model.compute_dtype = torch.bfloat16
+    source = WindowSource(load_volumes(phantom_dir, micro_cfg.data), micro_cfg.data.window)
+    generator = torch.Generator().manual_seed(3)
+    process = noise_process(micro_cfg.diffusion)
+    inputs = draw_inputs(model, process, source, [0, 1], stage, generator, micro_cfg.train, CPU)  # type: ignore[arg-type]
+    args = (
+        (inputs.noisy, inputs.t, inputs.cond)
+        if stage == "slice"
+        else (inputs.noisy, inputs.t, inputs.position, inputs.mask)
+    )
+
+    # execute: Dynamo's trace of one forward
+    explanation = torch._dynamo.explain(model)(*args)
+
+    # assert: no graph break, so compile (and CUDA graphs) see the whole network
+    reasons = [str(b.reason)[:200] for b in explanation.break_reasons]
+    assert explanation.graph_break_count == 0 and explanation.graph_count == 1, reasons
