@@ -4,7 +4,9 @@
   concatenation of [noisy slice, mask slice, informed slice, (informed slice's mask)].
   ``inflate()`` turns it into the stage-2 volumetric model by adding slice-axis layers after
   each spatial residual block (1D conv) and each spatial attention block (1D self-attention),
-  initialised so the inflated network computes exactly what the 2D one did.
+  initialised so the inflated network computes exactly what the 2D one did. The inflated network
+  runs through ``inflated_unet_forward``, which hands the window length to every slice-axis layer
+  as an argument (MONAI's blocks pass only the tensor and the time embedding).
 * ``InformedSliceGenerator``: a 2D diffusion model for the informed slice, conditioned on the
   normalised slice position (class embedding over position bins) and optionally the mask slice.
 
@@ -20,15 +22,14 @@ image autoencoder. Pixel models have ``codec = None``, one image channel and f =
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
-from contextvars import ContextVar
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from monai.networks.blocks import SpatialAttentionBlock
 from monai.networks.nets import DiffusionModelUNet
-from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock
+from monai.networks.nets.diffusion_model_unet import DiffusionUNetResnetBlock, get_timestep_embedding
 from torch import nn
 
 from gem3d.autoencoder import SliceAutoencoder, area_downsample
@@ -115,35 +116,10 @@ def _from_sequences(seq: torch.Tensor, shape: torch.Size) -> torch.Tensor:
     return out.movedim(-1, 1).reshape(shape)
 
 
-# The window length D of the call in progress. MONAI's UNet passes nothing but the tensor and the
-# time embedding down to its blocks, so the slice-axis layers read D from this scope, which
-# ``SliceDenoiser.forward`` opens for exactly its own call (``slice_frames``): no module state is
-# written, concurrent calls (threads, async) each see their own D, and a layer called outside a
-# denoiser's forward fails loudly instead of using a stale length (issue 14).
-_FRAMES: ContextVar[int | None] = ContextVar("gem3d_slice_frames", default=None)
-
-
-@contextmanager
-def slice_frames(depth: int) -> Iterator[None]:
-    """Run slice-axis layers on ``[B*depth, C, H, W]`` inputs inside this block."""
-    token = _FRAMES.set(depth)
-    try:
-        yield
-    finally:
-        _FRAMES.reset(token)
-
-
-def _frames() -> int:
-    depth = _FRAMES.get()
-    if depth is None:
-        raise RuntimeError("slice-axis layers run inside SliceDenoiser.forward or a slice_frames(depth) block")
-    return depth
-
-
 class SliceAxisConv(nn.Module):
     """A 1D convolution across slices, initialised to the identity.
 
-    Input and output ``[B*D, C, H, W]``; D comes from the enclosing ``slice_frames`` scope.
+    Input and output ``[B*D, C, H, W]``, with D = ``frames``, the window length.
     """
 
     def __init__(self, channels: int, kernel_size: int) -> None:
@@ -154,15 +130,15 @@ class SliceAxisConv(nn.Module):
         self.conv.weight = nn.Parameter(identity)
         self.conv.bias = nn.Parameter(torch.zeros(channels))
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _from_sequences(self.conv(_to_sequences(h, _frames())), h.shape)
+    def forward(self, h: torch.Tensor, frames: int) -> torch.Tensor:
+        return _from_sequences(self.conv(_to_sequences(h, frames)), h.shape)
 
 
 class SliceAxisAttention(nn.Module):
     """Self-attention across slices (MONAI ``SpatialAttentionBlock`` on 1D sequences).
 
     Its output projection starts at zero, so with its residual it is the identity at
-    initialisation. Input and output ``[B*D, C, H, W]``.
+    initialisation. Input and output ``[B*D, C, H, W]``, with D = ``frames``.
     """
 
     def __init__(self, channels: int, num_head_channels: int, norm_num_groups: int) -> None:
@@ -175,8 +151,8 @@ class SliceAxisAttention(nn.Module):
         nn.init.zeros_(out_proj.weight)
         nn.init.zeros_(out_proj.bias)
 
-    def forward(self, h: torch.Tensor) -> torch.Tensor:
-        return _from_sequences(self.attention(_to_sequences(h, _frames())), h.shape)
+    def forward(self, h: torch.Tensor, frames: int) -> torch.Tensor:
+        return _from_sequences(self.attention(_to_sequences(h, frames)), h.shape)
 
 
 class InflatedResnetBlock(nn.Module):
@@ -187,8 +163,8 @@ class InflatedResnetBlock(nn.Module):
         self.spatial = spatial
         self.slice_conv = SliceAxisConv(spatial.out_channels, kernel_size)
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
-        return self.slice_conv(self.spatial(x, emb))
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
+        return self.slice_conv(self.spatial(x, emb), frames)
 
 
 class InflatedAttentionBlock(nn.Module):
@@ -199,8 +175,62 @@ class InflatedAttentionBlock(nn.Module):
         self.spatial = spatial
         self.slice_attn = SliceAxisAttention(spatial.norm.num_channels, num_head_channels, norm_num_groups)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.slice_attn(self.spatial(x))
+    def forward(self, x: torch.Tensor, frames: int) -> torch.Tensor:
+        return self.slice_attn(self.spatial(x), frames)
+
+
+def _resnet(block: nn.Module, h: torch.Tensor, emb: torch.Tensor, frames: int) -> torch.Tensor:
+    return block(h, emb, frames) if isinstance(block, InflatedResnetBlock) else block(h, emb)
+
+
+def _attention(block: nn.Module, h: torch.Tensor, frames: int) -> torch.Tensor:
+    return (block(h, frames) if isinstance(block, InflatedAttentionBlock) else block(h)).contiguous()
+
+
+def inflated_unet_forward(
+    unet: DiffusionModelUNet, x: torch.Tensor, timesteps: torch.Tensor, frames: int
+) -> torch.Tensor:
+    """MONAI's ``DiffusionModelUNet.forward`` for a stage-2 network, the window length an argument.
+
+    The same modules in the same order as MONAI's forward (no cross-attention, class labels or
+    ControlNet residuals: the slice denoiser uses none), except that every inflated layer is
+    given ``frames``. MONAI's blocks pass nothing but the tensor and the time embedding down, so
+    this walks their layers itself: no state is written, concurrent calls each have their own D,
+    and ``torch.compile`` traces the whole network as one graph. A fresh inflation computes exactly
+    MONAI's forward (``tests/test_networks.py`` checks it).
+
+    Args:
+        x: ``[B*D, C, H, W]`` the window's slices; timesteps: ``[B*D]``; frames: D.
+    Returns:
+        ``[B*D, C_out, H, W]``.
+    """
+    net: Any = unet  # MONAI's submodules, typed as nn.Module | Tensor by torch's stubs
+    emb = net.time_embed(get_timestep_embedding(timesteps, net.block_out_channels[0]).to(dtype=x.dtype))
+    h = net.conv_in(x)
+    skips = [h]
+    for block in net.down_blocks:
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for resnet, attention in zip(block.resnets, attentions, strict=True):
+            h = _resnet(resnet, h, emb, frames)
+            if attention is not None:
+                h = _attention(attention, h, frames)
+            skips.append(h)
+        if block.downsampler is not None:
+            h = block.downsampler(h, emb)
+            skips.append(h)
+    h = _resnet(net.middle_block.resnet_1, h, emb, frames)
+    h = _attention(net.middle_block.attention, h, frames)
+    h = _resnet(net.middle_block.resnet_2, h, emb, frames)
+    for block in net.up_blocks:
+        attentions = getattr(block, "attentions", None) or [None] * len(block.resnets)
+        for resnet, attention in zip(block.resnets, attentions, strict=True):
+            h = _resnet(resnet, torch.cat([h, skips.pop()], dim=1), emb, frames)
+            if attention is not None:
+                h = _attention(attention, h, frames)
+        if block.upsampler is not None:
+            h = block.upsampler(h, emb)
+    output: torch.Tensor = net.out(h)
+    return output
 
 
 def _autocast(x: torch.Tensor, dtype: torch.dtype | None) -> AbstractContextManager[object]:
@@ -316,11 +346,11 @@ class SliceDenoiser(_ImageSpace, WindowDenoiser):
             t = t[:, None].expand(batch, depth)
         slices = torch.cat([x, cond], dim=1).movedim(2, 1)  # [B, D, C, H, W]
         slices = slices.reshape(batch * depth, *slices.shape[2:])  # [B*D, C, H, W]
-        # Stage 1 has no slice-axis layers, so no scope: torch.compile then traces the whole call as
-        # one graph (a ContextVar is a graph break; stage 2 breaks at each slice-axis layer).
-        frames = slice_frames(depth) if self.inflated else nullcontext()
-        with frames, _autocast(x, self.compute_dtype):
-            out = self.unet(slices, t.reshape(batch * depth))  # [B*D, C, h, w]
+        with _autocast(x, self.compute_dtype):
+            if self.inflated:
+                out = inflated_unet_forward(self.unet, slices, t.reshape(batch * depth), depth)  # [B*D, C, h, w]
+            else:
+                out = self.unet(slices, t.reshape(batch * depth))
         return out.float().reshape(batch, depth, *out.shape[1:]).movedim(1, 2)
 
 

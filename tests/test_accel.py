@@ -113,10 +113,8 @@ def test_training_under_bf16_keeps_fp32_weights_and_a_finite_loss(
     assert saved.accel.bf16 == "on" and model.compute_dtype == torch.bfloat16
 
 
-@pytest.mark.parametrize("stage", ["slice", "informed"])
-def test_stage_1_and_the_informed_generator_trace_as_one_graph_for_torch_compile(
-    micro_cfg: Config, phantom_dir: Path, stage: str
-) -> None:
+@pytest.mark.parametrize("stage", ["slice", "volume", "informed"])
+def test_every_network_traces_as_one_graph_for_torch_compile(micro_cfg: Config, phantom_dir: Path, stage: str) -> None:
     # prepare: the network under the CUDA fast path's bf16 autocast (traced, not run, so a CPU will do)
     model = build_model(stage, micro_cfg).eval()  # type: ignore[arg-type]
     model.compute_dtype = torch.bfloat16
@@ -126,7 +124,7 @@ def test_stage_1_and_the_informed_generator_trace_as_one_graph_for_torch_compile
     inputs = draw_inputs(model, process, source, [0, 1], stage, generator, micro_cfg.train, CPU)  # type: ignore[arg-type]
     args = (
         (inputs.noisy, inputs.t, inputs.cond)
-        if stage == "slice"
+        if stage != "informed"
         else (inputs.noisy, inputs.t, inputs.position, inputs.mask)
     )
 

@@ -15,6 +15,7 @@ from gem3d.networks import (
     build_condition,
     condition_channels,
     encode_mask,
+    inflated_unet_forward,
 )
 from gem3d.runs import build_model
 
@@ -173,16 +174,15 @@ def test_windows_of_different_lengths_in_concurrent_threads_give_their_sequentia
         torch.testing.assert_close(out, sequential[index % len(inputs)], atol=0, rtol=0)
 
 
-def test_a_slice_axis_layer_outside_a_denoiser_call_fails_loudly() -> None:
-    from gem3d.networks import SliceAxisConv, slice_frames
+def test_an_inflated_unet_called_without_its_window_length_fails_loudly(micro_cfg: Config) -> None:
+    # MONAI's own forward passes no window length to the slice-axis layers: refused, not guessed
+    model = build_model("volume", micro_cfg)
+    assert isinstance(model, SliceDenoiser)
+    x, t = torch.randn(6, model.unet.in_channels, 16, 16), torch.zeros(6, dtype=torch.long)
 
-    layer = SliceAxisConv(4, 3)
-    h = torch.randn(6, 4, 8, 8)
-
-    with pytest.raises(RuntimeError, match="slice_frames"):
-        layer(h)
-    with slice_frames(3):
-        assert layer(h).shape == h.shape
+    with pytest.raises(TypeError, match="frames"):
+        model.unet(x, t)
+    assert inflated_unet_forward(model.unet, x, t, frames=3).shape == (6, 1, 16, 16)
 
 
 def test_inflation_is_seeded_and_leaves_the_global_rng_alone(micro_cfg: Config) -> None:
