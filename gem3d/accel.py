@@ -12,7 +12,10 @@
 * **flash_attention**: MONAI's attention blocks call ``F.scaled_dot_product_attention`` (the
   flag ``use_flash_attention`` of ``SABlock``), which picks a fused kernel on the GPU.
 * **channels_last**: the 2D convolution weights (and so their activations) in NHWC.
-* **compile**: ``nn.Module.compile`` (state-dict names are unchanged, checkpoints stay portable).
+* **compile**: ``nn.Module.compile`` in ``compile_mode`` (state-dict names are unchanged,
+  checkpoints stay portable). Every network traces as one graph (``tests/test_accel.py``), the
+  stage-2 one included (``networks.inflated_unet_forward``), so ``reduce-overhead`` can replay
+  the whole forward as a CUDA graph.
 * **deterministic** (CUDA): cuDNN's deterministic algorithms (no autotuning), a fixed cuBLAS
   workspace (``CUBLAS_WORKSPACE_CONFIG``, read when cuBLAS starts: set before the first matmul) and
   ``torch.use_deterministic_algorithms(True)``, which also makes the fused attention's backward
@@ -49,6 +52,7 @@ class FastPath:
     flash_attention: bool
     channels_last: bool
     compile: bool
+    compile_mode: str
     deterministic: bool
 
 
@@ -64,6 +68,7 @@ def fast_path(cfg: AccelConfig, device: torch.device) -> FastPath:
         flash_attention=_on(cfg.flash_attention, device),
         channels_last=_on(cfg.channels_last, device),
         compile=cfg.compile,
+        compile_mode=cfg.compile_mode,
         deterministic=cfg.deterministic and device.type == "cuda",
     )
 
@@ -95,5 +100,5 @@ def accelerate(model: M, cfg: AccelConfig, device: torch.device) -> M:
         if isinstance(module, SliceDenoiser | InformedSliceGenerator | SliceAutoencoder):
             module.compute_dtype = torch.bfloat16 if path.bf16 else None
     if path.compile and getattr(model, "_compiled_call_impl", None) is None:
-        model.compile()
+        model.compile(mode=path.compile_mode)
     return model

@@ -387,6 +387,11 @@ class AccelConfig(_Frozen):
     flash_attention: Switch = Field("auto", description="fused scaled-dot-product attention in MONAI's blocks")
     channels_last: Switch = Field("auto", description="channels-last memory format for the 2D convolutions")
     compile: bool = Field(False, description="torch.compile the networks (slow first steps, faster after)")
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"] = Field(
+        "default",
+        description="torch.compile's mode when compile is on: reduce-overhead replays CUDA graphs (fewer kernel "
+        "launches, more memory); max-autotune also searches kernel configurations (minutes of compiling)",
+    )
     deterministic: bool = Field(
         True,
         description="CUDA: deterministic kernels (cuDNN, cuBLAS, torch.use_deterministic_algorithms), so a seed "
