@@ -7,14 +7,14 @@
 #
 #     experiments/benchmarks/gpu.sh OUT_DIR [PYTHON] [PART ...]
 #
-# PARTS (default all): tests brats nondeterministic sampling abdomenct1k loading compile cudagraphs.
+# PARTS (default all): tests brats nondeterministic sampling abdomenct1k loading compile batch16 cudagraphs.
 # OUT_DIR receives gpu.log and one JSON per benchmark; PYTHON defaults to python3. Copy the tables
 # into RESULTS.md with the date and the machine (the log's first lines). About 7 minutes on an H200.
 set -u
 out=${1:?usage: gpu.sh OUT_DIR [PYTHON] [PART ...]}
 py=${2:-python3}
 shift $(($# < 2 ? $# : 2))
-parts=${*:-tests brats nondeterministic sampling abdomenct1k loading compile cudagraphs}
+parts=${*:-tests brats nondeterministic sampling abdomenct1k loading compile batch16 cudagraphs}
 mkdir -p "$out"
 log="$out/gpu.log"
 export PYTHONUNBUFFERED=1
@@ -48,6 +48,8 @@ part abdomenct1k 150 "$py" $bench/train_throughput.py --config abdomenct1k --dev
 part loading 80 "$py" $bench/data_loading.py --config brats --device cuda --workers 4 --steps 20
 part compile 150 "$py" $bench/train_throughput.py --config brats --device cuda --steps 20 --stages slice \
     --set accel.compile=true --json "$out/train_brats_compile.json"
+part batch16 120 "$py" $bench/train_throughput.py --config brats --device cuda --steps 20 --stages slice \
+    --set train.batch_size=16 --json "$out/train_brats_batch16.json"
 part cudagraphs 180 "$py" $bench/train_throughput.py --config brats --device cuda --steps 20 --stages slice,volume \
     --set accel.compile=true --set accel.compile_mode=reduce-overhead --json "$out/train_brats_cudagraphs.json"
 echo "=== done ($(date -u +%H:%M:%S))" | tee -a "$log"
