@@ -9,7 +9,8 @@
 #
 # PARTS (default all): tests brats nondeterministic sampling abdomenct1k loading compile batch16 cudagraphs.
 # OUT_DIR receives gpu.log and one JSON per benchmark; PYTHON defaults to python3. Copy the tables
-# into RESULTS.md with the date and the machine (the log's first lines). About 7 minutes on an H200.
+# into RESULTS.md with the date and the machine (the log's first lines). About 7 minutes on an H200
+# without batch16 and cudagraphs (not yet run: allow 5 more; pass PARTS to run fewer).
 set -u
 out=${1:?usage: gpu.sh OUT_DIR [PYTHON] [PART ...]}
 py=${2:-python3}
