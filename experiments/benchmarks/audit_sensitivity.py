@@ -30,6 +30,7 @@ from experiments.benchmarks import machine, markdown_table
 from gem3d.config import DataConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.demo_cohort import write_demo_cohort
+from gem3d.data.volume import Volume
 from privacy.audit import COPY_KINDS, AuditResult, AuditSettings, memorization_audit, planted_copy
 
 
@@ -62,7 +63,8 @@ def _rows(result: AuditResult, kinds: list[str], cases: int, new: int) -> list[l
     return rows
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=24, help="training patients (each copied once per kind)")
     parser.add_argument("--reference", type=int, default=20, help="held-out patients used as the holdout reference")
@@ -75,10 +77,11 @@ def main() -> None:
     parser.add_argument("--kinds", default=",".join(COPY_KINDS), help="comma-separated copy kinds")
     parser.add_argument("--leave-one-out", action="store_true", help="also run without a holdout")
     parser.add_argument("--threads", type=int, default=1)
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-    kinds = [k for k in args.kinds.split(",") if k]
-    data = DataConfig(image_size=args.size, window=4, num_labels=4)
+    return parser.parse_args()
+
+
+def load_cohort(args: argparse.Namespace, data: DataConfig) -> tuple[list[Volume], list[Volume]]:
+    """The demo cohort's training patients and its held-out patients (reference, then new ones)."""
     with tempfile.TemporaryDirectory(prefix="gem3d-audit-bench-") as tmp:
         root = write_demo_cohort(
             Path(tmp) / "cohort",
@@ -88,17 +91,25 @@ def main() -> None:
             seed=args.seed,
             test_per_site=args.reference + args.new,
         )
-        train = load_volumes(root / "site_0", data)
-        held_out = load_volumes(root / "test", data)
-    reference, new = held_out[: args.reference], held_out[args.reference :]
-    rng = np.random.default_rng(args.seed)
+        return load_volumes(root / "site_0", data), load_volumes(root / "test", data)
+
+
+def synthetic_cohort(train: list[Volume], new: list[Volume], kinds: list[str], seed: int) -> list[Volume]:
+    """The new patients (``new/i``), then a planted copy of every training patient per kind (``kind/i``)."""
+    rng = np.random.default_rng(seed)
     synthetic = [replace(v, case_id=f"new/{i}") for i, v in enumerate(new)]
     for kind in kinds:
         for i, source in enumerate(train):
             other = new[i % len(new)].image  # the copied slice goes into a new patient's volume
             image = planted_copy(kind, source.image, other, rng)
             synthetic.append(replace(source, case_id=f"{kind}/{i}", image=image))
-    settings = AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin)
+    return synthetic
+
+
+def print_setup(
+    args: argparse.Namespace, train: list[Volume], reference: list[Volume], new: list[Volume], settings: AuditSettings
+) -> None:
+    """The header line: machine, cohort, and the audit's settings."""
     info = machine(args.threads)
     print(
         f"{info['date']}, {info['cpu']}, {info['cores']} cores, load {info['load_average']}, torch {info['torch']}; "
@@ -106,33 +117,57 @@ def main() -> None:
         f"volumes {train[0].image.shape}; quantile {args.quantile:g}, margin {args.margin:g}, grid {args.grid}^3, "
         f"smoothing {settings.smoothing:g}, residual shifts +-{settings.max_shift}"
     )
-    references: list[tuple[str, list | None]] = [("holdout", reference)]
+
+
+def closest_new(result: AuditResult) -> dict[str, float]:
+    """Per space, the nearest new patient's distance in units of the copy threshold."""
+    clean = np.array([name.startswith("new/") for name in result.synthetic_ids])
+    return {
+        space: float(result.synthetic_nn[space][clean].min() / threshold)
+        for space, threshold in result.thresholds.items()
+    }
+
+
+def print_audit(
+    name: str, result: AuditResult, seconds: float, audited: int, kinds: list[str], cases: int, new: int
+) -> None:
+    """One reference's audit of ``audited`` volumes: its line, the table of copies caught, the closest new patient."""
+    print(
+        f"\nreference: {name} ({result.reference_cases} cases); {audited} synthetic volumes audited in "
+        f"{seconds:.1f} s; thresholds "
+        + ", ".join(f"{space} {value:.4f}" for space, value in result.thresholds.items())
+    )
+    print(
+        markdown_table(
+            ["copy kind", "caught (any check)", "whole-volume check", "slice check"],
+            _rows(result, kinds, cases, new),
+        )
+    )
+    print(
+        "closest new patient, in units of the copy threshold (> 1 passes): "
+        + ", ".join(f"{space} {value:.2f}" for space, value in closest_new(result).items())
+    )
+
+
+def main() -> None:
+    """Plant copies of a demo cohort's training patients, audit them with each reference, print the tables."""
+    args = parse_args()
+    torch.set_num_threads(args.threads)
+    kinds = [k for k in args.kinds.split(",") if k]
+    data = DataConfig(image_size=args.size, window=4, num_labels=4)
+    train, held_out = load_cohort(args, data)
+    reference, new = held_out[: args.reference], held_out[args.reference :]
+    synthetic = synthetic_cohort(train, new, kinds, args.seed)
+    settings = AuditSettings(grid=(args.grid,) * 3, quantile=args.quantile, margin=args.margin)
+    print_setup(args, train, reference, new, settings)
+    references: list[tuple[str, list[Volume] | None]] = [("holdout", reference)]
     if args.leave_one_out:
         references.append(("leave-one-out", None))
     for name, holdout in references:
         started = time.perf_counter()
         result = memorization_audit(synthetic, train, holdout, settings)
         seconds = time.perf_counter() - started
-        print(
-            f"\nreference: {name} ({result.reference_cases} cases); {len(synthetic)} synthetic volumes audited in "
-            f"{seconds:.1f} s; thresholds "
-            + ", ".join(f"{space} {value:.4f}" for space, value in result.thresholds.items())
-        )
-        print(
-            markdown_table(
-                ["copy kind", "caught (any check)", "whole-volume check", "slice check"],
-                _rows(result, kinds, len(train), len(new)),
-            )
-        )
-        clean = np.array([name.startswith("new/") for name in result.synthetic_ids])
-        closest = {
-            space: float(result.synthetic_nn[space][clean].min() / threshold)
-            for space, threshold in result.thresholds.items()
-        }
-        print(
-            "closest new patient, in units of the copy threshold (> 1 passes): "
-            + ", ".join(f"{space} {value:.2f}" for space, value in closest.items())
-        )
+        print_audit(name, result, seconds, len(synthetic), kinds, len(train), len(new))
 
 
 if __name__ == "__main__":

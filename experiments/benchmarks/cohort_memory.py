@@ -98,7 +98,8 @@ def write_data(root: Path, sizes: list[int], reference: int, depth: int, cfg: Co
     write_phantom_dataset(root / "holdout", reference, shape, cfg.data.num_labels, seed=2)
 
 
-def main() -> int:
+def build_parser() -> argparse.ArgumentParser:
+    """The command line (``main`` keeps the parser to reject unknown workloads)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="bundled config name or TOML path (default tiny)")
     parser.add_argument("--cases", default="10,50,200", help="cohort sizes, comma-separated (default 10,50,200)")
@@ -112,56 +113,65 @@ def main() -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds allowed per measurement")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
-        return 0
+    return parser
 
-    sizes = [int(n) for n in args.cases.split(",")]
-    workloads = [w for w in args.workloads.split(",") if w]
+
+def checked_workloads(parser: argparse.ArgumentParser, text: str) -> list[str]:
+    """The comma-separated workloads of ``--workloads``; exits through ``parser.error`` on an unknown one."""
+    workloads = [w for w in text.split(",") if w]
     unknown = sorted(set(workloads) - set(WORKLOADS))
     if unknown:
         parser.error(f"--workloads: unknown {', '.join(unknown)} (choose from {', '.join(WORKLOADS)})")
-    cfg = load_config(resolve_config_path(args.config))
+    return workloads
+
+
+def worker_spec(args: argparse.Namespace, workload: str, size: int, root: str) -> dict[str, Any]:
+    """What the worker measuring one (workload, cohort size) is told."""
+    return {
+        "workload": workload,
+        "cases": size,
+        "config": args.config,
+        "root": root,
+        "steps": args.steps,
+        "grid": args.grid,
+        "draws": args.draws,
+        "threads": args.threads,
+    }
+
+
+def result_row(workload: str, size: int, result: dict[str, Any]) -> list[Any]:
+    """One measurement's table row (dashes and the error when it failed)."""
+    if "error" in result:
+        return [workload, size, "-", "-", "-", result["error"]]
+    return [
+        workload,
+        size,
+        f"{result['peak_mib']:.0f}",
+        f"{result['above_start_mib']:.1f}",
+        f"{result['seconds']:.1f}",
+        "",
+    ]
+
+
+def measure_all(
+    args: argparse.Namespace, sizes: list[int], workloads: list[str], cfg: Config
+) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Write the data, then each (workload, cohort size) in its own subprocess; the table rows and the results."""
     rows, results = [], []
     with tempfile.TemporaryDirectory() as tmp:
         write_data(Path(tmp), sizes, args.reference, args.depth, cfg)
         for workload in workloads:
             for size in sizes:
-                spec = {
-                    "workload": workload,
-                    "cases": size,
-                    "config": args.config,
-                    "root": tmp,
-                    "steps": args.steps,
-                    "grid": args.grid,
-                    "draws": args.draws,
-                    "threads": args.threads,
-                }
+                spec = worker_spec(args, workload, size, tmp)
                 result = run_worker(Path(__file__), spec, args.timeout, rss_cap_bytes=None)
                 results.append({**spec, **result})
-                if "error" in result:
-                    rows.append([workload, size, "-", "-", "-", result["error"]])
-                else:
-                    rows.append(
-                        [
-                            workload,
-                            size,
-                            f"{result['peak_mib']:.0f}",
-                            f"{result['above_start_mib']:.1f}",
-                            f"{result['seconds']:.1f}",
-                            "",
-                        ]
-                    )
+                rows.append(result_row(workload, size, result))
                 print(f"  {workload} {size} cases: done", file=sys.stderr, flush=True)
-    info = machine(args.threads)
-    print(f"# cohort_memory: {json.dumps(info)}")
-    print(
-        f"# config {args.config}, untrained seeded random weights, {args.steps} sampler step(s), phantoms "
-        f"{cfg.data.image_size}x{cfg.data.image_size}x{args.depth}; audit: grid {args.grid}^3, "
-        f"{args.reference} training + {args.reference} holdout cases, {args.draws} MIA draw(s)"
-    )
-    print(markdown_table(["workload", "cases", "peak RSS MiB", "above start MiB", "seconds", "note"], rows))
+    return rows, results
+
+
+def print_flatness(results: list[dict[str, Any]], workloads: list[str], sizes: list[int]) -> None:
+    """Per workload with two or more measurements: peak RSS max/min over the sizes against the target."""
     for workload in workloads:
         done = [r for r in results if r["workload"] == workload and "error" not in r]
         if len(done) < 2:
@@ -174,6 +184,28 @@ def main() -> int:
             f"{workload}: peak RSS max/min over {min(sizes)}..{max(sizes)} cases = {ratio:.3f} "
             f"(target <= 1.1: {verdict}); rise above start {min(rises):.1f}..{max(rises):.1f} MiB"
         )
+
+
+def main() -> int:
+    """Dispatch a ``--worker`` measurement, or measure every workload and size and print the table."""
+    parser = build_parser()
+    args = parser.parse_args()
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+        return 0
+    sizes = [int(n) for n in args.cases.split(",")]
+    workloads = checked_workloads(parser, args.workloads)
+    cfg = load_config(resolve_config_path(args.config))
+    rows, results = measure_all(args, sizes, workloads, cfg)
+    info = machine(args.threads)
+    print(f"# cohort_memory: {json.dumps(info)}")
+    print(
+        f"# config {args.config}, untrained seeded random weights, {args.steps} sampler step(s), phantoms "
+        f"{cfg.data.image_size}x{cfg.data.image_size}x{args.depth}; audit: grid {args.grid}^3, "
+        f"{args.reference} training + {args.reference} holdout cases, {args.draws} MIA draw(s)"
+    )
+    print(markdown_table(["workload", "cases", "peak RSS MiB", "above start MiB", "seconds", "note"], rows))
+    print_flatness(results, workloads, sizes)
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))
     return 0

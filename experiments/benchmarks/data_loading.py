@@ -23,6 +23,7 @@ import platform
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.configs import resolve_config_path
-from gem3d.config import TrainConfig, load_config
+from gem3d.config import Config, TrainConfig, load_config
 from gem3d.data.dataset import load_raw, load_volumes
 from gem3d.data.demo_cohort import write_demo_cohort
 from gem3d.data.loader import StepBatches, step_batches
@@ -73,7 +74,23 @@ def loader_windows_per_second(
     return drawn / elapsed
 
 
-def main() -> int:
+@dataclass(frozen=True)
+class Measurements:
+    """What one run measured: preparing and opening the data, window rates, training steps/s."""
+
+    prepare_s: float
+    open_s: float
+    raw_s: float
+    cache_rate: float
+    ram_rate: float
+    alone_rate: float
+    workers_rate: float
+    steps_per_s: float
+    depth: int
+
+
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny")
     parser.add_argument("--cases", type=int, default=12, help="cases in the benchmark cohort")
@@ -83,12 +100,38 @@ def main() -> int:
     parser.add_argument("--device", default=None, help="override train.device")
     parser.add_argument("--workers", type=int, default=2, help="loader worker processes to compare with none")
     parser.add_argument("--no-train", action="store_true", help="measure loading only (paper-scale configs on CPU)")
-    args = parser.parse_args()
-    overrides = {"train.device": args.device} if args.device else {}
-    cfg = load_config(resolve_config_path(args.config), overrides)
-    device = resolve_device(cfg.train.device)
-    size = args.size or cfg.data.image_size
+    return parser.parse_args()
 
+
+def best_rates(
+    cached: list[Volume], in_ram: list[Volume], cfg: Config, workers: int, seconds: float
+) -> tuple[float, float, float, float]:
+    """Windows/s from the cache, from RAM, and through the loader with 0 and ``workers`` workers."""
+    batch, window, prefetch = cfg.train.batch_size, cfg.data.window, cfg.train.prefetch_batches
+    # Interleaved, best of two: the machine may be shared, and a slow burst should not pick the winner.
+    cache_rate = ram_rate = alone_rate = workers_rate = 0.0
+    for _ in range(2):
+        cache_rate = max(cache_rate, windows_per_second(cached, window, batch, seconds / 2))
+        ram_rate = max(ram_rate, windows_per_second(in_ram, window, batch, seconds / 2))
+        alone_rate = max(alone_rate, loader_windows_per_second(cached, window, batch, 0, prefetch, seconds / 2))
+        workers_rate = max(
+            workers_rate, loader_windows_per_second(cached, window, batch, workers, prefetch, seconds / 2)
+        )
+    return cache_rate, ram_rate, alone_rate, workers_rate
+
+
+def training_steps_per_s(volumes: list[Volume], cfg: Config, device: torch.device, steps: int) -> float:
+    """Steps/s of ``steps`` slice-stage training steps after two warm-up steps."""
+    model = build_model("slice", cfg).to(device)
+    freeze_for_stage(model, "slice", cfg.train.volume_train_all)
+    state = new_state(model, cfg.train)
+    source = WindowSource(volumes, cfg.data.window, cfg.train.informed_from)
+    train(state, noise_process(cfg.diffusion), source, "slice", 2, cfg.train)  # warm-up
+    return train(state, noise_process(cfg.diffusion), source, "slice", 2 + steps, cfg.train)["steps_per_s"]
+
+
+def measure(args: argparse.Namespace, cfg: Config, device: torch.device, size: int) -> Measurements:
+    """Write and prepare a demo cohort, time opening it, then measure window rates and training."""
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         write_demo_cohort(root / "cohort", sites=1, cases_per_site=args.cases, size=size, test_per_site=0)
@@ -102,35 +145,17 @@ def main() -> int:
         in_ram = load_raw(root / "cohort" / "site_0", cfg.data)
         raw_s = time.perf_counter() - started
 
-        batch = cfg.train.batch_size
         in_ram = [Volume(v.case_id, np.array(v.image), np.array(v.label)) for v in in_ram]
-        # Interleaved, best of two: the machine may be shared, and a slow burst should not pick the winner.
-        cache_rate = ram_rate = alone_rate = workers_rate = 0.0
-        prefetch = cfg.train.prefetch_batches
-        for _ in range(2):
-            cache_rate = max(cache_rate, windows_per_second(cached, cfg.data.window, batch, args.seconds / 2))
-            ram_rate = max(ram_rate, windows_per_second(in_ram, cfg.data.window, batch, args.seconds / 2))
-            alone_rate = max(
-                alone_rate, loader_windows_per_second(cached, cfg.data.window, batch, 0, prefetch, args.seconds / 2)
-            )
-            workers_rate = max(
-                workers_rate,
-                loader_windows_per_second(cached, cfg.data.window, batch, args.workers, prefetch, args.seconds / 2),
-            )
-
-        steps_per_s = float("nan")
-        if not args.no_train:
-            model = build_model("slice", cfg).to(device)
-            freeze_for_stage(model, "slice", cfg.train.volume_train_all)
-            state = new_state(model, cfg.train)
-            source = WindowSource(cached, cfg.data.window, cfg.train.informed_from)
-            train(state, noise_process(cfg.diffusion), source, "slice", 2, cfg.train)  # warm-up
-            steps_per_s = train(state, noise_process(cfg.diffusion), source, "slice", 2 + args.steps, cfg.train)[
-                "steps_per_s"
-            ]
-
-    consumed = steps_per_s * batch
+        rates = best_rates(cached, in_ram, cfg, args.workers, args.seconds)
+        steps_per_s = float("nan") if args.no_train else training_steps_per_s(cached, cfg, device, args.steps)
     depth = int(np.mean([v.depth for v in cached]))
+    return Measurements(prepare_s, open_s, raw_s, *rates, steps_per_s, depth)
+
+
+def print_report(args: argparse.Namespace, cfg: Config, device: torch.device, size: int, m: Measurements) -> None:
+    """The machine and cohort lines, the timings and rates, and the headroom over training."""
+    batch = cfg.train.batch_size
+    consumed = m.steps_per_s * batch
     gpu = f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""
     print(
         f"date: {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
@@ -138,20 +163,30 @@ def main() -> int:
     )
     print(
         f"config {args.config}: {args.cases} demo cases (--size {size}) -> model grid "
-        f"[D~{depth}, {cfg.data.image_size}, {cfg.data.image_size}], window {cfg.data.window}, batch {batch}"
+        f"[D~{m.depth}, {cfg.data.image_size}, {cfg.data.image_size}], window {cfg.data.window}, batch {batch}"
     )
-    print(f"prepare (validate + cache):   {prepare_s:8.2f} s  ({args.cases / prepare_s:.1f} cases/s)")
-    print(f"open cache (mmap):            {open_s * 1e3:8.1f} ms")
-    print(f"read raw folder in memory:    {raw_s:8.2f} s")
-    print(f"windows/s from cache (mmap):  {cache_rate:10.0f}")
-    print(f"windows/s from RAM:           {ram_rate:10.0f}")
-    print(f"loader, 0 workers:            {alone_rate:10.0f} windows/s")
-    speedup = workers_rate / alone_rate
-    print(f"loader, {args.workers} workers:            {workers_rate:10.0f} windows/s  ({speedup:.2f}x)")
+    print(f"prepare (validate + cache):   {m.prepare_s:8.2f} s  ({args.cases / m.prepare_s:.1f} cases/s)")
+    print(f"open cache (mmap):            {m.open_s * 1e3:8.1f} ms")
+    print(f"read raw folder in memory:    {m.raw_s:8.2f} s")
+    print(f"windows/s from cache (mmap):  {m.cache_rate:10.0f}")
+    print(f"windows/s from RAM:           {m.ram_rate:10.0f}")
+    print(f"loader, 0 workers:            {m.alone_rate:10.0f} windows/s")
+    speedup = m.workers_rate / m.alone_rate
+    print(f"loader, {args.workers} workers:            {m.workers_rate:10.0f} windows/s  ({speedup:.2f}x)")
     if not args.no_train:
-        print(f"training steps/s (slice):     {steps_per_s:10.3f}  -> consumes {consumed:.2f} windows/s")
-        print(f"headroom (cache / consumed):  {cache_rate / consumed:10.0f}x")
-        print(f"headroom (loader, {args.workers} workers):  {workers_rate / consumed:10.0f}x  (target >= 2x)")
+        print(f"training steps/s (slice):     {m.steps_per_s:10.3f}  -> consumes {consumed:.2f} windows/s")
+        print(f"headroom (cache / consumed):  {m.cache_rate / consumed:10.0f}x")
+        print(f"headroom (loader, {args.workers} workers):  {m.workers_rate / consumed:10.0f}x  (target >= 2x)")
+
+
+def main() -> int:
+    """Measure the data loading and training of one config, and print the report."""
+    args = parse_args()
+    overrides = {"train.device": args.device} if args.device else {}
+    cfg = load_config(resolve_config_path(args.config), overrides)
+    device = resolve_device(cfg.train.device)
+    size = args.size or cfg.data.image_size
+    print_report(args, cfg, device, size, measure(args, cfg, device, size))
     return 0
 
 

@@ -238,7 +238,8 @@ def extrapolated_rows(rounds: list[dict[str, Any]], sites: int, local_steps: int
     return rows
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="bundled config name or TOML path (default tiny)")
     parser.add_argument("--set", default="", help='config overrides for both runs, "section.field=value ..."')
@@ -249,13 +250,16 @@ def main() -> int:
     parser.add_argument("--local-steps", type=int, default=10, help="tiny: local steps per round (default 10)")
     parser.add_argument("--mid-local-steps", type=int, default=1, help="mid: local steps per round (default 1)")
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
-    args = parser.parse_args()
-    torch.set_num_threads(1)
-    logging.getLogger("flwr").setLevel(logging.WARNING)
+    return parser.parse_args()
 
-    def schedule(steps: int, rounds: dict[Stage, int]) -> dict[str, Any]:
-        return {"federation.local_steps": steps, **{f"federation.rounds_{s}": n for s, n in rounds.items()}}
 
+def schedule(steps: int, rounds: dict[Stage, int]) -> dict[str, Any]:
+    """Config overrides for ``steps`` local steps per round and ``rounds`` rounds of each stage."""
+    return {"federation.local_steps": steps, **{f"federation.rounds_{s}": n for s, n in rounds.items()}}
+
+
+def run_overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    """The config overrides of each configuration to run (tiny and mid, or ``--only`` one)."""
     # mid: stage 1 gets a second round so that one steady (after Ray start-up) round exists per stage
     runs = {
         "tiny": {**parse_set(args.set), **schedule(args.local_steps, dict.fromkeys(STAGES, args.rounds))},
@@ -265,29 +269,26 @@ def main() -> int:
             **schedule(args.mid_local_steps, {"slice": 2, "volume": 1, "informed": 1}),
         },
     }
-    if args.only:
-        runs = {args.only: runs[args.only]}
-    results: dict[str, Any] = {}
-    for label, overrides in runs.items():
-        cfg = load_config(resolve_config_path(args.config), overrides)
-        with tempfile.TemporaryDirectory() as tmp:
-            started = time.perf_counter()
-            rounds = simulate(args.config, overrides, args.sites, args.cases, Path(tmp))
-            simulation_s = time.perf_counter() - started
-            load = [round(x, 2) for x in os.getloadavg()]
-            central = None
-            if label == "tiny":
-                steps = args.sites * cfg.federation.local_steps * args.rounds
-                central = centralized(cfg, Path(tmp) / "sites", args.sites, steps)
-        results[label] = {
-            "cfg": cfg,
-            "rounds": rounds,
-            "simulation_s": simulation_s,
-            "load_after": load,
-            "central": central,
-        }
+    return {args.only: runs[args.only]} if args.only else runs
 
-    info = machine(1)
+
+def measure(args: argparse.Namespace, label: str, overrides: dict[str, Any]) -> dict[str, Any]:
+    """One configuration's simulation (and, for tiny, the centralized run of the same total steps)."""
+    cfg = load_config(resolve_config_path(args.config), overrides)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        rounds = simulate(args.config, overrides, args.sites, args.cases, Path(tmp))
+        simulation_s = time.perf_counter() - started
+        load = [round(x, 2) for x in os.getloadavg()]
+        central = None
+        if label == "tiny":
+            steps = args.sites * cfg.federation.local_steps * args.rounds
+            central = centralized(cfg, Path(tmp) / "sites", args.sites, steps)
+    return {"cfg": cfg, "rounds": rounds, "simulation_s": simulation_s, "load_after": load, "central": central}
+
+
+def print_setup(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any]) -> None:
+    """The machine line and one line per configuration: sites, cases, shapes, schedule, load."""
     print(f"# federation: {json.dumps(info)}")
     for label, result in results.items():
         cfg = result["cfg"]
@@ -298,10 +299,18 @@ def main() -> int:
             f"{fed.rounds_slice}/{fed.rounds_volume}/{fed.rounds_informed}, FedAvg, sites one after another; "
             f"load average after the simulation {result['load_after']}"
         )
+
+
+def print_round_table(results: dict[str, Any]) -> None:
+    """Where each round's time goes, every round of every configuration."""
     print("\n## Where each round's time goes (seconds; site parts summed over the sites)\n")
     headers = ["config", "stage round", "round s", *PARTS, "serialise+transport+aggregate", "all but train"]
     rows = [row for label, r in results.items() for row in round_rows(label, r["rounds"])]
     print(markdown_table(headers, rows))
+
+
+def print_stage_table(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    """Bytes, s/step and overhead share per stage of every configuration."""
     print("\n## Per stage (rounds after the run's first): bytes, s/step, overhead share (target <= 10% at mid)\n")
     headers = ["config", "stage", "MiB sent per site", "vs stage 1", "MiB received (all sites)", "arrays"]
     headers += ["train s/step", "median round s", "serialise+transport+aggregate", "all but train", "10% target"]
@@ -311,39 +320,69 @@ def main() -> int:
         for row in stage_rows(label, r["rounds"], args.sites, r["cfg"].federation.local_steps)
     ]
     print(markdown_table(headers, rows))
+
+
+def print_extrapolated_table(args: argparse.Namespace, mid: dict[str, Any]) -> None:
+    """Mid's rounds extrapolated to more local steps per site."""
+    print(
+        f"\n## Mid, longer rounds: measured at {mid['cfg'].federation.local_steps} local steps, "
+        "EXTRAPOLATED to more (fixed per-round costs as measured, training x steps at the measured s/step)\n"
+    )
+    headers = ["stage", "local steps per site", "local compute min per site", "round s (all sites)"]
+    headers += ["serialise+transport+aggregate", "all but train", "steps per site for <= 10%: s+t+a"]
+    headers += ["steps per site for <= 10%: all but train"]
+    print(markdown_table(headers, extrapolated_rows(mid["rounds"], args.sites, mid["cfg"].federation.local_steps)))
+
+
+def centralized_rows(args: argparse.Namespace, tiny: dict[str, Any]) -> list[list[Any]]:
+    """Tiny's simulation (whole, and its rounds) and centralized wall times, and their ratios."""
+    central = tiny["central"]
+    central_s = sum(central.values())
+    rounds_s = sum(r["round-seconds"] for r in tiny["rounds"])
+    total_steps = args.sites * tiny["cfg"].federation.local_steps * args.rounds
+    return [
+        [
+            "simulation, whole run_simulation (Ray + SuperLink start-up included)",
+            f"{tiny['simulation_s']:.1f}",
+            f"{tiny['simulation_s'] / central_s:.2f}x",
+        ],
+        ["simulation, sum of round times", f"{rounds_s:.1f}", f"{rounds_s / central_s:.2f}x"],
+        [
+            f"centralized, {total_steps} steps per stage ({', '.join(f'{s} {central[s]:.1f}s' for s in STAGES)})",
+            f"{central_s:.1f}",
+            "1.00x",
+        ],
+    ]
+
+
+def print_centralized_table(args: argparse.Namespace, tiny: dict[str, Any]) -> None:
+    """Tiny: the simulation against centralized training of the same total steps."""
+    print("\n## Tiny: simulation vs centralized training of the same total steps on the pooled data\n")
+    print(markdown_table(["run", "wall s", "vs centralized"], centralized_rows(args, tiny)))
+
+
+def write_json(args: argparse.Namespace, info: dict[str, Any], results: dict[str, Any]) -> None:
+    """The machine, the arguments and every configuration's results, to ``--json``."""
+    payload = {label: {**r, "cfg": r["cfg"].model_dump(mode="json")} for label, r in results.items()}
+    args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, **payload}))
+
+
+def main() -> int:
+    """Simulate each configuration, then print the tables (and write ``--json``)."""
+    args = parse_args()
+    torch.set_num_threads(1)
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    results = {label: measure(args, label, overrides) for label, overrides in run_overrides(args).items()}
+    info = machine(1)
+    print_setup(args, info, results)
+    print_round_table(results)
+    print_stage_table(args, results)
     if "mid" in results:
-        mid = results["mid"]
-        print(
-            f"\n## Mid, longer rounds: measured at {mid['cfg'].federation.local_steps} local steps, "
-            "EXTRAPOLATED to more (fixed per-round costs as measured, training x steps at the measured s/step)\n"
-        )
-        headers = ["stage", "local steps per site", "local compute min per site", "round s (all sites)"]
-        headers += ["serialise+transport+aggregate", "all but train", "steps per site for <= 10%: s+t+a"]
-        headers += ["steps per site for <= 10%: all but train"]
-        print(markdown_table(headers, extrapolated_rows(mid["rounds"], args.sites, mid["cfg"].federation.local_steps)))
+        print_extrapolated_table(args, results["mid"])
     if "tiny" in results and results["tiny"]["central"]:
-        tiny, central = results["tiny"], results["tiny"]["central"]
-        central_s = sum(central.values())
-        rounds_s = sum(r["round-seconds"] for r in tiny["rounds"])
-        total_steps = args.sites * tiny["cfg"].federation.local_steps * args.rounds
-        print("\n## Tiny: simulation vs centralized training of the same total steps on the pooled data\n")
-        rows = [
-            [
-                "simulation, whole run_simulation (Ray + SuperLink start-up included)",
-                f"{tiny['simulation_s']:.1f}",
-                f"{tiny['simulation_s'] / central_s:.2f}x",
-            ],
-            ["simulation, sum of round times", f"{rounds_s:.1f}", f"{rounds_s / central_s:.2f}x"],
-            [
-                f"centralized, {total_steps} steps per stage ({', '.join(f'{s} {central[s]:.1f}s' for s in STAGES)})",
-                f"{central_s:.1f}",
-                "1.00x",
-            ],
-        ]
-        print(markdown_table(["run", "wall s", "vs centralized"], rows))
+        print_centralized_table(args, results["tiny"])
     if args.json:
-        payload = {label: {**r, "cfg": r["cfg"].model_dump(mode="json")} for label, r in results.items()}
-        args.json.write_text(json.dumps({"machine": info, "args": vars(args) | {"json": str(args.json)}, **payload}))
+        write_json(args, info, results)
     return 0
 
 

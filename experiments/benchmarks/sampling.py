@@ -50,6 +50,7 @@ from gem3d.accel import accelerate
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import make_phantom, write_phantom_dataset
+from gem3d.data.volume import Volume
 from gem3d.diffusion import make_sampler
 from gem3d.networks import SliceDenoiser, condition_channels
 from gem3d.runs import load_model, train_stage
@@ -57,6 +58,7 @@ from gem3d.sampler import InformedSlice, SampleRequest, default_start, plan_wind
 
 REFERENCE = {"steps": 200, "window": 16, "overlap": 1}
 RECIPE_CONFIGS = ("tiny", "brats", "abdomenct1k")
+Recipe = tuple[str, int, int, int]  # (name, DDIM steps, W, h)
 
 
 def phantom_mask(depth: int, size: int, num_labels: int) -> np.ndarray:
@@ -65,11 +67,8 @@ def phantom_mask(depth: int, size: int, num_labels: int) -> np.ndarray:
     return np.ascontiguousarray(np.moveaxis(label, 2, 0))
 
 
-def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -> dict[str, Any]:
-    """Sample one volume with the windowed sampler; count network calls and evaluations."""
-    model = SliceDenoiser(cfg.model, cfg.data.num_labels)
-    model.inflate()
-    model = accelerate(model, cfg.accel, device).eval()
+def count_evaluations(model: torch.nn.Module) -> dict[str, int]:
+    """Counters of the network's calls, window and slice evaluations, kept by a forward pre-hook."""
     counts = {"calls": 0, "window_evals": 0, "slice_evals": 0}
 
     def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
@@ -79,6 +78,21 @@ def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -
         counts["slice_evals"] += x.shape[0] * x.shape[2]
 
     model.register_forward_pre_hook(count)
+    return counts
+
+
+def reset_counts(counts: dict[str, int]) -> None:
+    """Set every counter of ``count_evaluations`` back to zero."""
+    for key in counts:
+        counts[key] = 0
+
+
+def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -> dict[str, Any]:
+    """Sample one volume with the windowed sampler; count network calls and evaluations."""
+    model = SliceDenoiser(cfg.model, cfg.data.num_labels)
+    model.inflate()
+    model = accelerate(model, cfg.accel, device).eval()
+    counts = count_evaluations(model)
     mask = phantom_mask(depth, size, cfg.data.num_labels)
     start = depth // 2
     informed = InformedSlice(np.zeros((size, size), np.float32), mask[start], "real")
@@ -86,8 +100,7 @@ def ours(cfg: Config, depth: int, size: int, steps: int, device: torch.device) -
     sampler = make_sampler(cfg.diffusion, steps)
     if device.type == "cuda":  # warm-up, not timed: kernel selection and the allocator's first blocks
         sample_volumes(model, make_sampler(cfg.diffusion, 1), [request], cfg.data.window, cfg.sampler.overlap, 1)
-        for key in counts:
-            counts[key] = 0
+        reset_counts(counts)
     baseline = reset_peak(device)
     started = time.perf_counter()
     sample_volumes(model, sampler, [request], cfg.data.window, cfg.sampler.overlap, batch_volumes=1)
@@ -175,6 +188,80 @@ def evaluation_table(depths: list[int]) -> tuple[str, list[dict[str, Any]]]:
     return markdown_table(headers, rows), records
 
 
+def fidelity_model(
+    config: str, train_steps: int, root: Path, run: Path | None, data: Path | None
+) -> tuple[SliceDenoiser, Config, Path, str, list[Volume]]:
+    """The model, config, run, stage and held-out cases (without ``run``: trained on phantoms in ``root``)."""
+    if run is None:
+        cfg = load_config(resolve_config_path(config), {"train.device": "cpu"})
+        train_dir = write_phantom_dataset(root / "train", 8, (32, 32, 24), cfg.data.num_labels, seed=0)
+        data = write_phantom_dataset(root / "test", 3, (32, 32, 24), cfg.data.num_labels, seed=1)
+        volumes = load_volumes(train_dir, cfg.data)
+        train_stage(cfg, volumes, "slice", root / "run", steps=train_steps)
+        train_stage(cfg, volumes, "volume", root / "run", steps=train_steps // 2)
+        run = root / "run"
+    stage = "volume" if (run / "volume.safetensors").exists() else "slice"
+    model, cfg, _ = load_model(run / f"{stage}.safetensors")
+    assert data is not None
+    test = data / "test" if (data / "test" / "labelsTr").is_dir() else data
+    held_out = load_volumes(test, cfg.data)
+    assert isinstance(model, SliceDenoiser)
+    return model, cfg, run, stage, held_out
+
+
+def fidelity_requests(held_out: list[Volume], seeds: int) -> list[SampleRequest]:
+    """``seeds`` requests per held-out case, each from its own mask and real informed slice."""
+    requests = []
+    for index, volume in enumerate(held_out):
+        start = default_start(volume.label)
+        informed = InformedSlice(volume.image[start], volume.label[start], "real")
+        for seed in range(seeds):
+            requests.append(SampleRequest(volume.label, informed, start, seed=1000 * seed + index))
+    return requests
+
+
+def fidelity_recipes(cfg: Config, sweep: list[int] | None) -> list[Recipe]:
+    """The config's recipe, the ``sweep`` step counts at its W and h, and the reference recipe(s)."""
+    own = (cfg.diffusion.inference_steps, cfg.data.window, cfg.sampler.overlap)
+    recipes = [("ours", *own)]
+    recipes += [("sweep", steps, own[1], own[2]) for steps in sweep or [] if steps != own[0]]
+    if own[1] != REFERENCE["window"]:  # the reference's steps and overlap at the window the model was trained on
+        recipes.append(("reference at our W", REFERENCE["steps"], own[1], REFERENCE["overlap"]))
+    recipes.append(("reference", REFERENCE["steps"], REFERENCE["window"], REFERENCE["overlap"]))
+    return recipes
+
+
+def score_recipe(
+    model: SliceDenoiser,
+    cfg: Config,
+    recipe: Recipe,
+    requests: list[SampleRequest],
+    truth: list[Volume],
+    counts: dict[str, int],
+) -> dict[str, Any]:
+    """Sample every request with one recipe; its PSNR (whole, foreground), evaluations per volume and seconds."""
+    name, recipe_steps, window, overlap = recipe
+    reset_counts(counts)
+    started = time.perf_counter()
+    sampler = make_sampler(cfg.diffusion, recipe_steps)
+    synthetic = sample_volumes(model, sampler, requests, window, overlap, batch_volumes=len(requests))
+    seconds = time.perf_counter() - started
+    whole = [psnr(out, v.image) for out, v in zip(synthetic, truth, strict=True)]
+    foreground = [psnr(out, v.image, v.label) for out, v in zip(synthetic, truth, strict=True)]
+    return {
+        "recipe": name,
+        "steps": recipe_steps,
+        "window": window,
+        "overlap": overlap,
+        "psnr": whole,
+        "mean_psnr": float(np.mean(whole)),
+        "mean_psnr_foreground": float(np.mean(foreground)),
+        "window_evals_per_volume": counts["window_evals"] / len(requests),
+        "slice_evals_per_volume": counts["slice_evals"] / len(requests),
+        "seconds": seconds,
+    }
+
+
 def fidelity(
     config: str,
     train_steps: int,
@@ -199,69 +286,17 @@ def fidelity(
     """
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        if run is None:
-            cfg = load_config(resolve_config_path(config), {"train.device": "cpu"})
-            train_dir = write_phantom_dataset(root / "train", 8, (32, 32, 24), cfg.data.num_labels, seed=0)
-            data = write_phantom_dataset(root / "test", 3, (32, 32, 24), cfg.data.num_labels, seed=1)
-            volumes = load_volumes(train_dir, cfg.data)
-            train_stage(cfg, volumes, "slice", root / "run", steps=train_steps)
-            train_stage(cfg, volumes, "volume", root / "run", steps=train_steps // 2)
-            run = root / "run"
-        stage = "volume" if (run / "volume.safetensors").exists() else "slice"
-        model, cfg, _ = load_model(run / f"{stage}.safetensors")
-        assert data is not None
-        test = data / "test" if (data / "test" / "labelsTr").is_dir() else data
-        held_out = load_volumes(test, cfg.data)
-    assert isinstance(model, SliceDenoiser)
-    requests = []
-    for index, volume in enumerate(held_out):
-        start = default_start(volume.label)
-        informed = InformedSlice(volume.image[start], volume.label[start], "real")
-        for seed in range(seeds):
-            requests.append(SampleRequest(volume.label, informed, start, seed=1000 * seed + index))
-    calls = {"windows": 0, "slices": 0}
-
-    def count(_module: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> None:
-        calls["windows"] += inputs[0].shape[0]  # [N, 1, L, H, W]: N windows of L slices
-        calls["slices"] += inputs[0].shape[0] * inputs[0].shape[2]
-
-    model.register_forward_pre_hook(count)
-    own = (cfg.diffusion.inference_steps, cfg.data.window, cfg.sampler.overlap)
-    recipes = [("ours", *own)]
-    recipes += [("sweep", steps, own[1], own[2]) for steps in sweep or [] if steps != own[0]]
-    if own[1] != REFERENCE["window"]:  # the reference's steps and overlap at the window the model was trained on
-        recipes.append(("reference at our W", REFERENCE["steps"], own[1], REFERENCE["overlap"]))
-    recipes.append(("reference", REFERENCE["steps"], REFERENCE["window"], REFERENCE["overlap"]))
+        model, cfg, run, stage, held_out = fidelity_model(config, train_steps, Path(tmp), run, data)
+    requests = fidelity_requests(held_out, seeds)
+    truth = [held_out[i // seeds] for i in range(len(requests))]
+    counts = count_evaluations(model)
     records = []
-    for name, recipe_steps, window, overlap in recipes:
-        calls["windows"] = calls["slices"] = 0
-        started = time.perf_counter()
-        sampler = make_sampler(cfg.diffusion, recipe_steps)
-        synthetic = sample_volumes(model, sampler, requests, window, overlap, batch_volumes=len(requests))
-        seconds = time.perf_counter() - started
-        truth = [held_out[i // seeds] for i in range(len(requests))]
-        whole = [psnr(out, v.image) for out, v in zip(synthetic, truth, strict=True)]
-        foreground = [psnr(out, v.image, v.label) for out, v in zip(synthetic, truth, strict=True)]
-        records.append(
-            {
-                "recipe": name,
-                "steps": recipe_steps,
-                "window": window,
-                "overlap": overlap,
-                "psnr": whole,
-                "mean_psnr": float(np.mean(whole)),
-                "mean_psnr_foreground": float(np.mean(foreground)),
-                "window_evals_per_volume": calls["windows"] / len(requests),
-                "slice_evals_per_volume": calls["slices"] / len(requests),
-                "seconds": seconds,
-                "depths": [v.label.shape[0] for v in held_out],
-                "run": str(run),
-                "stage": stage,
-                "seeds": seeds,
-            }
-        )
-        print(f"  {name} DDIM {recipe_steps}, W={window}, h={overlap}: {np.mean(whole):.2f} dB", file=sys.stderr)
+    for recipe in fidelity_recipes(cfg, sweep):
+        scores = score_recipe(model, cfg, recipe, requests, truth, counts)
+        depths = [v.label.shape[0] for v in held_out]
+        records.append({**scores, "depths": depths, "run": str(run), "stage": stage, "seeds": seeds})
+        name, recipe_steps, window, overlap = recipe
+        print(f"  {name} DDIM {recipe_steps}, W={window}, h={overlap}: {scores['mean_psnr']:.2f} dB", file=sys.stderr)
     return records
 
 
@@ -289,7 +324,8 @@ def fidelity_table(records: list[dict[str, Any]]) -> str:
     return markdown_table(headers, rows)
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="config whose model, W and h are measured (default tiny)")
     parser.add_argument("--size", type=int, default=64, help="in-plane size H = W of the depth sweep (default 64)")
@@ -316,37 +352,46 @@ def main() -> int:
     parser.add_argument("--fidelity-steps", default="", help="also sweep these DDIM step counts at our W and h")
     parser.add_argument("--seeds", type=int, default=1, help="fidelity: samples per held-out case and recipe")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.worker:
-        emit(worker(json.loads(args.worker)))
-        return 0
-    if args.fidelity or args.fidelity_run:
-        sweep = [int(x) for x in args.fidelity_steps.split(",")] if args.fidelity_steps else []
-        records = fidelity(
-            args.config, args.fidelity, args.threads, args.fidelity_run, args.fidelity_data, sweep, args.seeds
-        )
-        print(f"# sampling fidelity: {json.dumps(machine(args.threads))}")
-        print(f"# model: {records[0]['run']} ({records[0]['stage']} stage), {records[0]['seeds']} seed(s) per case")
-        print(fidelity_table(records))
-        ours = records[0]
-        for reference in [r for r in records if r["recipe"].startswith("reference")]:
-            gap = ours["mean_psnr"] - reference["mean_psnr"]
-            fewer = reference["slice_evals_per_volume"] / ours["slice_evals_per_volume"]
-            verdict = "met" if fewer >= 8 and gap >= -0.5 else "not met"
-            print(
-                f"ours vs {reference['recipe']}: {fewer:.1f}x fewer slice evaluations, {gap:+.2f} dB "
-                f"(target >= 8x at >= -0.5 dB: {verdict})"
-            )
-        if args.json:
-            args.json.write_text(json.dumps({"machine": machine(args.threads), "fidelity": records}, indent=2))
-        return 0
+    return parser.parse_args()
 
-    depths = [int(d) for d in args.depths.split(",")]
+
+def print_fidelity_verdicts(records: list[dict[str, Any]]) -> None:
+    """Our recipe against each reference recipe: fewer slice evaluations, PSNR gap, and the target."""
+    ours = records[0]
+    for reference in [r for r in records if r["recipe"].startswith("reference")]:
+        gap = ours["mean_psnr"] - reference["mean_psnr"]
+        fewer = reference["slice_evals_per_volume"] / ours["slice_evals_per_volume"]
+        verdict = "met" if fewer >= 8 and gap >= -0.5 else "not met"
+        print(
+            f"ours vs {reference['recipe']}: {fewer:.1f}x fewer slice evaluations, {gap:+.2f} dB "
+            f"(target >= 8x at >= -0.5 dB: {verdict})"
+        )
+
+
+def run_fidelity(args: argparse.Namespace) -> None:
+    """The fidelity comparison alone (``--fidelity`` or ``--fidelity-run``): its table, verdicts and JSON."""
+    sweep = [int(x) for x in args.fidelity_steps.split(",")] if args.fidelity_steps else []
+    records = fidelity(
+        args.config, args.fidelity, args.threads, args.fidelity_run, args.fidelity_data, sweep, args.seeds
+    )
+    print(f"# sampling fidelity: {json.dumps(machine(args.threads))}")
+    print(f"# model: {records[0]['run']} ({records[0]['stage']} stage), {records[0]['seeds']} seed(s) per case")
+    print(fidelity_table(records))
+    print_fidelity_verdicts(records)
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine(args.threads), "fidelity": records}, indent=2))
+
+
+def sweep_points(args: argparse.Namespace, depths: list[int]) -> list[tuple[int, int]]:
+    """``(depth, in-plane size)`` of each measured volume: the depth sweep, then 96^3 unless ``--no-cube``."""
+    return [(depth, args.size) for depth in depths] + ([] if args.no_cube else [(96, 96)])
+
+
+def measure_points(args: argparse.Namespace, points: list[tuple[int, int]]) -> list[dict[str, Any]]:
+    """Ours (and the full-3D baseline unless ``--no-baseline``) at each point, each in a fresh subprocess."""
     cap = int(args.memory_cap * 2**30)
-    points = [(depth, args.size) for depth in depths] + ([] if args.no_cube else [(96, 96)])
     base = {"config": args.config, "device": args.device, "threads": args.threads}
     results: list[dict[str, Any]] = []
-    rows = []
     for depth, size in points:
         row: dict[str, Any] = {"depth": depth, "size": size}
         spec = {**base, "kind": "ours", "depth": depth, "size": size, "steps": args.steps}
@@ -356,38 +401,42 @@ def main() -> int:
             row["full3d"] = run_worker(Path(__file__), spec, args.timeout, cap)
         print(f"  depth {depth} at {size}x{size}: done", file=sys.stderr, flush=True)
         results.append(row)
+    return results
 
-        def cells(result: dict[str, Any] | None) -> list[str]:
-            if result is None:
-                return ["-", "-", "-"]
-            if "error" in result:
-                return [f"did not fit: {result['error']}", "-", "-"]
-            per_step = result["seconds"] / result["steps"]
-            return [f"{per_step * args.steps:.1f}", f"{per_step:.2f}", f"{result['peak_mib']:.0f}"]
 
-        ours_r, full_r = row["ours"], row.get("full3d")
-        nfe = "-" if "error" in ours_r else f"{ours_r['calls']} / {ours_r['window_evals']} / {ours_r['slice_evals']}"
-        ratio = "-"
-        if full_r is not None and "error" not in full_r and "error" not in ours_r:
-            ratio = f"{full_r['peak_mib'] / max(ours_r['peak_mib'], 1e-9):.1f}x"
-        per_hour = []
-        if args.device.startswith("cuda"):
-            recipe_steps = load_config(resolve_config_path(args.config)).diffusion.inference_steps
-            hour = "-"
-            if "error" not in ours_r:
-                seconds = ours_r["seconds"] / ours_r["steps"] * recipe_steps
-                hour = f"{3600 / seconds:.0f} ({seconds:.1f} s/volume at {recipe_steps} steps)"
-            per_hour = [hour]
-        rows.append([f"{depth}x{size}x{size}", *cells(ours_r), nfe, *cells(full_r), ratio, *per_hour])
+def timing_cells(result: dict[str, Any] | None, steps: int) -> list[str]:
+    """s/volume at ``steps`` steps, s/step and peak MiB of one measurement, or why it has none."""
+    if result is None:
+        return ["-", "-", "-"]
+    if "error" in result:
+        return [f"did not fit: {result['error']}", "-", "-"]
+    per_step = result["seconds"] / result["steps"]
+    return [f"{per_step * steps:.1f}", f"{per_step:.2f}", f"{result['peak_mib']:.0f}"]
 
-    info = machine(args.threads)
-    cfg = load_config(resolve_config_path(args.config))
-    print(f"# sampling: {json.dumps(info)}")
-    print(
-        f"# ours: {args.config} model (channels {list(cfg.model.channels)}), W={cfg.data.window}, "
-        f"h={cfg.sampler.overlap}, one volume at a time; {args.steps} DDIM steps per volume "
-        f"(full-3D: {args.baseline_steps} steps run, seconds scaled to {args.steps})"
-    )
+
+def volumes_per_hour(result: dict[str, Any], recipe_steps: int) -> str:
+    """Our volumes/hour at the config's recipe, seconds scaled linearly from the measured steps."""
+    if "error" in result:
+        return "-"
+    seconds = result["seconds"] / result["steps"] * recipe_steps
+    return f"{3600 / seconds:.0f} ({seconds:.1f} s/volume at {recipe_steps} steps)"
+
+
+def sweep_row(point: dict[str, Any], steps: int, recipe_steps: int | None) -> list[Any]:
+    """One volume's row of the sweep table; ``recipe_steps`` (CUDA only) adds volumes/hour."""
+    depth, size = point["depth"], point["size"]
+    ours_r, full_r = point["ours"], point.get("full3d")
+    nfe = "-" if "error" in ours_r else f"{ours_r['calls']} / {ours_r['window_evals']} / {ours_r['slice_evals']}"
+    ratio = "-"
+    if full_r is not None and "error" not in full_r and "error" not in ours_r:
+        ratio = f"{full_r['peak_mib'] / max(ours_r['peak_mib'], 1e-9):.1f}x"
+    per_hour = [] if recipe_steps is None else [volumes_per_hour(ours_r, recipe_steps)]
+    cells = [*timing_cells(ours_r, steps), nfe, *timing_cells(full_r, steps), ratio, *per_hour]
+    return [f"{depth}x{size}x{size}", *cells]
+
+
+def sweep_headers(args: argparse.Namespace) -> list[str]:
+    """Column headers of the sweep table."""
     headers = [
         "volume D x H x W",
         f"ours s/volume ({args.steps} steps)",
@@ -401,10 +450,27 @@ def main() -> int:
     ]
     if args.device.startswith("cuda"):
         headers.append("ours volumes/hour (config recipe)")
-    print(markdown_table(headers, rows))
+    return headers
 
+
+def print_sweep(args: argparse.Namespace, info: dict[str, Any], results: list[dict[str, Any]]) -> None:
+    """The header lines and the table of seconds, evaluations and peak memory per volume."""
+    cfg = load_config(resolve_config_path(args.config))
+    print(f"# sampling: {json.dumps(info)}")
+    print(
+        f"# ours: {args.config} model (channels {list(cfg.model.channels)}), W={cfg.data.window}, "
+        f"h={cfg.sampler.overlap}, one volume at a time; {args.steps} DDIM steps per volume "
+        f"(full-3D: {args.baseline_steps} steps run, seconds scaled to {args.steps})"
+    )
+    recipe_steps = cfg.diffusion.inference_steps if args.device.startswith("cuda") else None
+    rows = [sweep_row(point, args.steps, recipe_steps) for point in results]
+    print(markdown_table(sweep_headers(args), rows))
+
+
+def print_memory_verdicts(results: list[dict[str, Any]], size: int) -> None:
+    """Our peak memory at 256 vs 64 slices, and full-3D vs ours at 96^3, against their targets."""
     by_point = {(r["depth"], r["size"]): r["ours"] for r in results}
-    low, high = by_point.get((64, args.size)), by_point.get((256, args.size))
+    low, high = by_point.get((64, size)), by_point.get((256, size))
     if low and high and "error" not in low and "error" not in high:
         flat = high["peak_mib"] / low["peak_mib"]
         verdict = "met" if flat <= 1.1 else "not met"
@@ -415,12 +481,31 @@ def main() -> int:
         verdict = "met" if ratio >= 10 else "not met"
         print(f"full-3D / ours peak memory at 96^3: {ratio:.1f}x (target >= 10x: {verdict})")
 
+
+def run_sweep(args: argparse.Namespace) -> None:
+    """The depth sweep (ours against full-3D), its verdicts, the evaluation table and the JSON."""
+    depths = [int(d) for d in args.depths.split(",")]
+    results = measure_points(args, sweep_points(args, depths))
+    info = machine(args.threads)
+    print_sweep(args, info, results)
+    print_memory_verdicts(results, args.size)
     table, records = evaluation_table(depths if args.no_cube else [*depths, 96])
     print(f"\n# evaluations per volume, start at D/2, against the reference recipe {REFERENCE}")
     print(table)
     if args.json:
         payload = {"machine": info, "args": vars(args) | {"json": str(args.json)}, "results": results}
         args.json.write_text(json.dumps({**payload, "evaluations": records}, indent=2))
+
+
+def main() -> int:
+    """Dispatch: a ``--worker`` measurement, the fidelity comparison, or the depth sweep."""
+    args = parse_args()
+    if args.worker:
+        emit(worker(json.loads(args.worker)))
+    elif args.fidelity or args.fidelity_run:
+        run_fidelity(args)
+    else:
+        run_sweep(args)
     return 0
 
 

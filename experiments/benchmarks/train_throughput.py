@@ -51,13 +51,13 @@ from experiments.benchmarks import (
 )
 from experiments.configs import parse_overrides, resolve_config_path
 from gem3d.accel import accelerate
-from gem3d.config import load_config
+from gem3d.config import TrainConfig, load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
 from gem3d.data.windows import WindowSource
-from gem3d.diffusion import noise_process
+from gem3d.diffusion import NoiseProcess, noise_process
 from gem3d.runs import build_model, resolve_device
-from gem3d.training import draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
+from gem3d.training import Stage, draw_inputs, freeze_for_stage, new_state, per_sample_loss, train
 
 
 def matmul_flops_per_s(size: int, device: torch.device, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
@@ -75,6 +75,35 @@ def matmul_flops_per_s(size: int, device: torch.device, repeats: int = 5, dtype:
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - started)
     return 2 * size**3 / statistics.median(times)
+
+
+def step_flops(
+    model: torch.nn.Module,
+    process: NoiseProcess,
+    source: WindowSource,
+    stage: Stage,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> int:
+    """FLOPs (matmuls and convolutions) of one training step, forward + backward, on a batch of ``cfg.batch_size``."""
+    generator = torch.Generator().manual_seed(1)
+    indices = [i % len(source) for i in range(cfg.batch_size)]
+    inputs = draw_inputs(model, process, source, indices, stage, generator, cfg, device)
+    with FlopCounterMode(display=False) as counter:
+        per_sample_loss(model, inputs).mean().backward()
+    return counter.get_total_flops()
+
+
+def cuda_metrics(device: torch.device, achieved: float, peak_tflops: float | None, fast_path: str) -> dict[str, Any]:
+    """The CUDA device's name, bf16 peak, model FLOP utilisation, bf16 matmul TFLOP/s and fast path."""
+    peak_flops = bf16_peak_flops(device, peak_tflops)
+    return {
+        "device_name": torch.cuda.get_device_name(device),
+        "bf16_peak_tflops": peak_flops / 1e12 if peak_flops else None,
+        "mfu_bf16": achieved / peak_flops if peak_flops else None,
+        "bf16_matmul_tflops": matmul_flops_per_s(8192, device, dtype=torch.bfloat16) / 1e12,
+        "fast_path": fast_path,
+    }
 
 
 def worker(spec: dict[str, Any]) -> dict[str, Any]:
@@ -108,24 +137,10 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     peak = peak_bytes(device)
     matmul.append(matmul_flops_per_s(spec["matmul"], device))
 
-    generator = torch.Generator().manual_seed(1)
-    indices = [i % len(source) for i in range(batch)]
-    inputs = draw_inputs(model, process, source, indices, stage, generator, cfg.train, device)
-    with FlopCounterMode(display=False) as counter:
-        per_sample_loss(model, inputs).mean().backward()
-    flops_per_step = counter.get_total_flops()
+    flops_per_step = step_flops(model, process, source, stage, cfg.train, device)
     achieved = flops_per_step / seconds_per_step
     matmul_mean = sum(matmul) / len(matmul)
-    cuda: dict[str, Any] = {}
-    if device.type == "cuda":
-        peak_flops = bf16_peak_flops(device, spec.get("peak_tflops"))
-        cuda = {
-            "device_name": torch.cuda.get_device_name(device),
-            "bf16_peak_tflops": peak_flops / 1e12 if peak_flops else None,
-            "mfu_bf16": achieved / peak_flops if peak_flops else None,
-            "bf16_matmul_tflops": matmul_flops_per_s(8192, device, dtype=torch.bfloat16) / 1e12,
-            "fast_path": str(cfg.accel),
-        }
+    cuda = cuda_metrics(device, achieved, spec.get("peak_tflops"), str(cfg.accel)) if device.type == "cuda" else {}
     return {
         "stage": stage,
         "size": size,
@@ -146,7 +161,8 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
+    """The command line."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="bundled config name or TOML path (default tiny)")
     parser.add_argument("--mid", action="store_true", help="also the mid configuration: 96x96 slices, window 16")
@@ -162,66 +178,94 @@ def main() -> int:
     )
     parser.add_argument("--json", type=Path, default=None, help="also write the results to this JSON file")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def configurations(config: str, extra_overrides: dict[str, Any], mid: bool) -> list[tuple[str, dict[str, Any]]]:
+    """``(label, overrides)`` of each configuration: the config as given, and with ``mid`` the mid one."""
+    name = config + "".join(f" {k}={v}" for k, v in extra_overrides.items())
+    configs: list[tuple[str, dict[str, Any]]] = [(name, {})]
+    if mid:
+        configs.append((f"mid (96x96, W=16) {name}", MID))
+    return configs
+
+
+def worker_spec(
+    args: argparse.Namespace, overrides: dict[str, Any], extra_overrides: dict[str, Any], stage: str
+) -> dict[str, Any]:
+    """What the worker measuring one (configuration, stage) is told."""
+    return {
+        "config": args.config,
+        "overrides": {**overrides, **extra_overrides, "train.device": args.device},
+        "stage": stage,
+        "steps": args.steps,
+        "threads": args.threads,
+        "matmul": args.matmul,
+        "peak_tflops": args.peak_tflops,
+    }
+
+
+def result_row(label: str, stage: str, result: dict[str, Any], cuda: bool) -> list[Any]:
+    """One measurement's table row (dashes and the error when it failed; CUDA adds MFU and bf16 matmul)."""
+    if "error" in result:
+        return [label, stage, *["-"] * (11 if cuda else 9), result["error"]]
+    extra = []
+    if cuda:
+        mfu = result.get("mfu_bf16")
+        extra = [f"{100 * mfu:.1f}%" if mfu else "- (--peak-tflops)", f"{result['bf16_matmul_tflops']:.0f}"]
+    return [
+        label,
+        stage,
+        f"{result['size']}x{result['size']}",
+        f"{result['batch']}x{result['window']}",
+        f"{result['seconds_per_step']:.3f}",
+        f"{result['slices_per_s']:.1f}",
+        f"{result['peak_mib']:.0f}",
+        f"{result['gflop_per_step']:.2f}",
+        f"{result['achieved_gflops']:.1f}",
+        f"{result['matmul_gflops']:.1f}",
+        f"{100 * result['fraction_of_matmul']:.1f}%",
+        *extra,
+        "",
+    ]
+
+
+def measure_all(args: argparse.Namespace) -> tuple[list[list[Any]], list[dict[str, Any]]]:
+    """Each (configuration, stage) in its own subprocess; the table rows and the results."""
+    extra_overrides = parse_overrides(args.set)
+    rows, results = [], []
+    for label, overrides in configurations(args.config, extra_overrides, args.mid):
+        for stage in args.stages.split(","):
+            spec = worker_spec(args, overrides, extra_overrides, stage)
+            result = run_worker(Path(__file__), spec, args.timeout, rss_cap_bytes=None)
+            results.append({"config": label, **spec, **result})
+            rows.append(result_row(label, stage, result, args.device.startswith("cuda")))
+            if "error" not in result:
+                print(f"  {label} {stage}: done", file=sys.stderr, flush=True)
+    return rows, results
+
+
+def table_headers(device: str) -> list[str]:
+    """Column headers of the table (CUDA adds MFU and the bf16 matmul)."""
+    memory = "peak MiB (CUDA max allocated)" if device.startswith("cuda") else "peak RSS delta MiB"
+    headers = ["config", "stage", "slice", "batch x W", "s/step", "slices/s", memory]
+    headers += ["GFLOP/step (fwd+bwd)", "achieved GFLOP/s", "matmul GFLOP/s", "fraction of matmul"]
+    if device.startswith("cuda"):
+        headers += ["MFU (bf16 peak)", "bf16 matmul TFLOP/s"]
+    return [*headers, "note"]
+
+
+def main() -> int:
+    """Dispatch a ``--worker`` measurement, or measure every configuration and stage and print the table."""
+    args = parse_args()
     if args.worker:
         emit(worker(json.loads(args.worker)))
         return 0
-
-    extra_overrides = parse_overrides(args.set)
-    name = args.config + "".join(f" {k}={v}" for k, v in extra_overrides.items())
-    configs: list[tuple[str, dict[str, Any]]] = [(name, {})]
-    if args.mid:
-        configs.append((f"mid (96x96, W=16) {name}", MID))
-    rows, results = [], []
-    for label, overrides in configs:
-        for stage in args.stages.split(","):
-            spec = {
-                "config": args.config,
-                "overrides": {**overrides, **extra_overrides, "train.device": args.device},
-                "stage": stage,
-                "steps": args.steps,
-                "threads": args.threads,
-                "matmul": args.matmul,
-                "peak_tflops": args.peak_tflops,
-            }
-            result = run_worker(Path(__file__), spec, args.timeout, rss_cap_bytes=None)
-            results.append({"config": label, **spec, **result})
-            cuda = args.device.startswith("cuda")
-            if "error" in result:
-                rows.append([label, stage, *["-"] * (11 if cuda else 9), result["error"]])
-                continue
-            extra = []
-            if cuda:
-                mfu = result.get("mfu_bf16")
-                extra = [f"{100 * mfu:.1f}%" if mfu else "- (--peak-tflops)", f"{result['bf16_matmul_tflops']:.0f}"]
-            rows.append(
-                [
-                    label,
-                    stage,
-                    f"{result['size']}x{result['size']}",
-                    f"{result['batch']}x{result['window']}",
-                    f"{result['seconds_per_step']:.3f}",
-                    f"{result['slices_per_s']:.1f}",
-                    f"{result['peak_mib']:.0f}",
-                    f"{result['gflop_per_step']:.2f}",
-                    f"{result['achieved_gflops']:.1f}",
-                    f"{result['matmul_gflops']:.1f}",
-                    f"{100 * result['fraction_of_matmul']:.1f}%",
-                    *extra,
-                    "",
-                ]
-            )
-            print(f"  {label} {stage}: done", file=sys.stderr, flush=True)
+    rows, results = measure_all(args)
     info = machine(args.threads)
     print(f"# train_throughput: {json.dumps(info)}")
     print(f"# device {args.device}, {args.steps} timed steps after 1 warm-up, matmul {args.matmul}^2 float32")
-    memory = "peak MiB (CUDA max allocated)" if args.device.startswith("cuda") else "peak RSS delta MiB"
-    headers = ["config", "stage", "slice", "batch x W", "s/step", "slices/s", memory]
-    headers += ["GFLOP/step (fwd+bwd)", "achieved GFLOP/s", "matmul GFLOP/s", "fraction of matmul"]
-    if args.device.startswith("cuda"):
-        headers += ["MFU (bf16 peak)", "bf16 matmul TFLOP/s"]
-    headers += ["note"]
-    print(markdown_table(headers, rows))
+    print(markdown_table(table_headers(args.device), rows))
     if args.json:
         args.json.write_text(json.dumps({"machine": info, "results": results}, indent=2))
     return 0
