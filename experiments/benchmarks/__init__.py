@@ -9,6 +9,7 @@ to ``tracemalloc``, so peak memory is the process's resident-set high-water mark
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -41,6 +42,17 @@ BF16_PEAK_TFLOPS = (
     ("L40S", 362.0),
     ("L4", 121.0),
 )
+
+
+def positive_ints(text: str) -> list[int]:
+    """An argparse type: comma-separated positive integers ("10,50,200"); an empty string is no values."""
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if any(value < 1 for value in values):
+        raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
+    return values
 
 
 def bf16_peak_flops(device: torch.device, override_tflops: float | None = None) -> float | None:

@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, positive_ints, reset_peak, run_worker
 from experiments.configs import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import RawVolumes, load_volumes
@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line (``main`` keeps the parser to reject unknown workloads)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="bundled config name or TOML path (default tiny)")
-    parser.add_argument("--cases", default="10,50,200", help="cohort sizes, comma-separated (default 10,50,200)")
+    parser.add_argument(
+        "--cases", type=positive_ints, default="10,50,200", help="cohort sizes, comma-separated (default 10,50,200)"
+    )
     parser.add_argument("--workloads", default=",".join(WORKLOADS), help=f"of {', '.join(WORKLOADS)}")
     parser.add_argument("--steps", type=int, default=1, help="sampler steps (default 1: memory does not depend on it)")
     parser.add_argument("--depth", type=int, default=16, help="slices of each phantom (default 16)")
@@ -193,7 +195,7 @@ def main() -> int:
     if args.worker:
         emit(worker(json.loads(args.worker)))
         return 0
-    sizes = [int(n) for n in args.cases.split(",")]
+    sizes = args.cases
     workloads = checked_workloads(parser, args.workloads)
     cfg = load_config(resolve_config_path(args.config))
     rows, results = measure_all(args, sizes, workloads, cfg)

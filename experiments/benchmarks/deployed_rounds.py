@@ -39,7 +39,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.benchmarks import MID, machine, markdown_table
+from experiments.benchmarks import MID, machine, markdown_table, positive_ints
 from gem3d.data.phantoms import write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -90,17 +90,16 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sites", type=int, default=2, help="SuperNodes, one per phantom site (default 2)")
     parser.add_argument("--cases", type=int, default=3, help="phantom cases per site (default 3)")
-    parser.add_argument("--local-steps", default="2,10", help="comma-separated local steps per round, one run each")
+    parser.add_argument(
+        "--local-steps", type=positive_ints, default="2,10", help="comma-separated local steps per round, one run each"
+    )
     parser.add_argument("--rounds", type=int, default=2, help="slice rounds per run (default 2)")
     parser.add_argument("--port", type=int, default=39391, help="SuperLink port (default 39391)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
-    try:
-        steps = [int(s) for s in args.local_steps.split(",")]
-    except ValueError:
-        parser.error(f"--local-steps {args.local_steps!r}: expected comma-separated integers")
-    if args.sites < 1 or args.rounds < 1 or any(s < 1 for s in steps):
-        parser.error("--sites, --rounds and every --local-steps must be >= 1")
+    steps = args.local_steps
+    if args.sites < 1 or args.rounds < 1 or not steps:
+        parser.error("--sites and --rounds must be >= 1, and --local-steps name at least one count")
     print(f"# deployed_rounds: {json.dumps(machine(1))}")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="gem3d-deployed-") as tmp:

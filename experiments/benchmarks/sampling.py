@@ -43,7 +43,7 @@ from monai.networks.nets import DiffusionModelUNet
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, positive_ints, reset_peak, run_worker
 from experiments.configs import resolve_config_path
 from experiments.evaluation.fidelity import psnr
 from gem3d.accel import accelerate
@@ -329,7 +329,7 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="tiny", help="config whose model, W and h are measured (default tiny)")
     parser.add_argument("--size", type=int, default=64, help="in-plane size H = W of the depth sweep (default 64)")
-    parser.add_argument("--depths", default="32,64,128,256", help="depths of the sweep")
+    parser.add_argument("--depths", type=positive_ints, default="32,64,128,256", help="depths of the sweep")
     parser.add_argument("--steps", type=int, default=2, help="DDIM steps per volume (default 2)")
     parser.add_argument("--baseline-steps", type=int, default=1, help="DDIM steps actually run by the 3D baseline")
     parser.add_argument("--device", default="cpu")
@@ -349,7 +349,9 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--fidelity-run", type=Path, help="only the fidelity comparison, with this trained run")
     parser.add_argument("--fidelity-data", type=Path, help="held-out cases for --fidelity-run (dataset or cohort)")
-    parser.add_argument("--fidelity-steps", default="", help="also sweep these DDIM step counts at our W and h")
+    parser.add_argument(
+        "--fidelity-steps", type=positive_ints, default="", help="also sweep these DDIM step counts at our W and h"
+    )
     parser.add_argument("--seeds", type=int, default=1, help="fidelity: samples per held-out case and recipe")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -370,7 +372,7 @@ def print_fidelity_verdicts(records: list[dict[str, Any]]) -> None:
 
 def run_fidelity(args: argparse.Namespace) -> None:
     """The fidelity comparison alone (``--fidelity`` or ``--fidelity-run``): its table, verdicts and JSON."""
-    sweep = [int(x) for x in args.fidelity_steps.split(",")] if args.fidelity_steps else []
+    sweep = args.fidelity_steps
     records = fidelity(
         args.config, args.fidelity, args.threads, args.fidelity_run, args.fidelity_data, sweep, args.seeds
     )
@@ -484,7 +486,7 @@ def print_memory_verdicts(results: list[dict[str, Any]], size: int) -> None:
 
 def run_sweep(args: argparse.Namespace) -> None:
     """The depth sweep (ours against full-3D), its verdicts, the evaluation table and the JSON."""
-    depths = [int(d) for d in args.depths.split(",")]
+    depths = args.depths
     results = measure_points(args, sweep_points(args, depths))
     info = machine(args.threads)
     print_sweep(args, info, results)
