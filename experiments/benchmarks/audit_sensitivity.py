@@ -27,6 +27,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo's packages before this folder's scripts
 
 from experiments.benchmarks import machine, markdown_table
+from experiments.commands.runner import report_errors
 from gem3d.config import DataConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.demo_cohort import write_demo_cohort
@@ -171,4 +172,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(report_errors("benchmark audit_sensitivity", main))

@@ -37,6 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, positive_ints, reset_peak, run_worker
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import RawVolumes, load_volumes
@@ -214,4 +215,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark cohort_memory", main))

@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import machine
 from experiments.cohort_workers import RayChunks, WorkerSettings
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
@@ -106,4 +107,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark cohort_workers", main))

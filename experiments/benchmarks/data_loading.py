@@ -31,6 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from gem3d.config import Config, TrainConfig, load_config
 from gem3d.data.dataset import load_raw, load_volumes
@@ -191,4 +192,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    raise SystemExit(report_errors("benchmark data_loading", main))

@@ -40,6 +40,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import MID, machine, markdown_table, positive_ints
+from experiments.commands.runner import report_errors
 from gem3d.data.phantoms import write_phantom_dataset
 
 REPO = Path(__file__).resolve().parents[2]
@@ -136,4 +137,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark deployed_rounds", main))

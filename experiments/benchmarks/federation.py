@@ -63,6 +63,7 @@ from flwr.simulation import run_simulation
 
 from client.app import app as client_app
 from experiments.benchmarks import MID, machine, markdown_table
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import load_volumes
@@ -387,4 +388,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark federation", main))

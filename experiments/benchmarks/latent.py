@@ -39,6 +39,7 @@ from monai.metrics import SSIMMetric
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, reset_peak, run_worker
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from experiments.evaluation.downstream import t_interval
 from experiments.evaluation.fidelity import psnr
@@ -257,4 +258,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark latent", main))

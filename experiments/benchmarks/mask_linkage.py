@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo's packages before this folder's scripts
 
+from experiments.commands.runner import report_errors
 from gem3d.config import load_config
 from gem3d.data.dataset import load_volumes
 from gem3d.masks import apply_edits, parse_edits
@@ -60,4 +61,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(report_errors("benchmark mask_linkage", main))

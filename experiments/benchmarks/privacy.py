@@ -39,6 +39,7 @@ from experiments.benchmarks.dp_accounting import epsilon_costs, print_epsilon_ta
 from experiments.benchmarks.dp_quality import print_quality_table, quality_worker
 from experiments.benchmarks.dp_step_cost import peak_worker, print_step_time_table, step_time_row, time_worker
 from experiments.benchmarks.dp_updates import mode_rows, print_mode_table
+from experiments.commands.runner import report_errors
 
 WORKERS: dict[str, Callable[[dict[str, Any]], dict[str, Any]]] = {
     "time": time_worker,
@@ -144,4 +145,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark privacy", main))

@@ -44,6 +44,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repo's packages before this folder's scripts
 
 from experiments.benchmarks import machine, markdown_table
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from experiments.evaluation.appearance import background_noise, label_intensity_error
 from experiments.evaluation.consistency import seam_ratio
@@ -277,4 +278,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(report_errors("benchmark recipes", main))

@@ -44,6 +44,7 @@ from monai.networks.nets import DiffusionModelUNet
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from experiments.benchmarks import emit, machine, markdown_table, peak_bytes, positive_ints, reset_peak, run_worker
+from experiments.commands.runner import report_errors
 from experiments.configs import resolve_config_path
 from experiments.evaluation.fidelity import psnr
 from gem3d.accel import accelerate
@@ -512,4 +513,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark sampling", main))

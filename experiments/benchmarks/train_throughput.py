@@ -49,6 +49,7 @@ from experiments.benchmarks import (
     reset_peak,
     run_worker,
 )
+from experiments.commands.runner import report_errors
 from experiments.configs import parse_overrides, resolve_config_path
 from gem3d.accel import accelerate
 from gem3d.config import TrainConfig, load_config
@@ -272,4 +273,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(report_errors("benchmark train_throughput", main))
