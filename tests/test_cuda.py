@@ -165,12 +165,17 @@ def test_per_window_gradients_on_cuda_are_those_on_the_cpu(
     expected, _ = per_sample_gradients(cpu_model, inputs, mode)
     got, _ = per_sample_gradients(cuda_model, _on(inputs, CUDA), mode)
 
-    # assert: every trainable tensor's per-window gradients agree to bf16 rounding (a wrong unit is O(1) off)
+    # assert: each window's whole gradient agrees to bf16 rounding (a wrong unit is O(1) off). Per
+    # window, not per tensor: some tensors' true gradient is zero (an attention key's bias cannot
+    # change a softmax), and their float noise has no scale to be relative to.
     assert torch.are_deterministic_algorithms_enabled()
     assert set(got) == set(expected)
-    for name, grads in expected.items():
-        error = float((got[name].cpu() - grads).norm() / grads.norm().clamp_min(1e-12))
-        assert error < 0.05, f"{name}: relative difference {error:.3g}"
+    names = sorted(expected)
+    for window in range(2):
+        reference = torch.cat([expected[name][window].flatten() for name in names])
+        difference = torch.cat([got[name][window].cpu().flatten() for name in names]) - reference
+        error = float(difference.norm() / reference.norm())
+        assert error < 0.05, f"window {window}: relative difference {error:.3g}"
 
 
 def test_dp_sgd_on_cuda_trains_both_stages_and_is_accounted(
