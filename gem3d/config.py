@@ -285,6 +285,11 @@ class TrainConfig(_Frozen):
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = Field(
+        False,
+        description="the EMA's decay after n updates is min(ema_decay, (1 + n) / (10 + n)), so a short run's EMA is "
+        "not mostly its random start (the baselines of a short evaluation use it)",
+    )
     seed: int = 0
     device: str = Field("cpu", description="torch device: cpu, cuda, cuda:1, ...")
     checkpoint_every: int = Field(

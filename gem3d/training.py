@@ -99,14 +99,14 @@ def ema_copy(model: nn.Module, decay: float, warmup: bool = False) -> Exponentia
     return ExponentialAverage(model, decay, warmup)
 
 
-def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None, ema_warmup: bool = False) -> TrainState:
-    """AdamW over the model's trainable parameters, an EMA copy and the run's seed (``cfg.seed`` unless given).
+def new_state(model: nn.Module, cfg: TrainConfig, seed: int | None = None) -> TrainState:
+    """AdamW over the model's trainable parameters, an EMA copy (warming up with ``cfg.ema_warmup``)
+    and the run's seed (``cfg.seed`` unless given).
 
     Which parameters train is the caller's choice (``requires_grad``), e.g. stage 2 freezes the base.
-    ``ema_warmup``: the EMA's decay warms up (``ema_copy``); GEM-3D's stages keep the plain EMA.
     """
     optimizer = torch.optim.AdamW(trainable_parameters(model), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    ema = ema_copy(model, cfg.ema_decay, ema_warmup)
+    ema = ema_copy(model, cfg.ema_decay, cfg.ema_warmup)
     return TrainState(model=model, ema=ema, optimizer=optimizer, seed=cfg.seed if seed is None else seed)
 
 
