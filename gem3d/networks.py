@@ -22,6 +22,7 @@ image autoencoder. Pixel models have ``codec = None``, one image channel and f =
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -271,7 +272,7 @@ class _ImageSpace:
         return 1 if self.codec is None else self.codec.factor
 
 
-class WindowDenoiser(nn.Module):
+class WindowDenoiser(nn.Module, ABC):
     """A conditional denoiser of windows ``[B, C, D, h, w]``: what ``gem3d.training`` trains on windows.
 
     Subclasses build their condition from a window's masks (``condition``) and predict the
@@ -282,10 +283,10 @@ class WindowDenoiser(nn.Module):
     num_labels: int
     codec: SliceAutoencoder | None  # set by every subclass (a class default would hide a registered module)
 
+    @abstractmethod
     def condition(self, mask: torch.Tensor, informed: torch.Tensor, informed_mask: torch.Tensor) -> torch.Tensor:
         """``[B, Cc, D, h, w]``: the condition of windows with ``mask`` ``[B, D, H, W]`` label ids,
         ``informed`` ``[B, Ci, h, w]`` (or ``[B, H, W]``) and ``informed_mask`` ``[B, H, W]``."""
-        raise NotImplementedError
 
 
 class SliceDenoiser(_ImageSpace, WindowDenoiser):
