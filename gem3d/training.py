@@ -12,7 +12,8 @@ In a latent model the clean windows and informed slices are encoded by its froze
 right after they are drawn (``latent_batch``), and everything after works on latents; masks stay
 label ids and are area-averaged to the latent size inside the networks.
 
-The centralized CLI, the Flower client and the benchmarks all call ``train``. A DP wrapper
+The centralized CLI, the Flower client, the benchmarks and the evaluation's full-3D baseline (a
+``WindowDenoiser`` on whole padded volumes) all call ``train``. A DP wrapper
 reuses ``draw_inputs`` and ``per_sample_loss`` and replaces only the batch sampling and backward.
 """
 
