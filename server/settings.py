@@ -20,7 +20,7 @@ from gem3d.errors import ConfigError
 APP_KEYS = {
     "config": "tiny",
     "set": "",
-    "data-root": "demo_out/data",
+    "data-root": "runs/federated_data",
     "demo-data": True,
     "state-root": "",
     "out-dir": "runs/federated",
@@ -66,7 +66,7 @@ def relative_paths(run_config: dict[str, Any]) -> dict[str, str]:
 
     Flower runs the ServerApp in the working folder of the process that executes it (the local
     SuperLink in a simulation or deployment), not the folder of ``flwr run``: a SuperLink left
-    running from another checkout resolves ``data-root = "demo_out/data"`` against *its* folder.
+    running from another checkout resolves ``data-root = "runs/federated_data"`` against *its* folder.
     """
     merged = {**APP_KEYS, **run_config}
     return {key: str(merged[key]).strip() for key in PATH_KEYS if str(merged[key]).strip()
