@@ -45,11 +45,13 @@ BF16_PEAK_TFLOPS = (
 
 
 def positive_ints(text: str) -> list[int]:
-    """An argparse type: comma-separated positive integers ("10,50,200"); an empty string is no values."""
+    """An argparse type: one or more comma-separated positive integers ("10,50,200")."""
     try:
         values = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer, got none")
     if any(value < 1 for value in values):
         raise argparse.ArgumentTypeError(f"expected integers >= 1, got {text!r}")
     return values

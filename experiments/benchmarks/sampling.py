@@ -351,7 +351,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--fidelity-run", type=Path, help="only the fidelity comparison, with this trained run")
     parser.add_argument("--fidelity-data", type=Path, help="held-out cases for --fidelity-run (dataset or cohort)")
     parser.add_argument(
-        "--fidelity-steps", type=positive_ints, default="", help="also sweep these DDIM step counts at our W and h"
+        "--fidelity-steps", type=positive_ints, default=None, help="also sweep these DDIM step counts at our W and h"
     )
     parser.add_argument("--seeds", type=int, default=1, help="fidelity: samples per held-out case and recipe")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
@@ -373,7 +373,7 @@ def print_fidelity_verdicts(records: list[dict[str, Any]]) -> None:
 
 def run_fidelity(args: argparse.Namespace) -> None:
     """The fidelity comparison alone (``--fidelity`` or ``--fidelity-run``): its table, verdicts and JSON."""
-    sweep = args.fidelity_steps
+    sweep = args.fidelity_steps or []
     records = fidelity(
         args.config, args.fidelity, args.threads, args.fidelity_run, args.fidelity_data, sweep, args.seeds
     )
