@@ -50,6 +50,25 @@ def test_mmd_is_near_zero_for_one_distribution_and_positive_for_a_shift() -> Non
     assert different > 10 * abs(same)
 
 
+@pytest.mark.parametrize("block", [2, 7, 30, 37])
+def test_mmd_in_blocks_of_rows_is_the_whole_matrix_s(block: int) -> None:
+    # prepare: blocks that split x, straddle x and y, and cover everything
+    x, y = _gaussian(30, 4, 0), _gaussian(7, 4, 1, shift=0.5)
+
+    # execute
+    whole = mmd(x, y, bandwidth=1.7)
+    blocked = mmd(x, y, bandwidth=1.7, block=block)
+    median_whole, median_blocked = mmd(x, y), mmd(x, y, block=block)
+
+    # assert: the same sums in another order; the median heuristic is exact while the block holds
+    # every point, and a seeded subset's (the same twice) beyond
+    assert blocked == pytest.approx(whole, rel=1e-12, abs=1e-15)
+    if block >= 37:
+        assert median_blocked == median_whole
+    else:
+        assert median_blocked == mmd(x, y, block=block) and median_blocked != median_whole
+
+
 def test_fid_of_identical_sets_is_zero_and_matches_monai() -> None:
     # prepare
     x = _gaussian(100, 16, 0)
