@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import tempfile
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -153,7 +153,7 @@ class RayChunks:
         if self._started_ray:
             ray.shutdown()
 
-    def __call__(self, chunks: Sequence[list[SampleRequest]]) -> Iterator[list[np.ndarray]]:
+    def __call__(self, chunks: Iterable[list[SampleRequest]]) -> Iterator[list[np.ndarray]]:
         import ray
 
         if not self._actors:

@@ -14,6 +14,7 @@ from gem3d.config import Config
 from gem3d.data.geometry import to_model_grid
 from gem3d.data.nifti import read_image
 from gem3d.data.nnunet_raw import DatasetWriter, Preview, read_grid_cases
+from gem3d.data.spill import LazySequence, Spill
 from gem3d.errors import DataError
 from gem3d.informed import SourceSpec, model_slice_index, proportional_index
 from gem3d.sampler import InformedSlice, OnProgress
@@ -41,40 +42,47 @@ def deenhance(
     if reference.kind != "real" or reference.path is None:
         raise DataError("--reference must be IMAGE.nii.gz[@Z]")
     cfg = synth.cfg
-    cases = read_grid_cases(data, cfg)
-    base, z_ref, depth, intensity = _reference_slice(reference, cfg)
-    rng = np.random.default_rng(seed)
-    jobs = []
-    for case in cases:
-        assert case.grid.label is not None
-        start = proportional_index(z_ref, depth, case.grid.label.shape[0])
-        job_seed = int(rng.integers(0, 2**31 - 1))
-        provenance = synth.provenance(
-            source_case=case.case_id,
-            site=case.site,
-            informed=base.provenance,
-            start=start,
-            seed=job_seed,
-            mask_edits=[],
-        )
-        jobs.append(Job(case.case_id, case.grid, base, start, job_seed, intensity, provenance))
-    num_labels = cfg.data.num_labels
-    with DatasetWriter(out, preview=preview) as writer:
-        per_case = []
-        for (job, volume), case in zip(iter_jobs(synth, jobs, on_progress), cases, strict=True):
-            assert case.grid.image is not None and case.grid.label is not None
-            per_case.append(
-                {
-                    "case": case.case_id,
-                    "site": case.site,
-                    "before": label_means(case.grid.image, case.grid.label, num_labels),
-                    "after": label_means(volume, case.grid.label, num_labels),
-                }
+    with Spill.temporary() as spill:
+        # the cases wait on disk: memory holds a sampler batch, whatever their number (issue 16)
+        cases = read_grid_cases(data, cfg, spill)
+        base, z_ref, depth, intensity = _reference_slice(reference, cfg)
+        rng = np.random.default_rng(seed)
+        starts, seeds = [], []
+        for case in cases:
+            # the depth is the model-grid label's first axis, recorded in the geometry
+            starts.append(proportional_index(z_ref, depth, case.geometry.model_shape[0]))
+            seeds.append(int(rng.integers(0, 2**31 - 1)))
+
+        def build(index: int) -> Job:
+            case = cases[index]
+            provenance = synth.provenance(
+                source_case=case.case_id,
+                site=case.site,
+                informed=base.provenance,
+                start=starts[index],
+                seed=seeds[index],
+                mask_edits=[],
             )
-            add_job(writer, job, volume, preview is not None)
-        report = _deenhance_report(base, per_case, num_labels)
-        writer.add_file("deenhance_report.json", report)
-        writer.finish(num_labels, channel_name(cfg))
+            return Job(case.case_id, case.grid(), base, starts[index], seeds[index], intensity, provenance)
+
+        jobs = LazySequence(len(cases), build)
+        num_labels = cfg.data.num_labels
+        with DatasetWriter(out, preview=preview) as writer:
+            per_case = []
+            for (job, volume), case in zip(iter_jobs(synth, jobs, on_progress), cases, strict=True):
+                assert job.target.image is not None and job.target.label is not None
+                per_case.append(
+                    {
+                        "case": case.case_id,
+                        "site": case.site,
+                        "before": label_means(job.target.image, job.target.label, num_labels),
+                        "after": label_means(volume, job.target.label, num_labels),
+                    }
+                )
+                add_job(writer, job, volume, preview is not None)
+            report = _deenhance_report(base, per_case, num_labels)
+            writer.add_file("deenhance_report.json", report)
+            writer.finish(num_labels, channel_name(cfg))
     return report
 
 

@@ -113,8 +113,10 @@ def real_slice(
     """
     if case.image is None:
         raise ValueError("a real informed slice needs the case's image")
-    mask = case.label[z] if case.label is not None else None
-    return InformedSlice(image=case.image[z], mask=mask, source=source, provenance={**provenance, "model_index": z})
+    # copies, not views: a view would keep the whole case alive for as long as the slice lives
+    mask = np.array(case.label[z]) if case.label is not None else None
+    image = np.array(case.image[z])
+    return InformedSlice(image=image, mask=mask, source=source, provenance={**provenance, "model_index": z})
 
 
 def read_slice_file(path: Path, cfg: DataConfig) -> tuple[InformedSlice, tuple[float, float]]:
@@ -169,15 +171,22 @@ def generated_slices(
     """
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
-    positions = [start / max(mask.shape[0] - 1, 1) for mask, start in zip(masks, starts, strict=True)]
-    mask_slices = [mask[start] for mask, start in zip(masks, starts, strict=True)]  # views, no copies
     seeds = list(seeds)
     if len(seeds) != len(masks):
         raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds")
+    # each mask is indexed once and only its start slice kept (a copy: a view would keep the
+    # whole volume alive), so ``masks`` may be a sequence that loads each volume when indexed
+    positions, mask_slices = [], []
+    for index, start in enumerate(starts):
+        mask = masks[index]
+        positions.append(start / max(mask.shape[0] - 1, 1))
+        mask_slices.append(np.array(mask[start]))
+    if len(mask_slices) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(mask_slices)} starts")
     images: list[np.ndarray] = []
     for first in range(0, len(masks), batch):
         rows = slice(first, first + batch)
-        size = (int(masks[first].shape[1]), int(masks[first].shape[2]))
+        size = (int(mask_slices[first].shape[0]), int(mask_slices[first].shape[1]))
         images += generate_informed_slices(model, sampler, positions[rows], mask_slices[rows], seeds[rows], size)
     return [
         InformedSlice(image, mask_slice, "generate", {"position": round(position, 4), "seed": seed})

@@ -143,16 +143,21 @@ def iter_jobs(
     """
     cfg = synth.cfg
     batch = cfg.sampler.batch_volumes
-    chunks = [jobs[first : first + batch] for first in range(0, len(jobs), batch)]
+    # chunks are sliced from ``jobs`` as they are needed: a lazy sequence
+    # (``gem3d.data.spill.LazySequence``) then builds one chunk's arrays at a time
+    firsts = range(0, len(jobs), batch)
     if synth.sample_chunks is not None:
-        results = synth.sample_chunks(_requests(chunk) for chunk in chunks)
-        for number, (chunk, volumes) in enumerate(zip(chunks, results, strict=True)):
+        # the workers get a chunk's requests ahead of time; its jobs are sliced again to yield them
+        results = synth.sample_chunks(_requests(jobs[first : first + batch]) for first in firsts)
+        for number, (first, volumes) in enumerate(zip(firsts, results, strict=True)):
+            chunk = jobs[first : first + batch]
             if on_progress is not None:
                 for offset in range(len(chunk)):
                     on_progress(number * batch + offset, 1, 1)
             yield from zip(chunk, volumes, strict=True)
         return
-    for number, chunk in enumerate(chunks):
+    for number, first in enumerate(firsts):
+        chunk = jobs[first : first + batch]
         progress = None if on_progress is None else _shifted_progress(on_progress, number * batch)
         volumes = sample_volumes(
             synth.volume_model, synth.sampler, _requests(chunk), cfg.data.window, cfg.sampler.overlap, batch, progress
@@ -227,7 +232,7 @@ def informed_batch(cfg: Config) -> int:
 
 
 def generated_informed(
-    synth: Synthesiser, masks: list[np.ndarray], starts: list[int], seeds: list[int]
+    synth: Synthesiser, masks: Sequence[np.ndarray], starts: Sequence[int], seeds: Sequence[int]
 ) -> list[InformedSlice]:
     """Informed slices from the run's generator, ``informed_batch`` per call; a clear error if the run has none."""
     if synth.informed_model is None:

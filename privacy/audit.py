@@ -69,6 +69,7 @@ from scipy.stats import rankdata
 from torch import nn
 
 from gem3d.config import Config
+from gem3d.data.spill import LazySequence
 from gem3d.data.volume import Volume
 from gem3d.data.windows import WindowSource
 from gem3d.diffusion import noise_process
@@ -243,6 +244,11 @@ def centre(x: torch.Tensor) -> torch.Tensor:
 def _padding(settings: AuditSettings) -> int:
     """Background margin around a canonical array: room for centring and residual shifts."""
     return settings.max_shift + max(2, round(0.05 * max(settings.grid)))
+
+
+def _images(volumes: Sequence[Volume]) -> LazySequence[np.ndarray]:
+    """The volumes' images, each got when indexed: the training set may be a sequence that reads each case from disk."""
+    return LazySequence(len(volumes), lambda i: volumes[i].image)
 
 
 def volume_grid(volumes: Sequence[np.ndarray], settings: AuditSettings) -> torch.Tensor:
@@ -572,7 +578,7 @@ class _TrainingReference:
     def __init__(self, train: Sequence[Volume], settings: AuditSettings) -> None:
         self.settings = settings
         self.pad = _padding(settings)
-        grids = volume_grid([v.image for v in train], settings)
+        grids = volume_grid(_images(train), settings)
         self.scale = standard_scale(grids.flatten(1))
         canon = torch.cat(
             [canonical(grids[i : i + _VOLUMES], self.scale, self.pad) for i in range(0, len(train), _VOLUMES)]
@@ -625,9 +631,11 @@ def memorization_audit(
 ) -> AuditResult:
     """Nearest-neighbour distances of synthetic and reference volumes (and slices) to the training set.
 
-    Memory: the training set, the reference, is held in canonical form; holdout and synthetic
-    volumes are read ``_VOLUMES`` at a time (any ``Sequence``, e.g. one that reads each case from
-    disk when indexed), so a synthetic cohort of any size costs one chunk (issue 16).
+    Memory: the training set, the reference, is held in canonical form only (its grids and
+    slices at the audit's resolution; each training case is indexed once per pass, so ``train``
+    too may read each case from disk when indexed); holdout and synthetic volumes are read
+    ``_VOLUMES`` at a time (any ``Sequence``), so a synthetic cohort of any size costs one chunk
+    (issue 16).
 
     Args:
         synthetic, train, holdout: volumes with ``image`` ``[D, H, W]`` in [-1, 1] (any sizes).
@@ -753,7 +761,7 @@ class _TrainSlices:
 
     @classmethod
     def build(cls, train: Sequence[Volume], settings: AuditSettings, pad: int) -> _TrainSlices:
-        slices, owner, _ = volume_slices([v.image for v in train], settings)
+        slices, owner, _ = volume_slices(_images(train), settings)
         norm = float(np.prod(settings.grid[1:])) ** 0.5
         if not len(slices):
             return cls(slices, owner, None, norm)

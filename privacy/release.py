@@ -33,7 +33,10 @@ mask edits and the model's privacy before generating anything, plans the enhance
 (``gem3d.enhance.enhancement_jobs`` with generated informed slices), runs the checks of step 1 on
 the plan, then samples the cases in their secret order a batch at a time and writes each one
 into the working folder as its batch ends (steps 3 to 5 as ``release_cohort``): memory holds one
-batch, not the cohort (issue 16).
+batch, not the cohort (issue 16). Meanwhile the site's cases on the model grid and their edited
+masks wait in a private temporary folder (``gem3d.data.spill``: mode 0700 under ``$TMPDIR``,
+removed when the release ends, refused or not); they are the site's own data and unreleased
+masks derived from it, and no generated volume is ever written there.
 """
 
 from __future__ import annotations
@@ -51,8 +54,9 @@ import torch
 
 from gem3d.checkpoint import library_versions
 from gem3d.config import Config, DataConfig
-from gem3d.data.dataset import RawVolumes, load_volumes
-from gem3d.data.nnunet_raw import case_files, dataset_folders, dataset_json
+from gem3d.data.dataset import RawVolumes, load_volumes, warn_if_partial
+from gem3d.data.nnunet_raw import case_files, dataset_folders, dataset_json, read_grid_cases
+from gem3d.data.spill import LazySequence, Spill, SpilledCase, reordered, spilled_volumes
 from gem3d.data.volume import Volume
 from gem3d.enhance import enhancement_jobs
 from gem3d.errors import ConfigError, DataError
@@ -252,31 +256,38 @@ def check_informed_pixels(cases: Sequence[Checked], real: Sequence[Volume], poli
     Args:
         real: training volumes on the model grid, ``image`` ``[D, H, W]`` in [-1, 1].
     """
-    slices = [np.asarray(v.image, dtype=np.float32) for v in real]
     for index, case in enumerate(cases):
         if case.informed_slice is None:
             raise ReleasePolicyError(
                 f"generated case {index}: its informed slice did not reach the release gate, so its pixels "
                 "cannot be checked against the real slices; refused"
             )
-        informed = torch.from_numpy(np.asarray(case.informed_slice, dtype=np.float32))[None, None]
-        variants = torch.cat(list(dihedral(informed)))[:, 0].numpy()  # [8, H, W]: 4 rotations, each mirrored
-        best = np.inf
-        for volume in slices:
-            if volume.shape[1:] != variants.shape[1:]:
+    variants = [_dihedral_variants(c.informed_slice) for c in cases]
+    best = np.full(len(cases), np.inf)
+    for number in range(len(real)):  # each training volume read once (``real`` may read it from disk)
+        volume = np.asarray(real[number].image, dtype=np.float32)
+        for index, variant in enumerate(variants):
+            if volume.shape[1:] != variant.shape[1:]:
                 raise DataError(
-                    f"generated case {index}: informed slice shape {variants.shape[1:]} differs from the "
+                    f"generated case {index}: informed slice shape {variant.shape[1:]} differs from the "
                     f"training slices' {volume.shape[1:]}"
                 )
             # [D, 8]: every real slice of this volume against every variant of the informed slice
-            squared = ((volume[:, None] - variants[None]) ** 2).mean(axis=(2, 3))
-            best = min(best, float(np.sqrt(squared.min())))
-        if best < policy.informed_copy_rms:
+            squared = ((volume[:, None] - variant[None]) ** 2).mean(axis=(2, 3))
+            best[index] = min(best[index], float(np.sqrt(squared.min())))
+    for index, rms in enumerate(best):
+        if rms < policy.informed_copy_rms:
             raise ReleasePolicyError(
                 f"generated case {index}: its informed slice matches a real training slice "
-                f"(RMS difference {best:.4f} < {policy.informed_copy_rms:g}, flips and 90-degree rotations "
+                f"(RMS difference {rms:.4f} < {policy.informed_copy_rms:g}, flips and 90-degree rotations "
                 "included); copied informed slices are refused"
             )
+
+
+def _dihedral_variants(image: Any) -> np.ndarray:
+    """``[8, H, W]``: an ``[H, W]`` slice in its 4 rotations by 90 degrees, each also mirrored."""
+    informed = torch.from_numpy(np.asarray(image, dtype=np.float32))[None, None]
+    return torch.cat(list(dihedral(informed)))[:, 0].numpy()
 
 
 def check_linkage(
@@ -292,7 +303,7 @@ def check_linkage(
     Returns:
         the report's ``mask_linkage`` section (aggregates only).
     """
-    result = linkage_test(masks, sources, [v.label for v in train])
+    result = linkage_test(masks, sources, LazySequence(len(train), lambda i: train[i].label))
     report = result.report()
     if result.too_close:
         raise ReleaseRefusedError(
@@ -724,34 +735,40 @@ def release_dataset(
     out = Path(out)
     if out.exists():
         raise DataError(f"{out}: already exists; choose a new --out (nothing is overwritten)")
-    train, holdout_volumes = _audit_references(data, holdout, synth.cfg, audit_settings)
-    # Generated in memory, informed slices included, so the gate checks their pixels; nothing
-    # un-audited, and nothing carrying a source id, is ever written to disk.
-    jobs = enhancement_jobs(synth, data, per_case, "generate", edits, seed)
-    linkage = _check_job_linkage(jobs, train, policy)
-    # every check that needs no volume runs on the plan, before the first volume is sampled
-    planned = [PlannedCase(job.provenance, job.informed.image) for job in jobs]
-    dp, trained_at = _refuse_early(planned, train, privacy_statement, policy, site_audit)
-    # Sampled in the secret order, a batch at a time, each case written as its batch ends: only
-    # the release's pseudonymous, scrubbed files ever reach the disk, and memory holds one batch.
-    ordered = [jobs[i] for i in secret_order(len(jobs))]
-    published = _publish(
-        (generated_case(job, volume, synth.cfg) for job, volume in iter_jobs(synth, ordered, on_progress)),
-        len(jobs),
-        out,
-        train=train,
-        data_cfg=synth.cfg.data,
-        dp=dp,
-        trained_at=trained_at,
-        holdout=holdout_volumes,
-        policy=policy,
-        audit_settings=audit_settings,
-        generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
-        seed=None,
-        label_names=None,
-        mask_linkage=linkage,
-        site_audit=site_audit,
-    )
+    if holdout:
+        dataset_folders(holdout)  # a bad --holdout is named before the training data is read
+    # Planned with the informed slices in memory, so the gate checks their pixels; nothing
+    # un-audited, and nothing carrying a source id, is ever written to the release's folder. The
+    # site's cases and the edited masks wait in a private temporary spill (``gem3d.data.spill``),
+    # read back a case or a batch at a time, so memory does not grow with the number of cases.
+    with Spill.temporary() as spill:
+        cases = read_grid_cases(data, synth.cfg, spill)
+        train, holdout_volumes = _audit_references(cases, data, holdout, synth.cfg, audit_settings)
+        jobs = enhancement_jobs(synth, cases, per_case, "generate", edits, seed, spill)
+        linkage = _check_job_linkage(jobs, [case.case_id for case in cases], train, policy)
+        # every check that needs no volume runs on the plan, before the first volume is sampled
+        planned = [PlannedCase(job.provenance, job.informed.image) for job in jobs]
+        dp, trained_at = _refuse_early(planned, train, privacy_statement, policy, site_audit)
+        # Sampled in the secret order, a batch at a time, each case written as its batch ends: only
+        # the release's pseudonymous, scrubbed files ever reach the disk, and memory holds one batch.
+        ordered = reordered(jobs, secret_order(len(jobs)))
+        published = _publish(
+            (generated_case(job, volume, synth.cfg) for job, volume in iter_jobs(synth, ordered, on_progress)),
+            len(jobs),
+            out,
+            train=train,
+            data_cfg=synth.cfg.data,
+            dp=dp,
+            trained_at=trained_at,
+            holdout=holdout_volumes,
+            policy=policy,
+            audit_settings=audit_settings,
+            generator={"checkpoint_sha256": synth.checkpoints, "versions": library_versions()},
+            seed=None,
+            label_names=None,
+            mask_linkage=linkage,
+            site_audit=site_audit,
+        )
     report = json.loads((published / "privacy_report.json").read_text())
     return ReleaseResult(out=published, cases=len(jobs), report=report)
 
@@ -775,12 +792,14 @@ def _shaping_edits(mask_edit: str, policy: ReleasePolicy) -> list[Any]:
 
 
 def _audit_references(
-    data: Path, holdout: Path | None, cfg: Config, audit_settings: AuditSettings | None
-) -> tuple[list[Volume], list[Volume] | None]:
-    """The training volumes and the holdout's, checked to be enough for the audit's threshold before any generation."""
-    if holdout:
-        dataset_folders(holdout)  # a bad --holdout is named before the training data is read
-    train = load_site_volumes(data, cfg)
+    cases: Sequence[SpilledCase], data: Path, holdout: Path | None, cfg: Config, audit_settings: AuditSettings | None
+) -> tuple[Sequence[Volume], list[Volume] | None]:
+    """The training volumes (the spilled ``cases``, read when indexed) and the holdout's (in memory).
+
+    Both are checked to be enough for the audit's threshold, and disjoint, before any generation.
+    """
+    train = spilled_volumes(cases)
+    warn_if_partial(train, cfg.data, data)
     holdout_volumes = load_site_volumes(holdout, cfg) if holdout else None
     if holdout_volumes is not None:
         check_holdout_disjoint(train, holdout_volumes, f"--holdout {holdout}")
@@ -789,11 +808,19 @@ def _audit_references(
     return train, holdout_volumes
 
 
-def _check_job_linkage(jobs: Sequence[Job], train: Sequence[Volume], policy: ReleasePolicy) -> dict[str, Any]:
-    """``check_linkage`` on the planned jobs' edited masks, each against its source among ``train``."""
-    index = {volume.case_id: i for i, volume in enumerate(train)}
-    masks = [job.target.label for job in jobs if job.target.label is not None]
-    return check_linkage(masks, [index[str(job.provenance["source_case"])] for job in jobs], train, policy)
+def _check_job_linkage(
+    jobs: Sequence[Job], case_ids: Sequence[str], train: Sequence[Volume], policy: ReleasePolicy
+) -> dict[str, Any]:
+    """``check_linkage`` on the planned jobs' edited masks, each against its source in ``train`` (ids ``case_ids``)."""
+    index = {case_id: i for i, case_id in enumerate(case_ids)}
+    sources = [index[str(job.provenance["source_case"])] for job in jobs]
+    return check_linkage(LazySequence(len(jobs), lambda i: _edited_mask(jobs[i])), sources, train, policy)
+
+
+def _edited_mask(job: Job) -> np.ndarray:
+    """A job's edited mask ``[D, H, W]`` (model grid)."""
+    assert job.target.label is not None
+    return job.target.label
 
 
 __all__ = [

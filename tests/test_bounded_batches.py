@@ -11,6 +11,7 @@ different batch sizes, by about 1e-7).
 from __future__ import annotations
 
 import dataclasses
+import tracemalloc
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -25,7 +26,9 @@ from torch import nn
 import privacy.audit
 from gem3d.config import Config
 from gem3d.data.dataset import load_volumes
+from gem3d.data.nnunet_raw import read_grid_cases
 from gem3d.data.phantoms import write_phantom_dataset
+from gem3d.data.spill import Spill
 from gem3d.data.volume import Volume
 from gem3d.diffusion import make_sampler
 from gem3d.enhance import enhance, enhancement_jobs
@@ -134,18 +137,20 @@ def _written(out: Path) -> Callable[[], int]:
 def test_iter_jobs_gives_the_bytes_of_one_sampler_call(micro_run: Path, phantom_dir: Path) -> None:
     # prepare
     synth = _with_batch(load_synthesiser(micro_run, steps=2), 2)
-    jobs = enhancement_jobs(synth, phantom_dir, 2, "generate", seed=1)
-    requests = [SampleRequest(j.target.label, j.informed, j.start, j.seed) for j in jobs]  # type: ignore[arg-type]
     cfg = synth.cfg
     progress: list[int] = []
 
     # execute
-    with _batch_sizes(synth.volume_model) as sizes:
-        streamed = list(iter_jobs(synth, jobs, lambda index, done, total: progress.append(index)))
+    with Spill.temporary() as spill:
+        jobs = enhancement_jobs(synth, read_grid_cases(phantom_dir, synth.cfg, spill), 2, "generate", (), 1, spill)
+        requests = [SampleRequest(j.target.label, j.informed, j.start, j.seed) for j in jobs]  # type: ignore[arg-type]
+        with _batch_sizes(synth.volume_model) as sizes:
+            streamed = list(iter_jobs(synth, jobs, lambda index, done, total: progress.append(index)))
+        job_ids = [job.case_id for job in jobs]
     whole = sample_volumes(synth.volume_model, synth.sampler, requests, cfg.data.window, cfg.sampler.overlap, 2)
 
     # assert: the volumes of one call over the cohort (its own batches are the same), in job order
-    assert [job for job, _ in streamed] == jobs
+    assert [job.case_id for job, _ in streamed] == job_ids
     assert [v.tobytes() for _, v in streamed] == [v.tobytes() for v in whole]
     assert max(sizes) <= 2 * 2  # a round holds an upward and a downward window per volume
     assert sorted(set(progress)) == list(range(len(jobs)))
@@ -174,6 +179,50 @@ def test_a_cohort_is_written_a_batch_at_a_time(micro_run: Path, phantom_dir: Pat
     written = [count for _, count in seen]
     assert written == sorted(written) and set(written) == set(range(cases))
     assert len(list((out / "imagesTr").glob("*.nii.gz"))) == cases
+
+
+def _grid_bytes(data: Path, cfg: Config) -> int:
+    """Bytes of a dataset's cases on the model grid (image and label)."""
+    return sum(v.image.nbytes + v.label.nbytes for v in load_volumes(data, cfg.data, warn_partial=False))
+
+
+@pytest.mark.parametrize("app", ["enhance", "deenhance", "release"])
+def test_memory_does_not_grow_with_the_number_of_cases(micro_run: Path, tmp_path: Path, app: str) -> None:
+    # prepare: cohorts of 2 and 8 deep phantoms, so that a case's arrays outweigh the rest; the
+    # release's audit keeps a reference of each training case, small on its coarsest grid
+    from gem3d.deenhance import deenhance
+    from gem3d.informed import SourceSpec
+    from privacy.release import ReleasePolicy, release_dataset
+
+    policy = ReleasePolicy(require_dp=False, max_linkage_rate=1.0)
+    audit = AuditSettings(grid=(8, 8, 8), quantile=0.5, slice_check=False)
+
+    synth = _with_batch(load_synthesiser(micro_run, steps=1), 1)
+    peaks, sizes = {}, {}
+
+    # execute: numpy's allocations are traced (tracemalloc), the peak taken over each whole run
+    for count in (2, 8):
+        data = write_phantom_dataset(tmp_path / f"data_{count}", count, (16, 16, 160), seed=count)
+        sizes[count] = _grid_bytes(data, synth.cfg)
+        tracemalloc.start()
+        try:
+            if app == "enhance":
+                enhance(synth, data, tmp_path / f"out_{count}", 1, "copy", seed=0)
+            elif app == "release":
+                release_dataset(
+                    synth, data, tmp_path / f"out_{count}", per_case=1, mask_edit="rotate:20,elastic:4", policy=policy,
+                    privacy_statement=None, audit_settings=audit,
+                )  # fmt: skip
+            else:
+                reference = next((data / "imagesTr").glob("*.nii.gz"))
+                deenhance(synth, data, tmp_path / f"out_{count}", SourceSpec("real", reference))
+            peaks[count] = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+
+    # assert: six more cases add under a tenth of their arrays to the peak (holding them adds it all)
+    added = sizes[8] - sizes[2]
+    assert peaks[8] - peaks[2] < 0.1 * added, (peaks, added)
 
 
 # --- the audit ------------------------------------------------------------------------------------

@@ -131,11 +131,11 @@ def arm_synthesiser(
         kind = "own" if arm.informed == "none" else arm.informed
         edits = parse_edits(arm.mask_edits, slice_axis) if arm.mask_edits else []
         plans = plan_enhancement(planner, cases, replicates, kind, edits, plan_seed(seed, len(indices)))
-        requests = [SampleRequest(p.label, p.informed, p.start, p.seed) for p in plans]
+        requests = [SampleRequest(p.label.load(), p.informed, p.start, p.seed) for p in plans]
         volumes = samplers[arm.method](requests)
         out: list[list[Pair]] = [[] for _ in cases]
-        for plan, volume in zip(plans, volumes, strict=True):
-            out[plan.source].append((volume, plan.label))
+        for request, plan, volume in zip(requests, plans, volumes, strict=True):
+            out[plan.source].append((volume, request.mask))
         return out
 
     return synthesise

@@ -37,7 +37,7 @@ def label_coverage(volume: Volume) -> float:
     return float(max(extent[1] / volume.label.shape[1], extent[2] / volume.label.shape[2]))
 
 
-def warn_if_partial(volumes: list[Volume], cfg: DataConfig, source: Path) -> None:
+def warn_if_partial(volumes: Sequence[Volume], cfg: DataConfig, source: Path) -> None:
     """Log a warning when the labels cover only part of the imaged anatomy and no fixed field of view is set.
 
     A mask on its own (``gem3d sample``) is then cropped to its labels, a field of view the

@@ -1,7 +1,8 @@
 """nnU-Net v2 raw datasets in and out: cases read onto the model grid, and the one dataset writer.
 
 ``read_grid_cases`` reads every case of a dataset (or of each site dataset of a cohort root) onto
-the model grid. ``DatasetWriter`` writes ``imagesTr``, ``labelsTr`` and ``dataset.json``
+the model grid, into a ``gem3d.data.spill.Spill``.
+``DatasetWriter`` writes ``imagesTr``, ``labelsTr`` and ``dataset.json``
 (``dataset_json``) atomically: cases go into a work folder beside the target
 (``gem3d.files.AtomicFolder``), renamed into place by ``finish``; an existing target is never
 overwritten, and ``abort`` (or leaving its ``with`` block unfinished) leaves nothing behind.
@@ -13,16 +14,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from gem3d.config import Config
-from gem3d.data.geometry import CaseGeometry, ModelGridCase, to_model_grid
+from gem3d.data.geometry import CaseGeometry, to_model_grid
 from gem3d.data.layouts import check_case_headers, discover, read_case
 from gem3d.data.nifti import save_nifti
+from gem3d.data.spill import Spill, SpilledCase
 from gem3d.errors import DataError
 from gem3d.files import AtomicFolder, write_json
 
@@ -133,15 +134,6 @@ class DatasetWriter:
         self.folder.discard()
 
 
-@dataclass(frozen=True)
-class GridCase:
-    """A dataset case on the model grid, with the site it came from (for multi-site folders)."""
-
-    case_id: str
-    site: str
-    grid: ModelGridCase
-
-
 def dataset_folders(data: Path) -> list[tuple[str, Path]]:
     """``[(site, folder)]``: the folder itself, or its ``site_*`` sub-datasets (any sub-datasets if none)."""
     if not data.is_dir():
@@ -156,8 +148,12 @@ def dataset_folders(data: Path) -> list[tuple[str, Path]]:
     return [(p.name, p) for p in sites]
 
 
-def read_grid_cases(data: Path, synth_cfg: Config) -> list[GridCase]:
-    """Every case of a dataset (or of each site dataset in ``data``), on the model grid."""
+def read_grid_cases(data: Path, synth_cfg: Config, spill: Spill) -> list[SpilledCase]:
+    """Every case of a dataset (or of each site dataset in ``data``), on the model grid, into ``spill``.
+
+    Every case is read, checked and mapped here, before any work starts; its arrays then wait on
+    disk (``gem3d.data.spill``), so memory holds one case at a time whatever the dataset's size.
+    """
     cfg = synth_cfg.data
     cases = []
     for site, folder in dataset_folders(data):
@@ -167,10 +163,13 @@ def read_grid_cases(data: Path, synth_cfg: Config) -> list[GridCase]:
             if problem is not None:
                 raise DataError(problem)
         values = listing.declared_labels or tuple(range(cfg.num_labels))
+        if len(values) > cfg.num_labels:
+            raise DataError(f"{folder}: declares {len(values)} labels but data.num_labels is {cfg.num_labels}")
         for files in listing.cases:
             case = read_case(files, listing.declared_labels)
             grid = to_model_grid(case.image, case.label, case.affine, cfg, values, source=str(files.label))
-            cases.append(GridCase(case.case_id, site, grid))
+            assert grid.image is not None and grid.label is not None
+            cases.append(SpilledCase(case.case_id, site, grid.geometry, spill.put(grid.image), spill.put(grid.label)))
     if not cases:
         raise DataError(f"{data}: no cases found")
     return cases
