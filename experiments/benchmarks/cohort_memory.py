@@ -4,8 +4,11 @@ For each cohort size (``--cases``, default 10, 50, 200) and each workload, one f
 measures the peak resident memory of:
 
 * ``enhance``: ``gem3d.enhance.enhance`` with ``--informed generate``, one new pair per case: the
-  dataset read onto the model grid, the informed slices generated (``informed_batch`` per call),
+  dataset read onto the model grid into a temporary spill (``gem3d.data.spill``: the cases and
+  planned masks wait on disk), the informed slices generated (``informed_batch`` per call),
   the volumes sampled ``sampler.batch_volumes`` at a time and each written as its batch ends;
+* ``deenhance``: ``gem3d.deenhance.deenhance`` of the cohort with one reference slice (the
+  cohort's first image): every case regenerated from its own mask, a batch at a time;
 * ``audit``: the memorisation audit of the cohort as synthetic cases, read back from disk a
   chunk at a time as the release does (``RawVolumes``), against a fixed training set and holdout
   (``--reference`` cases each), then membership inference on the cohort (its first half as
@@ -16,8 +19,9 @@ depend on what they learnt); the cases are phantoms (``write_phantom_dataset``).
 the process's RSS high-water mark (``VmHWM``, reset when the measured work starts:
 ``experiments.benchmarks.reset_peak``); the table gives it, and how far it rose above the RSS at
 the start (models, libraries and any inputs loaded). The ratios max/min over the sizes are
-printed per workload. Evaluation is not measured: its FID/MMD keep every slice's features (linear
-in the cohort) and MMD's pooled distance matrix is quadratic in it (see the report of issue 16).
+printed per workload. Evaluation is not measured: it holds its held-out real cases, and its
+FID/MMD keep every slice's features (linear in the cohort, a few KB a slice); MMD's pooled
+distance matrix is taken ``distribution.MMD_BLOCK`` rows at a time, no longer whole.
 
     .venv/bin/python experiments/benchmarks/cohort_memory.py [--config tiny] [--cases 10,50,200] [--steps 1]
 """
@@ -42,13 +46,15 @@ from experiments.configs import resolve_config_path
 from gem3d.config import Config, load_config
 from gem3d.data.dataset import RawVolumes, load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
+from gem3d.deenhance import deenhance
 from gem3d.diffusion import make_sampler
 from gem3d.enhance import enhance
+from gem3d.informed import SourceSpec
 from gem3d.runs import build_model
 from gem3d.synthesis import Synthesiser
 from privacy.audit import AuditSettings, membership_inference, memorization_audit
 
-WORKLOADS = ("enhance", "audit")
+WORKLOADS = ("enhance", "deenhance", "audit")
 CPU = torch.device("cpu")
 
 
@@ -68,12 +74,17 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     cfg = load_config(resolve_config_path(spec["config"]))
     root = Path(spec["root"])
     cohort = root / f"cohort_{spec['cases']}"
-    if spec["workload"] == "enhance":
+    if spec["workload"] in ("enhance", "deenhance"):
         volume, informed = random_model("volume", cfg), random_model("informed", cfg)
         synth = Synthesiser(volume, informed, cfg, make_sampler(cfg.diffusion, spec["steps"]), {})  # type: ignore[arg-type]
+        reference = SourceSpec("real", sorted((cohort / "imagesTr").glob("*.nii.gz"))[0])
+        out = root / f"{spec['workload']}_{spec['cases']}"
         baseline = reset_peak(CPU)
         started = time.perf_counter()
-        enhance(synth, cohort, root / f"enhanced_{spec['cases']}", 1, "generate", seed=0)
+        if spec["workload"] == "enhance":
+            enhance(synth, cohort, out, 1, "generate", seed=0)
+        else:
+            deenhance(synth, cohort, out, reference, seed=0)
     else:
         model = random_model("volume", cfg)
         train = load_volumes(root / "train", cfg.data)
