@@ -15,15 +15,19 @@ import pytest
 from gem3d.config import Config, PrivacyConfig
 from gem3d.data.dataset import load_volumes
 from gem3d.data.phantoms import write_phantom_dataset
+from gem3d.data.volume import Volume
+from gem3d.errors import DataError
 from privacy.audit import AuditSettings
 from privacy.errors import ReleasePolicyError, ReleaseRefusedError
 from privacy.ledger import PrivacyLedger
 from privacy.model_privacy import site_entry, stage_record, statement
 from privacy.release import (
+    PIXEL_CHUNK,
     SCRUBBED_FIELDS,
     GeneratedCase,
     ReleasePolicy,
     check_policy,
+    nearest_slice_rms,
     pseudonymous_ids,
     release_cohort,
     scrub_nifti,
@@ -182,6 +186,40 @@ def test_informed_slice_equal_to_a_real_slice_is_refused_whatever_its_label(
             audit_settings=SIX_CASES,
             privacy_statement=None,
         )
+
+
+def _direct_rms(image: np.ndarray, volumes: list[Volume]) -> float:
+    """The smallest RMS difference of ``image`` (its 8 dihedral variants) to any slice, pair by pair."""
+    variants = [np.rot90(image, k) for k in range(4)]
+    variants += [np.fliplr(v) for v in variants]
+    return min(
+        float(np.sqrt(((volume.image[z].astype(np.float64) - v) ** 2).mean()))
+        for volume in volumes
+        for z in range(volume.depth)
+        for v in variants
+    )
+
+
+def test_the_pixel_check_finds_the_nearest_real_slice_as_a_pair_by_pair_search_does() -> None:
+    # prepare: 3 real volumes; 40 slices (more than a chunk): noise, and copies flipped, rotated, noised
+    rng = np.random.default_rng(0)
+    real = [Volume(f"r{i}", rng.uniform(-1, 1, (5, 8, 8)).astype(np.float32), np.zeros((5, 8, 8), np.uint8))
+            for i in range(3)]  # fmt: skip
+    slices = [rng.uniform(-1, 1, (8, 8)).astype(np.float32) for _ in range(PIXEL_CHUNK + 8)]
+    slices[3] = real[1].image[2].copy()
+    slices[PIXEL_CHUNK + 1] = np.flipud(np.rot90(real[2].image[4])).copy()
+    slices[7] = (real[0].image[0] + rng.normal(0, 0.01, (8, 8))).astype(np.float32)
+
+    # execute
+    found = nearest_slice_rms(slices, real)
+
+    # assert
+    expected = [_direct_rms(image, real) for image in slices]
+    assert np.allclose(found, expected, rtol=1e-9, atol=1e-6)
+    assert found[3] < 1e-6 and found[PIXEL_CHUNK + 1] < 1e-6 and 0.005 < found[7] < 0.015
+    assert min(np.delete(found, [3, 7, PIXEL_CHUNK + 1])) > 0.3
+    with pytest.raises(DataError, match="generated case 0: informed slice shape"):
+        nearest_slice_rms([np.zeros((4, 4), np.float32)], real)
 
 
 def test_release_writes_a_scrubbed_pseudonymous_cohort(

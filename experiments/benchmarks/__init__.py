@@ -44,6 +44,17 @@ BF16_PEAK_TFLOPS = (
 )
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: one integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
 def positive_ints(text: str) -> list[int]:
     """An argparse type: one or more comma-separated positive integers ("10,50,200")."""
     try:
