@@ -52,7 +52,7 @@ def enhance(
         cases = read_grid_cases(data, synth.cfg, spill)
         if informed_kind == "copy" and len(cases) < 2:
             raise DataError(f"{data}: --informed copy needs at least two cases")
-        jobs = enhancement_jobs(synth, cases, per_case, informed_kind, edits, seed, spill)
+        jobs = enhancement_jobs(synth, cases, per_case, informed_kind, edits, seed, spill, preview is not None)
         return _write_jobs(synth, jobs, out, on_progress, preview)
 
 
@@ -173,6 +173,7 @@ def enhancement_jobs(
     edits: Sequence[Any],
     seed: int,
     spill: Spill,
+    with_images: bool = False,
 ) -> LazySequence[Job]:
     """The jobs of ``enhance``: ``plan_enhancement`` over ``cases`` (``read_grid_cases``), with their geometry.
 
@@ -180,14 +181,16 @@ def enhancement_jobs(
     cases, and each job's arrays are loaded when it is indexed, so ``spill`` must outlive the
     jobs (``with Spill.temporary() as spill: ...``). Generated informed slices are drawn here (on
     the model grid, ``job.informed.image`` ``[H, W]``, in memory), so a caller such as the release
-    gate can check their pixels before anything is written.
+    gate can check their pixels before anything is written. ``with_images`` loads each source
+    case's real image into its job too (``job.target.image``, for a preview); the sampler does not
+    need it.
     """
     plans = plan_enhancement(synth, spilled_volumes(cases), per_case, informed_kind, edits, seed, spill)
-    return LazySequence(len(plans), lambda index: _enhancement_job(synth, cases, plans[index]))
+    return LazySequence(len(plans), lambda index: _enhancement_job(synth, cases, plans[index], with_images))
 
 
-def _enhancement_job(synth: Synthesiser, cases: Sequence[SpilledCase], plan: PlannedPair) -> Job:
-    """The job of one planned pair, its arrays loaded from the spill."""
+def _enhancement_job(synth: Synthesiser, cases: Sequence[SpilledCase], plan: PlannedPair, with_image: bool) -> Job:
+    """The job of one planned pair, its mask (and with ``with_image`` its source's image) loaded from the spill."""
     case = cases[plan.source]
     geometry = case.geometry
     intensity = (geometry.intensity_low, geometry.intensity_high)
@@ -199,8 +202,8 @@ def _enhancement_job(synth: Synthesiser, cases: Sequence[SpilledCase], plan: Pla
         seed=plan.seed,
         mask_edits=plan.mask_edits,
     )
-    # the source case's real image rides along for the preview; the sampler reads only the mask
-    target = ModelGridCase(case.image.load(), plan.label.load(), geometry)
+    # the source case's real image rides along only for the preview; the sampler reads only the mask
+    target = ModelGridCase(case.image.load() if with_image else None, plan.label.load(), geometry)
     new_id = f"{case.case_id}_syn{plan.number:03d}"
     return Job(new_id, target, plan.informed, plan.start, plan.seed, intensity, provenance)
 
