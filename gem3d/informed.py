@@ -172,8 +172,8 @@ def generated_slices(
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
     seeds = list(seeds)
-    if len(seeds) != len(masks):
-        raise ValueError(f"{len(masks)} masks but {len(seeds)} seeds")
+    if len(seeds) != len(masks) or len(starts) != len(masks):
+        raise ValueError(f"{len(masks)} masks but {len(starts)} starts and {len(seeds)} seeds")
     # each mask is indexed once and only its start slice kept (a copy: a view would keep the
     # whole volume alive), so ``masks`` may be a sequence that loads each volume when indexed
     positions, mask_slices = [], []
@@ -181,8 +181,6 @@ def generated_slices(
         mask = masks[index]
         positions.append(start / max(mask.shape[0] - 1, 1))
         mask_slices.append(np.array(mask[start]))
-    if len(mask_slices) != len(masks):
-        raise ValueError(f"{len(masks)} masks but {len(mask_slices)} starts")
     images: list[np.ndarray] = []
     for first in range(0, len(masks), batch):
         rows = slice(first, first + batch)

@@ -21,7 +21,6 @@ loaded when needed, then dropped: memory is a few cases, whatever the cohort's s
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -95,10 +94,6 @@ class Spill:
                 "set TMPDIR to a folder on a larger disk"
             ) from None
         return OnDisk(path)
-
-    def disk_bytes(self) -> int:
-        """Bytes the spill's files take now."""
-        return sum(os.path.getsize(p) for p in self.folder.iterdir())
 
 
 @dataclass(frozen=True)
